@@ -1,0 +1,1 @@
+//! barge arch crate.

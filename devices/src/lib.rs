@@ -1,0 +1,1 @@
+//! barge devices crate.
