@@ -1,1 +1,5 @@
 //! barge vmm crate.
+
+pub mod bus;
+pub mod exit;
+pub mod power;
