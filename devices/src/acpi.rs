@@ -11,7 +11,9 @@
 //! - a write of [`RESET_VALUE`] resets the machine (the FADT's
 //!   `RESET_VALUE`; it has `SLP_EN` clear, so it cannot be mistaken for a
 //!   sleep request);
-//! - reads return the sleep status register, always 0 (no wake event).
+//! - reads return the sleep status register, always 0 (no wake event);
+//!   Linux writes `WAK_STS` (0x80) to clear it before sleeping, which is
+//!   ignored like every other write.
 //!
 //! The register block is one byte wide: accesses at other offsets or with
 //! other widths are ignored, reads of them return zeros.
@@ -28,8 +30,11 @@ pub const SLP_TYP_SHIFT: u8 = 2;
 pub const SLP_TYP_MASK: u8 = 0b111;
 /// `SLP_TYP` value for S5 (soft off); the DSDT's `_S5` package must carry it.
 pub const S5_SLEEP_TYPE: u8 = 5;
-/// Value the guest writes to the reset register to reset the machine.
-pub const RESET_VALUE: u8 = 0x4;
+/// Value the guest writes to the reset register to reset the machine (the
+/// FADT's `RESET_VALUE`). Bit 0 is reserved in the sleep control register,
+/// so a reset never looks like a sleep request. Must equal
+/// `arch::layout::ACPI_RESET_VALUE`.
+pub const RESET_VALUE: u8 = 0x01;
 
 /// The sleep control value a guest writes to enter S5.
 pub const fn s5_write_value() -> u8 {
@@ -117,6 +122,12 @@ mod tests {
     }
 
     #[test]
+    fn wake_status_clear_is_ignored() {
+        let mut reg = AcpiSleepControl::new();
+        assert_eq!(reg.write(0, &[0x80]), None);
+    }
+
+    #[test]
     fn other_sleep_states_are_ignored() {
         let mut reg = AcpiSleepControl::new();
         for sleep_type in 0..=7u8 {
@@ -132,7 +143,7 @@ mod tests {
     fn every_byte_value_is_handled_without_panic() {
         let mut reg = AcpiSleepControl::new();
         let events: Vec<_> = (0..=255u8).filter_map(|v| reg.write(0, &[v])).collect();
-        // 0x04 resets; SLP_EN + SLP_TYP=5 with any of bits 0,1,6,7 (16 values) power off.
+        // 0x01 resets; SLP_EN + SLP_TYP=5 with any of bits 0,1,6,7 (16 values) power off.
         assert_eq!(
             events.iter().filter(|e| **e == PowerEvent::Reset).count(),
             1
