@@ -1,1 +1,197 @@
-fn main() {}
+//! `barge-lab`: sets up and runs the nested KVM + VFIO lab barge is tested in.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use barge_tests::lab::run::{self, LabDevice, RunOptions};
+use barge_tests::lab::setup::{self, SetupOptions};
+use barge_tests::lab::{parse_size, LabError, LabPaths};
+use clap::{Parser, Subcommand};
+
+/// The lab: a Linux 6.12 host with KVM (AMD SVM + NPT), vfio-pci with huge
+/// pfnmap faults and an emulated IOMMU, booted under QEMU full emulation in a
+/// few seconds. barge runs inside it against real vfio-pci devices.
+#[derive(Parser)]
+#[command(name = "barge-lab", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: LabCommand,
+}
+
+#[derive(Subcommand)]
+enum LabCommand {
+    /// Install QEMU and SeaBIOS from bookworm-backports, busybox-static, and
+    /// cache the current bookworm-backports cloud kernel with its modules
+    /// (under $BARGE_LAB_DIR, default target/lab). Idempotent; offline once
+    /// cached. Without apt, give the files by hand.
+    Setup {
+        /// A bzImage to use instead of Debian's (needs --modules).
+        #[arg(long, value_name = "BZIMAGE")]
+        kernel: Option<PathBuf>,
+        /// The folder holding that kernel's modules (searched recursively).
+        #[arg(long, value_name = "DIR")]
+        modules: Option<PathBuf>,
+        /// qemu-system-x86_64 10.0 or newer to use instead of the system's.
+        #[arg(long, value_name = "PATH")]
+        qemu: Option<PathBuf>,
+        /// A static busybox to use instead of busybox-static's.
+        #[arg(long, value_name = "PATH")]
+        busybox: Option<PathBuf>,
+        /// Resolve and download the kernel again even when one is cached.
+        #[arg(long)]
+        refresh: bool,
+    },
+    /// Boot the lab host, bind its devices to vfio-pci, run COMMAND there
+    /// (its working directory is /out; what it writes there is copied back),
+    /// and exit with COMMAND's status. Example:
+    /// `barge-lab run --ivshmem 8G -- vfio-region-info $LAB_IVSHMEM0`
+    Run {
+        /// ivshmem-plain device: SIZE[,file=PATH], a power of two from 2M to
+        /// 64G. BAR2 is the file (sparse; made in the run folder unless
+        /// given). Inside, its BDF is in $LAB_IVSHMEM0, $LAB_IVSHMEM1, ...
+        #[arg(long, value_name = "SIZE[,file=PATH]", value_parser = LabDevice::parse_ivshmem)]
+        ivshmem: Vec<LabDevice>,
+        /// NVMe controller over a raw disk image ($LAB_NVME0, ...).
+        #[arg(long, value_name = "IMAGE")]
+        nvme: Vec<PathBuf>,
+        /// An e1000e NIC ($LAB_E1000E0).
+        #[arg(long)]
+        e1000e: bool,
+        /// The lab host's memory.
+        #[arg(long, value_name = "SIZE", default_value = "3G", value_parser = parse_size)]
+        mem: u64,
+        /// The lab host's CPUs.
+        #[arg(long, default_value_t = 2)]
+        cpus: u32,
+        /// Run this shell script instead of COMMAND.
+        #[arg(long, value_name = "FILE", conflicts_with = "command")]
+        script: Option<PathBuf>,
+        /// More executables to put on the host's PATH (with their libraries).
+        #[arg(long = "bin", value_name = "PATH")]
+        binaries: Vec<PathBuf>,
+        /// Seconds the host may take to boot and bind its devices.
+        #[arg(long, default_value_t = 240)]
+        boot_timeout: u64,
+        /// Seconds COMMAND may run.
+        #[arg(long, default_value_t = 900)]
+        timeout: u64,
+        /// Don't stream the host's console (it is logged all the same).
+        #[arg(long)]
+        quiet: bool,
+        /// The command, run by the host's shell.
+        #[arg(last = true, value_name = "COMMAND")]
+        command: Vec<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let paths = LabPaths::from_env();
+    match cli.command {
+        LabCommand::Setup {
+            kernel,
+            modules,
+            qemu,
+            busybox,
+            refresh,
+        } => {
+            let options = SetupOptions {
+                kernel,
+                modules,
+                qemu,
+                busybox,
+                refresh,
+            };
+            match setup::setup(&paths, &options) {
+                Ok(_) => ExitCode::SUCCESS,
+                Err(e) => fail(e),
+            }
+        }
+        LabCommand::Run {
+            ivshmem,
+            nvme,
+            e1000e,
+            mem,
+            cpus,
+            script,
+            binaries,
+            boot_timeout,
+            timeout,
+            quiet,
+            command,
+        } => {
+            let script = match (script, command.is_empty()) {
+                (Some(file), _) => match std::fs::read_to_string(&file) {
+                    Ok(text) => text,
+                    Err(e) => return fail(LabError::io("cannot read the script", &file, e)),
+                },
+                (None, false) => format!("{}\n", run::shell_quote(&command)),
+                (None, true) => {
+                    return fail(LabError::Usage(
+                        "nothing to run: give `-- COMMAND...` or `--script FILE`".into(),
+                    ))
+                }
+            };
+            let mut devices = ivshmem;
+            devices.extend(nvme.into_iter().map(|image| LabDevice::Nvme { image }));
+            if e1000e {
+                devices.push(LabDevice::E1000e);
+            }
+            let mut all_binaries = sibling_binaries();
+            all_binaries.extend(binaries);
+            let options = RunOptions {
+                devices,
+                memory: mem,
+                cpus,
+                script,
+                binaries: all_binaries,
+                boot_timeout: Duration::from_secs(boot_timeout),
+                command_timeout: Duration::from_secs(timeout),
+                stream_console: !quiet,
+            };
+            match run::run(&paths, &options) {
+                Ok(outcome) => {
+                    if let Some(boot) = outcome.boot_time {
+                        eprintln!("barge-lab: host ready after {:.1} s", boot.as_secs_f64());
+                    }
+                    eprintln!(
+                        "barge-lab: status {}; results in {}; console log {}",
+                        outcome.status,
+                        outcome.out_dir.display(),
+                        outcome.console_log.display()
+                    );
+                    ExitCode::from(outcome.status.clamp(0, 255) as u8)
+                }
+                Err(e) => {
+                    let status = match e {
+                        LabError::Run(ref m) if m.contains("timed out") => run::TIMEOUT_STATUS,
+                        _ => run::LAB_FAILURE_STATUS,
+                    };
+                    eprintln!("barge-lab: error: {e}");
+                    ExitCode::from(status as u8)
+                }
+            }
+        }
+    }
+}
+
+/// barge and the test programs built beside this binary, when they exist.
+fn sibling_binaries() -> Vec<PathBuf> {
+    let Some(dir) = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|p| p.to_path_buf()))
+    else {
+        return Vec::new();
+    };
+    ["barge", "vfio-region-info"]
+        .iter()
+        .map(|name| dir.join(name))
+        .filter(|path| path.is_file())
+        .collect()
+}
+
+fn fail(error: LabError) -> ExitCode {
+    eprintln!("barge-lab: error: {error}");
+    ExitCode::from(2)
+}

@@ -1,0 +1,235 @@
+//! The two busybox initramfs images of the lab: the lab host's (modules,
+//! barge and the test programs, the guest's kernel and initramfs, the
+//! command to run) and the guest's that barge boots inside the lab.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use super::cpio::{Archive, Entry};
+use super::{LabError, LabState, HOST_MODULES};
+
+/// Marker lines the host's init prints on its console (ttyS0).
+pub const READY_MARKER: &str = "BARGE-LAB-READY";
+pub const FAIL_MARKER: &str = "BARGE-LAB-FAIL";
+pub const EXIT_MARKER: &str = "BARGE-LAB-EXIT";
+/// Framing of the results on the second serial port (ttyS1).
+pub const OUT_BEGIN: &str = "BARGE-LAB-OUT-BEGIN";
+pub const OUT_END: &str = "BARGE-LAB-OUT-END";
+pub const STATUS_MARKER: &str = "BARGE-LAB-STATUS";
+
+/// The guest's init: it reports itself, runs what follows `--` on its kernel
+/// command line (its arguments) as a shell command, reports the status and
+/// powers off.
+const GUEST_INIT: &str = r#"#!/bin/busybox sh
+/bin/busybox --install -s /bin
+export PATH=/bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev 2>/dev/null
+cpus=$(grep -c ^processor /proc/cpuinfo)
+mem_kb=$(awk '/^MemTotal:/ {print $2}' /proc/meminfo)
+echo "GUEST-UP cpus=$cpus mem_kb=$mem_kb"
+status=0
+if [ $# -gt 0 ]; then
+    sh -c "$*"
+    status=$?
+fi
+echo "GUEST-EXIT $status"
+sync
+poweroff -f
+"#;
+
+/// The lab host's init. `/lab/devices` lists `NAME BDF` pairs to bind to
+/// vfio-pci; `/lab/cmd.sh` is the command. Results under /out go to ttyS1.
+const HOST_INIT: &str = r#"#!/bin/busybox sh
+/bin/busybox --install -s /bin
+export PATH=/usr/local/bin:/bin:/sbin:/usr/bin:/usr/sbin
+mkdir -p /proc /sys /dev /tmp /out /run
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+mount -t debugfs debugfs /sys/kernel/debug
+mount -t tmpfs tmpfs /tmp
+mount -t tracefs tracefs /sys/kernel/tracing 2>/dev/null
+ln -sf /proc/self/fd /dev/fd 2>/dev/null
+
+results() {
+    stty -F /dev/ttyS1 raw -echo 2>/dev/null
+    {
+        echo "BARGE-LAB-OUT-BEGIN"
+        tar -c -C /out . | base64
+        echo "BARGE-LAB-OUT-END"
+        echo "BARGE-LAB-STATUS $1"
+    } > /dev/ttyS1
+    sync
+    poweroff -f
+}
+fail() {
+    echo "BARGE-LAB-FAIL $*"
+    echo "$*" > /out/lab-failure.txt
+    results 125
+}
+
+for m in MODULES; do
+    insmod /lib/modules/$m.ko || fail "insmod $m failed"
+done
+[ -c /dev/kvm ] || fail "/dev/kvm did not appear after loading kvm-amd"
+echo 'func vfio_pci_mmap_huge_fault +p' > /sys/kernel/debug/dynamic_debug/control \
+    || fail "cannot enable the vfio_pci_mmap_huge_fault dynamic-debug line"
+
+while read -r name bdf; do
+    [ -n "$bdf" ] || continue
+    dev=/sys/bus/pci/devices/$bdf
+    [ -d "$dev" ] || fail "device $name not found at $bdf"
+    if [ -e "$dev/driver" ]; then echo "$bdf" > "$dev/driver/unbind"; fi
+    echo vfio-pci > "$dev/driver_override"
+    echo "$bdf" > /sys/bus/pci/drivers_probe
+    [ "$(basename "$(readlink "$dev/driver")")" = vfio-pci ] || fail "cannot bind $bdf to vfio-pci"
+    group=$(basename "$(readlink "$dev/iommu_group")")
+    upper=$(echo "$name" | tr a-z A-Z)
+    export "LAB_$upper=$bdf"
+    echo "barge-lab: $name $bdf iommu_group=$group bound to vfio-pci"
+done < /lab/devices
+
+echo "BARGE-LAB-READY kernel=$(uname -r)"
+cd /out
+sh /lab/cmd.sh
+status=$?
+echo "BARGE-LAB-EXIT $status"
+results $status
+"#;
+
+fn host_init() -> String {
+    HOST_INIT.replace("MODULES", &HOST_MODULES.join(" "))
+}
+
+fn busybox_archive(state: &LabState, init: &str) -> Result<Archive, LabError> {
+    let mut archive = Archive::new();
+    add_elf(&mut archive, &state.busybox, "bin/busybox")?;
+    archive.add_file("init", init.as_bytes().to_vec(), true);
+    archive.add("dev/console", Entry::CharDevice { major: 5, minor: 1 });
+    for dir in ["proc", "sys", "dev", "tmp", "etc", "root"] {
+        archive.add(dir, Entry::Dir);
+    }
+    Ok(archive)
+}
+
+/// The guest initramfs that barge boots inside the lab (`/lab/guest/initramfs`).
+pub fn guest_initramfs(state: &LabState) -> Result<Vec<u8>, LabError> {
+    Ok(busybox_archive(state, GUEST_INIT)?.to_bytes())
+}
+
+/// What goes into the lab host besides busybox and the modules.
+pub struct HostContents<'a> {
+    /// Executables for /usr/local/bin, copied with the libraries they load.
+    pub binaries: &'a [PathBuf],
+    /// `NAME BDF` pairs to bind to vfio-pci.
+    pub devices: &'a [(String, String)],
+    /// The shell script to run as the command.
+    pub command_script: &'a str,
+}
+
+pub fn host_initramfs(state: &LabState, contents: &HostContents) -> Result<Vec<u8>, LabError> {
+    let mut archive = busybox_archive(state, &host_init())?;
+    for module in HOST_MODULES {
+        let path = state.modules_dir.join(format!("{module}.ko"));
+        let data = std::fs::read(&path).map_err(|e| LabError::io("cannot read", &path, e))?;
+        archive.add_file(&format!("lib/modules/{module}.ko"), data, false);
+    }
+    for binary in contents.binaries {
+        let name = binary
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        add_elf(&mut archive, binary, &format!("usr/local/bin/{name}"))?;
+    }
+    let bzimage = std::fs::read(&state.bzimage)
+        .map_err(|e| LabError::io("cannot read", &state.bzimage, e))?;
+    archive.add_file("lab/guest/bzImage", bzimage, false);
+    archive.add_file("lab/guest/initramfs", guest_initramfs(state)?, false);
+    let devices: String = contents
+        .devices
+        .iter()
+        .map(|(name, bdf)| format!("{name} {bdf}\n"))
+        .collect();
+    archive.add_file("lab/devices", devices.into_bytes(), false);
+    archive.add_file(
+        "lab/cmd.sh",
+        contents.command_script.as_bytes().to_vec(),
+        true,
+    );
+    Ok(archive.to_bytes())
+}
+
+/// Adds an executable at `path` and every shared library `ldd` says it
+/// loads, each at its own absolute path.
+fn add_elf(archive: &mut Archive, source: &Path, path: &str) -> Result<(), LabError> {
+    let data = std::fs::read(source).map_err(|e| LabError::io("cannot read", source, e))?;
+    archive.add_file(path, data, true);
+    for library in shared_libraries(source)? {
+        if archive.contains(&library.to_string_lossy()) {
+            continue;
+        }
+        let data = std::fs::read(&library).map_err(|e| LabError::io("cannot read", &library, e))?;
+        archive.add_file(&library.to_string_lossy(), data, true);
+    }
+    Ok(())
+}
+
+/// The libraries `ldd` lists for a dynamic executable; none for a static one.
+fn shared_libraries(binary: &Path) -> Result<Vec<PathBuf>, LabError> {
+    let output = Command::new("ldd")
+        .arg(binary)
+        .output()
+        .map_err(|e| LabError::Command {
+            command: format!("ldd {}", binary.display()),
+            detail: e.to_string(),
+        })?;
+    Ok(parse_ldd(&String::from_utf8_lossy(&output.stdout)))
+}
+
+fn parse_ldd(text: &str) -> Vec<PathBuf> {
+    text.lines()
+        .filter_map(|line| {
+            let line = line.trim();
+            let path = match line.split_once("=>") {
+                Some((_, rest)) => rest.split_whitespace().next()?,
+                None => line.split_whitespace().next()?,
+            };
+            path.starts_with('/').then(|| PathBuf::from(path))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ldd_output_is_parsed() {
+        let text = "\tlinux-vdso.so.1 (0x00007ffc)\n\
+                    \tlibgcc_s.so.1 => /lib/x86_64-linux-gnu/libgcc_s.so.1 (0x00007f)\n\
+                    \tlibc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x00007f)\n\
+                    \t/lib64/ld-linux-x86-64.so.2 (0x00007f)\n";
+        assert_eq!(
+            parse_ldd(text),
+            vec![
+                PathBuf::from("/lib/x86_64-linux-gnu/libgcc_s.so.1"),
+                PathBuf::from("/lib/x86_64-linux-gnu/libc.so.6"),
+                PathBuf::from("/lib64/ld-linux-x86-64.so.2"),
+            ]
+        );
+        assert!(parse_ldd("\tnot a dynamic executable\n").is_empty());
+    }
+
+    #[test]
+    fn host_init_loads_modules_in_order() {
+        let init = host_init();
+        assert!(init.contains(
+            "for m in irqbypass kvm kvm-amd vfio vfio_iommu_type1 vfio-pci-core vfio-pci; do"
+        ));
+        for marker in [READY_MARKER, EXIT_MARKER, OUT_BEGIN, OUT_END, STATUS_MARKER] {
+            assert!(init.contains(marker), "{marker}");
+        }
+    }
+}

@@ -1,0 +1,232 @@
+//! The lab: a nested KVM + VFIO host booted under QEMU full emulation, in
+//! which barge's tests run. `setup` installs and caches what it needs, `run`
+//! boots it with emulated devices, runs a command inside and brings the
+//! command's results back.
+
+pub mod cpio;
+pub mod initramfs;
+pub mod run;
+pub mod setup;
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// The kernel modules the lab host loads, in load order.
+pub const HOST_MODULES: &[&str] = &[
+    "irqbypass",
+    "kvm",
+    "kvm-amd",
+    "vfio",
+    "vfio_iommu_type1",
+    "vfio-pci-core",
+    "vfio-pci",
+];
+
+/// The command that sets the lab up, named in every "not set up" error.
+pub const SETUP_COMMAND: &str = "cargo run -p barge-tests --bin barge-lab -- setup";
+
+#[derive(Debug, thiserror::Error)]
+pub enum LabError {
+    #[error("the lab is not set up ({0} is missing): run `{SETUP_COMMAND}` first")]
+    NotSetUp(PathBuf),
+    #[error("cannot read the lab state {path}: {reason}; run `{SETUP_COMMAND}` again")]
+    BadState { path: PathBuf, reason: String },
+    #[error("{action} {path}: {source}")]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("`{command}` failed: {detail}")]
+    Command { command: String, detail: String },
+    #[error("{0}")]
+    Setup(String),
+    #[error("{0}")]
+    Usage(String),
+    #[error("{0}")]
+    Run(String),
+}
+
+impl LabError {
+    pub fn io(action: &'static str, path: &Path, source: std::io::Error) -> Self {
+        LabError::Io {
+            action,
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}
+
+/// Where the lab keeps what `setup` fetched and what each `run` produced.
+#[derive(Debug, Clone)]
+pub struct LabPaths {
+    pub root: PathBuf,
+}
+
+impl LabPaths {
+    /// `$BARGE_LAB_DIR`, or `target/lab` in this workspace.
+    pub fn from_env() -> Self {
+        let root = match std::env::var_os("BARGE_LAB_DIR") {
+            Some(dir) if !dir.is_empty() => PathBuf::from(dir),
+            _ => Path::new(env!("CARGO_MANIFEST_DIR"))
+                .parent()
+                .unwrap_or(Path::new("."))
+                .join("target")
+                .join("lab"),
+        };
+        LabPaths { root }
+    }
+
+    pub fn state_file(&self) -> PathBuf {
+        self.root.join("lab.json")
+    }
+
+    pub fn kernel_dir(&self) -> PathBuf {
+        self.root.join("kernel")
+    }
+
+    pub fn bzimage(&self) -> PathBuf {
+        self.kernel_dir().join("bzImage")
+    }
+
+    pub fn modules_dir(&self) -> PathBuf {
+        self.kernel_dir().join("modules")
+    }
+
+    pub fn runs_dir(&self) -> PathBuf {
+        self.root.join("runs")
+    }
+
+    pub fn downloads_dir(&self) -> PathBuf {
+        self.root.join("downloads")
+    }
+}
+
+/// What `setup` recorded: every file `run` needs, with their versions.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LabState {
+    pub kernel_package: String,
+    pub kernel_version: String,
+    pub bzimage: PathBuf,
+    pub modules_dir: PathBuf,
+    pub qemu: PathBuf,
+    pub qemu_version: String,
+    pub busybox: PathBuf,
+}
+
+impl LabState {
+    /// Loads the state and checks that every file it names is still there.
+    pub fn load(paths: &LabPaths) -> Result<Self, LabError> {
+        let file = paths.state_file();
+        if !file.exists() {
+            return Err(LabError::NotSetUp(file));
+        }
+        let text =
+            std::fs::read_to_string(&file).map_err(|e| LabError::io("cannot read", &file, e))?;
+        let state: LabState = serde_json::from_str(&text).map_err(|e| LabError::BadState {
+            path: file.clone(),
+            reason: e.to_string(),
+        })?;
+        state.check()?;
+        Ok(state)
+    }
+
+    pub fn check(&self) -> Result<(), LabError> {
+        let mut needed = vec![
+            self.bzimage.clone(),
+            self.qemu.clone(),
+            self.busybox.clone(),
+        ];
+        needed.extend(
+            HOST_MODULES
+                .iter()
+                .map(|m| self.modules_dir.join(format!("{m}.ko"))),
+        );
+        match needed.into_iter().find(|p| !p.exists()) {
+            Some(missing) => Err(LabError::NotSetUp(missing)),
+            None => Ok(()),
+        }
+    }
+
+    pub fn save(&self, paths: &LabPaths) -> Result<(), LabError> {
+        let file = paths.state_file();
+        let text = serde_json::to_string_pretty(self).expect("LabState serializes");
+        std::fs::write(&file, text + "\n").map_err(|e| LabError::io("cannot write", &file, e))
+    }
+}
+
+/// Runs a command to completion and returns its stdout, or an error that
+/// quotes the command and its stderr.
+pub fn command_output(program: &str, args: &[&str]) -> Result<String, LabError> {
+    let rendered = std::iter::once(program)
+        .chain(args.iter().copied())
+        .collect::<Vec<_>>()
+        .join(" ");
+    let output = std::process::Command::new(program)
+        .args(args)
+        .output()
+        .map_err(|e| LabError::Command {
+            command: rendered.clone(),
+            detail: e.to_string(),
+        })?;
+    if !output.status.success() {
+        return Err(LabError::Command {
+            command: rendered,
+            detail: format!(
+                "{}: {}",
+                output.status,
+                String::from_utf8_lossy(&output.stderr).trim()
+            ),
+        });
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// Parses sizes such as `8G`, `512M`, `2097152`.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let (digits, shift) = match text.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let shift = match c.to_ascii_uppercase() {
+                'K' => 10,
+                'M' => 20,
+                'G' => 30,
+                'T' => 40,
+                _ => return Err(format!("bad size `{text}`: use a number with K, M, G or T")),
+            };
+            (&text[..i], shift)
+        }
+        _ => (text, 0),
+    };
+    let value: u64 = digits
+        .parse()
+        .map_err(|_| format!("bad size `{text}`: use a number with K, M, G or T"))?;
+    value
+        .checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("size `{text}` is too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_size("8G"), Ok(8 << 30));
+        assert_eq!(parse_size("2m"), Ok(2 << 20));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("8X").is_err());
+        assert!(parse_size("G").is_err());
+        assert!(parse_size("99999999999T").is_err());
+    }
+
+    #[test]
+    fn missing_state_names_the_setup_command() {
+        let paths = LabPaths {
+            root: PathBuf::from("/nonexistent/barge-lab"),
+        };
+        let err = LabState::load(&paths).unwrap_err().to_string();
+        assert!(err.contains(SETUP_COMMAND), "{err}");
+    }
+}

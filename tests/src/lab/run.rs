@@ -1,0 +1,530 @@
+//! `barge-lab run`: boots the lab host under QEMU full emulation with the
+//! requested devices, runs a command in it and copies back what the command
+//! wrote under /out. Every stage has a hard deadline; the full console log of
+//! every run is kept.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+
+use super::initramfs::{self, HostContents};
+use super::{parse_size, LabError, LabPaths, LabState};
+
+/// Exit status of a run that hit a deadline (as timeout(1)).
+pub const TIMEOUT_STATUS: i32 = 124;
+/// Exit status when the lab itself failed (boot, modules, binding).
+pub const LAB_FAILURE_STATUS: i32 = 125;
+
+const MIN_IVSHMEM: u64 = 2 << 20;
+const MAX_IVSHMEM: u64 = 64 << 30;
+/// The first PCI slot the lab's devices get on the root bus.
+const FIRST_SLOT: u32 = 0x10;
+
+/// An emulated device of the lab host, passed through to barge's guests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LabDevice {
+    /// ivshmem-plain over a file-backed memory backend; BAR2 is the file.
+    Ivshmem { size: u64, file: Option<PathBuf> },
+    /// An NVMe controller over a raw disk image.
+    Nvme { image: PathBuf },
+    /// An e1000e NIC with no network behind it.
+    E1000e,
+}
+
+impl LabDevice {
+    /// `SIZE[,file=PATH]` for `--ivshmem`.
+    pub fn parse_ivshmem(text: &str) -> Result<Self, String> {
+        let mut parts = text.split(',');
+        let size = parse_size(parts.next().unwrap_or(""))?;
+        if !size.is_power_of_two() || !(MIN_IVSHMEM..=MAX_IVSHMEM).contains(&size) {
+            return Err(format!(
+                "--ivshmem size {text}: ivshmem needs a power of two from 2M to 64G"
+            ));
+        }
+        let mut file = None;
+        for part in parts {
+            match part.split_once('=') {
+                Some(("file", path)) if !path.is_empty() => file = Some(PathBuf::from(path)),
+                _ => {
+                    return Err(format!(
+                        "--ivshmem {text}: unknown option `{part}` (expected file=PATH)"
+                    ))
+                }
+            }
+        }
+        Ok(LabDevice::Ivshmem { size, file })
+    }
+
+    fn kind(&self) -> &'static str {
+        match self {
+            LabDevice::Ivshmem { .. } => "ivshmem",
+            LabDevice::Nvme { .. } => "nvme",
+            LabDevice::E1000e => "e1000e",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    pub devices: Vec<LabDevice>,
+    /// The lab host's memory, in bytes.
+    pub memory: u64,
+    pub cpus: u32,
+    /// The command's shell script (from `-- COMMAND...` or `--script`).
+    pub script: String,
+    /// Extra executables for /usr/local/bin (barge and the test programs
+    /// beside barge-lab are added by the caller).
+    pub binaries: Vec<PathBuf>,
+    pub boot_timeout: Duration,
+    pub command_timeout: Duration,
+    /// Stream the host's console to stderr while it runs.
+    pub stream_console: bool,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        RunOptions {
+            devices: Vec::new(),
+            memory: 3 << 30,
+            cpus: 2,
+            script: String::new(),
+            binaries: Vec::new(),
+            boot_timeout: Duration::from_secs(240),
+            command_timeout: Duration::from_secs(900),
+            stream_console: true,
+        }
+    }
+}
+
+/// What a run produced.
+#[derive(Debug)]
+pub struct RunOutcome {
+    /// The command's exit status (124 on a deadline, 125 on a lab failure).
+    pub status: i32,
+    pub run_dir: PathBuf,
+    /// What the command wrote under /out.
+    pub out_dir: PathBuf,
+    pub console_log: PathBuf,
+    /// (name, BDF) of each device, e.g. ("ivshmem0", "0000:00:10.0").
+    pub devices: Vec<(String, String)>,
+    /// The console line the host printed when it was ready, with its kernel.
+    pub ready_line: Option<String>,
+    pub boot_time: Option<Duration>,
+}
+
+/// Quotes words for a POSIX shell.
+pub fn shell_quote(words: &[String]) -> String {
+    words
+        .iter()
+        .map(|w| {
+            if !w.is_empty()
+                && w.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_./=:,@%+".contains(c))
+            {
+                w.clone()
+            } else {
+                format!("'{}'", w.replace('\'', r"'\''"))
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The QEMU arguments and (name, BDF) of each device.
+fn qemu_args(
+    state: &LabState,
+    options: &RunOptions,
+    run_dir: &Path,
+    initrd: &Path,
+) -> Result<(Vec<String>, Vec<(String, String)>), LabError> {
+    let mut args: Vec<String> = [
+        "-M",
+        "q35",
+        "-accel",
+        "tcg",
+        "-cpu",
+        "max",
+        "-nodefaults",
+        "-display",
+        "none",
+        "-no-reboot",
+        "-device",
+        "intel-iommu,intremap=on,caching-mode=on",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend([
+        "-smp".into(),
+        options.cpus.to_string(),
+        "-m".into(),
+        format!("{}M", options.memory >> 20),
+        "-kernel".into(),
+        state.bzimage.to_string_lossy().into_owned(),
+        "-initrd".into(),
+        initrd.to_string_lossy().into_owned(),
+        "-append".into(),
+        "console=ttyS0 intel_iommu=on panic=-1 loglevel=4".into(),
+        "-serial".into(),
+        "stdio".into(),
+        "-serial".into(),
+        format!("file:{}", run_dir.join("results.serial").display()),
+    ]);
+    let mut names = Vec::new();
+    let mut counts = std::collections::HashMap::new();
+    for (i, device) in options.devices.iter().enumerate() {
+        let kind = device.kind();
+        let n = counts.entry(kind).or_insert(0u32);
+        let name = format!("{kind}{n}");
+        *n += 1;
+        let slot = FIRST_SLOT + i as u32;
+        let addr = format!("addr=0x{slot:x}");
+        match device {
+            LabDevice::Ivshmem { size, file } => {
+                let file = match file {
+                    Some(file) => file.clone(),
+                    None => run_dir.join(format!("{name}.shm")),
+                };
+                ensure_backing_file(&file, *size)?;
+                args.extend([
+                    "-object".into(),
+                    format!(
+                        "memory-backend-file,id=mem-{name},size={size},mem-path={},share=on",
+                        file.display()
+                    ),
+                    "-device".into(),
+                    format!("ivshmem-plain,memdev=mem-{name},bus=pcie.0,{addr}"),
+                ]);
+            }
+            LabDevice::Nvme { image } => {
+                if !image.is_file() {
+                    return Err(LabError::Usage(format!(
+                        "--nvme {}: no such disk image",
+                        image.display()
+                    )));
+                }
+                args.extend([
+                    "-drive".into(),
+                    format!("file={},if=none,id=drv-{name},format=raw", image.display()),
+                    "-device".into(),
+                    format!("nvme,serial=barge-{name},drive=drv-{name},bus=pcie.0,{addr}"),
+                ]);
+            }
+            LabDevice::E1000e => {
+                args.extend(["-device".into(), format!("e1000e,bus=pcie.0,{addr}")]);
+            }
+        }
+        names.push((name, format!("0000:00:{slot:02x}.0")));
+    }
+    Ok((args, names))
+}
+
+/// A sparse file of exactly `size` bytes (it costs no disk until touched).
+fn ensure_backing_file(file: &Path, size: u64) -> Result<(), LabError> {
+    let handle = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(file)
+        .map_err(|e| LabError::io("cannot open the ivshmem backing file", file, e))?;
+    let len = handle
+        .metadata()
+        .map_err(|e| LabError::io("cannot stat", file, e))?
+        .len();
+    if len != size {
+        handle
+            .set_len(size)
+            .map_err(|e| LabError::io("cannot size the ivshmem backing file", file, e))?;
+    }
+    Ok(())
+}
+
+fn new_run_dir(paths: &LabPaths) -> Result<PathBuf, LabError> {
+    let runs = paths.runs_dir();
+    std::fs::create_dir_all(&runs).map_err(|e| LabError::io("cannot create", &runs, e))?;
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0);
+    let dir = runs.join(format!("{stamp}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| LabError::io("cannot create", &dir, e))?;
+    Ok(dir)
+}
+
+/// Kills QEMU if the run is left early (error, panic).
+struct QemuGuard(Child);
+
+impl Drop for QemuGuard {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+pub fn run(paths: &LabPaths, options: &RunOptions) -> Result<RunOutcome, LabError> {
+    let state = LabState::load(paths)?;
+    let run_dir = new_run_dir(paths)?;
+    let initrd = run_dir.join("host-initramfs.cpio");
+    let (args, devices) = qemu_args(&state, options, &run_dir, &initrd)?;
+    let contents = HostContents {
+        binaries: &options.binaries,
+        devices: &devices,
+        command_script: &options.script,
+    };
+    let image = initramfs::host_initramfs(&state, &contents)?;
+    std::fs::write(&initrd, image).map_err(|e| LabError::io("cannot write", &initrd, e))?;
+    for (name, bdf) in &devices {
+        eprintln!("barge-lab: {name} at {bdf}");
+    }
+    let console_log = run_dir.join("console.log");
+    let out_dir = run_dir.join("out");
+    let mut outcome = RunOutcome {
+        status: LAB_FAILURE_STATUS,
+        run_dir: run_dir.clone(),
+        out_dir: out_dir.clone(),
+        console_log: console_log.clone(),
+        devices,
+        ready_line: None,
+        boot_time: None,
+    };
+    std::fs::write(
+        run_dir.join("qemu.args"),
+        format!("{} {}\n", state.qemu.display(), shell_quote(&args)),
+    )
+    .map_err(|e| LabError::io("cannot write", &run_dir, e))?;
+
+    let start = Instant::now();
+    let child = Command::new(&state.qemu)
+        .args(&args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| LabError::io("cannot start", &state.qemu, e))?;
+    let mut qemu = QemuGuard(child);
+    let lines = stream_console(&mut qemu.0, &console_log, options.stream_console)?;
+
+    let mut deadline = start + options.boot_timeout;
+    let mut stage = "boot to BARGE-LAB-READY";
+    let mut exited = false;
+    loop {
+        let now = Instant::now();
+        if now >= deadline {
+            break;
+        }
+        match lines.recv_timeout((deadline - now).min(Duration::from_millis(200))) {
+            Ok(line) => {
+                if line.starts_with(initramfs::READY_MARKER) && outcome.ready_line.is_none() {
+                    outcome.ready_line = Some(line.clone());
+                    outcome.boot_time = Some(start.elapsed());
+                    deadline = Instant::now() + options.command_timeout;
+                    stage = "the command";
+                } else if line.starts_with(initramfs::EXIT_MARKER)
+                    || line.starts_with(initramfs::FAIL_MARKER)
+                {
+                    // The results are on their way; poweroff follows.
+                    deadline = Instant::now() + Duration::from_secs(120);
+                    stage = "copying results and powering off";
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                exited = true;
+                break;
+            }
+        }
+    }
+    if !exited {
+        let _ = qemu.0.kill();
+        let _ = qemu.0.wait();
+        return Err(LabError::Run(format!(
+            "the lab timed out during {stage}; console log {}; its last lines:\n{}",
+            console_log.display(),
+            console_tail(&console_log, 30)
+        )));
+    }
+    let qemu_status = qemu
+        .0
+        .wait()
+        .map_err(|e| LabError::io("cannot wait for", &state.qemu, e))?;
+    let mut qemu_stderr = String::new();
+    if let Some(mut stderr) = qemu.0.stderr.take() {
+        let _ = stderr.read_to_string(&mut qemu_stderr);
+    }
+    let serial = std::fs::read(run_dir.join("results.serial")).unwrap_or_default();
+    match parse_results(&serial) {
+        Some((status, tar)) => {
+            outcome.status = status;
+            unpack(&tar, &out_dir)?;
+        }
+        None => {
+            return Err(LabError::Run(format!(
+                "the lab host stopped ({qemu_status}) without reporting a result{}; console \
+                 log {}; its last lines:\n{}",
+                if qemu_stderr.trim().is_empty() {
+                    String::new()
+                } else {
+                    format!(" (QEMU said: {})", qemu_stderr.trim())
+                },
+                console_log.display(),
+                console_tail(&console_log, 30)
+            )))
+        }
+    }
+    Ok(outcome)
+}
+
+/// Copies QEMU's stdout (the host console) into the log, optionally to
+/// stderr, and sends each line to the returned channel.
+fn stream_console(
+    child: &mut Child,
+    log: &Path,
+    to_stderr: bool,
+) -> Result<mpsc::Receiver<String>, LabError> {
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| LabError::Run("QEMU's console was not captured".into()))?;
+    let mut log_file =
+        std::fs::File::create(log).map_err(|e| LabError::io("cannot create", log, e))?;
+    let (sender, receiver) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut reader = BufReader::new(stdout);
+        let mut raw = Vec::new();
+        loop {
+            raw.clear();
+            match reader.read_until(b'\n', &mut raw) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {
+                    let _ = log_file.write_all(&raw);
+                    if to_stderr {
+                        let _ = std::io::stderr().write_all(&raw);
+                    }
+                    let line = String::from_utf8_lossy(&raw)
+                        .trim_end_matches(['\r', '\n'])
+                        .to_string();
+                    let _ = sender.send(line);
+                }
+            }
+        }
+        let _ = log_file.flush();
+    });
+    Ok(receiver)
+}
+
+pub fn console_tail(log: &Path, lines: usize) -> String {
+    let text = std::fs::read(log).unwrap_or_default();
+    let text = String::from_utf8_lossy(&text);
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// The status and the tar archive framed on the results port.
+pub fn parse_results(serial: &[u8]) -> Option<(i32, Vec<u8>)> {
+    let text = String::from_utf8_lossy(serial);
+    let mut in_body = false;
+    let mut body = String::new();
+    let mut status = None;
+    for line in text.lines() {
+        let line = line.trim_end_matches('\r');
+        if line == initramfs::OUT_BEGIN {
+            in_body = true;
+            body.clear();
+        } else if line == initramfs::OUT_END {
+            in_body = false;
+        } else if in_body {
+            body.push_str(line.trim());
+        } else if let Some(rest) = line.strip_prefix(initramfs::STATUS_MARKER) {
+            status = rest.trim().parse().ok();
+        }
+    }
+    let tar = base64::engine::general_purpose::STANDARD
+        .decode(body.as_bytes())
+        .ok()?;
+    Some((status?, tar))
+}
+
+fn unpack(tar: &[u8], dir: &Path) -> Result<(), LabError> {
+    std::fs::create_dir_all(dir).map_err(|e| LabError::io("cannot create", dir, e))?;
+    if tar.is_empty() {
+        return Ok(());
+    }
+    let mut child = Command::new("tar")
+        .args(["-x", "-f", "-", "-C"])
+        .arg(dir)
+        .stdin(Stdio::piped())
+        .spawn()
+        .map_err(|e| LabError::io("cannot run tar for", dir, e))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(tar)
+            .map_err(|e| LabError::io("cannot unpack results into", dir, e))?;
+    }
+    let status = child
+        .wait()
+        .map_err(|e| LabError::io("cannot unpack results into", dir, e))?;
+    if !status.success() {
+        return Err(LabError::Run(format!(
+            "tar could not unpack the results into {}",
+            dir.display()
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ivshmem_options_parse() {
+        assert_eq!(
+            LabDevice::parse_ivshmem("8G"),
+            Ok(LabDevice::Ivshmem {
+                size: 8 << 30,
+                file: None
+            })
+        );
+        assert_eq!(
+            LabDevice::parse_ivshmem("2M,file=/tmp/x"),
+            Ok(LabDevice::Ivshmem {
+                size: 2 << 20,
+                file: Some(PathBuf::from("/tmp/x"))
+            })
+        );
+        assert!(LabDevice::parse_ivshmem("3G").is_err());
+        assert!(LabDevice::parse_ivshmem("1M").is_err());
+        assert!(LabDevice::parse_ivshmem("128G").is_err());
+        assert!(LabDevice::parse_ivshmem("8G,bogus=1").is_err());
+    }
+
+    #[test]
+    fn results_are_unframed_despite_carriage_returns() {
+        let tar = b"not really a tar";
+        let encoded = base64::engine::general_purpose::STANDARD.encode(tar);
+        let serial = format!(
+            "noise\r\nBARGE-LAB-OUT-BEGIN\r\n{}\r\n{}\r\nBARGE-LAB-OUT-END\r\nBARGE-LAB-STATUS 3\r\n",
+            &encoded[..8],
+            &encoded[8..]
+        );
+        assert_eq!(parse_results(serial.as_bytes()), Some((3, tar.to_vec())));
+        assert_eq!(parse_results(b"BARGE-LAB-OUT-BEGIN\n"), None);
+    }
+
+    #[test]
+    fn words_are_quoted_for_the_shell() {
+        let words = vec![
+            "echo".to_string(),
+            "it's here".to_string(),
+            "$X".to_string(),
+        ];
+        assert_eq!(shell_quote(&words), r"echo 'it'\''s here' '$X'");
+    }
+}

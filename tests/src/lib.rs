@@ -1,0 +1,3 @@
+//! barge's integration-test support: the nested KVM + VFIO lab.
+
+pub mod lab;
