@@ -51,9 +51,10 @@ fn lab_host_has_kvm_and_a_vfio_ivshmem_bar2() {
         "--ivshmem",
         "2G",
         "--",
-        "sh",
-        "-c",
-        "vfio-region-info $LAB_IVSHMEM0 > region.json",
+        "vfio-region-info",
+        "$LAB_IVSHMEM0",
+        ">",
+        "region.json",
     ]);
     assert!(output.status.success(), "{}", text(&output));
     let dir = results_dir(&output);
@@ -65,10 +66,7 @@ fn lab_host_has_kvm_and_a_vfio_ivshmem_bar2() {
     );
     assert_eq!(info["dev_kvm"], true, "{info}");
     assert_eq!(info["driver"], "vfio-pci", "{info}");
-    assert!(
-        !info["iommu_group"].as_str().unwrap().is_empty(),
-        "{info}"
-    );
+    assert!(!info["iommu_group"].as_str().unwrap().is_empty(), "{info}");
     let bar2 = &info["regions"][2];
     assert_eq!(bar2["size"], 2u64 << 30, "{info}");
     assert_eq!(bar2["offset"], 2u64 << 40, "{info}");
@@ -85,8 +83,6 @@ fn lab_host_has_kvm_and_a_vfio_ivshmem_bar2() {
 fn lab_returns_the_command_status_and_its_files() {
     let output = lab_run(&[
         "--",
-        "sh",
-        "-c",
         "mkdir -p sub && echo payload > sub/file.txt && exit 7",
     ]);
     assert_eq!(output.status.code(), Some(7), "{}", text(&output));
@@ -99,7 +95,7 @@ fn lab_returns_the_command_status_and_its_files() {
 
 #[test]
 fn lab_command_deadline_fails_with_the_console_tail() {
-    let output = lab_run(&["--timeout", "5", "--", "sh", "-c", "echo still-running; sleep 600"]);
+    let output = lab_run(&["--timeout", "5", "--", "echo still-running; sleep 600"]);
     assert_eq!(output.status.code(), Some(124), "{}", text(&output));
     let out = text(&output);
     assert!(out.contains("timed out during the command"), "{out}");

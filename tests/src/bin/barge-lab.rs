@@ -45,7 +45,7 @@ enum LabCommand {
     /// Boot the lab host, bind its devices to vfio-pci, run COMMAND there
     /// (its working directory is /out; what it writes there is copied back),
     /// and exit with COMMAND's status. Example:
-    /// `barge-lab run --ivshmem 8G -- vfio-region-info $LAB_IVSHMEM0`
+    /// `barge-lab run --ivshmem 8G -- 'vfio-region-info $LAB_IVSHMEM0'`
     Run {
         /// ivshmem-plain device: SIZE[,file=PATH], a power of two from 2M to
         /// 64G. BAR2 is the file (sparse; made in the run folder unless
@@ -79,7 +79,9 @@ enum LabCommand {
         /// Don't stream the host's console (it is logged all the same).
         #[arg(long)]
         quiet: bool,
-        /// The command, run by the host's shell.
+        /// The command: its words are joined with spaces and run by the lab
+        /// host's shell (as ssh does), so `$LAB_IVSHMEM0`, pipes and `&&`
+        /// work when quoted for the outer shell.
         #[arg(last = true, value_name = "COMMAND")]
         command: Vec<String>,
     },
@@ -126,7 +128,7 @@ fn main() -> ExitCode {
                     Ok(text) => text,
                     Err(e) => return fail(LabError::io("cannot read the script", &file, e)),
                 },
-                (None, false) => format!("{}\n", run::shell_quote(&command)),
+                (None, false) => format!("{}\n", command.join(" ")),
                 (None, true) => {
                     return fail(LabError::Usage(
                         "nothing to run: give `-- COMMAND...` or `--script FILE`".into(),

@@ -66,8 +66,7 @@ impl Archive {
 
     /// Writes the archive, ending with the `TRAILER!!!` record.
     pub fn write_to<W: Write>(&self, out: &mut W) -> io::Result<()> {
-        let mut ino = 1u32;
-        for (path, entry) in &self.entries {
+        for (ino, (path, entry)) in (1u32..).zip(&self.entries) {
             let (mode, data, rdev): (u32, &[u8], (u32, u32)) = match entry {
                 Entry::Dir => (0o040_755, &[], (0, 0)),
                 Entry::File { data, executable } => (
@@ -79,7 +78,6 @@ impl Archive {
                 Entry::CharDevice { major, minor } => (0o020_600, &[], (*major, *minor)),
             };
             write_record(out, ino, mode, path, data, rdev)?;
-            ino += 1;
         }
         write_record(out, 0, 0, "TRAILER!!!", &[], (0, 0))
     }

@@ -109,8 +109,7 @@ pub struct RunOutcome {
     /// What the command wrote under /out.
     pub out_dir: PathBuf,
     pub console_log: PathBuf,
-    /// (name, BDF) of each device, e.g. ("ivshmem0", "0000:00:10.0").
-    pub devices: Vec<(String, String)>,
+    pub devices: DeviceAddresses,
     /// The console line the host printed when it was ready, with its kernel.
     pub ready_line: Option<String>,
     pub boot_time: Option<Duration>,
@@ -134,13 +133,16 @@ pub fn shell_quote(words: &[String]) -> String {
         .join(" ")
 }
 
-/// The QEMU arguments and (name, BDF) of each device.
+/// (name, BDF) of each lab device, e.g. ("ivshmem0", "0000:00:10.0").
+pub type DeviceAddresses = Vec<(String, String)>;
+
+/// The QEMU arguments and the address of each device.
 fn qemu_args(
     state: &LabState,
     options: &RunOptions,
     run_dir: &Path,
     initrd: &Path,
-) -> Result<(Vec<String>, Vec<(String, String)>), LabError> {
+) -> Result<(Vec<String>, DeviceAddresses), LabError> {
     let mut args: Vec<String> = [
         "-M",
         "q35",
