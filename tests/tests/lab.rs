@@ -128,3 +128,30 @@ fn lab_rejects_bad_device_options() {
         assert!(text(&output).contains("--ivshmem"), "{}", text(&output));
     }
 }
+
+#[test]
+fn lab_binds_nvme_and_e1000e_to_vfio_pci() {
+    let image = std::env::temp_dir().join(format!("barge-lab-nvme-{}.img", std::process::id()));
+    std::fs::File::create(&image)
+        .and_then(|f| f.set_len(16 << 20))
+        .expect("disk image");
+    let output = lab_run(&[
+        "--nvme",
+        image.to_str().unwrap(),
+        "--e1000e",
+        "--",
+        "vfio-region-info $LAB_NVME0 > nvme.json && vfio-region-info $LAB_E1000E0 > e1000e.json",
+    ]);
+    let _ = std::fs::remove_file(&image);
+    assert!(output.status.success(), "{}", text(&output));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("nvme0 at 0000:00:10.0"), "{stderr}");
+    assert!(stderr.contains("e1000e0 at 0000:00:11.0"), "{stderr}");
+    let dir = results_dir(&output);
+    for name in ["nvme.json", "e1000e.json"] {
+        let info: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join(name)).unwrap()).unwrap();
+        assert_eq!(info["driver"], "vfio-pci", "{info}");
+        assert!(info["regions"][0]["size"].as_u64().unwrap() > 0, "{info}");
+    }
+}
