@@ -1,0 +1,212 @@
+//! Guest RAM regions around the 32-bit MMIO hole.
+//!
+//! RAM starts at guest physical address 0 and fills up to `arch::layout::MMIO32_HOLE_START`
+//! (3 GiB); whatever does not fit there continues at `arch::layout::RAM_64BIT_START` (4 GiB).
+//! The hole in between is for MMIO (PCI BARs, ECAM, IOAPIC, LAPIC) and is never RAM.
+
+use arch::layout::{MMIO32_HOLE_START, RAM_64BIT_START};
+
+/// Smallest RAM size barge accepts: 16 MiB. The first MiB holds barge's boot structures and
+/// the legacy hole; a kernel and its initramfs need the rest (real Linux guests need far
+/// more, which kernel loading reports on its own).
+pub const MIN_RAM_SIZE: u64 = 16 << 20;
+/// Largest RAM size barge accepts: 64 TiB (ends below 2^46, a common host MAXPHYADDR).
+pub const MAX_RAM_SIZE: u64 = 64 << 40;
+/// RAM sizes must be a multiple of this (4 KiB).
+pub const RAM_ALIGNMENT: u64 = 0x1000;
+/// The 64-bit MMIO window starts on this boundary (1 GiB), so huge BARs can be mapped with
+/// 1 GiB pages.
+pub const MMIO64_ALIGNMENT: u64 = 1 << 30;
+
+/// One contiguous range of guest RAM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RamRegion {
+    /// Guest physical address of the first byte.
+    pub gpa: u64,
+    /// Length in bytes.
+    pub size: u64,
+}
+
+impl RamRegion {
+    /// Guest physical address one past the last byte.
+    pub fn end(&self) -> u64 {
+        self.gpa + self.size
+    }
+
+    /// The region as the `(gpa, size)` pair `arch::setup_boot` takes.
+    pub fn as_pair(&self) -> (u64, u64) {
+        (self.gpa, self.size)
+    }
+}
+
+/// Why a RAM size cannot be laid out.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RamError {
+    /// Below [`MIN_RAM_SIZE`].
+    #[error("memory size {size} bytes is too small: give at least {min} bytes (16M)")]
+    TooSmall {
+        /// The size asked for.
+        size: u64,
+        /// [`MIN_RAM_SIZE`].
+        min: u64,
+    },
+    /// Above [`MAX_RAM_SIZE`].
+    #[error("memory size {size} bytes is too large: give at most {max} bytes (64T)")]
+    TooLarge {
+        /// The size asked for.
+        size: u64,
+        /// [`MAX_RAM_SIZE`].
+        max: u64,
+    },
+    /// Not a multiple of 4 KiB.
+    #[error(
+        "memory size {size} bytes is not a multiple of 4 KiB: round it to whole pages (e.g. 512M)"
+    )]
+    Unaligned {
+        /// The size asked for.
+        size: u64,
+    },
+}
+
+/// Splits `size` bytes of RAM into regions around the 32-bit MMIO hole: one from 0 up to
+/// at most `MMIO32_HOLE_START`, and, when more remains, one from `RAM_64BIT_START`.
+pub fn ram_regions(size: u64) -> Result<Vec<RamRegion>, RamError> {
+    if size < MIN_RAM_SIZE {
+        return Err(RamError::TooSmall {
+            size,
+            min: MIN_RAM_SIZE,
+        });
+    }
+    if size > MAX_RAM_SIZE {
+        return Err(RamError::TooLarge {
+            size,
+            max: MAX_RAM_SIZE,
+        });
+    }
+    if size % RAM_ALIGNMENT != 0 {
+        return Err(RamError::Unaligned { size });
+    }
+    let low = size.min(MMIO32_HOLE_START);
+    let mut regions = vec![RamRegion { gpa: 0, size: low }];
+    if size > low {
+        regions.push(RamRegion {
+            gpa: RAM_64BIT_START,
+            size: size - low,
+        });
+    }
+    Ok(regions)
+}
+
+/// Where the 64-bit MMIO window (for large PCI BARs) starts: the end of RAM rounded up to
+/// 1 GiB, and never below 4 GiB. An empty slice gives 4 GiB.
+pub fn mmio64_window_start(regions: &[RamRegion]) -> u64 {
+    let end = regions.iter().map(RamRegion::end).max().unwrap_or(0);
+    end.div_ceil(MMIO64_ALIGNMENT)
+        .saturating_mul(MMIO64_ALIGNMENT)
+        .max(RAM_64BIT_START)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+    const GIB: u64 = 1 << 30;
+
+    #[test]
+    fn small_ram_is_one_region_from_zero() {
+        assert_eq!(
+            ram_regions(512 * MIB).unwrap(),
+            vec![RamRegion {
+                gpa: 0,
+                size: 512 * MIB
+            }]
+        );
+    }
+
+    #[test]
+    fn ram_exactly_filling_below_the_hole_is_one_region() {
+        assert_eq!(
+            ram_regions(3 * GIB).unwrap(),
+            vec![RamRegion {
+                gpa: 0,
+                size: 3 * GIB
+            }]
+        );
+    }
+
+    #[test]
+    fn large_ram_is_split_around_the_hole() {
+        let regions = ram_regions(8 * GIB).unwrap();
+        assert_eq!(
+            regions,
+            vec![
+                RamRegion {
+                    gpa: 0,
+                    size: 3 * GIB
+                },
+                RamRegion {
+                    gpa: 4 * GIB,
+                    size: 5 * GIB
+                }
+            ]
+        );
+        assert_eq!(regions.iter().map(|r| r.size).sum::<u64>(), 8 * GIB);
+    }
+
+    #[test]
+    fn regions_never_touch_the_mmio_hole() {
+        for size in [16 * MIB, GIB, 3 * GIB - 4096, 3 * GIB + 4096, 64 * GIB] {
+            for r in ram_regions(size).unwrap() {
+                assert!(r.end() <= MMIO32_HOLE_START || r.gpa >= RAM_64BIT_START);
+            }
+        }
+    }
+
+    #[test]
+    fn too_small_zero_and_unaligned_sizes_are_rejected() {
+        assert!(matches!(ram_regions(0), Err(RamError::TooSmall { .. })));
+        assert!(matches!(
+            ram_regions(MIN_RAM_SIZE - 4096),
+            Err(RamError::TooSmall { .. })
+        ));
+        assert_eq!(
+            ram_regions(MIN_RAM_SIZE + 1),
+            Err(RamError::Unaligned {
+                size: MIN_RAM_SIZE + 1
+            })
+        );
+        assert!(matches!(
+            ram_regions(MAX_RAM_SIZE + 4096),
+            Err(RamError::TooLarge { .. })
+        ));
+        assert!(ram_regions(MIN_RAM_SIZE).is_ok());
+    }
+
+    #[test]
+    fn error_messages_say_what_to_do() {
+        let msg = ram_regions(1).unwrap_err().to_string();
+        assert!(msg.contains("at least"), "{msg}");
+        let msg = ram_regions(MIN_RAM_SIZE + 1).unwrap_err().to_string();
+        assert!(msg.contains("multiple of 4 KiB"), "{msg}");
+    }
+
+    #[test]
+    fn mmio64_window_starts_at_4g_or_after_ram_on_a_gib_boundary() {
+        assert_eq!(
+            mmio64_window_start(&ram_regions(512 * MIB).unwrap()),
+            4 * GIB
+        );
+        assert_eq!(mmio64_window_start(&ram_regions(3 * GIB).unwrap()), 4 * GIB);
+        assert_eq!(
+            mmio64_window_start(&ram_regions(3 * GIB + 4096).unwrap()),
+            5 * GIB
+        );
+        assert_eq!(mmio64_window_start(&ram_regions(8 * GIB).unwrap()), 9 * GIB);
+        assert_eq!(
+            mmio64_window_start(&ram_regions(7 * GIB + 2 * MIB).unwrap()),
+            9 * GIB
+        );
+        assert_eq!(mmio64_window_start(&[]), 4 * GIB);
+    }
+}
