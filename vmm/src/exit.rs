@@ -10,7 +10,7 @@
 use std::fmt;
 
 use crate::bus::Buses;
-use crate::power::{PowerRequest, PowerSignal};
+use crate::power::{PowerEvent, PowerSignal};
 
 /// KVM_SYSTEM_EVENT_SHUTDOWN.
 pub const SYSTEM_EVENT_SHUTDOWN: u32 = 1;
@@ -219,8 +219,8 @@ pub fn handle_exit(exit: &VmExit<'_>, buses: &Buses, power: &PowerSignal) -> Exi
 
 fn pending_power_action(power: &PowerSignal) -> ExitAction {
     match power.pending() {
-        Some(PowerRequest::PowerOff) => ExitAction::PowerOff,
-        Some(PowerRequest::Reset) => ExitAction::Reset,
+        Some(PowerEvent::PowerOff) => ExitAction::PowerOff,
+        Some(PowerEvent::Reset) => ExitAction::Reset,
         None => ExitAction::Continue,
     }
 }
@@ -301,8 +301,8 @@ mod tests {
         }
         fn write(&mut self, _base: u64, _offset: u64, data: &[u8]) {
             match data.first() {
-                Some(1) => self.signal.raise(PowerRequest::PowerOff),
-                Some(2) => self.signal.raise(PowerRequest::Reset),
+                Some(1) => self.signal.raise(PowerEvent::PowerOff),
+                Some(2) => self.signal.raise(PowerEvent::Reset),
                 _ => {}
             }
         }

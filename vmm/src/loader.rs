@@ -1,0 +1,597 @@
+//! Kernel, initramfs and command line loading with linux-loader.
+//!
+//! - bzImage: the protected-mode kernel goes to `HIMEM_START` (1 MiB), the
+//!   setup header is kept for the zero page; the 64-bit entry point is the
+//!   load address + 0x200.
+//! - ELF vmlinux: segments go to their physical addresses; the entry is the
+//!   PVH entry when the kernel has the Xen PVH note, else the ELF entry
+//!   (64-bit boot protocol).
+//! - initramfs: at the address arch's placement helper chooses.
+//! - command line: at `arch::layout::CMDLINE_START`.
+//!
+//! Every error names the file and the problem.
+
+use std::fs::File;
+use std::io::{self, Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+
+use arch::layout::{CMDLINE_MAX_SIZE, CMDLINE_START, HIMEM_START};
+use linux_loader::loader::bootparam::setup_header;
+use linux_loader::loader::{self, BzImage, Cmdline, Elf, KernelLoader, PvhBootCapability};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+
+/// Offset of the 64-bit entry point from a bzImage's protected-mode load
+/// address (boot protocol 2.12+, "64-bit BOOT PROTOCOL").
+pub const BZIMAGE_64BIT_ENTRY_OFFSET: u64 = 0x200;
+/// Offset of the setup header in a bzImage.
+const SETUP_HEADER_OFFSET: u64 = 0x1f1;
+/// Offset of the "HdrS" magic in a bzImage.
+const HDRS_OFFSET: u64 = 0x202;
+const HDRS_MAGIC: &[u8; 4] = b"HdrS";
+const ELF_MAGIC: &[u8; 4] = b"\x7fELF";
+
+/// Errors from loading the kernel, initramfs or command line.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// The kernel path does not exist.
+    #[error("kernel {0}: no such file; pass a bzImage or ELF vmlinux with --kernel")]
+    KernelMissing(PathBuf),
+    /// The kernel cannot be opened or read.
+    #[error("kernel {path}: cannot read it: {source}")]
+    KernelUnreadable {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: io::Error,
+    },
+    /// The kernel is neither a bzImage nor an ELF.
+    #[error("kernel {0}: not a bzImage or ELF vmlinux")]
+    KernelGarbage(PathBuf),
+    /// The kernel does not fit in guest memory.
+    #[error(
+        "kernel {path} does not fit in guest memory: it needs {needs:#x} bytes at {at:#x}, \
+         which is not all RAM; give the VM more memory (--memory size=...)"
+    )]
+    KernelTooBig {
+        /// The file.
+        path: PathBuf,
+        /// Bytes needed.
+        needs: u64,
+        /// Where.
+        at: u64,
+    },
+    /// linux-loader rejected the kernel.
+    #[error("kernel {path}: {source}")]
+    KernelLoad {
+        /// The file.
+        path: PathBuf,
+        /// linux-loader's complaint.
+        source: loader::Error,
+    },
+    /// The initramfs path does not exist.
+    #[error("initramfs {0}: no such file")]
+    InitramfsMissing(PathBuf),
+    /// The initramfs cannot be opened or read.
+    #[error("initramfs {path}: cannot read it: {source}")]
+    InitramfsUnreadable {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: io::Error,
+    },
+    /// The initramfs does not fit in the RAM left for it.
+    #[error(
+        "initramfs {path} ({size} bytes) is larger than the guest memory available for it \
+         ({available} bytes between the kernel and {limit:#x}); give the VM more memory \
+         (--memory size=...)"
+    )]
+    InitramfsTooBig {
+        /// The file.
+        path: PathBuf,
+        /// Its size.
+        size: u64,
+        /// Bytes available.
+        available: u64,
+        /// Highest address the initramfs may reach.
+        limit: u64,
+    },
+    /// The command line is too long or has characters the kernel cannot take.
+    #[error(
+        "kernel command line: {0}; keep it printable ASCII and under {CMDLINE_MAX_SIZE} bytes"
+    )]
+    Cmdline(String),
+}
+
+/// Result alias for this module.
+pub type Result<T> = std::result::Result<T, LoadError>;
+
+/// The kernel image format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KernelFormat {
+    /// A bzImage (Linux boot protocol).
+    BzImage,
+    /// An ELF vmlinux.
+    Elf,
+}
+
+/// How the BSP enters the kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KernelEntry {
+    /// 64-bit boot protocol: long mode, paging on, RSI = zero page.
+    Linux64 {
+        /// Entry address.
+        addr: u64,
+    },
+    /// PVH: 32-bit protected mode, paging off, EBX = hvm_start_info.
+    Pvh {
+        /// Entry address.
+        addr: u64,
+    },
+}
+
+impl KernelEntry {
+    /// The entry address.
+    pub fn addr(&self) -> u64 {
+        match self {
+            KernelEntry::Linux64 { addr } | KernelEntry::Pvh { addr } => *addr,
+        }
+    }
+}
+
+/// What was loaded for the kernel.
+#[derive(Debug, Clone, Copy)]
+pub struct LoadedKernel {
+    /// bzImage or ELF.
+    pub format: KernelFormat,
+    /// Where and how to enter it.
+    pub entry: KernelEntry,
+    /// First byte loaded.
+    pub load_addr: u64,
+    /// One past the last byte the kernel occupies (memsz for ELF).
+    pub end_addr: u64,
+    /// The bzImage setup header, for the zero page.
+    pub setup_header: Option<setup_header>,
+}
+
+/// Where the initramfs went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoadedInitramfs {
+    /// Guest physical address.
+    pub addr: u64,
+    /// Size in bytes.
+    pub size: u64,
+}
+
+fn open_kernel(path: &Path) -> Result<File> {
+    let file = File::open(path).map_err(|source| match source.kind() {
+        io::ErrorKind::NotFound => LoadError::KernelMissing(path.to_owned()),
+        _ => LoadError::KernelUnreadable {
+            path: path.to_owned(),
+            source,
+        },
+    })?;
+    ensure_regular_file(&file).map_err(|source| LoadError::KernelUnreadable {
+        path: path.to_owned(),
+        source,
+    })?;
+    Ok(file)
+}
+
+fn ensure_regular_file(file: &File) -> io::Result<()> {
+    let meta = file.metadata()?;
+    if meta.is_dir() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "it is a directory",
+        ));
+    }
+    Ok(())
+}
+
+/// Reads `buf.len()` bytes at `offset`; short files give `Ok(false)`.
+fn read_at(file: &mut File, offset: u64, buf: &mut [u8]) -> io::Result<bool> {
+    file.seek(SeekFrom::Start(offset))?;
+    match file.read_exact(buf) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Tells a bzImage from an ELF by their magic numbers.
+pub fn detect_format(file: &mut File) -> io::Result<Option<KernelFormat>> {
+    let mut magic = [0u8; 4];
+    if read_at(file, 0, &mut magic)? && &magic == ELF_MAGIC {
+        return Ok(Some(KernelFormat::Elf));
+    }
+    if read_at(file, HDRS_OFFSET, &mut magic)? && &magic == HDRS_MAGIC {
+        return Ok(Some(KernelFormat::BzImage));
+    }
+    Ok(None)
+}
+
+/// Whether `[addr, addr + len)` is all guest RAM.
+fn is_ram(mem: &GuestMemoryMmap, addr: u64, len: u64) -> bool {
+    if len == 0 {
+        return true;
+    }
+    match usize::try_from(len) {
+        Ok(len) => mem.check_range(GuestAddress(addr), len),
+        Err(_) => false,
+    }
+}
+
+/// Loads the kernel at `path` into `mem`.
+pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel> {
+    let mut file = open_kernel(path)?;
+    let unreadable = |source| LoadError::KernelUnreadable {
+        path: path.to_owned(),
+        source,
+    };
+    match detect_format(&mut file).map_err(unreadable)? {
+        Some(KernelFormat::BzImage) => load_bzimage(mem, path, &mut file),
+        Some(KernelFormat::Elf) => load_elf(mem, path, &mut file),
+        None => Err(LoadError::KernelGarbage(path.to_owned())),
+    }
+}
+
+fn load_bzimage(mem: &GuestMemoryMmap, path: &Path, file: &mut File) -> Result<LoadedKernel> {
+    let unreadable = |source| LoadError::KernelUnreadable {
+        path: path.to_owned(),
+        source,
+    };
+    // Check the fit before linux-loader's generic "unable to read" error:
+    // the kernel needs `init_size` bytes at its load address while it
+    // decompresses itself, at least the protected-mode part's size.
+    let file_len = file.seek(SeekFrom::End(0)).map_err(unreadable)?;
+    let mut header = setup_header::default();
+    let header_bytes = vm_memory::ByteValued::as_mut_slice(&mut header);
+    if !read_at(file, SETUP_HEADER_OFFSET, header_bytes).map_err(unreadable)? {
+        return Err(LoadError::KernelGarbage(path.to_owned()));
+    }
+    let setup_sects = match header.setup_sects {
+        0 => 4,
+        n => u64::from(n),
+    };
+    let protected_size = file_len.saturating_sub((setup_sects + 1) * 512);
+    let needs = protected_size.max(u64::from(header.init_size));
+    if !is_ram(mem, HIMEM_START, needs) {
+        return Err(LoadError::KernelTooBig {
+            path: path.to_owned(),
+            needs,
+            at: HIMEM_START,
+        });
+    }
+
+    let result = BzImage::load(
+        mem,
+        Some(GuestAddress(HIMEM_START)),
+        file,
+        Some(GuestAddress(HIMEM_START)),
+    )
+    .map_err(|source| kernel_load_error(path, source))?;
+    let load_addr = result.kernel_load.raw_value();
+    Ok(LoadedKernel {
+        format: KernelFormat::BzImage,
+        entry: KernelEntry::Linux64 {
+            addr: load_addr + BZIMAGE_64BIT_ENTRY_OFFSET,
+        },
+        load_addr,
+        end_addr: result.kernel_end.max(load_addr + needs),
+        setup_header: result.setup_header,
+    })
+}
+
+fn kernel_load_error(path: &Path, source: loader::Error) -> LoadError {
+    match source {
+        loader::Error::Bzimage(loader::bzimage::Error::InvalidBzImage)
+        | loader::Error::Elf(loader::elf::Error::InvalidElfMagicNumber) => {
+            LoadError::KernelGarbage(path.to_owned())
+        }
+        source => LoadError::KernelLoad {
+            path: path.to_owned(),
+            source,
+        },
+    }
+}
+
+/// The PT_LOAD segments of an ELF64 as (paddr, memsz); `None` if the headers
+/// cannot be read (linux-loader then reports the problem).
+fn elf_load_segments(file: &mut File) -> io::Result<Option<Vec<(u64, u64)>>> {
+    const PT_LOAD: u32 = 1;
+    let mut ehdr = [0u8; 64];
+    if !read_at(file, 0, &mut ehdr)? {
+        return Ok(None);
+    }
+    let u16_at = |b: &[u8], o: usize| u16::from_le_bytes([b[o], b[o + 1]]);
+    let u64_at = |b: &[u8], o: usize| {
+        let mut v = [0u8; 8];
+        v.copy_from_slice(&b[o..o + 8]);
+        u64::from_le_bytes(v)
+    };
+    let phoff = u64_at(&ehdr, 0x20);
+    let phentsize = u64::from(u16_at(&ehdr, 0x36));
+    let phnum = u64::from(u16_at(&ehdr, 0x38));
+    if phentsize < 56 {
+        return Ok(None);
+    }
+    let mut segments = Vec::new();
+    for i in 0..phnum {
+        let mut phdr = [0u8; 56];
+        let Some(offset) = phoff.checked_add(i * phentsize) else {
+            return Ok(None);
+        };
+        if !read_at(file, offset, &mut phdr)? {
+            return Ok(None);
+        }
+        let p_type = u32::from_le_bytes([phdr[0], phdr[1], phdr[2], phdr[3]]);
+        if p_type == PT_LOAD {
+            segments.push((u64_at(&phdr, 0x18), u64_at(&phdr, 0x28)));
+        }
+    }
+    Ok(Some(segments))
+}
+
+fn load_elf(mem: &GuestMemoryMmap, path: &Path, file: &mut File) -> Result<LoadedKernel> {
+    let unreadable = |source| LoadError::KernelUnreadable {
+        path: path.to_owned(),
+        source,
+    };
+    if let Some(segments) = elf_load_segments(file).map_err(unreadable)? {
+        for (paddr, memsz) in segments {
+            if !is_ram(mem, paddr, memsz) {
+                return Err(LoadError::KernelTooBig {
+                    path: path.to_owned(),
+                    needs: memsz,
+                    at: paddr,
+                });
+            }
+        }
+    }
+    let result = Elf::load(mem, None, file, Some(GuestAddress(HIMEM_START)))
+        .map_err(|source| kernel_load_error(path, source))?;
+    let entry = match result.pvh_boot_cap {
+        PvhBootCapability::PvhEntryPresent(addr) => KernelEntry::Pvh {
+            addr: addr.raw_value(),
+        },
+        _ => KernelEntry::Linux64 {
+            addr: result.kernel_load.raw_value(),
+        },
+    };
+    Ok(LoadedKernel {
+        format: KernelFormat::Elf,
+        entry,
+        load_addr: result.kernel_load.raw_value(),
+        end_addr: result.kernel_end,
+        setup_header: None,
+    })
+}
+
+/// Loads the initramfs at `path`. `place(size)` returns the guest address
+/// to load it at (arch's placement rule), or `None` if it cannot fit below
+/// `limit`; `kernel_end` is where the kernel stops (the initramfs must be
+/// above it).
+pub fn load_initramfs(
+    mem: &GuestMemoryMmap,
+    path: &Path,
+    kernel_end: u64,
+    limit: u64,
+    place: impl FnOnce(u64) -> Option<u64>,
+) -> Result<LoadedInitramfs> {
+    let unreadable = |source| LoadError::InitramfsUnreadable {
+        path: path.to_owned(),
+        source,
+    };
+    let mut file = File::open(path).map_err(|source| match source.kind() {
+        io::ErrorKind::NotFound => LoadError::InitramfsMissing(path.to_owned()),
+        _ => unreadable(source),
+    })?;
+    ensure_regular_file(&file).map_err(unreadable)?;
+    let size = file.seek(SeekFrom::End(0)).map_err(unreadable)?;
+    file.rewind().map_err(unreadable)?;
+    let too_big = || LoadError::InitramfsTooBig {
+        path: path.to_owned(),
+        size,
+        available: limit.saturating_sub(kernel_end),
+        limit,
+    };
+    let addr = place(size).ok_or_else(too_big)?;
+    if addr < kernel_end || !is_ram(mem, addr, size) {
+        return Err(too_big());
+    }
+    let len = usize::try_from(size).map_err(|_| too_big())?;
+    mem.read_exact_volatile_from(GuestAddress(addr), &mut file, len)
+        .map_err(|e| unreadable(io::Error::other(e.to_string())))?;
+    Ok(LoadedInitramfs { addr, size })
+}
+
+/// Writes `cmdline` NUL-terminated at `CMDLINE_START`. Returns its length
+/// without the NUL.
+pub fn load_cmdline(mem: &GuestMemoryMmap, cmdline: &str) -> Result<usize> {
+    let capacity = CMDLINE_MAX_SIZE as usize;
+    let parsed =
+        Cmdline::try_from(cmdline, capacity).map_err(|e| LoadError::Cmdline(e.to_string()))?;
+    loader::load_cmdline(mem, GuestAddress(CMDLINE_START), &parsed)
+        .map_err(|e| LoadError::Cmdline(e.to_string()))?;
+    let written = parsed
+        .as_cstring()
+        .map_err(|e| LoadError::Cmdline(e.to_string()))?;
+    Ok(written.as_bytes().len())
+}
+
+/// Reads a NUL-terminated string back from guest memory (for tests and logs).
+pub fn read_cmdline(mem: &GuestMemoryMmap) -> Option<String> {
+    let mut buf = vec![0u8; CMDLINE_MAX_SIZE as usize];
+    mem.read_slice(&mut buf, GuestAddress(CMDLINE_START)).ok()?;
+    let end = buf.iter().position(|b| *b == 0)?;
+    String::from_utf8(buf[..end].to_vec()).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use super::*;
+
+    fn mem(size: u64) -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size as usize)]).unwrap()
+    }
+
+    fn temp_file(name: &str, bytes: &[u8]) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("barge-loader-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(name);
+        let mut f = File::create(&path).unwrap();
+        f.write_all(bytes).unwrap();
+        path
+    }
+
+    /// A minimal ELF64 with one PT_LOAD segment of `code` at `paddr`.
+    fn elf_image(paddr: u64, code: &[u8], memsz: u64) -> Vec<u8> {
+        let mut img = vec![0u8; 0x1000];
+        img[0..4].copy_from_slice(b"\x7fELF");
+        img[4] = 2; // ELFCLASS64
+        img[5] = 1; // little endian
+        img[6] = 1; // EV_CURRENT
+        img[0x10..0x12].copy_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+        img[0x12..0x14].copy_from_slice(&0x3eu16.to_le_bytes()); // x86-64
+        img[0x14..0x18].copy_from_slice(&1u32.to_le_bytes());
+        img[0x18..0x20].copy_from_slice(&paddr.to_le_bytes()); // e_entry
+        img[0x20..0x28].copy_from_slice(&64u64.to_le_bytes()); // e_phoff
+        img[0x34..0x36].copy_from_slice(&64u16.to_le_bytes()); // e_ehsize
+        img[0x36..0x38].copy_from_slice(&56u16.to_le_bytes()); // e_phentsize
+        img[0x38..0x3a].copy_from_slice(&1u16.to_le_bytes()); // e_phnum
+        let ph = &mut img[64..120];
+        ph[0..4].copy_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+        ph[4..8].copy_from_slice(&5u32.to_le_bytes()); // R+X
+        ph[8..16].copy_from_slice(&0x1000u64.to_le_bytes()); // p_offset
+        ph[16..24].copy_from_slice(&paddr.to_le_bytes()); // p_vaddr
+        ph[24..32].copy_from_slice(&paddr.to_le_bytes()); // p_paddr
+        ph[32..40].copy_from_slice(&(code.len() as u64).to_le_bytes()); // p_filesz
+        ph[40..48].copy_from_slice(&memsz.to_le_bytes()); // p_memsz
+        ph[48..56].copy_from_slice(&0x1000u64.to_le_bytes());
+        img.extend_from_slice(code);
+        img
+    }
+
+    /// A fake bzImage: boot sector + setup sectors, then a payload.
+    fn bzimage(payload_len: usize, init_size: u32) -> Vec<u8> {
+        let setup_sects = 4u8;
+        let mut img = vec![0u8; (setup_sects as usize + 1) * 512 + payload_len];
+        img[0x1f1] = setup_sects;
+        img[0x202..0x206].copy_from_slice(b"HdrS");
+        img[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes()); // version
+        img[0x211] = 1; // loadflags: LOADED_HIGH
+        img[0x214..0x218].copy_from_slice(&0x100000u32.to_le_bytes()); // code32_start
+        img[0x260..0x264].copy_from_slice(&init_size.to_le_bytes());
+        img
+    }
+
+    #[test]
+    fn elf_without_pvh_note_enters_64bit_at_e_entry() {
+        let m = mem(16 << 20);
+        let path = temp_file("elf64", &elf_image(0x100000, &[0xf4, 0x90], 2));
+        let k = load_kernel(&m, &path).unwrap();
+        assert_eq!(k.format, KernelFormat::Elf);
+        assert_eq!(k.entry, KernelEntry::Linux64 { addr: 0x100000 });
+        assert_eq!(k.end_addr, 0x100002);
+        let mut code = [0u8; 2];
+        m.read_slice(&mut code, GuestAddress(0x100000)).unwrap();
+        assert_eq!(code, [0xf4, 0x90]);
+    }
+
+    #[test]
+    fn elf_segment_beyond_memory_is_too_big() {
+        let m = mem(16 << 20);
+        let path = temp_file("elf-big", &elf_image(0x100000, &[0x90], 32 << 20));
+        let err = load_kernel(&m, &path).unwrap_err();
+        assert!(matches!(err, LoadError::KernelTooBig { .. }), "{err}");
+        assert!(err.to_string().contains("does not fit"));
+    }
+
+    #[test]
+    fn bzimage_loads_at_himem_and_keeps_setup_header() {
+        let m = mem(16 << 20);
+        let path = temp_file("bz", &bzimage(0x1000, 0x2000));
+        let k = load_kernel(&m, &path).unwrap();
+        assert_eq!(k.format, KernelFormat::BzImage);
+        assert_eq!(k.load_addr, HIMEM_START);
+        assert_eq!(k.entry, KernelEntry::Linux64 { addr: 0x100200 });
+        assert_eq!(k.end_addr, HIMEM_START + 0x2000);
+        let header = k.setup_header.unwrap();
+        assert_eq!({ header.header }, 0x5372_6448);
+    }
+
+    #[test]
+    fn bzimage_needing_more_than_memory_is_too_big() {
+        let m = mem(16 << 20);
+        let path = temp_file("bz-big", &bzimage(0x1000, 64 << 20));
+        let err = load_kernel(&m, &path).unwrap_err();
+        assert!(matches!(err, LoadError::KernelTooBig { .. }), "{err}");
+    }
+
+    #[test]
+    fn garbage_missing_and_directory_kernels_are_named() {
+        let m = mem(16 << 20);
+        let path = temp_file("garbage", &[0x42; 4096]);
+        let err = load_kernel(&m, &path).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!("kernel {}: not a bzImage or ELF vmlinux", path.display())
+        );
+        let empty = temp_file("empty", &[]);
+        assert!(matches!(
+            load_kernel(&m, &empty),
+            Err(LoadError::KernelGarbage(_))
+        ));
+        let missing = Path::new("/nonexistent/barge/vmlinux");
+        let err = load_kernel(&m, missing).unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/barge/vmlinux"));
+        assert!(matches!(err, LoadError::KernelMissing(_)));
+        let dir = std::env::temp_dir();
+        assert!(matches!(
+            load_kernel(&m, &dir),
+            Err(LoadError::KernelUnreadable { .. })
+        ));
+    }
+
+    #[test]
+    fn initramfs_goes_where_placement_says_and_too_big_is_an_error() {
+        let m = mem(16 << 20);
+        let path = temp_file("initrd", &[7u8; 5000]);
+        let limit = 16 << 20;
+        let loaded = load_initramfs(&m, &path, 0x200000, limit, |size| {
+            Some((limit - size) & !0xfff)
+        })
+        .unwrap();
+        assert_eq!(loaded.size, 5000);
+        assert_eq!(loaded.addr, (limit - 5000) & !0xfff);
+        let mut back = [0u8; 4];
+        m.read_slice(&mut back, GuestAddress(loaded.addr)).unwrap();
+        assert_eq!(back, [7; 4]);
+
+        let big = temp_file("initrd-big", &vec![0u8; 64 << 10]);
+        let err = load_initramfs(&m, &big, 0x200000, 0x210000, |_| None).unwrap_err();
+        assert!(matches!(err, LoadError::InitramfsTooBig { .. }));
+        assert!(err.to_string().contains("larger than the guest memory"));
+        // A placement that collides with the kernel is refused too.
+        let err = load_initramfs(&m, &path, 0x200000, limit, |_| Some(0x100000)).unwrap_err();
+        assert!(matches!(err, LoadError::InitramfsTooBig { .. }));
+        let err = load_initramfs(&m, Path::new("/nonexistent/initrd"), 0, limit, |_| Some(0))
+            .unwrap_err();
+        assert!(matches!(err, LoadError::InitramfsMissing(_)));
+    }
+
+    #[test]
+    fn cmdline_is_written_nul_terminated() {
+        let m = mem(16 << 20);
+        let len = load_cmdline(&m, "console=ttyS0 panic=-1").unwrap();
+        assert_eq!(len, "console=ttyS0 panic=-1".len());
+        assert_eq!(read_cmdline(&m).unwrap(), "console=ttyS0 panic=-1");
+        let too_long = "a".repeat(CMDLINE_MAX_SIZE as usize + 1);
+        assert!(matches!(
+            load_cmdline(&m, &too_long),
+            Err(LoadError::Cmdline(_))
+        ));
+    }
+}
