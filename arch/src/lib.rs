@@ -352,6 +352,36 @@ mod tests {
     }
 
     #[test]
+    fn ram_split_around_the_hole_gives_an_e820_without_the_hole() {
+        const GIB: u64 = 1 << 30;
+        let mem = GuestMemoryMmap::from_ranges(&[
+            (GuestAddress(0), 3 * GIB as usize),
+            (GuestAddress(4 * GIB), GIB as usize),
+        ])
+        .unwrap();
+        let ram = [(0, 3 * GIB), (4 * GIB, GIB)];
+        let mut cfg = linux_cfg(&ram, "");
+        cfg.cpus = 4;
+        setup_boot(&mem, &cfg).unwrap();
+        let p: boot_params = mem.read_obj(GuestAddress(ZERO_PAGE_START)).unwrap();
+        assert_eq!(p.e820_entries, 4);
+        let table = p.e820_table;
+        let ram_entries: Vec<(u64, u64)> = table[..4]
+            .iter()
+            .filter(|e| e.r#type == e820::E820_RAM)
+            .map(|e| (e.addr, e.addr + e.size))
+            .collect();
+        assert_eq!(
+            ram_entries,
+            vec![
+                (0, layout::EBDA_START),
+                (HIMEM_START, MMIO32_HOLE_START),
+                (4 * GIB, 5 * GIB)
+            ]
+        );
+    }
+
+    #[test]
     fn pvh_boot_enters_protected_mode_with_ebx_at_start_info() {
         let (mem, ram) = guest(64 * MIB);
         let mut cfg = linux_cfg(&ram, "console=ttyS0");

@@ -14,6 +14,12 @@ pub const MSR_IA32_SYSENTER_EIP: u32 = 0x176;
 pub const MSR_IA32_MISC_ENABLE: u32 = 0x1a0;
 /// IA32_MISC_ENABLE bit 0: fast string operations.
 pub const MSR_IA32_MISC_ENABLE_FAST_STRING: u64 = 1;
+/// IA32_MTRR_DEF_TYPE.
+pub const MSR_MTRR_DEF_TYPE: u32 = 0x2ff;
+/// MTRR_DEF_TYPE: MTRRs enabled (bit 11), default memory type write-back (6). Without it
+/// the guest's MTRRs say "all uncached", which KVM honours when a passed-through device
+/// does non-coherent DMA.
+pub const MTRR_DEF_TYPE_ENABLED_WB: u64 = (1 << 11) | 6;
 /// STAR (SYSCALL segment selectors).
 pub const MSR_STAR: u32 = 0xc000_0081;
 /// LSTAR (64-bit SYSCALL target).
@@ -34,7 +40,7 @@ fn msr(index: u32, data: u64) -> kvm_msr_entry {
 }
 
 /// The boot MSR values: SYSENTER/SYSCALL state, KERNEL_GS_BASE and TSC zeroed, fast
-/// strings enabled. The vmm passes them to KVM_SET_MSRS (as `kvm_bindings::Msrs`).
+/// strings enabled, MTRRs enabled with write-back as the default type. The vmm passes them to KVM_SET_MSRS (as `kvm_bindings::Msrs`).
 pub fn boot_msrs() -> Vec<kvm_msr_entry> {
     vec![
         msr(MSR_IA32_SYSENTER_CS, 0),
@@ -47,6 +53,7 @@ pub fn boot_msrs() -> Vec<kvm_msr_entry> {
         msr(MSR_LSTAR, 0),
         msr(MSR_IA32_TSC, 0),
         msr(MSR_IA32_MISC_ENABLE, MSR_IA32_MISC_ENABLE_FAST_STRING),
+        msr(MSR_MTRR_DEF_TYPE, MTRR_DEF_TYPE_ENABLED_WB),
     ]
 }
 
@@ -55,14 +62,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn boot_msrs_zero_syscall_state_and_enable_fast_strings() {
+    fn boot_msrs_zero_syscall_state_enable_fast_strings_and_wb_mtrrs() {
         let msrs = boot_msrs();
-        assert_eq!(msrs.len(), 10);
+        assert_eq!(msrs.len(), 11);
         for m in &msrs {
-            let expected = if m.index == MSR_IA32_MISC_ENABLE {
-                1
-            } else {
-                0
+            let expected = match m.index {
+                MSR_IA32_MISC_ENABLE => 1,
+                MSR_MTRR_DEF_TYPE => 0x806,
+                _ => 0,
             };
             assert_eq!(m.data, expected, "msr {:#x}", m.index);
         }
