@@ -1,0 +1,434 @@
+//! The `barge` command line.
+//!
+//! Every option value is parsed into its typed form while clap parses the
+//! command line (the `--memory` and `--serial` syntaxes live in
+//! [`crate::config`]), so a malformed value is a clap usage error naming the
+//! option. `--config FILE` loads a JSON [`VmConfig`] first; flags given on
+//! the command line then override its fields.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+use clap::error::ErrorKind;
+use clap::{Args, CommandFactory, Parser, Subcommand};
+
+use crate::config::{parse_cpus, MemoryConfig, OnReboot, SerialConfig, VmConfig};
+
+const ABOUT: &str =
+    "barge: a small KVM virtual machine monitor that maps PCI BARs with the largest pages";
+
+const LONG_ABOUT: &str = "\
+barge: a small KVM virtual machine monitor.
+
+barge boots a Linux guest under KVM and reports, in JSON, how its memory got
+mapped. Its purpose is passing through PCI devices with huge BARs so that
+every layer maps them with the largest pages; for now it boots a guest.";
+
+const RUN_ABOUT: &str = "Boot a Linux guest and run it until it powers off";
+
+const RUN_LONG_ABOUT: &str = "\
+Boot a Linux guest and run it until it powers off.
+
+The guest's console is COM1 (ttyS0), connected to barge's stdin and stdout by
+default. `poweroff` in the guest ends barge with status 0.
+
+Examples:
+  barge run --kernel bzImage --initramfs initramfs.cpio.gz
+  barge run --kernel bzImage --cpus 2 --memory size=1G,hugepages=2M --report report.json
+  barge run --config vm.json --serial file=console.log
+
+A --config file is JSON with the same settings; flags override it:
+  {\"kernel\": \"bzImage\", \"cpus\": 2, \"memory\": {\"size\": \"1G\", \"hugepages\": \"2M\"}}";
+
+#[derive(Debug, Parser)]
+#[command(name = "barge", version, about = ABOUT, long_about = LONG_ABOUT)]
+#[command(
+    propagate_version = true,
+    subcommand_required = true,
+    arg_required_else_help = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: CliCommand,
+}
+
+// New subcommands (`plan`, `bench`) go here and in [`Command`].
+#[derive(Debug, Subcommand)]
+enum CliCommand {
+    #[command(about = RUN_ABOUT, long_about = RUN_LONG_ABOUT)]
+    Run(RunArgs),
+}
+
+/// The flags of `barge run`, each already typed; `None` when not given.
+#[derive(Debug, Clone, Default, PartialEq, Args)]
+pub struct RunArgs {
+    /// Kernel to boot: a bzImage or an ELF vmlinux, e.g. --kernel /boot/vmlinuz
+    #[arg(long, value_name = "PATH")]
+    pub kernel: Option<PathBuf>,
+
+    /// Initial ramdisk (cpio, optionally compressed), e.g. --initramfs initramfs.cpio.gz
+    #[arg(long, value_name = "PATH")]
+    pub initramfs: Option<PathBuf>,
+
+    /// Kernel command line [default: "console=ttyS0 reboot=k panic=1"],
+    /// e.g. --cmdline "console=ttyS0 quiet"
+    #[arg(long, value_name = "STRING", allow_hyphen_values = true)]
+    pub cmdline: Option<String>,
+
+    /// Number of vCPUs, 1 to 255 [default: 1], e.g. --cpus 2
+    #[arg(long, value_name = "N", value_parser = parse_cpus)]
+    pub cpus: Option<u8>,
+
+    /// Guest RAM and its backing [default: size=512M]. Keys: size (K/M/G
+    /// suffixes), hugepages=2M|1G (hugetlbfs pages, reserved beforehand),
+    /// shared=on (memfd, mapped shared), e.g. --memory size=1G,hugepages=2M
+    #[arg(long, value_name = "size=SIZE[,hugepages=2M|1G][,shared=on]", value_parser = parse_memory)]
+    pub memory: Option<MemoryConfig>,
+
+    /// Where the guest console's output goes [default: stdio]: stdio,
+    /// file=PATH (appended; no input) or none, e.g. --serial file=console.log
+    #[arg(long, value_name = "stdio|file=PATH|none", value_parser = parse_serial)]
+    pub serial: Option<SerialConfig>,
+
+    /// What a guest reboot does [default: stop]: stop ends barge with the
+    /// reboot's status, restart boots again, e.g. --on-reboot restart
+    #[arg(long, value_name = "stop|restart", value_parser = parse_on_reboot)]
+    pub on_reboot: Option<OnReboot>,
+
+    /// Write a JSON report (exit, timings, memory mapping, KVM counters)
+    /// here at exit, e.g. --report report.json
+    #[arg(long, value_name = "PATH")]
+    pub report: Option<PathBuf>,
+
+    /// Load settings from a JSON file first; flags given override them,
+    /// e.g. --config vm.json
+    #[arg(long, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+}
+
+fn parse_memory(text: &str) -> Result<MemoryConfig, crate::config::ConfigError> {
+    text.parse()
+}
+
+fn parse_serial(text: &str) -> Result<SerialConfig, crate::config::ConfigError> {
+    text.parse()
+}
+
+fn parse_on_reboot(text: &str) -> Result<OnReboot, crate::config::ConfigError> {
+    text.parse()
+}
+
+/// A parsed `barge` command line.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Command {
+    /// `barge run`: the complete VM configuration (not yet validated; see
+    /// [`VmConfig::validate`]).
+    Run(VmConfig),
+}
+
+impl RunArgs {
+    /// Builds the VM configuration: the `--config` file (if any) with every
+    /// flag given laid over it. Fails when no kernel is named anywhere or
+    /// the file cannot be loaded.
+    pub fn into_config(self) -> Result<VmConfig, clap::Error> {
+        let mut config = match &self.config {
+            Some(path) => VmConfig::from_json_file(path).map_err(|e| {
+                Cli::command().error(ErrorKind::InvalidValue, format!("--config: {e}"))
+            })?,
+            None => {
+                let Some(kernel) = &self.kernel else {
+                    return Err(Cli::command().error(
+                        ErrorKind::MissingRequiredArgument,
+                        "barge run needs a kernel: give --kernel PATH (or --config FILE naming one)",
+                    ));
+                };
+                VmConfig::new(kernel)
+            }
+        };
+        let RunArgs {
+            kernel,
+            initramfs,
+            cmdline,
+            cpus,
+            memory,
+            serial,
+            on_reboot,
+            report,
+            config: _,
+        } = self;
+        if let Some(kernel) = kernel {
+            config.kernel = kernel;
+        }
+        if initramfs.is_some() {
+            config.initramfs = initramfs;
+        }
+        if let Some(cmdline) = cmdline {
+            config.cmdline = cmdline;
+        }
+        if let Some(cpus) = cpus {
+            config.cpus = cpus;
+        }
+        if let Some(memory) = memory {
+            config.memory = memory;
+        }
+        if let Some(serial) = serial {
+            config.serial = serial;
+        }
+        if let Some(on_reboot) = on_reboot {
+            config.on_reboot = on_reboot;
+        }
+        if report.is_some() {
+            config.report = report;
+        }
+        Ok(config)
+    }
+}
+
+/// Parses `barge`'s arguments (the first is the program name, as in
+/// `std::env::args_os()`). `--help` and `--version` come back as errors of
+/// kind `DisplayHelp`/`DisplayVersion`; `error.exit()` prints them (or the
+/// usage error) and exits with the right status.
+pub fn parse_args<I, T>(args: I) -> Result<Command, clap::Error>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    let cli = Cli::try_parse_from(args)?;
+    match cli.command {
+        CliCommand::Run(run) => Ok(Command::Run(run.into_config()?)),
+    }
+}
+
+/// The full `barge --help` text (for the README and tests).
+pub fn help_text() -> String {
+    Cli::command().render_long_help().to_string()
+}
+
+/// The full `barge run --help` text.
+pub fn run_help_text() -> String {
+    let mut command = Cli::command();
+    command.build();
+    command
+        .find_subcommand_mut("run")
+        .map(|run| run.render_long_help().to_string())
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::config::{HugePageSize, DEFAULT_CMDLINE};
+
+    fn run(args: &[&str]) -> Result<VmConfig, clap::Error> {
+        let mut full = vec!["barge", "run"];
+        full.extend_from_slice(args);
+        parse_args(full).map(|Command::Run(config)| config)
+    }
+
+    fn run_err(args: &[&str]) -> String {
+        run(args).expect_err("should fail").to_string()
+    }
+
+    #[test]
+    fn kernel_alone_gets_defaults() {
+        let config = run(&["--kernel", "/k"]).unwrap();
+        assert_eq!(config, VmConfig::new("/k"));
+        assert_eq!(config.cmdline, DEFAULT_CMDLINE);
+    }
+
+    #[test]
+    fn every_option_is_parsed() {
+        let config = run(&[
+            "--kernel",
+            "/boot/bzImage",
+            "--initramfs",
+            "/boot/initrd",
+            "--cmdline",
+            "console=ttyS0 quiet",
+            "--cpus",
+            "4",
+            "--memory",
+            "size=2G,hugepages=1G,shared=on",
+            "--serial",
+            "file=/tmp/console.log",
+            "--on-reboot",
+            "restart",
+            "--report",
+            "/tmp/report.json",
+        ])
+        .unwrap();
+        assert_eq!(config.kernel, Path::new("/boot/bzImage"));
+        assert_eq!(config.initramfs.as_deref(), Some(Path::new("/boot/initrd")));
+        assert_eq!(config.cmdline, "console=ttyS0 quiet");
+        assert_eq!(config.cpus, 4);
+        assert_eq!(config.memory.size, 2 << 30);
+        assert_eq!(config.memory.hugepages, Some(HugePageSize::Size1G));
+        assert!(config.memory.shared);
+        assert_eq!(config.serial, SerialConfig::File("/tmp/console.log".into()));
+        assert_eq!(config.on_reboot, OnReboot::Restart);
+        assert_eq!(
+            config.report.as_deref(),
+            Some(Path::new("/tmp/report.json"))
+        );
+    }
+
+    #[test]
+    fn equals_form_and_serial_none_work() {
+        let config = run(&["--kernel=/k", "--serial=none", "--memory=size=64M"]).unwrap();
+        assert_eq!(config.serial, SerialConfig::Disabled);
+        assert_eq!(config.memory.size, 64 << 20);
+    }
+
+    #[test]
+    fn cmdline_may_start_with_a_hyphen() {
+        let config = run(&["--kernel", "/k", "--cmdline", "-v console=ttyS0"]).unwrap();
+        assert_eq!(config.cmdline, "-v console=ttyS0");
+    }
+
+    #[test]
+    fn config_file_is_loaded_and_flags_override_it() {
+        let dir = std::env::temp_dir().join(format!("barge-cli-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("vm.json");
+        std::fs::write(
+            &path,
+            r#"{"kernel": "/from-file", "cpus": 2, "cmdline": "file-cmdline",
+                "memory": {"size": "1G"}, "report": "/file-report.json"}"#,
+        )
+        .unwrap();
+        let path = path.to_str().unwrap();
+
+        let config = run(&["--config", path]).unwrap();
+        assert_eq!(config.kernel, Path::new("/from-file"));
+        assert_eq!(config.cpus, 2);
+        assert_eq!(config.memory.size, 1 << 30);
+
+        let config = run(&[
+            "--config",
+            path,
+            "--kernel",
+            "/flag",
+            "--cpus",
+            "3",
+            "--memory",
+            "size=256M",
+        ])
+        .unwrap();
+        assert_eq!(config.kernel, Path::new("/flag"));
+        assert_eq!(config.cpus, 3);
+        assert_eq!(config.memory.size, 256 << 20);
+        assert_eq!(config.cmdline, "file-cmdline", "not given as a flag: kept");
+        assert_eq!(
+            config.report.as_deref(),
+            Some(Path::new("/file-report.json"))
+        );
+    }
+
+    #[test]
+    fn bad_config_file_is_a_clear_error() {
+        let err = run_err(&["--config", "/no/such/vm.json"]);
+        assert!(
+            err.contains("cannot read the configuration file /no/such/vm.json"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn missing_kernel_says_what_to_give() {
+        let err = run_err(&["--cpus", "2"]);
+        assert!(err.contains("give --kernel PATH"), "{err}");
+    }
+
+    #[test]
+    fn cpus_out_of_range_are_refused() {
+        let err = run_err(&["--kernel", "/k", "--cpus", "0"]);
+        assert!(err.contains("--cpus"), "{err}");
+        assert!(err.contains("cpus must be at least 1"), "{err}");
+        let err = run_err(&["--kernel", "/k", "--cpus", "256"]);
+        assert!(err.contains("give a number from 1 to 255"), "{err}");
+        let err = run_err(&["--kernel", "/k", "--cpus", "many"]);
+        assert!(err.contains("give a number from 1 to 255"), "{err}");
+    }
+
+    #[test]
+    fn malformed_memory_values_are_refused() {
+        for (value, expected) in [
+            (
+                "size=512M,colour=red",
+                "unknown key \"colour\"; valid keys: size, hugepages, shared",
+            ),
+            ("512M", "expected key=value but found \"512M\""),
+            ("size=12Q", "invalid size \"12Q\""),
+            ("size=512M,hugepages=4M", "use hugepages=2M or hugepages=1G"),
+            ("size=512M,size=1G", "key \"size\" is given twice"),
+            ("hugepages=2M", "missing size="),
+            ("size=512M,shared=maybe", "is not on or off"),
+        ] {
+            let err = run_err(&["--kernel", "/k", "--memory", value]);
+            assert!(err.contains("--memory"), "{value}: {err}");
+            assert!(err.contains(expected), "{value}: {err}");
+        }
+    }
+
+    #[test]
+    fn malformed_serial_and_reboot_values_are_refused() {
+        let err = run_err(&["--kernel", "/k", "--serial", "tty"]);
+        assert!(err.contains("use stdio, none or file=PATH"), "{err}");
+        let err = run_err(&["--kernel", "/k", "--serial", "file="]);
+        assert!(err.contains("use stdio, none or file=PATH"), "{err}");
+        let err = run_err(&["--kernel", "/k", "--on-reboot", "halt"]);
+        assert!(err.contains("use stop or restart"), "{err}");
+    }
+
+    #[test]
+    fn repeated_and_unknown_flags_are_refused() {
+        let err = run_err(&["--kernel", "/k", "--cpus", "1", "--cpus", "2"]);
+        assert!(err.contains("cannot be used multiple times"), "{err}");
+        let err = run_err(&["--kernel", "/k", "--vcpus", "2"]);
+        assert!(err.contains("unexpected argument '--vcpus'"), "{err}");
+    }
+
+    #[test]
+    fn no_subcommand_or_unknown_subcommand_is_an_error() {
+        assert!(parse_args(["barge"]).is_err());
+        let err = parse_args(["barge", "plan"]).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidSubcommand);
+    }
+
+    #[test]
+    fn help_explains_every_option_with_an_example() {
+        let err = parse_args(["barge", "run", "--help"]).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::DisplayHelp);
+        let help = run_help_text();
+        for needle in [
+            "--kernel",
+            "--initramfs",
+            "--cmdline",
+            "--cpus",
+            "--memory",
+            "--serial",
+            "--on-reboot",
+            "--report",
+            "--config",
+            "e.g. --memory size=1G,hugepages=2M",
+            "e.g. --serial file=console.log",
+            "Examples:",
+        ] {
+            assert!(help.contains(needle), "{needle} missing from:\n{help}");
+        }
+        let top = help_text();
+        assert!(top.contains("run"), "{top}");
+        assert!(top.contains("largest pages"), "{top}");
+        assert_eq!(
+            parse_args(["barge", "--version"]).unwrap_err().kind(),
+            ErrorKind::DisplayVersion
+        );
+    }
+
+    #[test]
+    fn clap_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+}
