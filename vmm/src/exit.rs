@@ -99,11 +99,11 @@ impl FailReason {
     /// Short machine-readable name used as the report's exit reason.
     pub fn name(&self) -> &'static str {
         match self {
-            FailReason::TripleFault => "triple_fault",
-            FailReason::InternalError => "internal_error",
-            FailReason::FailEntry { .. } => "fail_entry",
-            FailReason::GuestCrash => "guest_crash",
-            FailReason::Unexpected(_) => "unexpected_exit",
+            FailReason::TripleFault => "triple-fault",
+            FailReason::InternalError => "internal-error",
+            FailReason::FailEntry { .. } => "fail-entry",
+            FailReason::GuestCrash => "guest-crash",
+            FailReason::Unexpected(_) => "unexpected-exit",
         }
     }
 }
@@ -552,7 +552,7 @@ mod tests {
             let out = handle_exit(&exit, &buses, &power);
             assert_eq!(out.action, ExitAction::Fail(reason));
         }
-        assert_eq!(FailReason::TripleFault.name(), "triple_fault");
+        assert_eq!(FailReason::TripleFault.name(), "triple-fault");
         assert!(FailReason::FailEntry {
             hardware_reason: 0x21,
             cpu: 3

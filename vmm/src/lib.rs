@@ -1,5 +1,301 @@
-//! barge vmm crate.
+//! barge's VMM: the builder, vCPU threads, exit dispatch, event loop, the
+//! `barge` CLI's pieces, and the embedding API test rigs use.
+//!
+//! # Embedding
+//!
+//! ```no_run
+//! use std::sync::{Arc, Mutex};
+//! use std::time::Duration;
+//!
+//! let mut config = vmm::config::VmConfig::new("/path/to/vmlinux");
+//! config.cpus = 1;
+//! let console = Arc::new(Mutex::new(Vec::new()));
+//! let outcome = vmm::Vm::new(config)
+//!     .console_buffer(console.clone())
+//!     .run_with_timeout(Duration::from_secs(30))
+//!     .expect("the VM was built");
+//! assert_eq!(outcome.exit.status, vmm::status::POWEROFF);
+//! println!("{}", String::from_utf8_lossy(&console.lock().unwrap()));
+//! println!("{}", outcome.report.to_json_string());
+//! ```
+//!
+//! # Exit statuses
+//!
+//! See [`status`]: 0 poweroff, 1 barge error, 2 usage error, 3 guest reboot
+//! with `on_reboot=stop`, 4 guest failure (triple fault, KVM internal error,
+//! failed entry, crash), 5 timeout.
+//!
+//! # Timing
+//!
+//! `start_to_first_run_ms` and `wall_ms` count from [`process_start`]: the
+//! instant `barge`'s `main` called [`mark_process_start`] (its first
+//! statement, so exec and dynamic loading, well under a millisecond, are not
+//! counted). An embedder that never calls it gets the instant of its first
+//! `Vm::run*` call instead.
 
+pub mod builder;
 pub mod bus;
+pub mod cli;
+pub mod config;
+pub mod console;
+pub mod event_loop;
 pub mod exit;
+pub mod kvm;
+pub mod kvm_stats;
+pub mod loader;
+pub mod mapping;
+pub mod memory;
 pub mod power;
+pub mod prefault;
+pub mod report;
+pub mod serial;
+pub mod vcpu;
+pub mod vm;
+
+use std::io::{self, Write};
+use std::path::Path;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use crate::builder::{boot_and_run, BuildError};
+use crate::config::{OnReboot, SerialConfig, VmConfig};
+use crate::console::{ConsoleOutput, RawModeGuard};
+use crate::report::{ExitReport, Report};
+use crate::vcpu::StopCause;
+use crate::vm::SerialInput;
+
+/// The error type of the embedding API: everything that prevents a VM from
+/// being built or run. A guest that crashes is not an error: it is a
+/// [`RunOutcome`] with a non-zero status.
+pub type Error = BuildError;
+
+/// barge's exit statuses.
+pub mod status {
+    /// The guest powered off.
+    pub const POWEROFF: i32 = 0;
+    /// barge could not build or run the VM (bad input, KVM errors).
+    pub const ERROR: i32 = 1;
+    /// The command line is malformed (as clap reports it).
+    pub const USAGE: i32 = 2;
+    /// The guest rebooted and `on_reboot` is `stop`.
+    pub const REBOOT: i32 = 3;
+    /// The guest failed: triple fault, KVM internal error, failed VM entry,
+    /// guest crash event or an exit barge does not handle.
+    pub const GUEST_FAILURE: i32 = 4;
+    /// The embedder's timeout expired.
+    pub const TIMEOUT: i32 = 5;
+}
+
+static PROCESS_START: OnceLock<Instant> = OnceLock::new();
+
+/// Records "now" as the process start, if nothing was recorded yet. `barge`
+/// calls it first thing in `main`.
+pub fn mark_process_start() {
+    PROCESS_START.get_or_init(Instant::now);
+}
+
+/// The instant timings count from (see the crate docs).
+pub fn process_start() -> Instant {
+    *PROCESS_START.get_or_init(Instant::now)
+}
+
+/// How a run ended, and the report.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunOutcome {
+    /// Reason and exit status (also in `report.exit`).
+    pub exit: ExitReport,
+    /// The full report (what `--report` writes).
+    pub report: Report,
+}
+
+/// Where the console goes, as the embedder chose.
+enum Console {
+    /// As `config.serial` says (stdout with stdin input, a file, nothing).
+    FromConfig,
+    /// A sink the embedder gave.
+    Custom(ConsoleOutput),
+}
+
+/// A VM to run: a configuration plus where its console goes.
+pub struct Vm {
+    config: VmConfig,
+    console: Console,
+}
+
+impl std::fmt::Debug for Vm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vm")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Serial output shared by every boot of one [`Vm`] (a restart reuses it).
+struct SharedConsole(Arc<Mutex<ConsoleOutput>>);
+
+impl Write for SharedConsole {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).write(data)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).flush()
+    }
+}
+
+impl Vm {
+    /// A VM from `config`, its console as `config.serial` says.
+    pub fn new(config: VmConfig) -> Self {
+        Vm {
+            config,
+            console: Console::FromConfig,
+        }
+    }
+
+    /// Sends the guest's console output to `sink` instead (no input).
+    pub fn console(mut self, sink: ConsoleOutput) -> Self {
+        self.console = Console::Custom(sink);
+        self
+    }
+
+    /// Appends the guest's console output to `buffer` (no input).
+    pub fn console_buffer(self, buffer: Arc<Mutex<Vec<u8>>>) -> Self {
+        self.console(ConsoleOutput::buffer(buffer))
+    }
+
+    /// Hands the guest's console output to `callback` as it comes (no input).
+    pub fn console_callback(self, callback: impl FnMut(&[u8]) + Send + 'static) -> Self {
+        self.console(ConsoleOutput::callback(callback))
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &VmConfig {
+        &self.config
+    }
+
+    /// Runs until the guest powers off (or reboots with `on_reboot=stop`,
+    /// or fails). Writes the report if `config.report` is set.
+    pub fn run(self) -> Result<RunOutcome, Error> {
+        self.run_until(None)
+    }
+
+    /// Like [`Vm::run`], but stops the VM after `timeout` (status
+    /// [`status::TIMEOUT`], reason "timeout").
+    pub fn run_with_timeout(self, timeout: Duration) -> Result<RunOutcome, Error> {
+        self.run_until(Some(Instant::now() + timeout))
+    }
+
+    fn run_until(self, deadline: Option<Instant>) -> Result<RunOutcome, Error> {
+        let start = process_start();
+        let (sink, input) = match self.console {
+            Console::Custom(sink) => (sink, SerialInput::None),
+            Console::FromConfig => {
+                let sink = ConsoleOutput::from_config(&self.config.serial)?;
+                let input = match self.config.serial {
+                    SerialConfig::Stdio => SerialInput::Stdin,
+                    _ => SerialInput::None,
+                };
+                (sink, input)
+            }
+        };
+        // Raw mode only while the guest owns the terminal; restored on drop.
+        let _raw_mode = match input {
+            SerialInput::Stdin => RawModeGuard::stdin_if_terminal()?,
+            SerialInput::None => None,
+        };
+        let console = Arc::new(Mutex::new(sink));
+        let mut first_run = None;
+        let outcome = loop {
+            let boot = boot_and_run(
+                &self.config,
+                Box::new(SharedConsole(console.clone())),
+                input,
+                deadline,
+            )?;
+            first_run = first_run.or(boot.run.first_run);
+            let restart =
+                boot.run.cause == StopCause::Reset && self.config.on_reboot == OnReboot::Restart;
+            if restart {
+                log::info!("guest rebooted; booting again (on_reboot=restart)");
+                continue;
+            }
+            break boot;
+        };
+        let report = Report {
+            exit: exit_report(&outcome.run.cause),
+            wall_ms: millis(start.elapsed()),
+            start_to_first_run_ms: first_run.map(|t| millis(t.saturating_duration_since(start))),
+            memory: outcome.memory,
+            kvm_stats: outcome.run.kvm_stats,
+            devices: Vec::new(),
+        };
+        if let Some(path) = &self.config.report {
+            report.write_to(path)?;
+        }
+        Ok(RunOutcome {
+            exit: report.exit.clone(),
+            report,
+        })
+    }
+}
+
+/// Writes `report` to `path` (for callers that build reports themselves).
+pub fn write_report(report: &Report, path: &Path) -> Result<(), Error> {
+    Ok(report.write_to(path)?)
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// The report's exit section for a stop cause.
+pub fn exit_report(cause: &StopCause) -> ExitReport {
+    let (reason, status) = match cause {
+        StopCause::PowerOff => ("poweroff".to_string(), status::POWEROFF),
+        StopCause::Reset => ("reboot".to_string(), status::REBOOT),
+        StopCause::Failed { reason, .. } => (reason.name().to_string(), status::GUEST_FAILURE),
+        StopCause::Timeout => ("timeout".to_string(), status::TIMEOUT),
+        StopCause::Error(message) => {
+            log::error!("{message}");
+            ("error".to_string(), status::ERROR)
+        }
+    };
+    ExitReport { reason, status }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::exit::FailReason;
+
+    #[test]
+    fn stop_causes_map_to_documented_statuses() {
+        let cases = [
+            (StopCause::PowerOff, "poweroff", 0),
+            (StopCause::Reset, "reboot", 3),
+            (
+                StopCause::Failed {
+                    vcpu: 0,
+                    reason: FailReason::TripleFault,
+                },
+                "triple-fault",
+                4,
+            ),
+            (StopCause::Timeout, "timeout", 5),
+            (StopCause::Error("x".into()), "error", 1),
+        ];
+        for (cause, reason, status) in cases {
+            let exit = exit_report(&cause);
+            assert_eq!(exit.reason, reason);
+            assert_eq!(exit.status, status);
+        }
+    }
+
+    #[test]
+    fn process_start_is_stable() {
+        mark_process_start();
+        let a = process_start();
+        mark_process_start();
+        assert_eq!(a, process_start());
+    }
+}

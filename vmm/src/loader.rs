@@ -80,20 +80,12 @@ pub enum LoadError {
         source: io::Error,
     },
     /// The initramfs does not fit in the RAM left for it.
-    #[error(
-        "initramfs {path} ({size} bytes) is larger than the guest memory available for it \
-         ({available} bytes between the kernel and {limit:#x}); give the VM more memory \
-         (--memory size=...)"
-    )]
+    #[error("initramfs {path} is larger than the guest memory available for it: {reason}")]
     InitramfsTooBig {
         /// The file.
         path: PathBuf,
-        /// Its size.
-        size: u64,
-        /// Bytes available.
-        available: u64,
-        /// Highest address the initramfs may reach.
-        limit: u64,
+        /// arch's placement error, or where the range fell outside RAM.
+        reason: String,
     },
     /// The command line is too long or has characters the kernel cannot take.
     #[error(
@@ -368,15 +360,12 @@ fn load_elf(mem: &GuestMemoryMmap, path: &Path, file: &mut File) -> Result<Loade
 }
 
 /// Loads the initramfs at `path`. `place(size)` returns the guest address
-/// to load it at (arch's placement rule), or `None` if it cannot fit below
-/// `limit`; `kernel_end` is where the kernel stops (the initramfs must be
-/// above it).
-pub fn load_initramfs(
+/// to load it at (arch's placement rule: above the kernel, below the
+/// kernel's `initrd_addr_max` and the end of low RAM) or why it cannot fit.
+pub fn load_initramfs<E: std::fmt::Display>(
     mem: &GuestMemoryMmap,
     path: &Path,
-    kernel_end: u64,
-    limit: u64,
-    place: impl FnOnce(u64) -> Option<u64>,
+    place: impl FnOnce(u64) -> std::result::Result<u64, E>,
 ) -> Result<LoadedInitramfs> {
     let unreadable = |source| LoadError::InitramfsUnreadable {
         path: path.to_owned(),
@@ -389,17 +378,17 @@ pub fn load_initramfs(
     ensure_regular_file(&file).map_err(unreadable)?;
     let size = file.seek(SeekFrom::End(0)).map_err(unreadable)?;
     file.rewind().map_err(unreadable)?;
-    let too_big = || LoadError::InitramfsTooBig {
+    let too_big = |reason: String| LoadError::InitramfsTooBig {
         path: path.to_owned(),
-        size,
-        available: limit.saturating_sub(kernel_end),
-        limit,
+        reason,
     };
-    let addr = place(size).ok_or_else(too_big)?;
-    if addr < kernel_end || !is_ram(mem, addr, size) {
-        return Err(too_big());
+    let addr = place(size).map_err(|e| too_big(e.to_string()))?;
+    let len = usize::try_from(size).map_err(|_| too_big(format!("{size} bytes")))?;
+    if !is_ram(mem, addr, size) {
+        return Err(too_big(format!(
+            "{size} bytes at {addr:#x} run past the end of RAM"
+        )));
     }
-    let len = usize::try_from(size).map_err(|_| too_big())?;
     mem.read_exact_volatile_from(GuestAddress(addr), &mut file, len)
         .map_err(|e| unreadable(io::Error::other(e.to_string())))?;
     Ok(LoadedInitramfs { addr, size })
@@ -558,27 +547,36 @@ mod tests {
     #[test]
     fn initramfs_goes_where_placement_says_and_too_big_is_an_error() {
         let m = mem(16 << 20);
+        let ram = [(0u64, 16u64 << 20)];
         let path = temp_file("initrd", &[7u8; 5000]);
-        let limit = 16 << 20;
-        let loaded = load_initramfs(&m, &path, 0x200000, limit, |size| {
-            Some((limit - size) & !0xfff)
+        let loaded = load_initramfs(&m, &path, |size| {
+            arch::initramfs_load_addr(&ram, size, 0x200000, None)
         })
         .unwrap();
         assert_eq!(loaded.size, 5000);
-        assert_eq!(loaded.addr, (limit - 5000) & !0xfff);
+        assert_eq!(loaded.addr, ((16 << 20) - 5000) & !0xfff);
         let mut back = [0u8; 4];
         m.read_slice(&mut back, GuestAddress(loaded.addr)).unwrap();
         assert_eq!(back, [7; 4]);
 
-        let big = temp_file("initrd-big", &vec![0u8; 64 << 10]);
-        let err = load_initramfs(&m, &big, 0x200000, 0x210000, |_| None).unwrap_err();
+        let big = temp_file("initrd-big", &vec![0u8; 15 << 20]);
+        let err = load_initramfs(&m, &big, |size| {
+            arch::initramfs_load_addr(&ram, size, 0x200000, None)
+        })
+        .unwrap_err();
         assert!(matches!(err, LoadError::InitramfsTooBig { .. }));
-        assert!(err.to_string().contains("larger than the guest memory"));
-        // A placement that collides with the kernel is refused too.
-        let err = load_initramfs(&m, &path, 0x200000, limit, |_| Some(0x100000)).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("initrd-big is larger than the guest memory"),
+            "{msg}"
+        );
+        // A placement outside RAM is refused too.
+        let err = load_initramfs(&m, &path, |_| Ok::<u64, String>((16 << 20) - 100)).unwrap_err();
         assert!(matches!(err, LoadError::InitramfsTooBig { .. }));
-        let err = load_initramfs(&m, Path::new("/nonexistent/initrd"), 0, limit, |_| Some(0))
-            .unwrap_err();
+        let err = load_initramfs(&m, Path::new("/nonexistent/initrd"), |_| {
+            Ok::<u64, String>(0)
+        })
+        .unwrap_err();
         assert!(matches!(err, LoadError::InitramfsMissing(_)));
     }
 

@@ -1,1 +1,65 @@
-fn main() {}
+//! `barge`: parse the command line, run the VM, exit with its status.
+//!
+//! Every error is one line on stderr, `barge: error: ...`, and a non-zero
+//! status (see `vmm::status`); the report (`--report`) is written by the
+//! run itself.
+
+use std::process::ExitCode;
+
+use clap::error::ErrorKind;
+use vmm::cli::{self, Command};
+
+fn main() -> ExitCode {
+    vmm::mark_process_start();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
+        .format_target(false)
+        .init();
+
+    let command = match cli::parse_args(std::env::args_os()) {
+        Ok(command) => command,
+        Err(e) if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) => {
+            // --help/--version: clap prints to stdout and exits 0.
+            e.exit()
+        }
+        Err(e) => return fail(&clap_message(&e), vmm::status::USAGE),
+    };
+    match command {
+        Command::Run(config) => match vmm::Vm::new(config).run() {
+            Ok(outcome) => {
+                match outcome.exit.status {
+                    vmm::status::POWEROFF => {}
+                    vmm::status::REBOOT => eprintln!(
+                        "barge: the guest rebooted (status {}; --on-reboot restart boots it again)",
+                        outcome.exit.status
+                    ),
+                    status => eprintln!(
+                        "barge: error: the VM stopped: {} (status {status}); see the log above",
+                        outcome.exit.reason
+                    ),
+                }
+                status_code(outcome.exit.status)
+            }
+            Err(e) => fail(&e.to_string(), vmm::status::ERROR),
+        },
+    }
+}
+
+/// clap's first line without its "error: " prefix (the rest is usage help).
+fn clap_message(e: &clap::Error) -> String {
+    let rendered = e.to_string();
+    let first = rendered
+        .lines()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("invalid command line");
+    first.strip_prefix("error: ").unwrap_or(first).to_string()
+}
+
+fn fail(message: &str, status: i32) -> ExitCode {
+    let one_line = message.replace('\n', "; ");
+    eprintln!("barge: error: {one_line}");
+    status_code(status)
+}
+
+fn status_code(status: i32) -> ExitCode {
+    ExitCode::from(u8::try_from(status).unwrap_or(1))
+}

@@ -275,7 +275,8 @@ pub fn dump_registers(vcpu: &VcpuFd) -> String {
 /// Stops every vCPU thread: sets the stop flag (if not set), kicks each
 /// thread out of KVM_RUN until it ends, and joins it. Threads still running
 /// after `timeout` are left behind (logged); the process exit ends them.
-pub fn stop_vcpus(threads: Vec<VcpuThread>, control: &VmControl, timeout: Duration) {
+/// Returns whether every thread stopped.
+pub fn stop_vcpus(threads: Vec<VcpuThread>, control: &VmControl, timeout: Duration) -> bool {
     if !control.is_stopping() {
         control.request_stop(StopCause::Error("vCPUs stopped without a cause".into()));
     }
@@ -311,6 +312,7 @@ pub fn stop_vcpus(threads: Vec<VcpuThread>, control: &VmControl, timeout: Durati
         std::thread::sleep(Duration::from_millis(1));
         pending = running;
     }
+    true
 }
 
 #[cfg(test)]
@@ -342,11 +344,11 @@ mod tests {
         });
         control.request_stop(StopCause::PowerOff);
         let start = Instant::now();
-        stop_vcpus(
+        assert!(stop_vcpus(
             vec![VcpuThread { id: 0, handle }],
             &control,
             Duration::from_secs(5),
-        );
+        ));
         assert!(start.elapsed() < Duration::from_secs(5));
     }
 }

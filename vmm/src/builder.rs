@@ -1,0 +1,202 @@
+//! The boot sequence, in one straight-line function: [`boot_and_run`].
+
+use std::io;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use arch::layout::{ACPI_SLEEP_CONTROL_PORT, COM1_PORT, COM1_PORT_COUNT, I8042_DATA_PORT};
+
+use crate::bus::{BusError, Buses};
+use crate::config::{ConfigError, VmConfig};
+use crate::console::ConsoleError;
+use crate::kvm::{self, KvmError};
+use crate::loader::{self, LoadError};
+use crate::memory::{self, MemoryError};
+use crate::power::{AcpiSleepBusDevice, I8042BusDevice, PowerSignal};
+use crate::report::{self, MemoryRegionReport, ReportError};
+use crate::serial::{IrqFdTrigger, SerialDevice, SerialOutput};
+use crate::vm::{self, BuiltVm, SerialInput, VmError, VmRun};
+
+/// Anything that stops a VM from being built or run. Each variant's message
+/// is already a complete sentence naming the problem.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The report path is not writable.
+    #[error(transparent)]
+    Report(#[from] ReportError),
+    /// KVM cannot be opened.
+    #[error(transparent)]
+    Kvm(#[from] KvmError),
+    /// Creating or configuring the KVM VM failed.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// The RAM size cannot be laid out.
+    #[error(transparent)]
+    Ram(#[from] resources::RamError),
+    /// Guest memory cannot be mapped.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// Kernel, initramfs or command line.
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    /// Boot structures.
+    #[error(transparent)]
+    Boot(#[from] arch::BootError),
+    /// Two devices claim the same addresses.
+    #[error("device layout: {0}")]
+    Bus(#[from] BusError),
+    /// The console cannot be set up.
+    #[error(transparent)]
+    Console(#[from] ConsoleError),
+    /// An EventFd or similar host resource could not be created.
+    #[error("cannot create {what}: {source}")]
+    Host {
+        /// What was being created.
+        what: &'static str,
+        /// Why.
+        source: io::Error,
+    },
+}
+
+/// What one boot produced.
+#[derive(Debug)]
+pub struct BootOutcome {
+    /// How the run ended.
+    pub run: VmRun,
+    /// The guest RAM regions and their backing.
+    pub memory: Vec<MemoryRegionReport>,
+}
+
+/// Builds the VM described by `config` and runs it until it stops or
+/// `deadline` passes. Guest serial output goes to `console`; input comes
+/// from `input`.
+pub fn boot_and_run(
+    config: &VmConfig,
+    console: SerialOutput,
+    input: SerialInput,
+    deadline: Option<Instant>,
+) -> Result<BootOutcome, BuildError> {
+    // Everything that can be checked without KVM first.
+    config.validate()?;
+    if let Some(path) = &config.report {
+        report::check_writable(path)?;
+    }
+
+    let kvm = kvm::open_kvm()?;
+    vm::check_cpu_count(&kvm, config.cpus)?;
+    let vm_fd = vm::create_vm(&kvm)?;
+
+    let ram_layout: Vec<(u64, u64)> = resources::ram_regions(config.memory.size)?
+        .iter()
+        .map(|region| (region.gpa, region.size))
+        .collect();
+    let ram = memory::create_guest_memory(&ram_layout, &config.memory)?;
+    vm::map_ram(&vm_fd, &ram)?;
+
+    let kernel = loader::load_kernel(&ram.memory, &config.kernel)?;
+    let initramfs = match &config.initramfs {
+        Some(path) => Some(loader::load_initramfs(&ram.memory, path, |size| {
+            arch::initramfs_load_addr(
+                &ram_layout,
+                size,
+                kernel.end_addr,
+                kernel.setup_header.as_ref(),
+            )
+        })?),
+        None => None,
+    };
+    loader::load_cmdline(&ram.memory, &config.cmdline)?;
+
+    let boot_state = arch::setup_boot(
+        &ram.memory,
+        &arch::BootConfig {
+            cpus: config.cpus,
+            ram: &ram_layout,
+            entry: arch_entry(&kernel),
+            cmdline: &config.cmdline,
+            initramfs: initramfs.map(|i| (i.addr, i.size)),
+            acpi: arch::AcpiExtras::default(),
+        },
+    )?;
+
+    let power = PowerSignal::new().map_err(|source| BuildError::Host {
+        what: "the power-event EventFd",
+        source,
+    })?;
+    let serial_irq = IrqFdTrigger::new().map_err(|source| BuildError::Host {
+        what: "the serial interrupt EventFd",
+        source,
+    })?;
+    vm::wire_serial_irq(&vm_fd, serial_irq.event_fd())?;
+    let serial = Arc::new(Mutex::new(SerialDevice::new(serial_irq, console)));
+    let buses = devices_on_buses(serial.clone(), &power)?;
+
+    let vcpus = vm::create_vcpus(&kvm, &vm_fd, config.cpus, &boot_state)?;
+
+    let memory = ram.region_reports();
+    let built = BuiltVm::new(vm_fd, ram, vcpus, buses, serial, input, power);
+    let run = built.run(deadline)?;
+    Ok(BootOutcome { run, memory })
+}
+
+/// The kernel entry in arch's terms.
+fn arch_entry(kernel: &loader::LoadedKernel) -> arch::KernelEntry {
+    match kernel.entry {
+        loader::KernelEntry::Linux64 { addr } => arch::KernelEntry::Linux64 {
+            entry_addr: addr,
+            setup_header: kernel.setup_header,
+        },
+        loader::KernelEntry::Pvh { addr } => arch::KernelEntry::Pvh { entry_addr: addr },
+    }
+}
+
+/// COM1, the ACPI sleep/reset register and the i8042 on the port I/O bus.
+/// The MMIO bus is empty: the IOAPIC and LAPICs are in KVM.
+fn devices_on_buses(
+    serial: Arc<Mutex<SerialDevice>>,
+    power: &PowerSignal,
+) -> Result<Buses, BusError> {
+    let mut buses = Buses::default();
+    buses.pio.insert(
+        u64::from(COM1_PORT),
+        u64::from(COM1_PORT_COUNT),
+        "com1",
+        serial,
+    )?;
+    buses.pio.insert(
+        u64::from(ACPI_SLEEP_CONTROL_PORT),
+        devices::acpi::REGISTER_SIZE,
+        "acpi-sleep",
+        Arc::new(Mutex::new(AcpiSleepBusDevice::new(power.clone()))),
+    )?;
+    buses.pio.insert(
+        u64::from(I8042_DATA_PORT),
+        devices::i8042::REGISTER_SPAN,
+        "i8042",
+        Arc::new(Mutex::new(I8042BusDevice::new(power.clone()))),
+    )?;
+    Ok(buses)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_devices_fit_on_the_port_bus() {
+        let serial = Arc::new(Mutex::new(SerialDevice::new(
+            IrqFdTrigger::new().unwrap(),
+            Box::new(io::sink()),
+        )));
+        let buses = devices_on_buses(serial, &PowerSignal::new().unwrap()).unwrap();
+        assert_eq!(buses.pio.len(), 3);
+        assert_eq!(buses.pio.lookup(0x3f8).unwrap().1, "com1");
+        assert_eq!(buses.pio.lookup(0x3ff).unwrap().1, "com1");
+        assert_eq!(buses.pio.lookup(0x3c0).unwrap().1, "acpi-sleep");
+        assert_eq!(buses.pio.lookup(0x64).unwrap().1, "i8042");
+        assert!(buses.mmio.is_empty());
+    }
+}

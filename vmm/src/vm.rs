@@ -1,0 +1,321 @@
+//! The KVM VM: creation (irqchip, PIT, TSS and identity-map pages),
+//! memslots, vCPU creation and configuration, and one run.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use arch::layout::COM1_GSI;
+use arch::VcpuBootState;
+use kvm_bindings::{kvm_pit_config, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
+
+use crate::bus::Buses;
+use crate::event_loop::{EventLoop, EventLoopError};
+use crate::kvm::{self, KvmError};
+use crate::memory::GuestRam;
+use crate::power::PowerSignal;
+use crate::serial::SerialDevice;
+use crate::vcpu::{self, StopCause, VcpuContext, VmControl};
+
+/// KVM's real-mode TSS (3 pages) for Intel VMX, at the top of the 32-bit
+/// hole above the LAPIC, where no RAM and no device is.
+pub const KVM_TSS_ADDRESS: u64 = 0xfffb_d000;
+/// KVM's identity-map page for Intel VMX real mode, just below the TSS.
+pub const KVM_IDENTITY_MAP_ADDRESS: u64 = 0xfffb_c000;
+/// How long stopping the vCPUs may take before barge gives up on them.
+pub const VCPU_STOP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Errors creating or configuring the KVM VM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// Opening KVM or a memslot failed.
+    #[error(transparent)]
+    Kvm(#[from] KvmError),
+    /// More vCPUs than KVM or the MADT allow.
+    #[error(
+        "--cpus {asked} is more than barge can run here: use at most {max} \
+         (KVM allows {kvm_max} vCPUs per VM, barge's ACPI MADT {madt_max})"
+    )]
+    TooManyCpus {
+        /// The count asked for.
+        asked: u8,
+        /// The limit: the lower of the two below.
+        max: usize,
+        /// KVM_CAP_MAX_VCPUS.
+        kvm_max: usize,
+        /// `arch::acpi::MAX_ACPI_CPUS`.
+        madt_max: usize,
+    },
+    /// A KVM ioctl failed.
+    #[error("{what} failed: {source}")]
+    Ioctl {
+        /// Which operation.
+        what: &'static str,
+        /// KVM's error.
+        source: kvm_ioctls::Error,
+    },
+    /// KVM accepted only some MSRs.
+    #[error("vcpu{vcpu}: KVM accepted {set} of {total} boot MSRs")]
+    Msrs {
+        /// The vCPU.
+        vcpu: u8,
+        /// How many were set.
+        set: usize,
+        /// How many were given.
+        total: usize,
+    },
+    /// The serial interrupt could not be wired.
+    #[error("cannot wire the serial interrupt to GSI {COM1_GSI}: {0}")]
+    SerialIrq(kvm_ioctls::Error),
+    /// Starting a vCPU thread failed.
+    #[error("cannot start vcpu{vcpu}: {source}")]
+    Thread {
+        /// The vCPU.
+        vcpu: u8,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The event loop could not be set up.
+    #[error(transparent)]
+    EventLoop(#[from] EventLoopError),
+}
+
+fn ioctl(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |source| VmError::Ioctl { what, source }
+}
+
+/// Checks `cpus` against what KVM and the ACPI MADT allow.
+pub fn check_cpu_count(kvm: &Kvm, cpus: u8) -> Result<(), VmError> {
+    let kvm_max = kvm.get_max_vcpus();
+    let madt_max = usize::from(arch::acpi::MAX_ACPI_CPUS);
+    let max = kvm_max.min(madt_max);
+    if usize::from(cpus) > max {
+        return Err(VmError::TooManyCpus {
+            asked: cpus,
+            max,
+            kvm_max,
+            madt_max,
+        });
+    }
+    Ok(())
+}
+
+/// Creates the VM with the in-kernel irqchip (PIC, IOAPIC, LAPICs) and PIT.
+pub fn create_vm(kvm: &Kvm) -> Result<VmFd, VmError> {
+    let vm = kvm.create_vm().map_err(ioctl("KVM_CREATE_VM"))?;
+    vm.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)
+        .map_err(ioctl("KVM_SET_IDENTITY_MAP_ADDR"))?;
+    vm.set_tss_address(KVM_TSS_ADDRESS as usize)
+        .map_err(ioctl("KVM_SET_TSS_ADDR"))?;
+    vm.create_irq_chip().map_err(ioctl("KVM_CREATE_IRQCHIP"))?;
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    vm.create_pit2(pit).map_err(ioctl("KVM_CREATE_PIT2"))?;
+    Ok(vm)
+}
+
+/// Gives every RAM region its own memslot, in address order.
+pub fn map_ram(vm: &VmFd, ram: &GuestRam) -> Result<(), VmError> {
+    for (slot, region) in ram.memory.iter().enumerate() {
+        let host_addr = ram
+            .memory
+            .get_host_address(region.start_addr())
+            .map_err(|e| {
+                VmError::Kvm(KvmError::MemorySlot {
+                    slot: slot as u32,
+                    gpa: region.start_addr().raw_value(),
+                    size: region.len(),
+                    source: std::io::Error::other(e.to_string()),
+                })
+            })?;
+        kvm::map_guest_memory(
+            vm,
+            slot as u32,
+            region.start_addr().raw_value(),
+            region.len(),
+            host_addr as u64,
+        )?;
+    }
+    Ok(())
+}
+
+/// Routes the serial port's interrupt EventFd to COM1's GSI.
+pub fn wire_serial_irq(vm: &VmFd, irq: &vmm_sys_util::eventfd::EventFd) -> Result<(), VmError> {
+    vm.register_irqfd(irq, COM1_GSI).map_err(VmError::SerialIrq)
+}
+
+/// Creates and configures `cpus` vCPUs: CPUID with the topology, MSRs, FPU
+/// and LAPIC LINT0/1 on all; registers from `boot` on vCPU 0 only (the
+/// others wait for INIT/SIPI in the in-kernel LAPIC).
+pub fn create_vcpus(
+    kvm: &Kvm,
+    vm: &VmFd,
+    cpus: u8,
+    boot: &VcpuBootState,
+) -> Result<Vec<VcpuFd>, VmError> {
+    let supported = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(ioctl("KVM_GET_SUPPORTED_CPUID"))?;
+    let mut vcpus = Vec::with_capacity(usize::from(cpus));
+    for id in 0..cpus {
+        let vcpu = vm
+            .create_vcpu(u64::from(id))
+            .map_err(ioctl("KVM_CREATE_VCPU"))?;
+        configure_vcpu(&vcpu, id, cpus, &supported, boot)?;
+        vcpus.push(vcpu);
+    }
+    Ok(vcpus)
+}
+
+fn configure_vcpu(
+    vcpu: &VcpuFd,
+    id: u8,
+    cpus: u8,
+    supported: &CpuId,
+    boot: &VcpuBootState,
+) -> Result<(), VmError> {
+    let mut cpuid = supported.clone();
+    arch::patch_cpuid(&mut cpuid, id, cpus);
+    vcpu.set_cpuid2(&cpuid).map_err(ioctl("KVM_SET_CPUID2"))?;
+
+    let msrs = Msrs::from_entries(&boot.msrs).map_err(|_| VmError::Msrs {
+        vcpu: id,
+        set: 0,
+        total: boot.msrs.len(),
+    })?;
+    let set = vcpu.set_msrs(&msrs).map_err(ioctl("KVM_SET_MSRS"))?;
+    if set != boot.msrs.len() {
+        return Err(VmError::Msrs {
+            vcpu: id,
+            set,
+            total: boot.msrs.len(),
+        });
+    }
+    vcpu.set_fpu(&boot.fpu).map_err(ioctl("KVM_SET_FPU"))?;
+    let mut lapic = vcpu.get_lapic().map_err(ioctl("KVM_GET_LAPIC"))?;
+    arch::set_lint(&mut lapic);
+    vcpu.set_lapic(&lapic).map_err(ioctl("KVM_SET_LAPIC"))?;
+
+    if id == 0 {
+        vcpu.set_regs(&boot.regs).map_err(ioctl("KVM_SET_REGS"))?;
+        let mut sregs = vcpu.get_sregs().map_err(ioctl("KVM_GET_SREGS"))?;
+        boot.apply_sregs(&mut sregs);
+        vcpu.set_sregs(&sregs).map_err(ioctl("KVM_SET_SREGS"))?;
+    }
+    Ok(())
+}
+
+/// Where the guest's serial input comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SerialInput {
+    /// The process's stdin.
+    Stdin,
+    /// None.
+    None,
+}
+
+/// A built VM, ready to run once.
+///
+/// Field order is drop order: the vCPU fds and the VM fd are closed before
+/// the guest memory they map is unmapped.
+#[derive(Debug)]
+pub struct BuiltVm {
+    vcpus: Vec<VcpuFd>,
+    vm_fd: VmFd,
+    ram: GuestRam,
+    buses: Arc<Buses>,
+    serial: Arc<Mutex<SerialDevice>>,
+    serial_input: SerialInput,
+    power: PowerSignal,
+}
+
+/// How one run ended.
+#[derive(Debug)]
+pub struct VmRun {
+    /// Why it stopped.
+    pub cause: StopCause,
+    /// When the first KVM_RUN was issued.
+    pub first_run: Option<Instant>,
+    /// KVM's statistics read just before the VM was torn down.
+    pub kvm_stats: std::collections::BTreeMap<String, u64>,
+}
+
+impl BuiltVm {
+    /// Assembles a VM from its built parts.
+    pub fn new(
+        vm_fd: VmFd,
+        ram: GuestRam,
+        vcpus: Vec<VcpuFd>,
+        buses: Buses,
+        serial: Arc<Mutex<SerialDevice>>,
+        serial_input: SerialInput,
+        power: PowerSignal,
+    ) -> Self {
+        BuiltVm {
+            vcpus,
+            vm_fd,
+            ram,
+            buses: Arc::new(buses),
+            serial,
+            serial_input,
+            power,
+        }
+    }
+
+    /// Guest RAM.
+    pub fn ram(&self) -> &GuestRam {
+        &self.ram
+    }
+
+    /// Runs the vCPUs until the guest powers off or resets, a vCPU fails, or
+    /// `deadline` passes; then stops every vCPU and reads KVM's statistics.
+    pub fn run(mut self, deadline: Option<Instant>) -> Result<VmRun, VmError> {
+        let control =
+            Arc::new(VmControl::new().map_err(|source| VmError::Thread { vcpu: 0, source })?);
+        let mut event_loop = EventLoop::new(control.clone(), self.power.clone())?;
+        if self.serial_input == SerialInput::Stdin {
+            event_loop.add_stdin(self.serial.clone())?;
+        }
+        let ctx = VcpuContext {
+            buses: self.buses.clone(),
+            power: self.power.clone(),
+            control: control.clone(),
+        };
+        let mut threads = Vec::with_capacity(self.vcpus.len());
+        let mut spawn_error = None;
+        for (id, fd) in self.vcpus.drain(..).enumerate() {
+            let id = id as u8;
+            match vcpu::spawn_vcpu(id, fd, ctx.clone()) {
+                Ok(thread) => threads.push(thread),
+                Err(source) => {
+                    spawn_error = Some(VmError::Thread { vcpu: id, source });
+                    control.request_stop(StopCause::Error(format!("cannot start vcpu{id}")));
+                    break;
+                }
+            }
+        }
+        let cause = event_loop.run_until_stopped(deadline);
+        let all_stopped = vcpu::stop_vcpus(threads, &control, VCPU_STOP_TIMEOUT);
+        if let Some(e) = spawn_error {
+            return Err(e);
+        }
+        let kvm_stats = crate::kvm_stats::read_vm_stats(&self.vm_fd).unwrap_or_else(|e| {
+            log::warn!("{e}; the report's kvm_stats stays empty");
+            Default::default()
+        });
+        let run = VmRun {
+            cause,
+            first_run: control.first_run(),
+            kvm_stats,
+        };
+        if !all_stopped {
+            // A vCPU thread may still be inside KVM_RUN: keep its VM and
+            // memory mapped until the process exits.
+            std::mem::forget(self);
+        }
+        Ok(run)
+    }
+}
