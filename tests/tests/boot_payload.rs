@@ -45,31 +45,23 @@ fn kvm_or_skip(test: &str) -> bool {
     }
 }
 
-/// Writes `text` to COM1 polling LSR.THRE, like an early-console driver.
+/// Writes `text` to COM1 polling LSR.THRE before each byte, like an
+/// early-console driver. Unrolled, with no data references, so the same code
+/// works in 64-bit and 32-bit mode.
 fn print(a: &mut CodeAssembler, text: &str) -> Result<(), IcedError> {
-    let mut message = a.create_label();
-    let mut next = a.create_label();
-    let mut wait = a.create_label();
-    let mut done = a.create_label();
-    a.lea(rsi, ptr(message))?;
-    a.set_label(&mut next)?;
-    a.mov(dx, COM1_PORT as u32 + 5)?;
-    a.set_label(&mut wait)?;
-    a.in_(al, dx)?;
-    a.test(al, LSR_THRE as u32)?;
-    a.jz(wait)?;
-    a.mov(al, byte_ptr(rsi))?;
-    a.test(al, al)?;
-    a.jz(done)?;
-    a.mov(dx, COM1_PORT as u32)?;
-    a.out(dx, al)?;
-    a.inc(rsi)?;
-    a.jmp(next)?;
-    a.set_label(&mut message)?;
-    let mut bytes = text.as_bytes().to_vec();
-    bytes.push(0);
-    a.db(&bytes)?;
-    a.set_label(&mut done)?;
+    for byte in text.bytes() {
+        let mut wait = a.create_label();
+        a.mov(dx, COM1_PORT as u32 + 5)?;
+        a.set_label(&mut wait)?;
+        a.in_(al, dx)?;
+        a.test(al, LSR_THRE as u32)?;
+        a.jz(wait)?;
+        a.mov(dx, COM1_PORT as u32)?;
+        a.mov(al, u32::from(byte))?;
+        a.out(dx, al)?;
+    }
+    // Give whatever label follows its own instruction.
+    a.nop()?;
     Ok(())
 }
 
@@ -96,7 +88,14 @@ fn hang(a: &mut CodeAssembler) -> Result<(), IcedError> {
 }
 
 fn assemble(body: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>) -> Vec<u8> {
-    let mut a = CodeAssembler::new(64).expect("64-bit assembler");
+    assemble_bits(64, body)
+}
+
+fn assemble_bits(
+    bitness: u32,
+    body: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>,
+) -> Vec<u8> {
+    let mut a = CodeAssembler::new(bitness).expect("assembler");
     body(&mut a).expect("payload assembles");
     a.assemble(HIMEM_START).expect("payload assembles")
 }
@@ -104,9 +103,18 @@ fn assemble(body: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>) -> V
 /// A minimal ELF64 executable: one PT_LOAD of `code` at `HIMEM_START`,
 /// entry at its first byte, no PVH note (so barge uses the 64-bit entry).
 fn elf64(code: &[u8]) -> Vec<u8> {
+    elf64_with_pvh(code, None)
+}
+
+/// Like [`elf64`]; with `pvh_entry`, a PT_NOTE carrying the Xen
+/// XEN_ELFNOTE_PHYS32_ENTRY note (type 18, name "Xen") as Linux's
+/// vmlinux has when built with CONFIG_PVH.
+fn elf64_with_pvh(code: &[u8], pvh_entry: Option<u32>) -> Vec<u8> {
     const EHDR: usize = 64;
     const PHDR: usize = 56;
+    const NOTE_OFFSET: usize = 0x800;
     const CODE_OFFSET: u64 = 0x1000;
+    let phnum: u16 = if pvh_entry.is_some() { 2 } else { 1 };
     let mut image = vec![0u8; CODE_OFFSET as usize];
     let ehdr = &mut image[..EHDR];
     ehdr[0..4].copy_from_slice(b"\x7fELF");
@@ -120,7 +128,7 @@ fn elf64(code: &[u8]) -> Vec<u8> {
     ehdr[32..40].copy_from_slice(&(EHDR as u64).to_le_bytes()); // e_phoff
     ehdr[52..54].copy_from_slice(&(EHDR as u16).to_le_bytes()); // e_ehsize
     ehdr[54..56].copy_from_slice(&(PHDR as u16).to_le_bytes()); // e_phentsize
-    ehdr[56..58].copy_from_slice(&1u16.to_le_bytes()); // e_phnum
+    ehdr[56..58].copy_from_slice(&phnum.to_le_bytes()); // e_phnum
     let phdr = &mut image[EHDR..EHDR + PHDR];
     phdr[0..4].copy_from_slice(&1u32.to_le_bytes()); // PT_LOAD
     phdr[4..8].copy_from_slice(&7u32.to_le_bytes()); // RWX
@@ -130,6 +138,22 @@ fn elf64(code: &[u8]) -> Vec<u8> {
     phdr[32..40].copy_from_slice(&(code.len() as u64).to_le_bytes()); // p_filesz
     phdr[40..48].copy_from_slice(&(code.len() as u64).to_le_bytes()); // p_memsz
     phdr[48..56].copy_from_slice(&0x1000u64.to_le_bytes()); // p_align
+    if let Some(entry) = pvh_entry {
+        let mut note = Vec::new();
+        note.extend_from_slice(&4u32.to_le_bytes()); // n_namesz
+        note.extend_from_slice(&4u32.to_le_bytes()); // n_descsz
+        note.extend_from_slice(&18u32.to_le_bytes()); // XEN_ELFNOTE_PHYS32_ENTRY
+        note.extend_from_slice(b"Xen\0");
+        note.extend_from_slice(&entry.to_le_bytes());
+        image[NOTE_OFFSET..NOTE_OFFSET + note.len()].copy_from_slice(&note);
+        let phdr = &mut image[EHDR + PHDR..EHDR + 2 * PHDR];
+        phdr[0..4].copy_from_slice(&4u32.to_le_bytes()); // PT_NOTE
+        phdr[4..8].copy_from_slice(&4u32.to_le_bytes()); // R
+        phdr[8..16].copy_from_slice(&(NOTE_OFFSET as u64).to_le_bytes());
+        phdr[32..40].copy_from_slice(&(note.len() as u64).to_le_bytes()); // p_filesz
+        phdr[40..48].copy_from_slice(&(note.len() as u64).to_le_bytes()); // p_memsz
+        phdr[48..56].copy_from_slice(&4u64.to_le_bytes()); // p_align
+    }
     image.extend_from_slice(code);
     image
 }
@@ -143,8 +167,12 @@ fn scratch_dir(test: &str) -> PathBuf {
 }
 
 fn config_for(dir: &Path, code: &[u8], cpus: u8) -> VmConfig {
+    config_for_image(dir, &elf64(code), cpus)
+}
+
+fn config_for_image(dir: &Path, image: &[u8], cpus: u8) -> VmConfig {
     let kernel = dir.join("payload.elf");
-    std::fs::write(&kernel, elf64(code)).expect("write payload");
+    std::fs::write(&kernel, image).expect("write payload");
     let mut config = VmConfig::new(kernel);
     config.cpus = cpus;
     config.memory.size = vmm::config::MIN_MEMORY_SIZE;
@@ -220,6 +248,33 @@ fn payload_prints_through_com1_and_powers_off_via_acpi() {
         "kvm_stats: {:?}",
         report.kvm_stats
     );
+}
+
+#[test]
+fn pvh_note_selects_the_32bit_pvh_entry() {
+    if !kvm_or_skip("pvh_note_selects_the_32bit_pvh_entry") {
+        return;
+    }
+    let dir = scratch_dir("pvh");
+    // 32-bit protected mode, paging off, EBX = hvm_start_info: say whether
+    // EBX points at the start_info magic, then power off.
+    let code = assemble_bits(32, |a| {
+        let mut bad = a.create_label();
+        let mut end = a.create_label();
+        a.cmp(dword_ptr(ebx), 0x336e_c578u32)?; // XEN_HVM_START_MAGIC_VALUE
+        a.jne(bad)?;
+        print(a, "pvh start_info ok\n")?;
+        a.jmp(end)?;
+        a.set_label(&mut bad)?;
+        print(a, "pvh start_info missing\n")?;
+        a.set_label(&mut end)?;
+        acpi_poweroff(a)?;
+        hang(a)
+    });
+    let image = elf64_with_pvh(&code, Some(HIMEM_START as u32));
+    let run = run(config_for_image(&dir, &image, 1), Duration::from_secs(120));
+    assert_eq!(run.outcome.exit.reason, "poweroff", "{:?}", run.console);
+    assert_eq!(run.console, "pvh start_info ok\n");
 }
 
 #[test]
