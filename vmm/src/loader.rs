@@ -586,6 +586,10 @@ mod tests {
         let len = load_cmdline(&m, "console=ttyS0 panic=-1").unwrap();
         assert_eq!(len, "console=ttyS0 panic=-1".len());
         assert_eq!(read_cmdline(&m).unwrap(), "console=ttyS0 panic=-1");
+        // Init arguments after "--" survive as they are.
+        let with_init = "console=ttyS0 panic=-1 -- echo guest-says-hello";
+        load_cmdline(&m, with_init).unwrap();
+        assert_eq!(read_cmdline(&m).unwrap(), with_init);
         let too_long = "a".repeat(CMDLINE_MAX_SIZE as usize + 1);
         assert!(matches!(
             load_cmdline(&m, &too_long),

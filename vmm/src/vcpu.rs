@@ -330,6 +330,40 @@ mod tests {
         assert_eq!(control.exit_evt().read().unwrap(), 2);
     }
 
+    fn context() -> VcpuContext {
+        VcpuContext {
+            buses: Arc::new(Buses::default()),
+            power: PowerSignal::new().unwrap(),
+            control: Arc::new(VmControl::new().unwrap()),
+        }
+    }
+
+    #[test]
+    fn dispatch_hands_read_data_back_to_kvm() {
+        let ctx = context();
+        let mut data = [0u8; 2];
+        let action = dispatch(VcpuExit::IoIn(0x80, &mut data), &ctx);
+        assert_eq!(action, ExitAction::Continue);
+        assert_eq!(data, [0xff, 0xff]);
+        let mut data = [0u8; 4];
+        dispatch(VcpuExit::MmioRead(0xd000_0000, &mut data), &ctx);
+        assert_eq!(data, [0xff; 4]);
+    }
+
+    #[test]
+    fn dispatch_maps_fatal_and_benign_exits() {
+        let ctx = context();
+        assert_eq!(
+            dispatch(VcpuExit::Shutdown, &ctx),
+            ExitAction::Fail(FailReason::TripleFault)
+        );
+        assert_eq!(dispatch(VcpuExit::Intr, &ctx), ExitAction::Continue);
+        assert!(matches!(
+            dispatch(VcpuExit::Exception, &ctx),
+            ExitAction::Fail(FailReason::Unexpected(_))
+        ));
+    }
+
     #[test]
     fn stop_vcpus_kicks_threads_blocked_in_a_syscall() {
         // A stand-in for a vCPU blocked in KVM_RUN: a thread sleeping until
