@@ -81,6 +81,7 @@ pub fn boot_and_run(
 ) -> Result<BootOutcome, BuildError> {
     // Everything that can be checked without KVM first.
     config.validate()?;
+    loader::inspect_kernel(&config.kernel)?;
     if let Some(path) = &config.report {
         report::check_writable(path)?;
     }

@@ -213,6 +213,18 @@ fn is_ram(mem: &GuestMemoryMmap, addr: u64, len: u64) -> bool {
     }
 }
 
+/// Checks that `path` is a readable bzImage or ELF without loading it (so
+/// a wrong file is reported before KVM is opened).
+pub fn inspect_kernel(path: &Path) -> Result<KernelFormat> {
+    let mut file = open_kernel(path)?;
+    detect_format(&mut file)
+        .map_err(|source| LoadError::KernelUnreadable {
+            path: path.to_owned(),
+            source,
+        })?
+        .ok_or_else(|| LoadError::KernelGarbage(path.to_owned()))
+}
+
 /// Loads the kernel at `path` into `mem`.
 pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel> {
     let mut file = open_kernel(path)?;
@@ -502,6 +514,7 @@ mod tests {
     fn bzimage_loads_at_himem_and_keeps_setup_header() {
         let m = mem(16 << 20);
         let path = temp_file("bz", &bzimage(0x1000, 0x2000));
+        assert_eq!(inspect_kernel(&path).unwrap(), KernelFormat::BzImage);
         let k = load_kernel(&m, &path).unwrap();
         assert_eq!(k.format, KernelFormat::BzImage);
         assert_eq!(k.load_addr, HIMEM_START);
@@ -528,6 +541,10 @@ mod tests {
             err.to_string(),
             format!("kernel {}: not a bzImage or ELF vmlinux", path.display())
         );
+        assert!(matches!(
+            inspect_kernel(&path),
+            Err(LoadError::KernelGarbage(_))
+        ));
         let empty = temp_file("empty", &[]);
         assert!(matches!(
             load_kernel(&m, &empty),
