@@ -63,6 +63,8 @@ use zero_page::{ZeroPageError, ZeroPageInfo};
 const BOOT_PROTOCOL_INITRD_ADDR_MAX: u16 = 0x203;
 /// Boot protocol version from which `cmdline_size` is valid.
 const BOOT_PROTOCOL_CMDLINE_SIZE: u16 = 0x206;
+/// Boot protocol version from which `pref_address` and `init_size` are valid.
+const BOOT_PROTOCOL_PREF_ADDRESS: u16 = 0x20a;
 /// initrd_addr_max for protocols older than 2.03.
 const OLD_INITRD_ADDR_MAX: u64 = 0x37ff_ffff;
 const PAGE_SIZE: u64 = 0x1000;
@@ -128,13 +130,13 @@ pub enum BootError {
     #[error("cannot write the kernel command line at {CMDLINE_START:#x}: {0}; give the VM RAM starting at address 0")]
     CmdlineWrite(#[source] GuestMemoryError),
     /// The initramfs does not fit.
-    #[error("initramfs of {size} bytes does not fit in guest memory below {limit:#x} (above the kernel, which ends at {kernel_end:#x}); give the VM more memory (--memory) or use a smaller initramfs")]
+    #[error("initramfs of {size} bytes does not fit in guest memory below {limit:#x} (above the kernel, which needs memory up to {kernel_end:#x}); give the VM more memory (--memory) or use a smaller initramfs")]
     InitramfsTooLarge {
         /// Initramfs size.
         size: u64,
         /// Highest address it could end at.
         limit: u64,
-        /// End of the kernel image.
+        /// End of the memory the kernel needs (image, or its decompression area).
         kernel_end: u64,
     },
     /// The configured initramfs range is not in low RAM.
@@ -174,7 +176,9 @@ fn low_ram_end(ram: &[(u64, u64)]) -> u64 {
 
 /// Where to load an initramfs of `size` bytes: the highest page-aligned address below
 /// the MMIO hole, the end of low RAM and the kernel's `initrd_addr_max` (from its setup
-/// header; 0x7fffffff without one), and above `kernel_end` (and `HIMEM_START`).
+/// header; 0x7fffffff without one), and above `kernel_end` (and `HIMEM_START`). With a
+/// setup header of protocol 2.10+ it also stays above `pref_address + init_size`, where a
+/// bzImage decompresses itself.
 pub fn initramfs_load_addr(
     ram: &[(u64, u64)],
     size: u64,
@@ -187,22 +191,26 @@ pub fn initramfs_load_addr(
         None => DEFAULT_INITRD_ADDR_MAX,
     };
     let limit = low_ram_end(ram).min(addr_max.saturating_add(1));
-    let floor = kernel_end.max(HIMEM_START).div_ceil(PAGE_SIZE) * PAGE_SIZE;
+    let decompressed_end = match setup_header {
+        Some(h) if { h.version } >= BOOT_PROTOCOL_PREF_ADDRESS => {
+            ({ h.pref_address }).saturating_add(u64::from(h.init_size))
+        }
+        _ => 0,
+    };
+    let floor = kernel_end
+        .max(decompressed_end)
+        .max(HIMEM_START)
+        .div_ceil(PAGE_SIZE)
+        * PAGE_SIZE;
     let too_large = BootError::InitramfsTooLarge {
         size,
         limit,
-        kernel_end,
+        kernel_end: floor,
     };
-    let start = limit.checked_sub(size).ok_or(too_large)?;
-    let start = start & !(PAGE_SIZE - 1);
-    if start < floor {
-        return Err(BootError::InitramfsTooLarge {
-            size,
-            limit,
-            kernel_end,
-        });
+    match limit.checked_sub(size).map(|s| s & !(PAGE_SIZE - 1)) {
+        Some(start) if start >= floor => Ok(start),
+        _ => Err(too_large),
     }
-    Ok(start)
 }
 
 fn write_cmdline(
@@ -470,6 +478,22 @@ mod tests {
         };
         let addr = initramfs_load_addr(&big, MIB, 20 * MIB, Some(&hdr)).unwrap();
         assert_eq!(addr, 0xc000_0000 - MIB);
+    }
+
+    #[test]
+    fn initramfs_stays_above_the_bzimage_decompression_area() {
+        let ram = [(0, 64 * MIB)];
+        let hdr = setup_header {
+            version: 0x20f,
+            initrd_addr_max: 0x7fff_ffff,
+            pref_address: 16 * MIB,
+            init_size: 40 * MIB as u32,
+            ..Default::default()
+        };
+        // Kernel image ends at 10 MiB but decompresses up to 56 MiB.
+        assert!(initramfs_load_addr(&ram, 8 * MIB, 10 * MIB, Some(&hdr)).is_ok());
+        let err = initramfs_load_addr(&ram, 9 * MIB, 10 * MIB, Some(&hdr)).unwrap_err();
+        assert!(err.to_string().contains("up to 0x3800000"), "{err}");
     }
 
     #[test]
