@@ -8,3 +8,12 @@
 pub mod ram;
 
 pub use ram::{mmio64_window_start, ram_regions, RamError, RamRegion, MIN_RAM_SIZE};
+
+pub mod placement;
+pub mod spec;
+pub mod sysfs;
+
+pub use placement::{
+    plan, render_table, AreaPlacement, BarInput, BarPlacement, BarRange, BarWidth, DeviceInput,
+    DevicePlan, PageCounts, PageSize, Plan, PlacementError, Window, WindowKind, Windows,
+};
