@@ -15,5 +15,5 @@ pub mod sysfs;
 
 pub use placement::{
     plan, render_table, AreaPlacement, BarInput, BarPlacement, BarRange, BarWidth, DeviceInput,
-    DevicePlan, PageCounts, PageSize, Plan, PlacementError, Window, WindowKind, Windows,
+    DevicePlan, PageCounts, PageSize, PlacementError, Plan, Window, WindowKind, Windows,
 };

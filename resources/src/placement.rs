@@ -486,6 +486,8 @@ fn serialize_optional_page_size<S: Serializer>(
 pub struct DevicePlan {
     /// The device's name.
     pub name: String,
+    /// Its `bar-align` cap (`None` = auto).
+    pub align_cap: Option<PageSize>,
     /// Its BARs, by index.
     pub bars: Vec<BarPlacement>,
 }
@@ -712,6 +714,7 @@ pub fn plan(devices: &[DeviceInput], windows: &Windows) -> Result<Plan, Placemen
             bars.sort_by_key(|b| b.index);
             DevicePlan {
                 name: device.name.clone(),
+                align_cap: device.align_cap,
                 bars,
             }
         })
@@ -1025,15 +1028,13 @@ pub fn render_table(plan: &Plan) -> String {
     let mut out = String::new();
     for device in &plan.devices {
         let cap = device
-            .bars
-            .first()
-            .and_then(|b| b.align_cap)
+            .align_cap
             .map_or("auto".to_string(), |c| c.name().to_ascii_lowercase());
         let _ = writeln!(out, "{}  (bar-align {cap})", device.name);
         let _ = writeln!(
             out,
-            "  {:<3} {:>9}  {:<11} {:<6}  {:<37}  {:>9}  {:<4}",
-            "BAR", "size", "type", "window", "gpa", "hva-align", "page"
+            "  {:<3} {:>9}  {:<11} {:<6}  {:<37}  {:>9}  page",
+            "BAR", "size", "type", "window", "gpa", "hva-align"
         );
         for bar in &device.bars {
             let kind = format!(
@@ -1049,7 +1050,7 @@ pub fn render_table(plan: &Plan) -> String {
             }
             let _ = writeln!(
                 out,
-                "  {:<3} {:>9}  {:<11} {:<6}  {:<37}  {:>9}  {:<4}",
+                "  {:<3} {:>9}  {:<11} {:<6}  {:<37}  {:>9}  {}",
                 bar.index,
                 format_size(bar.size),
                 kind,
