@@ -8,6 +8,7 @@
 
 pub mod acpi;
 pub mod i8042;
+pub mod pci;
 
 /// A request from the guest to end or restart the machine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
