@@ -607,7 +607,7 @@ pub enum PlacementError {
         second_size: u64,
     },
     /// No naturally aligned free range of the BAR's size is left in its window.
-    #[error("BAR {index} of {device} ({}, {width}) does not fit in the {window} window {window_start:#x}..{window_end:#x} (phys-bits {phys_bits}): it needs {} naturally aligned and the window is too small or already filled by larger BARs; {}", format_size(*.size), format_size(*.reserved), .window.exhausted_hint())]
+    #[error("BAR {index} of {device} ({}, {width}) does not fit in the {window} window {window_start:#x}..{window_end:#x} (phys-bits {phys_bits}): it needs {} naturally aligned and no such free range is left (the window is too small, or BARs at least as large took it); {}", format_size(*.size), format_size(*.reserved), .window.exhausted_hint())]
     WindowExhausted {
         /// Device name.
         device: String,
