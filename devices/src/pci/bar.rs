@@ -279,7 +279,7 @@ impl EmulatedBars {
                     size,
                 });
             }
-            if limit != u64::MAX && spec.gpa + size > limit {
+            if limit != u64::MAX && spec.gpa.saturating_add(size) > limit {
                 return Err(BarError::AddressTooHigh {
                     index,
                     gpa: spec.gpa,
@@ -334,7 +334,7 @@ impl EmulatedBars {
         if gpa % size != 0 {
             return Err(BarError::Misaligned { index, gpa, size });
         }
-        if gpa + size > 1 << 32 {
+        if gpa.saturating_add(size) > 1 << 32 {
             return Err(BarError::AddressTooHigh {
                 index,
                 gpa,
@@ -866,6 +866,15 @@ mod tests {
             Err(BarError::AddressTooHigh { .. })
         ));
         assert!(EmulatedBars::new(&[spec(4, mem64, 1 << 63, 1 << 63)]).is_ok());
+        assert!(EmulatedBars::new(&[spec(4, mem64, 16, !0xfu64)]).is_ok());
+        assert!(matches!(
+            EmulatedBars::new(&[spec(0, mem32, 16, !0xfu64)]),
+            Err(BarError::AddressTooHigh { .. })
+        ));
+        assert!(matches!(
+            EmulatedBars::new(&[]).unwrap().with_rom(2048, !0x7ffu64),
+            Err(BarError::AddressTooHigh { .. })
+        ));
         let bars = EmulatedBars::new(&[]).unwrap();
         assert!(matches!(
             bars.clone().with_rom(0, 0),

@@ -1,9 +1,12 @@
 //! The host bridge at 00:00.0.
 //!
 //! Its identity is 8086:0d57, class 0x060000 (host bridge): the ID Cloud
-//! Hypervisor gives its virtual PCIe host bridge. No Linux driver or quirk
-//! binds to it, so the guest treats it as a plain host bridge; its class is
-//! what Linux's type 1 probe (`pci_sanity_check`) looks for on bus 0. The
+//! Hypervisor gives its virtual PCIe host bridge. We know of no Linux driver
+//! or quirk keyed on it, so the guest treats it as a plain host bridge; its
+//! class is what Linux's type 1 probe (`pci_sanity_check`) looks for on
+//! bus 0. Note that EDK2/OVMF recognises this ID as Cloud Hypervisor's
+//! (`CH_VIRT_HOST_DEVICE_ID`): irrelevant with barge's direct kernel boot,
+//! but a firmware boot would take OVMF's Cloud Hypervisor path. The
 //! bridge has no BARs, no capabilities and no interrupt; its config space is
 //! read-only (writes, including to the command register, are ignored).
 
