@@ -189,7 +189,17 @@ fn sibling_binaries() -> Vec<PathBuf> {
     ["barge", "vfio-region-info"]
         .iter()
         .map(|name| dir.join(name))
-        .filter(|path| path.is_file())
+        .filter(|path| {
+            let found = path.is_file();
+            if !found {
+                eprintln!(
+                    "barge-lab: warning: {} is not built, so the lab host has no such \
+                     command: run `cargo build --workspace` first",
+                    path.display()
+                );
+            }
+            found
+        })
         .collect()
 }
 
