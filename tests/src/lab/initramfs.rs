@@ -39,6 +39,21 @@ sync
 poweroff -f
 "#;
 
+/// `pcibar VENDOR:DEVICE INDEX` in the guest: the guest physical address of
+/// that BAR of the first such PCI device, as the guest kernel assigned it.
+const GUEST_PCIBAR: &str = r#"#!/bin/sh
+for d in /sys/bus/pci/devices/*; do
+    [ -e "$d/vendor" ] || continue
+    v=$(cat "$d/vendor"); id=$(cat "$d/device")
+    if [ "${v#0x}:${id#0x}" = "$1" ]; then
+        sed -n "$(( $2 + 1 ))p" "$d/resource" | cut -d' ' -f1
+        exit 0
+    fi
+done
+echo "pcibar: no PCI device $1" >&2
+exit 1
+"#;
+
 /// The lab host's init. `/lab/devices` lists `NAME BDF` pairs to bind to
 /// vfio-pci; `/lab/cmd.sh` is the command. Results under /out go to ttyS1.
 const HOST_INIT: &str = r#"#!/bin/busybox sh
@@ -116,7 +131,9 @@ fn busybox_archive(state: &LabState, init: &str) -> Result<Archive, LabError> {
 
 /// The guest initramfs that barge boots inside the lab (`/lab/guest/initramfs`).
 pub fn guest_initramfs(state: &LabState) -> Result<Vec<u8>, LabError> {
-    Ok(busybox_archive(state, GUEST_INIT)?.to_bytes())
+    let mut archive = busybox_archive(state, GUEST_INIT)?;
+    archive.add_file("bin/pcibar", GUEST_PCIBAR.as_bytes().to_vec(), true);
+    Ok(archive.to_bytes())
 }
 
 /// What goes into the lab host besides busybox and the modules.
