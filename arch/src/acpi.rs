@@ -14,15 +14,27 @@
 //!   PCAT_COMPAT (KVM's in-kernel PIC exists).
 //! - DSDT: `\_S5_` = {5, 0, 0, 0} and a PNP0501 COM1 device (0x3f8, GSI 4).
 //!
-//! Room for later (PCI host bridge, MCFG): [`AcpiExtras::dsdt_aml`] is AML appended to the
-//! DSDT body (e.g. a `\_SB_.PCI0` device), [`AcpiExtras::tables`] are complete tables
-//! (e.g. an MCFG built with `acpi_tables::mcfg`) that are written after the MADT and listed
-//! in the XSDT.
+//! Extra content: [`AcpiExtras::dsdt_aml`] is AML appended to the DSDT body,
+//! [`AcpiExtras::tables`] are complete tables written after the MADT and listed in the
+//! XSDT. The PCI host bridge uses both: [`pci_host_bridge_aml`] is the `\_SB_.PCI0` device
+//! and [`mcfg`] the MCFG table (see [`PciHostBridgeAcpi`]).
+//!
+//! # The PCI host bridge
+//!
+//! `\_SB_.PCI0` is a PNP0A08 (PCI Express root bridge, compatible PNP0A03) for segment 0,
+//! bus 0 (`_SEG`, `_BBN`, `_UID` all 0). Its `_CRS` is what Linux uses as the root bus
+//! windows: bus numbers 0..=0, the configuration ports 0xcf8..0xcff (consumed), the MMIO32
+//! window (DWordMemory, not cacheable) and the MMIO64 window (QWordMemory, cacheable) up to
+//! `1 << phys_bits`. Every BAR barge places lies in one of the two windows, so Linux claims
+//! the addresses it finds in the BARs instead of reassigning them. There is no `_DSM` and no
+//! `_OSC`: Linux logs that it keeps PCIe services (ASPM, hotplug) to itself, which is fine
+//! for a VM with no hotplug. The MCFG names the ECAM for segment 0, buses 0..=0; the e820
+//! map reserves it (see `e820`).
 
 use crate::layout::{
     ACPI_AREA_END, ACPI_RESET_PORT, ACPI_RESET_VALUE, ACPI_SLEEP_CONTROL_PORT,
     ACPI_SLEEP_STATUS_PORT, ACPI_SLP_TYP_S5, COM1_GSI, COM1_PORT, COM1_PORT_COUNT, IOAPIC_START,
-    LAPIC_START, PIT_GSI, RSDP_START,
+    LAPIC_START, PCI_CONFIG_PORT, PCI_CONFIG_PORT_COUNT, PIT_GSI, RSDP_START,
 };
 use acpi_tables::{
     aml,
@@ -56,6 +68,75 @@ pub struct AcpiExtras<'a> {
     pub dsdt_aml: &'a [u8],
     /// Complete ACPI tables (header and checksum included), listed in the XSDT.
     pub tables: &'a [Vec<u8>],
+}
+
+/// What the guest is told about the PCI host bridge (see the module docs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PciHostBridgeAcpi {
+    /// ECAM base (bus 0).
+    pub ecam_base: u64,
+    /// Last bus number the ECAM decodes (0: bus 0 only).
+    pub end_bus: u8,
+    /// MMIO32 window `[start, end)`, below 4 GiB.
+    pub mmio32: (u64, u64),
+    /// MMIO64 window `[start, end)`; empty (`start == end`) leaves it out.
+    pub mmio64: (u64, u64),
+}
+
+/// The MCFG table for one ECAM region: segment 0, buses `0..=end_bus` at `ecam_base`.
+pub fn mcfg(ecam_base: u64, end_bus: u8) -> Vec<u8> {
+    let mut table = acpi_tables::mcfg::MCFG::new(OEM_ID, OEM_TABLE_ID, 1);
+    table.add_ecam(ecam_base, 0, 0, end_bus);
+    to_bytes(&table)
+}
+
+/// The `\_SB_.PCI0` host bridge device, AML to append to the DSDT (see the module docs).
+pub fn pci_host_bridge_aml(bridge: &PciHostBridgeAcpi) -> Vec<u8> {
+    use aml::{AddressSpace, AddressSpaceCacheable};
+    let buses = AddressSpace::<u16>::new_bus_number(0, u16::from(bridge.end_bus));
+    let config_ports = aml::IO::new(
+        PCI_CONFIG_PORT,
+        PCI_CONFIG_PORT,
+        1,
+        PCI_CONFIG_PORT_COUNT as u8,
+    );
+    // The MMIO32 window lies below 4 GiB by construction; clamp rather than panic.
+    let mmio32 = AddressSpace::<u32>::new_memory(
+        AddressSpaceCacheable::NotCacheable,
+        true,
+        u32::try_from(bridge.mmio32.0).unwrap_or(u32::MAX),
+        u32::try_from(bridge.mmio32.1.saturating_sub(1)).unwrap_or(u32::MAX),
+        None,
+    );
+    let mmio64 = AddressSpace::<u64>::new_memory(
+        AddressSpaceCacheable::Cacheable,
+        true,
+        bridge.mmio64.0,
+        bridge.mmio64.1.saturating_sub(1),
+        None,
+    );
+    let mut resources: Vec<&dyn Aml> = vec![&buses, &config_ports, &mmio32];
+    if bridge.mmio64.1 > bridge.mmio64.0 {
+        resources.push(&mmio64);
+    }
+    let crs = aml::ResourceTemplate::new(resources);
+    let hid = aml::EISAName::new("PNP0A08");
+    let cid = aml::EISAName::new("PNP0A03");
+    let mut body = Vec::new();
+    aml::Device::new(
+        "_SB_.PCI0".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &hid),
+            &aml::Name::new("_CID".into(), &cid),
+            &aml::Name::new("_ADR".into(), &aml::ZERO),
+            &aml::Name::new("_SEG".into(), &aml::ZERO),
+            &aml::Name::new("_UID".into(), &aml::ZERO),
+            &aml::Name::new("_BBN".into(), &aml::ZERO),
+            &aml::Name::new("_CRS".into(), &crs),
+        ],
+    )
+    .to_aml_bytes(&mut body);
+    body
 }
 
 /// ACPI table failures.
@@ -385,6 +466,103 @@ mod tests {
         let all = all_tables(&mem);
         assert_eq!(u64_at(&find(&all, b"MCFG"), 44), 0xe000_0000);
         assert!(find(&all, b"DSDT").ends_with(&extra_aml));
+    }
+
+    fn bridge() -> PciHostBridgeAcpi {
+        PciHostBridgeAcpi {
+            ecam_base: 0xe000_0000,
+            end_bus: 0,
+            mmio32: (0xc000_0000, 0xe000_0000),
+            mmio64: (1 << 32, 1 << 46),
+        }
+    }
+
+    #[test]
+    fn mcfg_names_bus_0_of_segment_0_with_a_valid_checksum() {
+        let table = mcfg(0xe000_0000, 0);
+        assert_eq!(&table[..4], b"MCFG");
+        assert_eq!(u32_at(&table, 4) as usize, table.len());
+        assert_eq!(
+            table.len(),
+            60,
+            "header, 8 reserved bytes, one 16-byte entry"
+        );
+        assert_eq!(sum(&table), 0);
+        assert_eq!(u64_at(&table, 44), 0xe000_0000);
+        assert_eq!(&table[52..56], &[0, 0, 0, 0], "segment 0, buses 0..=0");
+    }
+
+    /// The first large resource descriptor with tag `tag` and body length `len` in `aml`:
+    /// its body (the bytes after the tag and the 16-bit length).
+    fn descriptor(aml: &[u8], tag: u8, len: usize) -> Vec<u8> {
+        let at = aml
+            .windows(3)
+            .position(|w| w[0] == tag && usize::from(u16::from_le_bytes([w[1], w[2]])) == len)
+            .unwrap_or_else(|| panic!("descriptor {tag:#x} of length {len}"));
+        aml[at + 3..at + 3 + len].to_vec()
+    }
+
+    #[test]
+    fn host_bridge_aml_declares_ids_and_windows() {
+        let aml = pci_host_bridge_aml(&bridge());
+        let has = |needle: &[u8]| aml.windows(needle.len()).any(|w| w == needle);
+        assert!(has(b"PCI0"));
+        // _HID EISAID("PNP0A08") = 0x080ad041, _CID PNP0A03 = 0x030ad041 (DWordPrefix 0x0c).
+        assert!(has(b"_HID\x0c\x41\xd0\x0a\x08"));
+        assert!(has(b"_CID\x0c\x41\xd0\x0a\x03"));
+        for name in [b"_SEG", b"_BBN", b"_UID", b"_ADR"] {
+            let mut zero = name.to_vec();
+            zero.push(0x00);
+            assert!(has(&zero), "{} = Zero", String::from_utf8_lossy(name));
+        }
+        // WordBusNumber: type 2, granularity 0, min 0, max 0, translation 0, length 1.
+        let bus = descriptor(&aml, 0x88, 13);
+        assert_eq!(bus[0], 2);
+        assert_eq!(&bus[3..13], &[0, 0, 0, 0, 0, 0, 0, 0, 1, 0]);
+        // IO: decode16, 0xcf8..0xcf8, alignment 1, length 8.
+        let io_at = aml
+            .windows(8)
+            .position(|w| w == [0x47, 1, 0xf8, 0x0c, 0xf8, 0x0c, 1, 8]);
+        assert!(io_at.is_some(), "IO descriptor for 0xcf8");
+        // DWordMemory: type 0, min 0xc0000000, max 0xdfffffff, length 0x20000000.
+        let m32 = descriptor(&aml, 0x87, 23);
+        assert_eq!(m32[0], 0, "memory");
+        assert_eq!(u32_at(&m32, 7), 0xc000_0000);
+        assert_eq!(u32_at(&m32, 11), 0xdfff_ffff);
+        assert_eq!(u32_at(&m32, 19), 0x2000_0000);
+        // QWordMemory: min 4 GiB, max 2^46 - 1, length 2^46 - 4 GiB.
+        let m64 = descriptor(&aml, 0x8a, 43);
+        assert_eq!(m64[0], 0, "memory");
+        assert_eq!(u64_at(&m64, 11), 1 << 32);
+        assert_eq!(u64_at(&m64, 19), (1 << 46) - 1);
+        assert_eq!(u64_at(&m64, 35), (1 << 46) - (1 << 32));
+    }
+
+    #[test]
+    fn empty_mmio64_window_is_left_out() {
+        let mut b = bridge();
+        b.mmio64 = (1 << 32, 1 << 32);
+        let aml = pci_host_bridge_aml(&b);
+        assert!(!aml.windows(3).any(|w| w == [0x8a, 43, 0]));
+    }
+
+    #[test]
+    fn host_bridge_and_mcfg_go_through_create_acpi_tables() {
+        let mem = mem();
+        let aml = pci_host_bridge_aml(&bridge());
+        let tables = [mcfg(0xe000_0000, 0)];
+        create_acpi_tables(
+            &mem,
+            2,
+            &AcpiExtras {
+                dsdt_aml: &aml,
+                tables: &tables,
+            },
+        )
+        .unwrap();
+        let all = all_tables(&mem);
+        assert_eq!(u64_at(&find(&all, b"MCFG"), 44), 0xe000_0000);
+        assert!(find(&all, b"DSDT").ends_with(&aml));
     }
 
     #[test]

@@ -1,10 +1,14 @@
 //! The guest memory map (e820 / PVH memmap) derived from the RAM regions and the layout.
 //!
 //! RAM below `EBDA_START` and from `HIMEM_START` on is usable; `EBDA_START..HIMEM_START`
-//! (EBDA, legacy VGA/BIOS hole, ACPI tables) is reserved. The 32-bit MMIO hole is not in
-//! the map at all (it is not RAM).
+//! (EBDA, legacy VGA/BIOS hole, ACPI tables) is reserved. The PCIe ECAM area
+//! (`PCIE_ECAM_START`, `PCIE_ECAM_SIZE`) is reserved too: Linux only trusts the MCFG
+//! table's ECAM when the firmware reserved it (`pci_mmcfg_reserved` checks the e820 map).
+//! The rest of the 32-bit MMIO hole is not in the map at all (it is not RAM).
 
-use crate::layout::{EBDA_START, HIMEM_START, MEM_32BIT_END, MMIO32_HOLE_START};
+use crate::layout::{
+    EBDA_START, HIMEM_START, MEM_32BIT_END, MMIO32_HOLE_START, PCIE_ECAM_SIZE, PCIE_ECAM_START,
+};
 
 /// e820 type: usable RAM.
 pub const E820_RAM: u32 = 1;
@@ -119,6 +123,20 @@ pub fn memory_map(ram: &[(u64, u64)]) -> Result<Vec<E820Entry>, E820Error> {
             });
         }
     }
+    // RAM below 4 GiB ends before the hole, RAM above starts at 4 GiB: the ECAM entry
+    // goes right after the last region below 4 GiB to keep the map sorted.
+    let at = map
+        .iter()
+        .position(|e| e.addr >= MEM_32BIT_END)
+        .unwrap_or(map.len());
+    map.insert(
+        at,
+        E820Entry {
+            addr: PCIE_ECAM_START,
+            size: PCIE_ECAM_SIZE,
+            kind: E820Kind::Reserved,
+        },
+    );
     Ok(map)
 }
 
@@ -147,6 +165,11 @@ mod tests {
                     size: (512 << 20) - 0x100000,
                     kind: E820Kind::Ram
                 },
+                E820Entry {
+                    addr: 0xe000_0000,
+                    size: 0x1000_0000,
+                    kind: E820Kind::Reserved
+                },
             ]
         );
     }
@@ -154,17 +177,31 @@ mod tests {
     #[test]
     fn high_ram_is_a_separate_entry_and_the_hole_is_not_ram() {
         let map = memory_map(&[(0, 0xc000_0000), (1 << 32, 1 << 30)]).unwrap();
-        assert_eq!(map.len(), 4);
+        assert_eq!(map.len(), 5);
         assert_eq!(
             map[3],
+            E820Entry {
+                addr: PCIE_ECAM_START,
+                size: PCIE_ECAM_SIZE,
+                kind: E820Kind::Reserved
+            }
+        );
+        assert_eq!(
+            map[4],
             E820Entry {
                 addr: 1 << 32,
                 size: 1 << 30,
                 kind: E820Kind::Ram
             }
         );
-        for e in &map {
+        for e in map.iter().filter(|e| e.kind == E820Kind::Ram) {
             assert!(e.addr + e.size <= MMIO32_HOLE_START || e.addr >= MEM_32BIT_END);
+        }
+        for pair in map.windows(2) {
+            assert!(
+                pair[0].addr + pair[0].size <= pair[1].addr,
+                "sorted, disjoint"
+            );
         }
     }
 

@@ -19,7 +19,7 @@
 //! 0x0010_0000 ─ HIMEM_START: kernel, then RAM up to at most 0xc000_0000
 //! 0xc000_0000 ─ 32-bit MMIO hole (never RAM) .. 0x1_0000_0000
 //!   0xc000_0000   PCI MMIO32 window (512 MiB)
-//!   0xe000_0000   PCIe ECAM (256 MiB, not used yet)
+//!   0xe000_0000   PCIe ECAM (256 MiB reserved in e820; bus 0's 1 MiB decoded, MCFG)
 //!   0xfec0_0000   IOAPIC
 //!   0xfee0_0000   local APIC
 //! 0x1_0000_0000 ─ RAM above 4 GiB (the rest of the memory), then the MMIO64 window
@@ -102,10 +102,15 @@ pub const PCI_MMIO32_START: u64 = 0xc000_0000;
 /// Size of the PCI 32-bit MMIO window (512 MiB).
 pub const PCI_MMIO32_SIZE: u64 = 0x2000_0000;
 
-/// PCIe enhanced configuration space (ECAM), 256 buses × 1 MiB. Reserved for later use.
+/// PCIe enhanced configuration space (ECAM), room for 256 buses × 1 MiB, reserved in
+/// the e820 map. barge decodes bus 0 only (`PCIE_ECAM_BUSES`); the MCFG table says so.
 pub const PCIE_ECAM_START: u64 = 0xe000_0000;
 /// Size of the ECAM area (256 MiB).
 pub const PCIE_ECAM_SIZE: u64 = 0x1000_0000;
+/// Buses the ECAM decodes (and the MCFG declares): bus 0 only.
+pub const PCIE_ECAM_BUSES: u8 = 1;
+/// Bytes of ECAM per bus (32 devices × 8 functions × 4 KiB).
+pub const PCIE_ECAM_BUS_SIZE: u64 = 1 << 20;
 
 /// IOAPIC MMIO base (KVM's in-kernel IOAPIC; GSI base 0).
 pub const IOAPIC_START: u64 = 0xfec0_0000;
@@ -169,7 +174,7 @@ pub const COM1_PORT_COUNT: u16 = 8;
 /// COM1 ISA IRQ == GSI on the IOAPIC.
 pub const COM1_GSI: u32 = 4;
 
-/// PCI configuration mechanism #1 (0xcf8 address, 0xcfc..0xcff data). For later.
+/// PCI configuration mechanism #1 (0xcf8 address, 0xcfc..0xcff data).
 pub const PCI_CONFIG_PORT: u16 = 0xcf8;
 /// Number of PCI configuration ports.
 pub const PCI_CONFIG_PORT_COUNT: u16 = 8;

@@ -41,7 +41,9 @@ pub mod pvh;
 pub mod regs;
 pub mod zero_page;
 
-pub use acpi::{create_acpi_tables, AcpiError, AcpiExtras};
+pub use acpi::{
+    create_acpi_tables, mcfg, pci_host_bridge_aml, AcpiError, AcpiExtras, PciHostBridgeAcpi,
+};
 pub use cpuid::patch_cpuid;
 pub use e820::{memory_map, E820Entry, E820Error, E820Kind};
 pub use linux_loader::loader::bootparam::setup_header;
@@ -351,7 +353,7 @@ mod tests {
         assert_eq!({ p.hdr.cmd_line_ptr }, CMDLINE_START as u32);
         assert_eq!({ p.hdr.ramdisk_image }, 0x200_0000);
         assert_eq!({ p.acpi_rsdp_addr }, layout::RSDP_START);
-        assert_eq!(p.e820_entries, 3);
+        assert_eq!(p.e820_entries, 4, "RAM, EBDA..1 MiB, RAM, ECAM");
 
         let mut sig = [0u8; 8];
         mem.read_slice(&mut sig, GuestAddress(layout::RSDP_START))
@@ -372,9 +374,9 @@ mod tests {
         cfg.cpus = 4;
         setup_boot(&mem, &cfg).unwrap();
         let p: boot_params = mem.read_obj(GuestAddress(ZERO_PAGE_START)).unwrap();
-        assert_eq!(p.e820_entries, 4);
+        assert_eq!(p.e820_entries, 5);
         let table = p.e820_table;
-        let ram_entries: Vec<(u64, u64)> = table[..4]
+        let ram_entries: Vec<(u64, u64)> = table[..5]
             .iter()
             .filter(|e| e.r#type == e820::E820_RAM)
             .map(|e| (e.addr, e.addr + e.size))

@@ -163,7 +163,7 @@ mod tests {
         assert_eq!(u64_at(&mem, s + 24), CMDLINE_START);
         assert_eq!(u64_at(&mem, s + 32), 0xe0000);
         assert_eq!(u64_at(&mem, s + 40), PVH_MEMMAP_START);
-        assert_eq!(u32_at(&mem, s + 48), 3);
+        assert_eq!(u32_at(&mem, s + 48), 4, "RAM, EBDA..1 MiB, RAM, ECAM");
         assert_eq!(u64_at(&mem, PVH_MODLIST_START), 0x800_0000);
         assert_eq!(u64_at(&mem, PVH_MODLIST_START + 8), 0x4000);
         for (i, e) in e820.iter().enumerate() {

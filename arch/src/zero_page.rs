@@ -120,9 +120,9 @@ mod tests {
         assert_eq!({ hdr.ramdisk_image }, 0x7000_0000);
         assert_eq!({ hdr.ramdisk_size }, 0x12_3000);
         assert_eq!({ p.acpi_rsdp_addr }, 0xe0000);
-        assert_eq!(p.e820_entries, 4);
+        assert_eq!(p.e820_entries, 5);
         let table = p.e820_table;
-        let got: Vec<(u64, u64, u32)> = table[..4]
+        let got: Vec<(u64, u64, u32)> = table[..5]
             .iter()
             .map(|e| (e.addr, e.size, e.r#type))
             .collect();
@@ -132,6 +132,7 @@ mod tests {
                 (0, 0x9fc00, E820_RAM),
                 (0x9fc00, 0x100000 - 0x9fc00, E820_RESERVED),
                 (0x100000, 0xc000_0000 - 0x100000, E820_RAM),
+                (0xe000_0000, 0x1000_0000, E820_RESERVED),
                 (1 << 32, 1 << 30, E820_RAM),
             ]
         );

@@ -5,6 +5,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use arch::layout::{ACPI_SLEEP_CONTROL_PORT, COM1_PORT, COM1_PORT_COUNT, I8042_DATA_PORT};
+use devices::pci::PciSegment;
+use resources::placement::{PlacementError, Windows};
 
 use crate::bus::{BusError, Buses};
 use crate::config::{ConfigError, VmConfig};
@@ -12,6 +14,7 @@ use crate::console::ConsoleError;
 use crate::kvm::{self, KvmError};
 use crate::loader::{self, LoadError};
 use crate::memory::{self, MemoryError};
+use crate::pci;
 use crate::power::{AcpiSleepBusDevice, I8042BusDevice, PowerSignal};
 use crate::report::{self, MemoryRegionReport, ReportError};
 use crate::serial::{IrqFdTrigger, SerialDevice, SerialOutput};
@@ -36,6 +39,9 @@ pub enum BuildError {
     /// The RAM size cannot be laid out.
     #[error(transparent)]
     Ram(#[from] resources::RamError),
+    /// The MMIO windows or the BARs cannot be placed.
+    #[error(transparent)]
+    Placement(#[from] PlacementError),
     /// Guest memory cannot be mapped.
     #[error(transparent)]
     Memory(#[from] MemoryError),
@@ -90,10 +96,10 @@ pub fn boot_and_run(
     vm::check_cpu_count(&kvm, config.cpus)?;
     let vm_fd = vm::create_vm(&kvm)?;
 
-    let ram_layout: Vec<(u64, u64)> = resources::ram_regions(config.memory.size)?
-        .iter()
-        .map(|region| (region.gpa, region.size))
-        .collect();
+    let ram_regions = resources::ram_regions(config.memory.size)?;
+    let ram_layout: Vec<(u64, u64)> = ram_regions.iter().map(|r| r.as_pair()).collect();
+    let phys_bits = pci::phys_bits_from_cpuid(vm::supported_cpuid(&kvm)?.as_slice());
+    let windows = Windows::new(&ram_regions, phys_bits)?;
     let ram = memory::create_guest_memory(&ram_layout, &config.memory)?;
     vm::map_ram(&vm_fd, &ram)?;
 
@@ -111,6 +117,8 @@ pub fn boot_and_run(
     };
     loader::load_cmdline(&ram.memory, &config.cmdline)?;
 
+    let (pci_aml, pci_tables) = pci::acpi_content(&windows);
+
     let boot_state = arch::setup_boot(
         &ram.memory,
         &arch::BootConfig {
@@ -119,7 +127,10 @@ pub fn boot_and_run(
             entry: arch_entry(&kernel),
             cmdline: &config.cmdline,
             initramfs: initramfs.map(|i| (i.addr, i.size)),
-            acpi: arch::AcpiExtras::default(),
+            acpi: arch::AcpiExtras {
+                dsdt_aml: &pci_aml,
+                tables: &pci_tables,
+            },
         },
     )?;
 
@@ -133,7 +144,9 @@ pub fn boot_and_run(
     })?;
     vm::wire_serial_irq(&vm_fd, serial_irq.event_fd())?;
     let serial = Arc::new(Mutex::new(SerialDevice::new(serial_irq, console)));
-    let buses = devices_on_buses(serial.clone(), &power)?;
+    let mut buses = devices_on_buses(serial.clone(), &power)?;
+    let segment = Arc::new(Mutex::new(PciSegment::with_host_bridge()));
+    pci::attach_segment(&mut buses, &segment)?;
 
     let vcpus = vm::create_vcpus(&kvm, &vm_fd, config.cpus, &boot_state)?;
 
@@ -155,7 +168,8 @@ fn arch_entry(kernel: &loader::LoadedKernel) -> arch::KernelEntry {
 }
 
 /// COM1, the ACPI sleep/reset register and the i8042 on the port I/O bus.
-/// The MMIO bus is empty: the IOAPIC and LAPICs are in KVM.
+/// The MMIO bus is empty: the IOAPIC and LAPICs are in KVM; PCI comes next
+/// (`pci::attach_segment`).
 fn devices_on_buses(
     serial: Arc<Mutex<SerialDevice>>,
     power: &PowerSignal,

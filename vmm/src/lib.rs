@@ -46,6 +46,7 @@ pub mod kvm_stats;
 pub mod loader;
 pub mod mapping;
 pub mod memory;
+pub mod pci;
 pub mod power;
 pub mod prefault;
 pub mod report;

@@ -147,6 +147,12 @@ pub fn wire_serial_irq(vm: &VmFd, irq: &vmm_sys_util::eventfd::EventFd) -> Resul
     vm.register_irqfd(irq, COM1_GSI).map_err(VmError::SerialIrq)
 }
 
+/// KVM_GET_SUPPORTED_CPUID: what the guest's CPUID starts from.
+pub fn supported_cpuid(kvm: &Kvm) -> Result<CpuId, VmError> {
+    kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(ioctl("KVM_GET_SUPPORTED_CPUID"))
+}
+
 /// Creates and configures `cpus` vCPUs: CPUID with the topology, MSRs, FPU
 /// and LAPIC LINT0/1 on all; registers from `boot` on vCPU 0 only (the
 /// others wait for INIT/SIPI in the in-kernel LAPIC).
@@ -156,9 +162,7 @@ pub fn create_vcpus(
     cpus: u8,
     boot: &VcpuBootState,
 ) -> Result<Vec<VcpuFd>, VmError> {
-    let supported = kvm
-        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .map_err(ioctl("KVM_GET_SUPPORTED_CPUID"))?;
+    let supported = supported_cpuid(kvm)?;
     let mut vcpus = Vec::with_capacity(usize::from(cpus));
     for id in 0..cpus {
         let vcpu = vm
