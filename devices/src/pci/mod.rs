@@ -152,3 +152,4 @@ mod tests {
         assert!(!access_is_valid(252, 4, 255));
     }
 }
+pub mod msix;
