@@ -18,3 +18,4 @@ pub enum PowerEvent {
     /// The guest asked to reset (ACPI reset register or i8042 pulse).
     Reset,
 }
+pub mod vfio;

@@ -1,0 +1,360 @@
+//! A fake VFIO device for tests: regions with sparse storage, a config
+//! space with capabilities, and a log of what the model forwarded.
+//!
+//! Compiled for this crate's tests and, with the `fake` feature, for other
+//! crates' tests. It never touches /dev/vfio.
+
+#![cfg(any(test, feature = "fake"))]
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::os::fd::{AsFd, BorrowedFd};
+use std::sync::{Mutex, MutexGuard};
+
+use super::{
+    BarRange, RegionInfo, VfioBackend, CONFIG_REGION_INDEX, REGION_FLAG_MMAP, REGION_FLAG_READ,
+    REGION_FLAG_WRITE,
+};
+use crate::pci::caps::{
+    CAP_ID_MSI, CAP_ID_MSIX, CAP_ID_PCI_EXPRESS, CAP_ID_POWER_MANAGEMENT, EXT_CAP_ID_AER,
+    EXT_CAP_ID_RESIZABLE_BAR, EXT_CAP_ID_SRIOV,
+};
+use crate::pci::config::CONFIG_SPACE_SIZE;
+
+/// One fake region.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FakeRegion {
+    /// Size in bytes.
+    pub size: u64,
+    /// `REGION_FLAG_*` bits.
+    pub flags: u32,
+    /// Sparse-mmap areas, if the region reports the capability.
+    pub sparse: Option<Vec<BarRange>>,
+    /// Whether the region reports MSI-X mappable.
+    pub msix_mappable: bool,
+}
+
+impl FakeRegion {
+    /// A readable, writable, mmap-able region of `size` bytes.
+    pub fn mmap(size: u64) -> Self {
+        Self {
+            size,
+            flags: REGION_FLAG_READ | REGION_FLAG_WRITE | REGION_FLAG_MMAP,
+            sparse: None,
+            msix_mappable: false,
+        }
+    }
+
+    /// A readable, writable region that cannot be mmap'ed.
+    pub fn trapped(size: u64) -> Self {
+        Self {
+            flags: REGION_FLAG_READ | REGION_FLAG_WRITE,
+            ..Self::mmap(size)
+        }
+    }
+
+    /// With a sparse-mmap capability listing `areas`.
+    pub fn sparse(mut self, areas: Vec<BarRange>) -> Self {
+        self.sparse = Some(areas);
+        self
+    }
+}
+
+/// A write the model forwarded to the device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FakeWrite {
+    /// Region index.
+    pub region: u32,
+    /// Offset inside the region.
+    pub offset: u64,
+    /// The bytes.
+    pub data: Vec<u8>,
+}
+
+#[derive(Debug)]
+struct State {
+    config: Vec<u8>,
+    config_size: u64,
+    regions: HashMap<u32, FakeRegion>,
+    /// Bytes written to BAR regions; others read as [`pattern_byte`].
+    memory: BTreeMap<(u32, u64), u8>,
+    writes: Vec<FakeWrite>,
+    resets: u32,
+    can_reset: bool,
+}
+
+/// The fake device (see module docs).
+#[derive(Debug)]
+pub struct FakeVfioBackend {
+    state: Mutex<State>,
+    fd: File,
+}
+
+/// What an unwritten byte of a BAR region reads as.
+pub fn pattern_byte(region: u32, offset: u64) -> u8 {
+    (offset as u8) ^ (region as u8).wrapping_mul(0x11)
+}
+
+impl FakeVfioBackend {
+    /// A device with `config` (padded with zeros to 4 KiB), a 4 KiB config
+    /// region, no BAR regions and reset support.
+    pub fn new(config: &[u8]) -> Self {
+        let mut bytes = vec![0; CONFIG_SPACE_SIZE];
+        let len = config.len().min(CONFIG_SPACE_SIZE);
+        bytes[..len].copy_from_slice(&config[..len]);
+        Self {
+            state: Mutex::new(State {
+                config: bytes,
+                config_size: CONFIG_SPACE_SIZE as u64,
+                regions: HashMap::new(),
+                memory: BTreeMap::new(),
+                writes: Vec::new(),
+                resets: 0,
+                can_reset: true,
+            }),
+            fd: File::open("/dev/null").expect("the fake VFIO device opens /dev/null as its fd"),
+        }
+    }
+
+    /// Shaped like a data-center GPU: BAR0 16 MiB 32-bit with the MSI-X
+    /// table (32 entries) at 0xb90000 and PBA at 0xba0000, BAR1 128 GiB
+    /// 64-bit prefetchable, BAR3 32 MiB 64-bit prefetchable, BAR5 128 I/O
+    /// ports (trapped); capabilities PM 0x60, MSI 0x68, PCIe 0x78, MSI-X 0xb4;
+    /// extended AER 0x100, resizable BAR 0x250, 0x258 (id 0x1e), SR-IOV
+    /// 0xbb0, 0xc1c (id 0x0b).
+    pub fn gpu_like() -> Self {
+        let mut c = vec![0u8; CONFIG_SPACE_SIZE];
+        c[0..2].copy_from_slice(&0x10deu16.to_le_bytes());
+        c[2..4].copy_from_slice(&0x2330u16.to_le_bytes());
+        c[0x06] = 0x10; // capability list
+        c[0x08] = 0xa1; // revision
+        c[0x09..0x0c].copy_from_slice(&[0x00, 0x02, 0x03]); // 3D controller
+        c[0x10..0x14].copy_from_slice(&0xa200_0000u32.to_le_bytes());
+        c[0x14..0x18].copy_from_slice(&0x0000_000cu32.to_le_bytes());
+        c[0x18..0x1c].copy_from_slice(&0x0000_3800u32.to_le_bytes());
+        c[0x1c..0x20].copy_from_slice(&0x0000_000cu32.to_le_bytes());
+        c[0x20..0x24].copy_from_slice(&0x0000_3820u32.to_le_bytes());
+        c[0x24..0x28].copy_from_slice(&0x0000_e001u32.to_le_bytes());
+        c[0x2c..0x30].copy_from_slice(&0x1111_10deu32.to_le_bytes());
+        c[0x34] = 0x60;
+        c[0x3d] = 1; // INTA
+        let mut standard = |offset: usize, id: u8, next: u8| {
+            c[offset] = id;
+            c[offset + 1] = next;
+        };
+        standard(0x60, CAP_ID_POWER_MANAGEMENT, 0x68);
+        standard(0x68, CAP_ID_MSI, 0x78);
+        standard(0x78, CAP_ID_PCI_EXPRESS, 0xb4);
+        standard(0xb4, CAP_ID_MSIX, 0);
+        c[0xb6..0xb8].copy_from_slice(&31u16.to_le_bytes());
+        c[0xb8..0xbc].copy_from_slice(&0x00b9_0000u32.to_le_bytes());
+        c[0xbc..0xc0].copy_from_slice(&0x00ba_0000u32.to_le_bytes());
+        let extended = [
+            (0x100usize, EXT_CAP_ID_AER, 2u32, 0x250u32),
+            (0x250, EXT_CAP_ID_RESIZABLE_BAR, 1, 0x258),
+            (0x258, 0x1e, 1, 0xbb0),
+            (0xbb0, EXT_CAP_ID_SRIOV, 1, 0xc1c),
+            (0xc1c, 0x0b, 1, 0),
+        ];
+        for (offset, id, version, next) in extended {
+            let header = u32::from(id) | (version << 16) | (next << 20);
+            c[offset..offset + 4].copy_from_slice(&header.to_le_bytes());
+        }
+        // Something recognizable inside the hidden capabilities' bodies.
+        c[0x254..0x258].copy_from_slice(&0x0001_fff0u32.to_le_bytes());
+        c[0xbb4..0xbb8].copy_from_slice(&0x0000_0002u32.to_le_bytes());
+        Self::new(&c)
+            .with_region(0, FakeRegion::mmap(16 << 20))
+            .with_region(1, FakeRegion::mmap(128 << 30))
+            .with_region(3, FakeRegion::mmap(32 << 20))
+            .with_region(5, FakeRegion::trapped(128))
+    }
+
+    /// Sets region `index` (a BAR: 0..=5).
+    pub fn with_region(self, index: u32, region: FakeRegion) -> Self {
+        self.lock().regions.insert(index, region);
+        self
+    }
+
+    /// Removes region `index`.
+    pub fn without_region(self, index: u32) -> Self {
+        self.lock().regions.remove(&index);
+        self
+    }
+
+    /// Sets the config region's size (256 for conventional PCI; 0 for none).
+    pub fn with_config_size(self, size: u64) -> Self {
+        self.lock().config_size = size;
+        self
+    }
+
+    /// Whether the device supports reset.
+    pub fn with_reset(self, can_reset: bool) -> Self {
+        self.lock().can_reset = can_reset;
+        self
+    }
+
+    /// Uses `fd` as the device fd (e.g. a memfd a test can really mmap).
+    pub fn with_fd(mut self, fd: File) -> Self {
+        self.fd = fd;
+        self
+    }
+
+    /// Overwrites config bytes behind the model's back (as the device would).
+    pub fn set_config_bytes(&self, offset: usize, data: &[u8]) {
+        let mut state = self.lock();
+        if let Some(target) = state.config.get_mut(offset..offset + data.len()) {
+            target.copy_from_slice(data);
+        }
+    }
+
+    /// A copy of the device's config space.
+    pub fn config_bytes(&self) -> Vec<u8> {
+        self.lock().config.clone()
+    }
+
+    /// Writes forwarded so far, oldest first.
+    pub fn writes(&self) -> Vec<FakeWrite> {
+        self.lock().writes.clone()
+    }
+
+    /// Forgets the write log.
+    pub fn clear_writes(&self) {
+        self.lock().writes.clear();
+    }
+
+    /// How many times the device was reset.
+    pub fn resets(&self) -> u32 {
+        self.lock().resets
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock only happens in a failing test.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl State {
+    fn size(&self, index: u32) -> Option<u64> {
+        if index == CONFIG_REGION_INDEX {
+            return (self.config_size > 0).then_some(self.config_size);
+        }
+        self.regions.get(&index).map(|region| region.size)
+    }
+
+    fn in_range(&self, index: u32, offset: u64, len: usize) -> bool {
+        self.size(index).is_some_and(|size| {
+            offset
+                .checked_add(len as u64)
+                .is_some_and(|end| end <= size)
+        })
+    }
+}
+
+impl VfioBackend for FakeVfioBackend {
+    fn region_info(&self, index: u32) -> Option<RegionInfo> {
+        let state = self.lock();
+        // Region offsets as vfio-pci lays them out: index << 40.
+        let offset = u64::from(index) << 40;
+        if index == CONFIG_REGION_INDEX {
+            return (state.config_size > 0).then(|| RegionInfo {
+                size: state.config_size,
+                offset,
+                flags: REGION_FLAG_READ | REGION_FLAG_WRITE,
+                sparse_areas: None,
+                msix_mappable: false,
+            });
+        }
+        let region = state.regions.get(&index)?;
+        Some(RegionInfo {
+            size: region.size,
+            offset,
+            flags: region.flags,
+            sparse_areas: region.sparse.clone(),
+            msix_mappable: region.msix_mappable,
+        })
+    }
+
+    fn region_read(&self, index: u32, offset: u64, data: &mut [u8]) {
+        let state = self.lock();
+        if !state.in_range(index, offset, data.len()) {
+            return;
+        }
+        for (i, byte) in data.iter_mut().enumerate() {
+            let at = offset + i as u64;
+            *byte = if index == CONFIG_REGION_INDEX {
+                state.config[at as usize]
+            } else {
+                state
+                    .memory
+                    .get(&(index, at))
+                    .copied()
+                    .unwrap_or_else(|| pattern_byte(index, at))
+            };
+        }
+    }
+
+    fn region_write(&self, index: u32, offset: u64, data: &[u8]) {
+        let mut state = self.lock();
+        if !state.in_range(index, offset, data.len()) {
+            return;
+        }
+        state.writes.push(FakeWrite {
+            region: index,
+            offset,
+            data: data.to_vec(),
+        });
+        for (i, byte) in data.iter().enumerate() {
+            let at = offset + i as u64;
+            if index == CONFIG_REGION_INDEX {
+                // vfio-pci virtualizes the BAR registers: the device keeps its
+                // host addresses.
+                let bar_register = (0x10..0x28).contains(&at) || (0x30..0x34).contains(&at);
+                if !bar_register {
+                    state.config[at as usize] = *byte;
+                }
+            } else {
+                state.memory.insert((index, at), *byte);
+            }
+        }
+    }
+
+    fn reset(&self) -> bool {
+        let mut state = self.lock();
+        if state.can_reset {
+            state.resets += 1;
+        }
+        state.can_reset
+    }
+
+    fn device_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fake_regions_read_pattern_and_keep_writes_in_bounds() {
+        let fake = FakeVfioBackend::gpu_like();
+        let mut data = [0u8; 4];
+        fake.region_read(0, 0x100, &mut data);
+        assert_eq!(data, [0, 1, 2, 3].map(|i| pattern_byte(0, 0x100 + i)));
+        fake.region_write(0, 0x100, &[9, 9]);
+        fake.region_read(0, 0x100, &mut data);
+        assert_eq!(data[..2], [9, 9]);
+        let mut data = [0xaa; 4];
+        fake.region_read(0, (16 << 20) - 2, &mut data);
+        assert_eq!(data, [0xaa; 4], "out of range reads leave data alone");
+        fake.region_write(2, 0, &[1]);
+        fake.region_write(0, u64::MAX, &[1]);
+        assert_eq!(fake.writes().len(), 1);
+        assert!(fake.region_info(2).is_none());
+        assert_eq!(fake.region_info(7).unwrap().size, 4096);
+        assert!(fake.reset());
+        assert_eq!(fake.resets(), 1);
+        assert!(!FakeVfioBackend::gpu_like().with_reset(false).reset());
+    }
+}

@@ -1,0 +1,609 @@
+//! The real [`VfioBackend`]: a host PCI function opened through
+//! vfio-ioctls, with the legacy container/group or with the device cdev and
+//! iommufd.
+//!
+//! [`VfioHost`] owns the IOMMU domain every device of one VM shares (one
+//! container, or one iommufd with one IOAS) and the optional KVM VFIO
+//! pseudo-device handle (`KVM_DEV_TYPE_VFIO`, which the VMM creates and
+//! wraps with `VfioDeviceFd::new_from_kvm`) so KVM knows about each group or
+//! cdev. [`VfioHost::open`] runs the [`super::preflight`] checks, picks the
+//! backend ([`BackendKind::Auto`]: iommufd when `/dev/iommu` and the
+//! device's `/dev/vfio/devices/vfioN` exist, else legacy), opens the device
+//! and resets it. A [`HostVfioDevice`] resets the device again when dropped
+//! and then closes it; the group leaves the container (or the cdev its
+//! IOAS) when its last device goes, the container or iommufd when the
+//! [`VfioHost`] and its last device are gone.
+//!
+//! Not verified on real hardware here (the build machine has no VFIO): the
+//! legacy path is exercised in the lab; no kernel in reach enables
+//! IOMMUFD, so the iommufd path is unverified on a real kernel.
+
+use std::fmt;
+use std::fs::OpenOptions;
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::sync::{Arc, Mutex};
+
+use iommufd_ioctls::IommuFd;
+use vfio_ioctls::{
+    VfioContainer, VfioDevice, VfioDeviceFd, VfioError, VfioIommufd, VfioOps, VfioRegionInfoCap,
+};
+
+use super::preflight::{locate, not_viable, DeviceLocation, HostPaths, PreflightError};
+use super::{BarRange, RegionInfo, VfioBackend, CONFIG_REGION_INDEX};
+
+/// Which VFIO interface to open devices with (`--vfio-backend`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BackendKind {
+    /// Container and group (`/dev/vfio/vfio`, `/dev/vfio/<group>`).
+    Legacy,
+    /// Device cdev (`/dev/vfio/devices/vfioN`) bound to iommufd (`/dev/iommu`).
+    Iommufd,
+    /// iommufd where the kernel offers it for the device, else legacy.
+    #[default]
+    Auto,
+}
+
+impl FromStr for BackendKind {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text {
+            "legacy" => Ok(Self::Legacy),
+            "iommufd" => Ok(Self::Iommufd),
+            "auto" => Ok(Self::Auto),
+            other => Err(format!(
+                "unknown VFIO backend {other:?}: use legacy, iommufd or auto"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Legacy => "legacy",
+            Self::Iommufd => "iommufd",
+            Self::Auto => "auto",
+        })
+    }
+}
+
+/// The interface a device was actually opened with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpenedBackend {
+    /// Container and group.
+    Legacy,
+    /// cdev and iommufd.
+    Iommufd,
+}
+
+/// Why a host device cannot be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    /// A check before opening failed.
+    #[error(transparent)]
+    Preflight(#[from] PreflightError),
+    /// `--vfio-backend iommufd` but the kernel does not offer it.
+    #[error("cannot use iommufd for {bdf}: {reason}; use --vfio-backend legacy (or auto)")]
+    IommufdUnavailable {
+        /// The device.
+        bdf: String,
+        /// What is missing.
+        reason: String,
+    },
+    /// Another process holds the group or device.
+    #[error("PCI device {bdf} is already in use: {} is held by another process (another VM?); find it with `fuser -v {}`", path.display(), path.display())]
+    InUse {
+        /// The device.
+        bdf: String,
+        /// The group or cdev file.
+        path: PathBuf,
+    },
+    /// No permission on a VFIO file.
+    #[error("no permission to open {}: run barge as root, or give your user access to it (chown)", path.display())]
+    Permission {
+        /// The file.
+        path: PathBuf,
+    },
+    /// A VFIO file is missing.
+    #[error("{} does not exist: load the VFIO driver with `modprobe vfio-pci` (and `modprobe iommufd` for the iommufd backend)", path.display())]
+    Missing {
+        /// The file.
+        path: PathBuf,
+    },
+    /// Another VFIO failure.
+    #[error("VFIO {what} failed for {bdf}: {source}")]
+    Vfio {
+        /// The device.
+        bdf: String,
+        /// What was being done.
+        what: &'static str,
+        /// vfio-ioctls' error.
+        source: VfioError,
+    },
+    /// An iommufd failure.
+    #[error("iommufd {what} failed: {source}")]
+    Iommufd {
+        /// What was being done.
+        what: &'static str,
+        /// iommufd-ioctls' error.
+        source: iommufd_ioctls::IommufdError,
+    },
+    /// A DMA map or unmap of guest memory failed.
+    #[error("cannot {what} guest memory {iova:#x}+{size:#x} for device DMA: {source}")]
+    Dma {
+        /// map or unmap.
+        what: &'static str,
+        /// The IO virtual (guest physical) address.
+        iova: u64,
+        /// The size.
+        size: u64,
+        /// The error.
+        source: VfioError,
+    },
+}
+
+/// The VM's VFIO state: the shared IOMMU domain (see module docs).
+pub struct VfioHost {
+    kind: BackendKind,
+    paths: HostPaths,
+    kvm_device: Option<Arc<VfioDeviceFd>>,
+    container: Mutex<Option<Arc<VfioContainer>>>,
+    iommufd: Mutex<Option<Arc<VfioIommufd>>>,
+}
+
+impl fmt::Debug for VfioHost {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("VfioHost")
+            .field("kind", &self.kind)
+            .field("paths", &self.paths)
+            .field("kvm_device", &self.kvm_device.is_some())
+            .finish()
+    }
+}
+
+impl VfioHost {
+    /// A host using `kind`, the real `/sys` and `/dev` in `paths`, and the KVM
+    /// VFIO device if the VMM has one (without it, KVM does not know the
+    /// device is assigned: non-coherent DMA devices then get wrong cache
+    /// attributes).
+    pub fn new(kind: BackendKind, paths: HostPaths, kvm_device: Option<Arc<VfioDeviceFd>>) -> Self {
+        Self {
+            kind,
+            paths,
+            kvm_device,
+            container: Mutex::new(None),
+            iommufd: Mutex::new(None),
+        }
+    }
+
+    /// Which backend `location` gets under this host's [`BackendKind`].
+    pub fn choose(&self, location: &DeviceLocation) -> Result<OpenedBackend, HostError> {
+        choose_backend(self.kind, location, &self.paths)
+    }
+
+    /// Opens and resets `bdf`.
+    pub fn open(&self, bdf: &str) -> Result<HostVfioDevice, HostError> {
+        let location = locate(bdf, &self.paths)?;
+        let backend = self.choose(&location)?;
+        let device = match backend {
+            OpenedBackend::Legacy => self.open_legacy(&location)?,
+            OpenedBackend::Iommufd => self.open_iommufd(&location)?,
+        };
+        let device = HostVfioDevice {
+            device,
+            location,
+            backend,
+        };
+        if device.reset() {
+            log::info!("vfio: {} reset", device.location.bdf);
+        }
+        Ok(device)
+    }
+
+    fn open_legacy(&self, location: &DeviceLocation) -> Result<VfioDevice, HostError> {
+        let container = {
+            let mut slot = self.container.lock().unwrap_or_else(|e| e.into_inner());
+            match &*slot {
+                Some(container) => Arc::clone(container),
+                None => {
+                    let container = VfioContainer::new(self.kvm_device.clone())
+                        .map_err(|error| self.legacy_error(location, "container open", error))?;
+                    let container = Arc::new(container);
+                    *slot = Some(Arc::clone(&container));
+                    container
+                }
+            }
+        };
+        let ops: Arc<dyn VfioOps> = container;
+        VfioDevice::new(&location.sysfs_path, ops, false)
+            .map_err(|error| self.legacy_error(location, "device open", error))
+    }
+
+    fn open_iommufd(&self, location: &DeviceLocation) -> Result<VfioDevice, HostError> {
+        let iommufd = {
+            let mut slot = self.iommufd.lock().unwrap_or_else(|e| e.into_inner());
+            match &*slot {
+                Some(iommufd) => Arc::clone(iommufd),
+                None => {
+                    let path = self.paths.iommufd();
+                    let file = OpenOptions::new()
+                        .read(true)
+                        .write(true)
+                        .open(&path)
+                        .map_err(|error| io_error(location, path, error))?;
+                    let fd = Arc::new(IommuFd::new_from_fd(file));
+                    let vfio =
+                        VfioIommufd::new(fd, None, self.kvm_device.clone()).map_err(|source| {
+                            HostError::Vfio {
+                                bdf: location.bdf.clone(),
+                                what: "IOAS allocation",
+                                source,
+                            }
+                        })?;
+                    let vfio = Arc::new(vfio);
+                    *slot = Some(Arc::clone(&vfio));
+                    vfio
+                }
+            }
+        };
+        let ops: Arc<dyn VfioOps> = iommufd;
+        VfioDevice::new(&location.sysfs_path, ops, true).map_err(|error| match error {
+            VfioError::OpenDeviceCdev(source) => {
+                let cdev = location.cdev.clone().unwrap_or_default();
+                io_error(
+                    location,
+                    self.paths.vfio_dir().join("devices").join(cdev),
+                    source,
+                )
+            }
+            source => HostError::Vfio {
+                bdf: location.bdf.clone(),
+                what: "cdev open and iommufd bind",
+                source,
+            },
+        })
+    }
+
+    fn legacy_error(
+        &self,
+        location: &DeviceLocation,
+        what: &'static str,
+        error: VfioError,
+    ) -> HostError {
+        let group_path = self.paths.vfio_dir().join(location.group.to_string());
+        match error {
+            VfioError::OpenContainer(source) => {
+                io_error(location, self.paths.vfio_dir().join("vfio"), source)
+            }
+            VfioError::OpenGroup(source, _) => io_error(location, group_path, source),
+            VfioError::GroupViable => HostError::Preflight(not_viable(location, &self.paths)),
+            VfioError::GroupGetDeviceFD(errno) if errno.errno() == libc_ebusy() => {
+                HostError::InUse {
+                    bdf: location.bdf.clone(),
+                    path: group_path,
+                }
+            }
+            source => HostError::Vfio {
+                bdf: location.bdf.clone(),
+                what,
+                source,
+            },
+        }
+    }
+
+    /// Maps `[hva, hva + size)` at IO virtual address `iova` (the guest
+    /// physical address) for DMA by the devices, in every domain opened so
+    /// far. Call it after opening the devices, once per guest RAM region.
+    ///
+    /// # Safety
+    ///
+    /// The range must be a mapping (guest RAM) that stays mapped until the
+    /// domain is gone ([`Self::dma_unmap`], or dropping this host and all
+    /// its devices): the devices read and write it at any time.
+    pub unsafe fn dma_map(&self, iova: u64, size: u64, hva: *mut u8) -> Result<(), HostError> {
+        let dma_error = |source| HostError::Dma {
+            what: "map",
+            iova,
+            size,
+            source,
+        };
+        let len = usize::try_from(size).unwrap_or(usize::MAX);
+        if let Some(container) = &*self.container.lock().unwrap_or_else(|e| e.into_inner()) {
+            // SAFETY: the caller keeps the range mapped for the domain's
+            // lifetime, as this function's contract says.
+            unsafe { container.vfio_dma_map(iova, len, hva) }.map_err(dma_error)?;
+        }
+        if let Some(iommufd) = &*self.iommufd.lock().unwrap_or_else(|e| e.into_inner()) {
+            // SAFETY: as above.
+            unsafe { iommufd.vfio_dma_map(iova, len, hva) }.map_err(dma_error)?;
+        }
+        Ok(())
+    }
+
+    /// Undoes [`Self::dma_map`] of the same range.
+    pub fn dma_unmap(&self, iova: u64, size: u64) -> Result<(), HostError> {
+        let dma_error = |source| HostError::Dma {
+            what: "unmap",
+            iova,
+            size,
+            source,
+        };
+        let len = usize::try_from(size).unwrap_or(usize::MAX);
+        if let Some(container) = &*self.container.lock().unwrap_or_else(|e| e.into_inner()) {
+            container.vfio_dma_unmap(iova, len).map_err(dma_error)?;
+        }
+        if let Some(iommufd) = &*self.iommufd.lock().unwrap_or_else(|e| e.into_inner()) {
+            iommufd.vfio_dma_unmap(iova, len).map_err(dma_error)?;
+        }
+        Ok(())
+    }
+}
+
+fn libc_ebusy() -> i32 {
+    io::Error::from(io::ErrorKind::ResourceBusy)
+        .raw_os_error()
+        .unwrap_or(16)
+}
+
+/// The error for failing to open `path`.
+fn io_error(location: &DeviceLocation, path: PathBuf, error: io::Error) -> HostError {
+    match error.kind() {
+        io::ErrorKind::NotFound => HostError::Missing { path },
+        io::ErrorKind::PermissionDenied => HostError::Permission { path },
+        io::ErrorKind::ResourceBusy => HostError::InUse {
+            bdf: location.bdf.clone(),
+            path,
+        },
+        _ => HostError::Vfio {
+            bdf: location.bdf.clone(),
+            what: "open",
+            source: VfioError::OpenGroup(error, path.display().to_string()),
+        },
+    }
+}
+
+/// The backend `kind` resolves to for `location` (see module docs).
+pub fn choose_backend(
+    kind: BackendKind,
+    location: &DeviceLocation,
+    paths: &HostPaths,
+) -> Result<OpenedBackend, HostError> {
+    let iommufd_reason = if !paths.iommufd().exists() {
+        Some(format!(
+            "{} does not exist (kernel without CONFIG_IOMMUFD, or `modprobe iommufd` needed)",
+            paths.iommufd().display()
+        ))
+    } else if location.cdev.is_none() {
+        Some(format!(
+            "{} has no VFIO device cdev under /dev/vfio/devices (kernel without CONFIG_VFIO_DEVICE_CDEV)",
+            location.bdf
+        ))
+    } else {
+        None
+    };
+    match (kind, iommufd_reason) {
+        (BackendKind::Legacy, _) => Ok(OpenedBackend::Legacy),
+        (BackendKind::Iommufd | BackendKind::Auto, None) => Ok(OpenedBackend::Iommufd),
+        (BackendKind::Auto, Some(_)) => Ok(OpenedBackend::Legacy),
+        (BackendKind::Iommufd, Some(reason)) => Err(HostError::IommufdUnavailable {
+            bdf: location.bdf.clone(),
+            reason,
+        }),
+    }
+}
+
+/// An opened host device (see module docs).
+pub struct HostVfioDevice {
+    device: VfioDevice,
+    location: DeviceLocation,
+    backend: OpenedBackend,
+}
+
+impl fmt::Debug for HostVfioDevice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HostVfioDevice")
+            .field("location", &self.location)
+            .field("backend", &self.backend)
+            .finish()
+    }
+}
+
+impl HostVfioDevice {
+    /// Where the device is (BDF, group, cdev).
+    pub fn location(&self) -> &DeviceLocation {
+        &self.location
+    }
+
+    /// The interface it was opened with.
+    pub fn backend(&self) -> OpenedBackend {
+        self.backend
+    }
+}
+
+impl VfioBackend for HostVfioDevice {
+    fn region_info(&self, index: u32) -> Option<RegionInfo> {
+        if index > CONFIG_REGION_INDEX {
+            return None;
+        }
+        let size = self.device.get_region_size(index);
+        if size == 0 {
+            return None;
+        }
+        let mut info = RegionInfo {
+            size,
+            offset: self.device.get_region_offset(index),
+            flags: self.device.get_region_flags(index),
+            sparse_areas: None,
+            msix_mappable: false,
+        };
+        for cap in self.device.get_region_caps(index) {
+            match cap {
+                VfioRegionInfoCap::SparseMmap(sparse) => {
+                    info.sparse_areas = Some(
+                        sparse
+                            .areas
+                            .iter()
+                            .map(|area| BarRange::new(area.offset, area.size))
+                            .collect(),
+                    );
+                }
+                VfioRegionInfoCap::MsixMappable => info.msix_mappable = true,
+                _ => {}
+            }
+        }
+        Some(info)
+    }
+
+    fn region_read(&self, index: u32, offset: u64, data: &mut [u8]) {
+        self.device.region_read(index, data, offset);
+    }
+
+    fn region_write(&self, index: u32, offset: u64, data: &[u8]) {
+        self.device.region_write(index, data, offset);
+    }
+
+    fn reset(&self) -> bool {
+        // VFIO offers a reset exactly when the kernel found a reset method,
+        // which is when sysfs has the `reset` file.
+        if self.location.reset_supported {
+            self.device.reset();
+        }
+        self.location.reset_supported
+    }
+
+    fn device_fd(&self) -> BorrowedFd<'_> {
+        // SAFETY: the fd belongs to `self.device`, which keeps it open for
+        // as long as `self` (and so the returned borrow) lives.
+        unsafe { BorrowedFd::borrow_raw(self.device.as_raw_fd()) }
+    }
+}
+
+impl Drop for HostVfioDevice {
+    fn drop(&mut self) {
+        // Leave the device quiet for its next user; `device` then closes its
+        // fd and releases the group or cdev.
+        self.reset();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vfio::preflight::tests::FakeHost;
+
+    #[test]
+    fn backend_kind_parses_and_prints() {
+        for kind in [BackendKind::Legacy, BackendKind::Iommufd, BackendKind::Auto] {
+            assert_eq!(kind.to_string().parse::<BackendKind>(), Ok(kind));
+        }
+        let error = "vfio".parse::<BackendKind>().unwrap_err();
+        assert!(error.contains("legacy, iommufd or auto"));
+        assert_eq!(BackendKind::default(), BackendKind::Auto);
+    }
+
+    #[test]
+    fn auto_picks_iommufd_only_with_dev_iommu_and_a_cdev() {
+        let host = FakeHost::new();
+        host.device("0000:41:00.0", Some("vfio-pci"), Some(7));
+        let legacy_only = locate("0000:41:00.0", &host.paths).unwrap();
+        assert_eq!(
+            choose_backend(BackendKind::Auto, &legacy_only, &host.paths).unwrap(),
+            OpenedBackend::Legacy
+        );
+        let error = choose_backend(BackendKind::Iommufd, &legacy_only, &host.paths)
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("CONFIG_IOMMUFD"), "{error}");
+        assert!(error.contains("--vfio-backend legacy"), "{error}");
+        std::fs::write(host.paths.iommufd(), "").unwrap();
+        let error = choose_backend(BackendKind::Iommufd, &legacy_only, &host.paths)
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("CONFIG_VFIO_DEVICE_CDEV"), "{error}");
+        let dir = host.paths.device_dir("0000:41:00.0");
+        std::fs::create_dir_all(dir.join("vfio-dev/vfio0")).unwrap();
+        std::fs::write(host.paths.dev.join("vfio/devices/vfio0"), "").unwrap();
+        let with_cdev = locate("0000:41:00.0", &host.paths).unwrap();
+        for kind in [BackendKind::Auto, BackendKind::Iommufd] {
+            assert_eq!(
+                choose_backend(kind, &with_cdev, &host.paths).unwrap(),
+                OpenedBackend::Iommufd
+            );
+        }
+        assert_eq!(
+            choose_backend(BackendKind::Legacy, &with_cdev, &host.paths).unwrap(),
+            OpenedBackend::Legacy
+        );
+    }
+
+    #[test]
+    fn open_reports_preflight_errors_before_touching_vfio() {
+        let host = FakeHost::new();
+        host.device("0000:01:00.0", Some("e1000e"), Some(3));
+        let vfio = VfioHost::new(BackendKind::Auto, host.paths.clone(), None);
+        let error = vfio.open("0000:01:00.0").unwrap_err().to_string();
+        assert!(error.contains("driver_override"), "{error}");
+        let error = vfio.open("0000:77:00.0").unwrap_err().to_string();
+        assert!(error.contains("no PCI device 0000:77:00.0"), "{error}");
+    }
+
+    #[test]
+    fn open_errors_map_to_what_to_do() {
+        let host = FakeHost::new();
+        host.device("0000:01:00.0", Some("vfio-pci"), Some(3));
+        let location = locate("0000:01:00.0", &host.paths).unwrap();
+        let busy = io_error(
+            &location,
+            PathBuf::from("/dev/vfio/3"),
+            io::Error::from(io::ErrorKind::ResourceBusy),
+        )
+        .to_string();
+        assert!(busy.contains("already in use"), "{busy}");
+        assert!(busy.contains("fuser -v /dev/vfio/3"), "{busy}");
+        let denied = io_error(
+            &location,
+            PathBuf::from("/dev/vfio/3"),
+            io::Error::from(io::ErrorKind::PermissionDenied),
+        )
+        .to_string();
+        assert!(denied.contains("run barge as root"), "{denied}");
+        let missing = io_error(
+            &location,
+            PathBuf::from("/dev/vfio/vfio"),
+            io::Error::from(io::ErrorKind::NotFound),
+        )
+        .to_string();
+        assert!(missing.contains("modprobe vfio-pci"), "{missing}");
+        // The kernel's "not viable" names the group's other devices.
+        host.device("0000:01:00.1", Some("snd_hda_intel"), Some(3));
+        let vfio = VfioHost::new(BackendKind::Legacy, host.paths.clone(), None);
+        let error = vfio
+            .legacy_error(&location, "device open", VfioError::GroupViable)
+            .to_string();
+        assert!(
+            error.contains("0000:01:00.1 (bound to snd_hda_intel)"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn opening_the_legacy_container_without_dev_vfio_is_a_clear_error() {
+        // The real /dev/vfio/vfio is absent on the build machine; when it is
+        // present this test says nothing.
+        if std::path::Path::new("/dev/vfio/vfio").exists() {
+            return;
+        }
+        let host = FakeHost::new();
+        host.device("0000:01:00.0", Some("vfio-pci"), Some(3));
+        let vfio = VfioHost::new(BackendKind::Legacy, host.paths.clone(), None);
+        let error = vfio.open("0000:01:00.0").unwrap_err();
+        assert!(
+            matches!(error, HostError::Missing { ref path } if path.ends_with("vfio/vfio")),
+            "{error}"
+        );
+    }
+}
