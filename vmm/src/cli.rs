@@ -12,7 +12,10 @@ use std::path::PathBuf;
 use clap::error::ErrorKind;
 use clap::{Args, CommandFactory, Parser, Subcommand};
 
-use crate::config::{parse_cpus, MemoryConfig, OnReboot, SerialConfig, VmConfig};
+use crate::config::{
+    parse_cpus, DeviceConfig, MemoryConfig, OnReboot, SerialConfig, ShmemConfig, VfioBackend,
+    VfioConfig, VmConfig,
+};
 
 const ABOUT: &str =
     "barge: a small KVM virtual machine monitor that maps PCI BARs with the largest pages";
@@ -100,10 +103,40 @@ pub struct RunArgs {
     #[arg(long, value_name = "PATH")]
     pub report: Option<PathBuf>,
 
+    /// Pass a host PCI device through with VFIO (repeatable). bar-align caps
+    /// the BAR alignment to force smaller pages on purpose [default: auto],
+    /// e.g. --device vfio=0000:41:00.0,bar-align=2m
+    #[arg(long = "device", value_name = "vfio=BDF[,bar-align=auto|4k|2m|1g]", value_parser = parse_vfio)]
+    pub devices: Vec<VfioConfig>,
+
+    /// Add an ivshmem-compatible shared memory device (repeatable): BAR2 is
+    /// SIZE bytes (a power of two) of a memfd, of FILE with path=, or of
+    /// hugetlbfs pages with hugepages=, e.g. --shmem size=8G,hugepages=1G
+    #[arg(long = "shmem", value_name = "size=SIZE[,path=FILE][,hugepages=2M|1G][,bar-align=..]", value_parser = parse_shmem)]
+    pub shmem: Vec<ShmemConfig>,
+
+    /// VFIO interface for every --device [default: auto]: legacy
+    /// (container/group), iommufd (device cdev) or auto (iommufd where the
+    /// kernel has it), e.g. --vfio-backend legacy
+    #[arg(long, value_name = "legacy|iommufd|auto", value_parser = parse_vfio_backend)]
+    pub vfio_backend: Option<VfioBackend>,
+
     /// Load settings from a JSON file first; flags given override them,
     /// e.g. --config vm.json
     #[arg(long, value_name = "PATH")]
     pub config: Option<PathBuf>,
+}
+
+fn parse_vfio(text: &str) -> Result<VfioConfig, crate::config::ConfigError> {
+    text.parse()
+}
+
+fn parse_shmem(text: &str) -> Result<ShmemConfig, crate::config::ConfigError> {
+    text.parse()
+}
+
+fn parse_vfio_backend(text: &str) -> Result<VfioBackend, crate::config::DeviceConfigError> {
+    text.parse()
 }
 
 fn parse_memory(text: &str) -> Result<MemoryConfig, crate::config::ConfigError> {
@@ -154,6 +187,9 @@ impl RunArgs {
             serial,
             on_reboot,
             report,
+            devices,
+            shmem,
+            vfio_backend,
             config: _,
         } = self;
         if let Some(kernel) = kernel {
@@ -179,6 +215,17 @@ impl RunArgs {
         }
         if report.is_some() {
             config.report = report;
+        }
+        // Devices given as flags come after the file's: VFIO devices, then
+        // shared memory, each in command-line order.
+        config
+            .devices
+            .extend(devices.into_iter().map(DeviceConfig::Vfio));
+        config
+            .devices
+            .extend(shmem.into_iter().map(DeviceConfig::Shmem));
+        if let Some(backend) = vfio_backend {
+            config.vfio_backend = backend;
         }
         Ok(config)
     }
@@ -380,6 +427,68 @@ mod tests {
         assert!(err.contains("use stdio, none or file=PATH"), "{err}");
         let err = run_err(&["--kernel", "/k", "--on-reboot", "halt"]);
         assert!(err.contains("use stop or restart"), "{err}");
+    }
+
+    #[test]
+    fn devices_and_shmem_are_repeatable_and_typed() {
+        let config = run(&[
+            "--kernel",
+            "/k",
+            "--device",
+            "vfio=0000:41:00.0",
+            "--shmem",
+            "size=8G,hugepages=1G",
+            "--device",
+            "vfio=42:00.0,bar-align=4k",
+            "--shmem",
+            "size=2M,path=/dev/shm/x",
+            "--vfio-backend",
+            "legacy",
+        ])
+        .unwrap();
+        let kinds: Vec<String> = config
+            .devices
+            .iter()
+            .map(|d| match d {
+                DeviceConfig::Vfio(v) => v.to_string(),
+                DeviceConfig::Shmem(s) => s.to_string(),
+            })
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                "vfio=0000:41:00.0",
+                "vfio=0000:42:00.0,bar-align=4k",
+                "size=8G,hugepages=1G",
+                "size=2M,path=/dev/shm/x"
+            ]
+        );
+        assert_eq!(config.vfio_backend, VfioBackend::Legacy);
+    }
+
+    #[test]
+    fn malformed_device_and_shmem_values_are_refused() {
+        for (flag, value, expected) in [
+            ("--device", "vfio=zz", "not a PCI address"),
+            (
+                "--device",
+                "vfio=41:00.0,bar-align=3m",
+                "use auto, 4k, 2m or 1g",
+            ),
+            ("--device", "nvme=41:00.0", "unknown device \"nvme\""),
+            ("--shmem", "size=3G", "must be a power of two"),
+            (
+                "--shmem",
+                "size=1G,hugepages=4M",
+                "use hugepages=2M or hugepages=1G",
+            ),
+            ("--shmem", "hugepages=2M", "missing size="),
+            ("--vfio-backend", "cdev", "use legacy, iommufd or auto"),
+        ] {
+            let err = run_err(&["--kernel", "/k", flag, value]);
+            assert!(err.contains(flag), "{value}: {err}");
+            assert!(err.contains(expected), "{value}: {err}");
+        }
     }
 
     #[test]

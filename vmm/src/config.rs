@@ -168,6 +168,9 @@ pub enum ConfigError {
         /// The path.
         path: PathBuf,
     },
+    /// A `--device`, `--shmem` or `--vfio-backend` value (or its JSON form).
+    #[error(transparent)]
+    Device(#[from] DeviceConfigError),
     /// The directory of the serial output file does not exist.
     #[error("cannot write the serial output to {path}: its directory does not exist")]
     SerialDirMissing {
@@ -203,9 +206,13 @@ pub struct VmConfig {
     /// Where to write the JSON report at exit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub report: Option<PathBuf>,
-    /// Extra devices (passthrough and shared memory; none exist yet).
+    /// Extra PCI devices: VFIO passthrough and shared memory, in the order
+    /// they get guest device numbers (see `device_config`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub devices: Vec<DeviceConfig>,
+    /// The VFIO interface for every VFIO device.
+    #[serde(default)]
+    pub vfio_backend: VfioBackend,
 }
 
 fn default_cmdline() -> String {
@@ -216,10 +223,9 @@ fn default_cpus() -> u8 {
     1
 }
 
-/// An extra device. There are no device kinds yet; the passthrough issue
-/// adds them, so a configuration with any `devices` entry is rejected.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub enum DeviceConfig {}
+pub use crate::device_config::{
+    BarAlign, DeviceConfig, DeviceConfigError, ShmemConfig, VfioBackend, VfioConfig,
+};
 
 impl VmConfig {
     /// A configuration with the given kernel and every default.
@@ -234,6 +240,7 @@ impl VmConfig {
             on_reboot: OnReboot::default(),
             report: None,
             devices: Vec::new(),
+            vfio_backend: VfioBackend::default(),
         }
     }
 
@@ -273,6 +280,7 @@ impl VmConfig {
             return Err(ConfigError::ZeroCpus);
         }
         self.memory.validate()?;
+        crate::device_config::validate_devices(&self.devices)?;
         check_readable_file("kernel", &self.kernel)?;
         if let Some(initramfs) = &self.initramfs {
             check_readable_file("initramfs", initramfs)?;
@@ -368,7 +376,9 @@ pub fn format_size(size: u64) -> String {
     size.to_string()
 }
 
-fn deserialize_size<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u64, D::Error> {
+pub(crate) fn deserialize_size<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<u64, D::Error> {
     #[derive(Deserialize)]
     #[serde(untagged)]
     enum SizeRepr {
@@ -497,7 +507,7 @@ const MEMORY_EXAMPLE: &str = "size=512M,hugepages=2M,shared=on";
 
 /// Splits `key=value,key=value` into pairs, rejecting empty items, items
 /// without '=', keys outside `valid` and repeated keys.
-fn parse_key_values<'a>(
+pub(crate) fn parse_key_values<'a>(
     option: &'static str,
     example: &'static str,
     valid: &'static [&'static str],
@@ -838,7 +848,10 @@ mod tests {
                 "cpus": 4,
                 "memory": {"size": "2G", "hugepages": "1G", "shared": true},
                 "serial": "file=/tmp/console.log", "on_reboot": "restart",
-                "report": "/tmp/r.json", "devices": []
+                "report": "/tmp/r.json",
+                "devices": [{"shmem": {"size": "8G", "hugepages": "1G"}},
+                            {"vfio": {"bdf": "0000:41:00.0", "bar_align": "2m"}}],
+                "vfio_backend": "legacy"
             }"#,
         )
         .unwrap();
@@ -856,6 +869,12 @@ mod tests {
         assert_eq!(config.serial, SerialConfig::File("/tmp/console.log".into()));
         assert_eq!(config.on_reboot, OnReboot::Restart);
         assert_eq!(config.report, Some("/tmp/r.json".into()));
+        assert_eq!(config.devices.len(), 2);
+        assert_eq!(config.vfio_backend, VfioBackend::Legacy);
+        let DeviceConfig::Vfio(vfio) = &config.devices[1] else {
+            panic!("second device is VFIO");
+        };
+        assert_eq!(vfio.bar_align, BarAlign::Size2M);
     }
 
     #[test]
@@ -902,7 +921,15 @@ mod tests {
             ),
             (
                 r#"{"kernel": "/k", "devices": [{"vfio": "0000:01:00.0"}]}"#,
-                "unknown variant",
+                "expected struct VfioConfig",
+            ),
+            (
+                r#"{"kernel": "/k", "devices": [{"virtio": {}}]}"#,
+                "unknown variant `virtio`",
+            ),
+            (
+                r#"{"kernel": "/k", "vfio_backend": "cdev"}"#,
+                "use legacy, iommufd or auto",
             ),
             (r#"{"cpus": 1}"#, "missing field `kernel`"),
         ] {

@@ -39,6 +39,7 @@ pub mod bus;
 pub mod cli;
 pub mod config;
 pub mod console;
+pub mod device_config;
 pub mod event_loop;
 pub mod exit;
 pub mod kvm;

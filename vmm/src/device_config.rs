@@ -1,0 +1,518 @@
+//! The extra PCI devices of a VM: VFIO passthrough and ivshmem-compatible
+//! shared memory, as `barge run` options and as the config file's `devices`.
+//!
+//! ```text
+//! --device vfio=0000:41:00.0[,bar-align=auto|4k|2m|1g]      (repeatable)
+//! --shmem size=8G[,path=FILE][,hugepages=2M|1G][,bar-align=auto|4k|2m|1g]  (repeatable)
+//! --vfio-backend legacy|iommufd|auto                          (once, for every VFIO device)
+//! ```
+//!
+//! In JSON (`VmConfig.devices`, externally tagged):
+//!
+//! ```json
+//! "devices": [
+//!   {"vfio": {"bdf": "0000:41:00.0", "bar_align": "2m"}},
+//!   {"shmem": {"size": "8G", "path": "/dev/shm/ivshmem", "hugepages": "1G"}}
+//! ],
+//! "vfio_backend": "legacy"
+//! ```
+//!
+//! `bar-align` caps the alignment of a device's BARs (GPA and HVA moved off
+//! the larger boundary together) so that they get at most that page size:
+//! the comparison mode. `auto` (the default) aligns for the largest pages.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use resources::placement::PageSize;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::config::{format_size, parse_key_values, parse_size, ConfigError, HugePageSize};
+
+/// Smallest shared memory size: one page (a memslot is page-sized).
+pub const MIN_SHMEM_SIZE: u64 = 4096;
+
+/// Errors in `--device`, `--shmem` and `--vfio-backend` values.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceConfigError {
+    /// `bar-align` with an unknown value.
+    #[error("invalid bar-align {0:?}: use auto, 4k, 2m or 1g")]
+    InvalidBarAlign(String),
+    /// `--vfio-backend` with an unknown value.
+    #[error("invalid VFIO backend {0:?}: use legacy, iommufd or auto")]
+    InvalidBackend(String),
+    /// A `--device` kind barge does not have.
+    #[error("--device: unknown device {0:?}; barge passes through PCI devices with vfio=DDDD:BB:DD.F (shared memory is --shmem)")]
+    UnknownDevice(String),
+    /// A PCI address that does not parse.
+    #[error("--device vfio={0:?}: not a PCI address; write it as DDDD:BB:DD.F (e.g. 0000:41:00.0), as `lspci -D` prints it")]
+    InvalidBdf(String),
+    /// The same host device twice.
+    #[error("PCI device {0} is passed through twice; give each --device once")]
+    DuplicateVfio(String),
+    /// Shared memory that is not a power of two.
+    #[error("--shmem size={}: ivshmem's BAR2 is the shared memory and a BAR's size must be a power of two; use {} or {}", format_size(*size), format_size(prev_power_of_two(*size)), format_size(size.next_power_of_two()))]
+    ShmemNotPowerOfTwo {
+        /// The size given.
+        size: u64,
+    },
+    /// Shared memory below one page.
+    #[error("--shmem size={}: shared memory needs at least 4K (one page)", format_size(*size))]
+    ShmemTooSmall {
+        /// The size given.
+        size: u64,
+    },
+    /// Shared memory smaller than one huge page.
+    #[error("--shmem size={},hugepages={hugepages}: the size must be at least one {hugepages} huge page", format_size(*size))]
+    ShmemBelowHugePage {
+        /// The size given.
+        size: u64,
+        /// The huge page size.
+        hugepages: HugePageSize,
+    },
+    /// A bar-align cap below the huge page size of a hugetlbfs backing.
+    #[error("--shmem hugepages={hugepages},bar-align={bar_align}: a hugetlbfs mapping must start on a {hugepages} boundary, so it cannot be moved off it; drop hugepages= or use bar-align={} or larger", hugepages.to_string().to_lowercase())]
+    ShmemAlignBelowHugePage {
+        /// The huge page size.
+        hugepages: HugePageSize,
+        /// The cap.
+        bar_align: BarAlign,
+    },
+}
+
+fn prev_power_of_two(size: u64) -> u64 {
+    if size == 0 {
+        0
+    } else {
+        1 << (63 - size.leading_zeros())
+    }
+}
+
+/// The `bar-align` setting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BarAlign {
+    /// Align for the largest pages.
+    #[default]
+    Auto,
+    /// At most 4 KiB pages.
+    Size4K,
+    /// At most 2 MiB pages.
+    Size2M,
+    /// At most 1 GiB pages (the same as auto: 1 GiB is the largest).
+    Size1G,
+}
+
+impl BarAlign {
+    /// The planner's cap (`DeviceInput::align_cap`).
+    pub fn cap(self) -> Option<PageSize> {
+        match self {
+            BarAlign::Auto => None,
+            BarAlign::Size4K => Some(PageSize::Size4K),
+            BarAlign::Size2M => Some(PageSize::Size2M),
+            BarAlign::Size1G => Some(PageSize::Size1G),
+        }
+    }
+}
+
+impl fmt::Display for BarAlign {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            BarAlign::Auto => "auto",
+            BarAlign::Size4K => "4k",
+            BarAlign::Size2M => "2m",
+            BarAlign::Size1G => "1g",
+        })
+    }
+}
+
+impl FromStr for BarAlign {
+    type Err = DeviceConfigError;
+
+    fn from_str(text: &str) -> Result<Self, DeviceConfigError> {
+        match text.to_ascii_lowercase().as_str() {
+            "auto" => Ok(BarAlign::Auto),
+            "4k" => Ok(BarAlign::Size4K),
+            "2m" => Ok(BarAlign::Size2M),
+            "1g" => Ok(BarAlign::Size1G),
+            _ => Err(DeviceConfigError::InvalidBarAlign(text.to_string())),
+        }
+    }
+}
+
+/// Which VFIO interface barge uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum VfioBackend {
+    /// The container/group interface (`/dev/vfio/vfio`, `/dev/vfio/N`).
+    Legacy,
+    /// The device cdev with iommufd (`/dev/vfio/devices/vfioN`, `/dev/iommu`).
+    Iommufd,
+    /// iommufd where the kernel offers it, else legacy.
+    #[default]
+    Auto,
+}
+
+impl fmt::Display for VfioBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            VfioBackend::Legacy => "legacy",
+            VfioBackend::Iommufd => "iommufd",
+            VfioBackend::Auto => "auto",
+        })
+    }
+}
+
+impl FromStr for VfioBackend {
+    type Err = DeviceConfigError;
+
+    fn from_str(text: &str) -> Result<Self, DeviceConfigError> {
+        match text {
+            "legacy" => Ok(VfioBackend::Legacy),
+            "iommufd" => Ok(VfioBackend::Iommufd),
+            "auto" => Ok(VfioBackend::Auto),
+            _ => Err(DeviceConfigError::InvalidBackend(text.to_string())),
+        }
+    }
+}
+
+macro_rules! serde_via_str {
+    ($type:ty) => {
+        impl Serialize for $type {
+            fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                serializer.collect_str(self)
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $type {
+            fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+                let text = String::deserialize(deserializer)?;
+                text.parse().map_err(serde::de::Error::custom)
+            }
+        }
+    };
+}
+
+serde_via_str!(BarAlign);
+serde_via_str!(VfioBackend);
+
+/// A host PCI device passed through with VFIO.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VfioConfig {
+    /// Host PCI address, `DDDD:BB:DD.F` (normalized: lower case, domain given).
+    pub bdf: String,
+    /// BAR alignment cap.
+    #[serde(default)]
+    pub bar_align: BarAlign,
+}
+
+/// An ivshmem-compatible shared memory device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShmemConfig {
+    /// Bytes of shared memory (BAR2): a power of two, at least 4 KiB.
+    #[serde(deserialize_with = "crate::config::deserialize_size")]
+    pub size: u64,
+    /// A file to share (created or extended to `size`); `None`: a memfd.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathBuf>,
+    /// hugetlbfs pages: a `MFD_HUGETLB` memfd, or `path` on a hugetlbfs mount.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hugepages: Option<HugePageSize>,
+    /// BAR alignment cap.
+    #[serde(default)]
+    pub bar_align: BarAlign,
+}
+
+/// An extra PCI device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceConfig {
+    /// VFIO passthrough.
+    Vfio(VfioConfig),
+    /// Shared memory (ivshmem).
+    Shmem(ShmemConfig),
+}
+
+const DEVICE_OPTION: &str = "--device";
+const DEVICE_EXAMPLE: &str = "vfio=0000:41:00.0,bar-align=2m";
+const SHMEM_OPTION: &str = "--shmem";
+const SHMEM_EXAMPLE: &str = "size=8G,hugepages=1G";
+
+/// Normalizes `text` as a PCI address `DDDD:BB:DD.F`.
+pub fn parse_bdf(text: &str) -> Result<String, DeviceConfigError> {
+    resources::sysfs::normalize_bdf(text)
+        .map_err(|_| DeviceConfigError::InvalidBdf(text.to_string()))
+}
+
+impl FromStr for VfioConfig {
+    type Err = ConfigError;
+
+    /// Parses `vfio=DDDD:BB:DD.F[,bar-align=auto|4k|2m|1g]` (the `--device` value).
+    fn from_str(text: &str) -> Result<Self, ConfigError> {
+        if let Some((kind, _)) = text.split_once('=') {
+            if kind != "vfio" && kind != "bar-align" {
+                return Err(DeviceConfigError::UnknownDevice(kind.to_string()).into());
+            }
+        }
+        let pairs = parse_key_values(DEVICE_OPTION, DEVICE_EXAMPLE, &["vfio", "bar-align"], text)?;
+        let mut bdf = None;
+        let mut bar_align = BarAlign::Auto;
+        for (key, value) in pairs {
+            match key {
+                "vfio" => bdf = Some(parse_bdf(value)?),
+                "bar-align" => bar_align = value.parse()?,
+                _ => {}
+            }
+        }
+        let bdf = bdf.ok_or(ConfigError::MissingKey {
+            option: DEVICE_OPTION,
+            key: "vfio",
+            example: DEVICE_EXAMPLE,
+        })?;
+        Ok(VfioConfig { bdf, bar_align })
+    }
+}
+
+impl fmt::Display for VfioConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "vfio={}", self.bdf)?;
+        if self.bar_align != BarAlign::Auto {
+            write!(f, ",bar-align={}", self.bar_align)?;
+        }
+        Ok(())
+    }
+}
+
+impl FromStr for ShmemConfig {
+    type Err = ConfigError;
+
+    /// Parses `size=8G[,path=FILE][,hugepages=2M|1G][,bar-align=..]` and
+    /// validates it ([`ShmemConfig::validate`]).
+    fn from_str(text: &str) -> Result<Self, ConfigError> {
+        let pairs = parse_key_values(
+            SHMEM_OPTION,
+            SHMEM_EXAMPLE,
+            &["size", "path", "hugepages", "bar-align"],
+            text,
+        )?;
+        let mut size = None;
+        let mut config = ShmemConfig {
+            size: 0,
+            path: None,
+            hugepages: None,
+            bar_align: BarAlign::Auto,
+        };
+        for (key, value) in pairs {
+            match key {
+                "size" => size = Some(parse_size(value)?),
+                "path" if value.is_empty() => {
+                    return Err(ConfigError::MissingKey {
+                        option: SHMEM_OPTION,
+                        key: "path",
+                        example: "size=8G,path=/dev/shm/ivshmem",
+                    })
+                }
+                "path" => config.path = Some(PathBuf::from(value)),
+                "hugepages" => {
+                    config.hugepages = match value {
+                        "none" | "off" => None,
+                        _ => Some(value.parse()?),
+                    }
+                }
+                "bar-align" => config.bar_align = value.parse()?,
+                _ => {}
+            }
+        }
+        config.size = size.ok_or(ConfigError::MissingKey {
+            option: SHMEM_OPTION,
+            key: "size",
+            example: SHMEM_EXAMPLE,
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+impl fmt::Display for ShmemConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "size={}", format_size(self.size))?;
+        if let Some(path) = &self.path {
+            write!(f, ",path={}", path.display())?;
+        }
+        if let Some(hugepages) = self.hugepages {
+            write!(f, ",hugepages={hugepages}")?;
+        }
+        if self.bar_align != BarAlign::Auto {
+            write!(f, ",bar-align={}", self.bar_align)?;
+        }
+        Ok(())
+    }
+}
+
+impl ShmemConfig {
+    /// Checks the size (a power of two, at least 4 KiB, at least one huge
+    /// page) and that `bar-align` does not cap below the huge page size.
+    pub fn validate(&self) -> Result<(), DeviceConfigError> {
+        let size = self.size;
+        if size < MIN_SHMEM_SIZE {
+            return Err(DeviceConfigError::ShmemTooSmall { size });
+        }
+        if !size.is_power_of_two() {
+            return Err(DeviceConfigError::ShmemNotPowerOfTwo { size });
+        }
+        if let Some(hugepages) = self.hugepages {
+            if size < hugepages.bytes() {
+                return Err(DeviceConfigError::ShmemBelowHugePage { size, hugepages });
+            }
+            if let Some(cap) = self.bar_align.cap() {
+                if cap.bytes() < hugepages.bytes() {
+                    return Err(DeviceConfigError::ShmemAlignBelowHugePage {
+                        hugepages,
+                        bar_align: self.bar_align,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Checks every device and that no host device is passed through twice.
+pub fn validate_devices(devices: &[DeviceConfig]) -> Result<(), DeviceConfigError> {
+    let mut seen = std::collections::BTreeSet::new();
+    for device in devices {
+        match device {
+            DeviceConfig::Shmem(shmem) => shmem.validate()?,
+            DeviceConfig::Vfio(vfio) => {
+                let bdf = parse_bdf(&vfio.bdf)?;
+                if !seen.insert(bdf.clone()) {
+                    return Err(DeviceConfigError::DuplicateVfio(bdf));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_option_parses_bdf_and_bar_align() {
+        let vfio: VfioConfig = "vfio=0000:41:00.0".parse().unwrap();
+        assert_eq!(vfio.bdf, "0000:41:00.0");
+        assert_eq!(vfio.bar_align, BarAlign::Auto);
+        let vfio: VfioConfig = "vfio=41:00.0,bar-align=2M".parse().unwrap();
+        assert_eq!(vfio.bdf, "0000:41:00.0", "domain added");
+        assert_eq!(vfio.bar_align, BarAlign::Size2M);
+        assert_eq!(vfio.to_string(), "vfio=0000:41:00.0,bar-align=2m");
+        assert_eq!(BarAlign::Size4K.cap(), Some(PageSize::Size4K));
+        assert_eq!(BarAlign::Auto.cap(), None);
+    }
+
+    #[test]
+    fn device_option_errors_name_the_problem() {
+        for (input, expected) in [
+            ("vfio=41:00", "not a PCI address"),
+            ("vfio=0000:41:00.0,bar-align=3m", "use auto, 4k, 2m or 1g"),
+            ("virtio=blk", "unknown device \"virtio\""),
+            ("bar-align=2m", "missing vfio="),
+            ("vfio=0000:41:00.0,colour=red", "unknown key \"colour\""),
+            ("0000:41:00.0", "expected key=value"),
+        ] {
+            let err = input.parse::<VfioConfig>().unwrap_err().to_string();
+            assert!(err.contains(expected), "{input:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn shmem_option_parses_every_key() {
+        let shmem: ShmemConfig = "size=8G,path=/dev/shm/x,hugepages=1G,bar-align=1g"
+            .parse()
+            .unwrap();
+        assert_eq!(shmem.size, 8 << 30);
+        assert_eq!(shmem.path, Some(PathBuf::from("/dev/shm/x")));
+        assert_eq!(shmem.hugepages, Some(HugePageSize::Size1G));
+        assert_eq!(shmem.bar_align, BarAlign::Size1G);
+        assert_eq!(
+            shmem.to_string(),
+            "size=8G,path=/dev/shm/x,hugepages=1G,bar-align=1g"
+        );
+        let shmem: ShmemConfig = "size=4M".parse().unwrap();
+        assert_eq!(shmem.to_string(), "size=4M");
+    }
+
+    #[test]
+    fn shmem_option_errors_name_the_problem() {
+        for (input, expected) in [
+            ("size=3G", "must be a power of two; use 2G or 4G"),
+            ("size=1K", "needs at least 4K"),
+            ("size=1M,hugepages=2M", "at least one 2M huge page"),
+            (
+                "size=2G,hugepages=2M,bar-align=4k",
+                "cannot be moved off it",
+            ),
+            ("size=2G,hugepages=3M", "use hugepages=2M or hugepages=1G"),
+            ("path=/x", "missing size="),
+            ("size=1G,path=", "missing path="),
+            ("size=1G,bar-align=8k", "use auto, 4k, 2m or 1g"),
+            ("size=lots", "invalid size"),
+            ("size=1G,size=2G", "given twice"),
+        ] {
+            let err = input.parse::<ShmemConfig>().unwrap_err().to_string();
+            assert!(err.contains(expected), "{input:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn backend_parses() {
+        assert_eq!(
+            "legacy".parse::<VfioBackend>().unwrap(),
+            VfioBackend::Legacy
+        );
+        assert_eq!(
+            "iommufd".parse::<VfioBackend>().unwrap(),
+            VfioBackend::Iommufd
+        );
+        assert_eq!("auto".parse::<VfioBackend>().unwrap(), VfioBackend::Auto);
+        let err = "cdev".parse::<VfioBackend>().unwrap_err().to_string();
+        assert!(err.contains("use legacy, iommufd or auto"), "{err}");
+    }
+
+    #[test]
+    fn devices_round_trip_through_json() {
+        let devices = vec![
+            DeviceConfig::Vfio("vfio=0000:41:00.0,bar-align=4k".parse().unwrap()),
+            DeviceConfig::Shmem("size=8G,hugepages=1G".parse().unwrap()),
+        ];
+        let json = serde_json::to_string(&devices).unwrap();
+        assert!(json.contains(r#"{"vfio":{"bdf":"0000:41:00.0","bar_align":"4k"}}"#));
+        let back: Vec<DeviceConfig> = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, devices);
+        let parsed: Vec<DeviceConfig> =
+            serde_json::from_str(r#"[{"shmem": {"size": "2M"}}, {"shmem": {"size": 4096}}]"#)
+                .unwrap();
+        assert_eq!(parsed.len(), 2);
+    }
+
+    #[test]
+    fn validation_catches_duplicates_and_bad_sizes_from_json() {
+        let twice = vec![
+            DeviceConfig::Vfio("vfio=0000:41:00.0".parse().unwrap()),
+            DeviceConfig::Vfio(VfioConfig {
+                bdf: "41:00.0".into(),
+                bar_align: BarAlign::Auto,
+            }),
+        ];
+        let err = validate_devices(&twice).unwrap_err().to_string();
+        assert!(err.contains("passed through twice"), "{err}");
+        let bad: Vec<DeviceConfig> =
+            serde_json::from_str(r#"[{"shmem": {"size": "3M"}}]"#).unwrap();
+        assert!(matches!(
+            validate_devices(&bad),
+            Err(DeviceConfigError::ShmemNotPowerOfTwo { .. })
+        ));
+    }
+}
