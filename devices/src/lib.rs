@@ -9,6 +9,7 @@
 pub mod acpi;
 pub mod i8042;
 pub mod pci;
+pub mod shmem;
 
 /// A request from the guest to end or restart the machine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
