@@ -153,3 +153,4 @@ mod tests {
     }
 }
 pub mod msix;
+pub mod msi;
