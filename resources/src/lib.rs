@@ -17,3 +17,4 @@ pub use placement::{
     plan, render_table, AreaPlacement, BarInput, BarPlacement, BarRange, BarWidth, DeviceInput,
     DevicePlan, PageCounts, PageSize, PlacementError, Plan, Window, WindowKind, Windows,
 };
+pub mod gsi;
