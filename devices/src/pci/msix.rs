@@ -750,6 +750,11 @@ pub struct BarInfo {
     /// Whether the host can mmap (parts of) the BAR, so the guest reaches
     /// it without exits. A BAR that is trapped anyway costs nothing more.
     pub mmappable: bool,
+    /// Whether the host would also let the VMM mmap the pages holding the
+    /// device's MSI-X table and PBA (VFIO reports
+    /// `VFIO_REGION_INFO_CAP_MSIX_MAPPABLE`). Without it those pages trap
+    /// whatever barge does, and relocating the table gains nothing.
+    pub msix_pages_mappable: bool,
 }
 
 /// Whether to relocate the MSI-X table.
@@ -775,9 +780,10 @@ pub enum MsixPlacement {
     },
     /// Move both to a new 32-bit non-prefetchable memory BAR that is
     /// entirely emulated: the table at offset 0, the PBA after it on its
-    /// own page. The device's own table and PBA pages stay mapped through
-    /// to the guest, which no longer knows they are MSI-X structures (the
-    /// host kernel still protects the real table).
+    /// own page. The device's own table and PBA pages become ordinary BAR
+    /// space, mapped through like the rest of the BAR (the guest no longer
+    /// knows they are MSI-X structures; the host kernel still owns the real
+    /// table).
     Relocate {
         /// The free BAR index used.
         new_bar_index: u8,
@@ -792,11 +798,13 @@ pub enum MsixPlacement {
 /// `x-msix-relocation`.
 ///
 /// Rule for [`RelocationPolicy::Auto`]: relocate when the table or the PBA
-/// lies in an mmap-able memory BAR of at least
-/// [`MSIX_RELOCATION_THRESHOLD`] (2 MiB) — a BAR that could get huge pages,
-/// where the trapped 4 KiB page splits the huge page around it — and a BAR
-/// index is free (the lowest free one is used; a 64-bit BAR takes two
-/// indices). Otherwise trap pages. [`RelocationPolicy::Off`] always traps;
+/// lies in a memory BAR of at least [`MSIX_RELOCATION_THRESHOLD`] (2 MiB)
+/// that is mmap-able including its MSI-X pages — a BAR that could get huge
+/// pages, where the trapped 4 KiB page would split the huge page around it
+/// — and a BAR index is free (the lowest free one is used; a 64-bit BAR
+/// takes two indices). Otherwise trap pages: the BAR is small, trapped
+/// anyway, or the host would not map the MSI-X pages even after
+/// relocation. [`RelocationPolicy::Off`] always traps;
 /// [`RelocationPolicy::Bar`] relocates to the given index, which must be
 /// free. BARs the table or PBA name must exist and contain them.
 pub fn relocation(
@@ -853,6 +861,7 @@ pub fn relocation(
                     bar.index == *index
                         && !bar.is_io
                         && bar.mmappable
+                        && bar.msix_pages_mappable
                         && bar.size >= MSIX_RELOCATION_THRESHOLD
                 })
             });
@@ -997,6 +1006,31 @@ mod tests {
             write_u64(&mut t, 24, 0x0000_0001_0000_0066),
             Some(MsixEvent::VectorMasked { vector: 1, entry }) if entry.message.data == 0x66
         ));
+    }
+
+    #[test]
+    fn every_aligned_qword_reads_back_and_matches_its_two_dwords() {
+        let mut t = table(3);
+        for offset in (0..48u64).step_by(8) {
+            let value = 0x0123_4567_89ab_cdefu64.rotate_left(offset as u32) & !0x3;
+            write_u64(&mut t, offset, value);
+            let mut qword = [0u8; 8];
+            t.table_read(offset, &mut qword);
+            let low = read_u32(&t, offset);
+            let high = read_u32(&t, offset + 4);
+            assert_eq!(
+                u64::from_le_bytes(qword),
+                u64::from(low) | (u64::from(high) << 32),
+                "offset {offset}"
+            );
+            let expected = if offset % 16 == 8 {
+                // Data, then vector control with only the mask bit kept.
+                (value & 0xffff_ffff) | ((value >> 32) & 1) << 32
+            } else {
+                value
+            };
+            assert_eq!(u64::from_le_bytes(qword), expected, "offset {offset}");
+        }
     }
 
     #[test]
@@ -1442,6 +1476,7 @@ mod tests {
             is_64bit,
             is_io: false,
             mmappable: true,
+            msix_pages_mappable: true,
         }
     }
 
@@ -1520,6 +1555,16 @@ mod tests {
         }];
         assert!(matches!(
             relocation(&cap, &bars, RelocationPolicy::Auto),
+            Ok(MsixPlacement::TrapPages { .. })
+        ));
+        // Big and mmap-able, but the host keeps the MSI-X pages unmapped:
+        // relocating would not bring the huge page back.
+        let host_traps_msix = [BarInfo {
+            msix_pages_mappable: false,
+            ..bar(0, 1 << 30, true)
+        }];
+        assert!(matches!(
+            relocation(&cap, &host_traps_msix, RelocationPolicy::Auto),
             Ok(MsixPlacement::TrapPages { .. })
         ));
         // Explicit relocation to a free index works for small BARs too.
