@@ -303,3 +303,4 @@ mod tests {
         assert_eq!(first, process_start());
     }
 }
+pub mod vfio;
