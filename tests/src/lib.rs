@@ -1,3 +1,5 @@
-//! barge's integration-test support: the nested KVM + VFIO lab.
+//! barge's integration-test support: the nested KVM + VFIO lab, and the
+//! helpers the integration tests share to drive it.
 
+pub mod harness;
 pub mod lab;

@@ -3,37 +3,15 @@
 //! command given on its kernel command line and powers off.
 
 use std::path::PathBuf;
-use std::process::{Command, Output};
+use std::process::Output;
 
-use barge_tests::lab::SETUP_COMMAND;
-
-fn text(output: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    )
-}
-
-fn results_dir(output: &Output) -> PathBuf {
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    let line = stderr
-        .lines()
-        .find_map(|l| l.split("results in ").nth(1))
-        .unwrap_or_else(|| panic!("no results folder printed:\n{}", text(output)));
-    PathBuf::from(line.split(';').next().unwrap().trim())
-}
+use barge_tests::harness::{lab_run, output_text as text, results_dir};
 
 /// Runs `script` in the lab host with barge on its PATH.
 fn in_lab(script: &str) -> (Output, PathBuf) {
-    let output = Command::new(env!("CARGO_BIN_EXE_barge-lab"))
-        .args(["run", "--quiet", "--timeout", "600", "--", script])
-        .output()
-        .expect("barge-lab runs");
-    let out = text(&output);
-    assert!(
-        !out.contains("the lab is not set up"),
-        "the lab is not set up on this machine: run `{SETUP_COMMAND}`\n{out}"
+    let output = lab_run(
+        env!("CARGO_BIN_EXE_barge-lab"),
+        &["--timeout", "600", "--", script],
     );
     let dir = results_dir(&output);
     (output, dir)

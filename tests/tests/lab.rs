@@ -3,46 +3,18 @@
 //! region. These tests need `barge-lab setup` to have run: without it they
 //! fail and name the command (they are not skipped).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 
+use barge_tests::harness::{self, output_text as text, results_dir};
 use barge_tests::lab::SETUP_COMMAND;
 
 fn barge_lab() -> Command {
     Command::new(env!("CARGO_BIN_EXE_barge-lab"))
 }
 
-fn text(output: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    )
-}
-
-/// The folder `barge-lab run` printed as holding the command's results.
-fn results_dir(output: &Output) -> PathBuf {
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    let line = stderr
-        .lines()
-        .find_map(|l| l.split("results in ").nth(1))
-        .unwrap_or_else(|| panic!("no results folder printed:\n{}", text(output)));
-    PathBuf::from(line.split(';').next().unwrap().trim())
-}
-
 fn lab_run(args: &[&str]) -> Output {
-    let output = barge_lab()
-        .arg("run")
-        .arg("--quiet")
-        .args(args)
-        .output()
-        .expect("barge-lab runs");
-    let out = text(&output);
-    assert!(
-        !out.contains("the lab is not set up"),
-        "the lab is not set up on this machine: run `{SETUP_COMMAND}`\n{out}"
-    );
-    output
+    harness::lab_run(env!("CARGO_BIN_EXE_barge-lab"), args)
 }
 
 #[test]
