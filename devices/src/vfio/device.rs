@@ -38,7 +38,10 @@ use crate::pci::config::{
     CACHE_LINE_SIZE_OFFSET, COMMAND_WRITABLE_BITS, CONFIG_SPACE_SIZE, INTERRUPT_LINE_OFFSET,
     LATENCY_TIMER_OFFSET, STATUS_OFFSET,
 };
-use crate::pci::{access_is_valid, CommandChange, ConfigEvent, PciConfigAccess, COMMAND_OFFSET};
+use crate::pci::{
+    access_is_valid, CommandChange, ConfigEvent, PciConfigAccess, COMMAND_MEMORY_SPACE,
+    COMMAND_OFFSET,
+};
 
 /// Start of the capability area (after the type 0 header).
 const CAPABILITIES_START: u16 = 0x40;
@@ -146,6 +149,13 @@ pub struct VfioPciDevice<B: VfioBackend> {
     /// Bytes of config space the device has (256 or 4096).
     config_size: u16,
     bar_access: VfioBarAccess<B>,
+    /// The command register's memory-space bit as the guest last wrote it.
+    /// The device itself keeps memory decode on for as long as barge owns
+    /// it: vfio-pci zaps every mmap of the BARs when decode goes off (and
+    /// fails faults while it is off), so forwarding the guest's toggles
+    /// during boot would make the host and KVM fault the BARs in again, and
+    /// barge could not pre-fault them before the guest runs.
+    guest_memory_enabled: bool,
 }
 
 impl<B: VfioBackend> VfioPciDevice<B> {
@@ -202,14 +212,34 @@ impl<B: VfioBackend> VfioPciDevice<B> {
             backend: Arc::clone(&backend),
             sizes,
         };
-        Ok(Self {
+        let device = Self {
             backend,
             bars,
             mask: probe.mask.clone(),
             hidden_spans,
             config_size,
             bar_access,
-        })
+            guest_memory_enabled: false,
+        };
+        let command = device.device_command();
+        if command & COMMAND_MEMORY_SPACE == 0 {
+            device.backend.config_write(
+                u64::from(COMMAND_OFFSET),
+                &(command | COMMAND_MEMORY_SPACE).to_le_bytes(),
+            );
+        }
+        Ok(device)
+    }
+
+    /// The command register as the guest sees it: the device's, with the
+    /// memory-space bit the guest wrote.
+    fn guest_command(&self) -> u16 {
+        let command = self.device_command() & !COMMAND_MEMORY_SPACE;
+        if self.guest_memory_enabled {
+            command | COMMAND_MEMORY_SPACE
+        } else {
+            command
+        }
     }
 
     /// The handle for trapped BAR accesses.
@@ -301,6 +331,13 @@ impl<B: VfioBackend> PciConfigAccess for VfioPciDevice<B> {
             self.backend.config_read(u64::from(offset), data);
         }
         self.mask.overlay(offset, data);
+        let command_low = usize::from(COMMAND_OFFSET);
+        let start = usize::from(offset);
+        if (start..start + data.len()).contains(&command_low) {
+            let byte = &mut data[command_low - start];
+            *byte = (*byte & !(COMMAND_MEMORY_SPACE as u8))
+                | (self.guest_command() as u8 & COMMAND_MEMORY_SPACE as u8);
+        }
     }
 
     fn config_write(&mut self, offset: u16, data: &[u8]) -> Option<ConfigEvent> {
@@ -320,7 +357,7 @@ impl<B: VfioBackend> PciConfigAccess for VfioPciDevice<B> {
         let mut event = None;
         if start < command_range.end && end > command_range.start {
             // Merge the written command bytes through the write mask.
-            let old = self.device_command();
+            let old = self.guest_command();
             let mut bytes = old.to_le_bytes();
             for (i, value) in data.iter().enumerate() {
                 if command_range.contains(&(start + i)) {
@@ -329,8 +366,11 @@ impl<B: VfioBackend> PciConfigAccess for VfioPciDevice<B> {
             }
             let written = u16::from_le_bytes(bytes);
             let new = (old & !COMMAND_WRITABLE_BITS) | (written & COMMAND_WRITABLE_BITS);
-            self.backend
-                .config_write(u64::from(COMMAND_OFFSET), &new.to_le_bytes());
+            self.guest_memory_enabled = new & COMMAND_MEMORY_SPACE != 0;
+            self.backend.config_write(
+                u64::from(COMMAND_OFFSET),
+                &(new | COMMAND_MEMORY_SPACE).to_le_bytes(),
+            );
             event = CommandChange::between(old, new).map(ConfigEvent::Command);
         }
         // Forward the other writable bytes, in runs.
@@ -631,13 +671,28 @@ mod tests {
         let event =
             device.config_write(COMMAND_OFFSET, &[COMMAND_IO_SPACE as u8, 0x00, 0x00, 0xf9]);
         assert!(matches!(event, Some(ConfigEvent::Command(c)) if c.new == 0x0001));
+        // The guest turned memory decode off; the device keeps it on.
         assert_eq!(
             fake.writes()
                 .iter()
                 .map(|w| (w.offset, w.data.clone()))
                 .collect::<Vec<_>>(),
-            [(4, vec![0x01, 0x00]), (6, vec![0x00, 0xf9])]
+            [(4, vec![0x03, 0x00]), (6, vec![0x00, 0xf9])]
         );
+        let mut command = [0u8; 2];
+        device.config_read(COMMAND_OFFSET, &mut command);
+        assert_eq!(
+            u16::from_le_bytes(command),
+            0x0001,
+            "the guest sees its own bit"
+        );
+    }
+
+    #[test]
+    fn memory_decode_is_on_in_the_device_from_the_start() {
+        let Rig { device, .. } = rig();
+        assert_ne!(device.device_command() & COMMAND_MEMORY_SPACE, 0);
+        assert_eq!(device.guest_command() & COMMAND_MEMORY_SPACE, 0);
     }
 
     #[test]
