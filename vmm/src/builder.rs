@@ -1,24 +1,28 @@
 //! The boot sequence, in one straight-line function: [`boot_and_run`].
 
 use std::io;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use arch::layout::{ACPI_SLEEP_CONTROL_PORT, COM1_PORT, COM1_PORT_COUNT, I8042_DATA_PORT};
 use devices::pci::PciSegment;
-use resources::placement::{PlacementError, Windows};
+use resources::placement::{DeviceInput, PlacementError, Windows};
 
+use crate::bar_mapping::{BarProver, PrefaultSupport, SlotAllocator};
 use crate::bus::{BusError, Buses};
 use crate::config::{ConfigError, VmConfig};
 use crate::console::ConsoleError;
 use crate::kvm::{self, KvmError};
+use crate::kvm_stats::KvmStatsFd;
 use crate::loader::{self, LoadError};
 use crate::memory::{self, MemoryError};
 use crate::pci;
+use crate::pci_device::{self, AttachContext, DeviceSetupError};
 use crate::power::{AcpiSleepBusDevice, I8042BusDevice, PowerSignal};
-use crate::report::{self, MemoryRegionReport, ReportError};
+use crate::report::{self, DeviceReport, MemoryRegionReport, ReportError};
 use crate::serial::{IrqFdTrigger, SerialDevice, SerialOutput};
-use crate::vm::{self, BuiltVm, SerialInput, VmError, VmRun};
+use crate::vm::{self, BuiltVm, LiveDevice, SerialInput, VmError, VmRun};
 
 /// Anything that stops a VM from being built or run. Each variant's message
 /// is already a complete sentence naming the problem.
@@ -51,6 +55,9 @@ pub enum BuildError {
     /// Boot structures.
     #[error(transparent)]
     Boot(#[from] arch::BootError),
+    /// A device could not be opened or attached (its message says why).
+    #[error("{0}")]
+    Device(DeviceSetupError),
     /// Two devices claim the same addresses.
     #[error("device layout: {0}")]
     Bus(#[from] BusError),
@@ -74,6 +81,8 @@ pub struct BootOutcome {
     pub run: VmRun,
     /// The guest RAM regions and their backing.
     pub memory: Vec<MemoryRegionReport>,
+    /// The PCI devices and how their BARs got mapped.
+    pub devices: Vec<DeviceReport>,
 }
 
 /// Builds the VM described by `config` and runs it until it stops or
@@ -94,14 +103,35 @@ pub fn boot_and_run(
 
     let kvm = kvm::open_kvm()?;
     vm::check_cpu_count(&kvm, config.cpus)?;
-    let vm_fd = vm::create_vm(&kvm)?;
 
+    // Devices and their placement, before any guest memory exists.
     let ram_regions = resources::ram_regions(config.memory.size)?;
     let ram_layout: Vec<(u64, u64)> = ram_regions.iter().map(|r| r.as_pair()).collect();
     let phys_bits = pci::phys_bits_from_cpuid(vm::supported_cpuid(&kvm)?.as_slice());
     let windows = Windows::new(&ram_regions, phys_bits)?;
+    let setups = pci_device::open_devices(config, Path::new(memory::SYSFS_ROOT))
+        .map_err(BuildError::Device)?;
+    let inputs: Vec<DeviceInput> = setups.iter().map(|s| s.plan_input()).collect();
+    let plan = resources::plan(&inputs, &windows)?;
+
+    let vm_fd = vm::create_vm(&kvm)?;
     let ram = memory::create_guest_memory(&ram_layout, &config.memory)?;
     vm::map_ram(&vm_fd, &ram)?;
+    let mut slots = SlotAllocator::new(ram.regions.len() as u32);
+    let mut attached = Vec::with_capacity(setups.len());
+    for (setup, device_plan) in setups.into_iter().zip(&plan.devices) {
+        let name = setup.name().to_string();
+        let kind = setup.kind();
+        let mut ctx = AttachContext {
+            vm: &vm_fd,
+            ram: &ram,
+            slots: &mut slots,
+        };
+        let device = setup
+            .attach(device_plan, &mut ctx)
+            .map_err(BuildError::Device)?;
+        attached.push((name, kind, device));
+    }
 
     let kernel = loader::load_kernel(&ram.memory, &config.kernel)?;
     let initramfs = match &config.initramfs {
@@ -145,15 +175,53 @@ pub fn boot_and_run(
     vm::wire_serial_irq(&vm_fd, serial_irq.event_fd())?;
     let serial = Arc::new(Mutex::new(SerialDevice::new(serial_irq, console)));
     let mut buses = devices_on_buses(serial.clone(), &power)?;
-    let segment = Arc::new(Mutex::new(PciSegment::with_host_bridge()));
-    pci::attach_segment(&mut buses, &segment)?;
+    let mut segment = PciSegment::with_host_bridge();
+    let mut live = Vec::with_capacity(attached.len());
+    let mut device_reports = Vec::with_capacity(attached.len());
+    for (name, kind, device) in attached {
+        let number = segment
+            .add_device(device.config)
+            .map_err(|e| BuildError::Device(e.into()))?;
+        for trap in device.traps {
+            buses
+                .mmio
+                .insert(trap.gpa, trap.size, trap.name, trap.device)?;
+        }
+        device_reports.push(DeviceReport {
+            bdf: name,
+            kind: kind.to_string(),
+            guest_bdf: format!("0000:00:{number:02x}.0"),
+            bars: Vec::new(),
+        });
+        live.push(LiveDevice {
+            bars: device.bars,
+            keep_alive: device.keep_alive,
+        });
+    }
+    pci::attach_segment(&mut buses, &Arc::new(Mutex::new(segment)))?;
 
     let vcpus = vm::create_vcpus(&kvm, &vm_fd, config.cpus, &boot_state)?;
 
+    // Proof: pre-fault every BAR before the guest runs, count what KVM mapped.
+    if let Some(vcpu) = vcpus.first() {
+        let support = PrefaultSupport::of(&vm_fd);
+        let stats = KvmStatsFd::open(&vm_fd)
+            .map_err(|e| log::warn!("{e}; BAR mappings are not measured"))
+            .ok();
+        let mut prover = BarProver::new(vcpu, stats, support);
+        for (report, device) in device_reports.iter_mut().zip(&live) {
+            report.bars = device.bars.iter().map(|bar| prover.prove(bar)).collect();
+        }
+    }
+
     let memory = ram.region_reports();
-    let built = BuiltVm::new(vm_fd, ram, vcpus, buses, serial, input, power);
+    let built = BuiltVm::new(vm_fd, ram, vcpus, buses, serial, input, power).with_devices(live);
     let run = built.run(deadline)?;
-    Ok(BootOutcome { run, memory })
+    Ok(BootOutcome {
+        run,
+        memory,
+        devices: device_reports,
+    })
 }
 
 /// The kernel entry in arch's terms.

@@ -34,6 +34,7 @@
 //! each `Vm::run*` call instead, so several VMs in one test process each get
 //! their own.
 
+pub mod bar_mapping;
 pub mod builder;
 pub mod bus;
 pub mod cli;
@@ -48,10 +49,12 @@ pub mod loader;
 pub mod mapping;
 pub mod memory;
 pub mod pci;
+pub mod pci_device;
 pub mod power;
 pub mod prefault;
 pub mod report;
 pub mod serial;
+pub mod shmem;
 pub mod vcpu;
 pub mod vm;
 
@@ -230,7 +233,7 @@ impl Vm {
             start_to_first_run_ms: first_run.map(|t| millis(t.saturating_duration_since(start))),
             memory: outcome.memory,
             kvm_stats: outcome.run.kvm_stats,
-            devices: Vec::new(),
+            devices: outcome.devices,
         };
         if let Some(path) = &self.config.report {
             report.write_to(path)?;

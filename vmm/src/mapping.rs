@@ -23,6 +23,8 @@ pub enum MappingError {
     BadAlignment { align: u64, phase: u64 },
     #[error("cannot map {len:#x} bytes: the length must be a non-zero multiple of 4 KiB")]
     BadLength { len: u64 },
+    #[error("area {offset:#x}+{len:#x} is not a non-empty, page-aligned part of the {total:#x}-byte mapping")]
+    BadArea { offset: u64, len: u64, total: u64 },
     #[error("cannot reserve {len:#x} bytes of host address space: {source}")]
     Reserve { len: u64, source: std::io::Error },
     #[error("cannot map {len:#x} bytes at file offset {offset:#x} over the reservation: {source}")]
@@ -62,6 +64,24 @@ impl AlignedMapping {
         align: u64,
         phase: u64,
     ) -> Result<Self, MappingError> {
+        Self::map_shared_areas(fd, offset, len, align, phase, &[(0, len)])
+    }
+
+    /// Reserves `len` bytes at an address `≡ phase (mod align)` and maps each
+    /// area `(area_offset, area_len)` of it from `fd` at file offset
+    /// `offset + area_offset`, shared and readable/writable, keeping its
+    /// place: the area's address is the base plus `area_offset`. The rest
+    /// stays reserved (`PROT_NONE`, a fault if touched). This is how a BAR
+    /// with sparse mmap-able areas keeps the alignment of the whole BAR.
+    /// Everything is unmapped on drop, or when an area fails to map.
+    pub fn map_shared_areas(
+        fd: BorrowedFd<'_>,
+        offset: u64,
+        len: u64,
+        align: u64,
+        phase: u64,
+        areas: &[(u64, u64)],
+    ) -> Result<Self, MappingError> {
         if !align.is_power_of_two()
             || align < HOST_PAGE_SIZE
             || phase >= align
@@ -72,6 +92,22 @@ impl AlignedMapping {
         if len == 0 || len % HOST_PAGE_SIZE != 0 {
             return Err(MappingError::BadLength { len });
         }
+        for &(area_offset, area_len) in areas {
+            let inside = area_offset
+                .checked_add(area_len)
+                .is_some_and(|end| end <= len);
+            if area_len == 0
+                || area_len % HOST_PAGE_SIZE != 0
+                || area_offset % HOST_PAGE_SIZE != 0
+                || !inside
+            {
+                return Err(MappingError::BadArea {
+                    offset: area_offset,
+                    len: area_len,
+                    total: len,
+                });
+            }
+        }
         let reserve_len = len
             .checked_add(align)
             .ok_or(MappingError::BadLength { len })?;
@@ -80,13 +116,18 @@ impl AlignedMapping {
             source,
         })?;
         let start = aligned_start(base, align, phase);
-        if let Err(source) = sys::map_fixed_shared(start, len, fd.as_raw_fd(), offset) {
-            sys::unmap(base, reserve_len);
-            return Err(MappingError::Map {
-                len,
-                offset,
-                source,
-            });
+        for &(area_offset, area_len) in areas {
+            let file_offset = offset.saturating_add(area_offset);
+            if let Err(source) =
+                sys::map_fixed_shared(start + area_offset, area_len, fd.as_raw_fd(), file_offset)
+            {
+                sys::unmap(base, reserve_len);
+                return Err(MappingError::Map {
+                    len: area_len,
+                    offset: file_offset,
+                    source,
+                });
+            }
         }
         // Give back the unused head and tail of the reservation.
         if start > base {
@@ -98,6 +139,12 @@ impl AlignedMapping {
             sys::unmap(end, reserve_end - end);
         }
         Ok(AlignedMapping { addr: start, len })
+    }
+
+    /// Asks for transparent huge pages on the mapping (shmem THP in
+    /// `advise` mode needs it). Best effort: the kernel may say no.
+    pub fn advise_huge_pages(&self) -> std::io::Result<()> {
+        sys::advise_huge_pages(self.addr, self.len)
     }
 
     /// The host virtual address of the mapping.
@@ -161,6 +208,18 @@ mod sys {
             )
         };
         if mapped == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// MADV_HUGEPAGE over a range this module mapped.
+    pub fn advise_huge_pages(addr: u64, len: u64) -> io::Result<()> {
+        // SAFETY: the range is a live mapping owned by the caller's
+        // AlignedMapping; MADV_HUGEPAGE only changes how the kernel backs it.
+        let ret =
+            unsafe { libc::madvise(addr as *mut libc::c_void, len as usize, libc::MADV_HUGEPAGE) };
+        if ret != 0 {
             return Err(io::Error::last_os_error());
         }
         Ok(())
@@ -243,6 +302,39 @@ mod tests {
         let file = memfd(len);
         let mapping = AlignedMapping::map_shared(file.as_fd(), 0, len, 4 << 20, 2 << 20).unwrap();
         assert_eq!(mapping.addr() % (4 << 20), 2 << 20);
+    }
+
+    #[test]
+    fn areas_keep_their_offsets_and_holes_stay_reserved() {
+        let len = 4 << 20;
+        let mut file = memfd(len);
+        file.seek(SeekFrom::Start(0x30_0000)).unwrap();
+        file.write_all(b"area").unwrap();
+        let mapping = AlignedMapping::map_shared_areas(
+            file.as_fd(),
+            0,
+            len,
+            2 << 20,
+            0,
+            &[(0, 0x1000), (0x20_0000, 0x20_0000)],
+        )
+        .unwrap();
+        assert_eq!(mapping.addr() % (2 << 20), 0);
+        // SAFETY: the second area is mapped, readable, and covers 0x300000.
+        let seen =
+            unsafe { std::slice::from_raw_parts((mapping.addr() + 0x30_0000) as *const u8, 4) };
+        assert_eq!(seen, b"area");
+        // The hole is still ours (reserved), so nothing else lands there.
+        assert!(is_mapped(mapping.addr() + 0x10_0000));
+        mapping.advise_huge_pages().unwrap();
+        let addr = mapping.addr();
+        drop(mapping);
+        assert!(!is_mapped(addr + 0x10_0000));
+        for areas in [&[(0, 0)][..], &[(0x800, 0x1000)], &[(0, len + 0x1000)]] {
+            let err =
+                AlignedMapping::map_shared_areas(file.as_fd(), 0, len, 4096, 0, areas).unwrap_err();
+            assert!(matches!(err, MappingError::BadArea { .. }), "{areas:?}");
+        }
     }
 
     #[test]

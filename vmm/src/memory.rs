@@ -256,7 +256,7 @@ fn read_count(path: &Path) -> Result<u64, MemoryError> {
 pub fn read_huge_page_pool(
     sysfs_root: &Path,
     size: HugePageSize,
-    request: &MemoryConfig,
+    request: &dyn fmt::Display,
 ) -> Result<HugePagePool, MemoryError> {
     let dir = pool_dir(sysfs_root, size);
     if !dir.is_dir() {
@@ -280,7 +280,7 @@ pub fn check_free_huge_pages(
     sysfs_root: &Path,
     size: HugePageSize,
     bytes: u64,
-    request: &MemoryConfig,
+    request: &dyn fmt::Display,
 ) -> Result<(), MemoryError> {
     let pool = read_huge_page_pool(sysfs_root, size, request)?;
     let needed = bytes.div_ceil(size.bytes());
@@ -398,6 +398,12 @@ pub fn create_guest_memory_with_sysfs(
         memory,
         regions: infos,
     })
+}
+
+/// Creates a close-on-exec memfd of `size` bytes, from the hugetlbfs pool
+/// of `huge` when given (shared memory devices use it too).
+pub fn create_memfd(huge: Option<HugePageSize>, size: u64) -> io::Result<std::fs::File> {
+    sys::create_memfd(huge, size)
 }
 
 /// The raw system calls: memfd_create, mmap flags and madvise.

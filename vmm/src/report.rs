@@ -9,9 +9,22 @@
 //!     { "gpa": 0, "size": 536870912, "backing": "anonymous", "page_size": 4096 }
 //!   ],
 //!   "kvm_stats": { "pages_4k": 1200, "pages_2m": 250, "pages_1g": 0 },
-//!   "devices": []
+//!   "devices": [
+//!     { "bdf": "shmem0", "kind": "shmem", "guest_bdf": "0000:00:01.0",
+//!       "bars": [
+//!         { "index": 2, "size": 8589934592, "gpa": 68719476736, "hva": 140668768403456,
+//!           "trapped": false, "planned_page_size": 1073741824,
+//!           "planned":  { "pages_4k": 0, "pages_2m": 0, "pages_1g": 8 },
+//!           "expected": { "pages_4k": 0, "pages_2m": 0, "pages_1g": 8 },
+//!           "mapped":   { "pages_4k": 0, "pages_2m": 0, "pages_1g": 8 },
+//!           "slots": 1, "slot_updates": 1, "huge_ok": true, "prefault_ms": 0.4 } ] }
+//!   ]
 //! }
 //! ```
+//!
+//! `mapped` is measured, not inferred: after the memslots exist and before
+//! the guest runs, barge pre-faults each BAR with KVM_PRE_FAULT_MEMORY and
+//! takes the change of KVM's `pages_*` counters (see `bar_mapping`).
 //!
 //! Addresses and sizes are integers (bytes). `kvm_stats` holds KVM's own VM
 //! counters by their KVM names (see `kvm_stats`).
@@ -56,7 +69,7 @@ pub struct Report {
     pub memory: Vec<MemoryRegionReport>,
     /// KVM's VM statistics at exit, by KVM's names (pages_4k, pages_2m, ...).
     pub kvm_stats: BTreeMap<String, u64>,
-    /// Passthrough and shared-memory devices (none yet).
+    /// Passthrough and shared-memory devices, in guest device order.
     pub devices: Vec<DeviceReport>,
 }
 
@@ -83,10 +96,85 @@ pub struct MemoryRegionReport {
     pub page_size: u64,
 }
 
-/// A device's entry. There are no devices yet; the passthrough issue adds
-/// per-BAR entries, so the list is always empty for now.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub enum DeviceReport {}
+/// One PCI device (VFIO or shared memory) and how its BARs got mapped.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct DeviceReport {
+    /// The host PCI address for VFIO devices; the device's name (`shmem0`,
+    /// ...) for shared memory.
+    pub bdf: String,
+    /// `vfio` or `shmem`.
+    pub kind: String,
+    /// Where the guest sees it, e.g. `0000:00:01.0`.
+    pub guest_bdf: String,
+    /// Its memory BARs, by index.
+    pub bars: Vec<BarReport>,
+}
+
+/// Page counts: how many pages of each size map something.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PageCountsReport {
+    /// 4 KiB pages.
+    pub pages_4k: u64,
+    /// 2 MiB pages.
+    pub pages_2m: u64,
+    /// 1 GiB pages.
+    pub pages_1g: u64,
+}
+
+impl PageCountsReport {
+    /// Bytes these pages cover.
+    pub fn bytes(&self) -> u64 {
+        self.pages_4k * 4096 + self.pages_2m * (2 << 20) + self.pages_1g * (1 << 30)
+    }
+}
+
+impl From<resources::placement::PageCounts> for PageCountsReport {
+    fn from(c: resources::placement::PageCounts) -> Self {
+        PageCountsReport {
+            pages_4k: c.pages_4k,
+            pages_2m: c.pages_2m,
+            pages_1g: c.pages_1g,
+        }
+    }
+}
+
+/// One BAR: where it is, what barge planned and what KVM mapped.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct BarReport {
+    /// BAR index.
+    pub index: u8,
+    /// Size in bytes.
+    pub size: u64,
+    /// Guest physical address.
+    pub gpa: u64,
+    /// Host virtual address of the BAR's mapping; 0 when trapped.
+    pub hva: u64,
+    /// No memslot: every access is emulated (sub-page BARs, nothing mmap-able).
+    pub trapped: bool,
+    /// The largest page the plan allows (bytes); 0 when trapped.
+    pub planned_page_size: u64,
+    /// The plan's page counts (with any bar-align cap).
+    pub planned: PageCountsReport,
+    /// The best page counts for this BAR's placement without a cap: what
+    /// `huge_ok` compares against.
+    pub expected: PageCountsReport,
+    /// What KVM mapped when barge pre-faulted the BAR (the change of KVM's
+    /// pages_4k/2m/1g counters); `null` when it could not pre-fault.
+    pub mapped: Option<PageCountsReport>,
+    /// Memslots the BAR has (one per mmap-able area).
+    pub slots: u32,
+    /// KVM_SET_USER_MEMORY_REGION calls for this BAR over the whole run:
+    /// equal to `slots` (1 for a BAR in one piece) when nothing was torn
+    /// down and re-created.
+    pub slot_updates: u32,
+    /// `mapped` equals `expected`.
+    pub huge_ok: bool,
+    /// How long the pre-fault took, in milliseconds.
+    pub prefault_ms: Option<f64>,
+    /// Why the BAR got less than expected, when it did (also on stderr).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warning: Option<String>,
+}
 
 impl Report {
     /// The report as pretty JSON.
@@ -169,7 +257,35 @@ mod tests {
                 page_size: 4096,
             }],
             kvm_stats: BTreeMap::from([("pages_4k".to_string(), 10), ("pages_2m".to_string(), 3)]),
-            devices: vec![],
+            devices: vec![DeviceReport {
+                bdf: "shmem0".into(),
+                kind: "shmem".into(),
+                guest_bdf: "0000:00:01.0".into(),
+                bars: vec![BarReport {
+                    index: 2,
+                    size: 8 << 30,
+                    gpa: 64 << 30,
+                    hva: 0x7f00_0000_0000,
+                    planned_page_size: 1 << 30,
+                    planned: PageCountsReport {
+                        pages_1g: 8,
+                        ..Default::default()
+                    },
+                    expected: PageCountsReport {
+                        pages_1g: 8,
+                        ..Default::default()
+                    },
+                    mapped: Some(PageCountsReport {
+                        pages_1g: 8,
+                        ..Default::default()
+                    }),
+                    slots: 1,
+                    slot_updates: 1,
+                    huge_ok: true,
+                    prefault_ms: Some(0.5),
+                    ..Default::default()
+                }],
+            }],
         }
     }
 
@@ -186,7 +302,17 @@ mod tests {
         assert_eq!(value["memory"][0]["backing"], "anonymous");
         assert_eq!(value["memory"][0]["page_size"], 4096);
         assert_eq!(value["kvm_stats"]["pages_2m"], 3);
-        assert_eq!(value["devices"], serde_json::json!([]));
+        let bar = &value["devices"][0]["bars"][0];
+        assert_eq!(value["devices"][0]["bdf"], "shmem0");
+        assert_eq!(value["devices"][0]["kind"], "shmem");
+        assert_eq!(bar["index"], 2);
+        assert_eq!(bar["gpa"], 64u64 << 30);
+        assert_eq!(bar["planned_page_size"], 1 << 30);
+        assert_eq!(bar["mapped"]["pages_1g"], 8);
+        assert_eq!(bar["mapped"]["pages_4k"], 0);
+        assert_eq!(bar["slot_updates"], 1);
+        assert_eq!(bar["huge_ok"], true);
+        assert!(bar.get("warning").is_none());
     }
 
     #[test]

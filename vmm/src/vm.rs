@@ -229,11 +229,29 @@ pub enum SerialInput {
 pub struct BuiltVm {
     vcpus: Vec<VcpuFd>,
     vm_fd: VmFd,
+    devices: Vec<LiveDevice>,
     ram: GuestRam,
     buses: Arc<Buses>,
     serial: Arc<Mutex<SerialDevice>>,
     serial_input: SerialInput,
     power: PowerSignal,
+}
+
+/// What a PCI device leaves behind that must outlive the VM fd: its BAR
+/// mappings (memslots point into them) and host resources (fds).
+pub struct LiveDevice {
+    /// The mapped BARs.
+    pub bars: Vec<crate::bar_mapping::MappedBar>,
+    /// Anything else.
+    pub keep_alive: Vec<Box<dyn std::any::Any + Send>>,
+}
+
+impl std::fmt::Debug for LiveDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LiveDevice")
+            .field("bars", &self.bars.len())
+            .finish_non_exhaustive()
+    }
 }
 
 /// How one run ended.
@@ -261,12 +279,20 @@ impl BuiltVm {
         BuiltVm {
             vcpus,
             vm_fd,
+            devices: Vec::new(),
             ram,
             buses: Arc::new(buses),
             serial,
             serial_input,
             power,
         }
+    }
+
+    /// Keeps the PCI devices' BAR mappings and host resources until the VM
+    /// fd is closed (they back memslots).
+    pub fn with_devices(mut self, devices: Vec<LiveDevice>) -> Self {
+        self.devices = devices;
+        self
     }
 
     /// Guest RAM.

@@ -1,0 +1,173 @@
+//! How a PCI device with BARs gets into the VM: the [`PciDeviceSetup`]
+//! trait the builder drives for every entry of `VmConfig.devices`.
+//!
+//! # Plugging a device in (shared memory does it in `shmem.rs`; VFIO the same way)
+//!
+//! 1. **Open** (before planning, before any guest memory exists): the
+//!    builder calls [`open_devices`], which turns each `DeviceConfig` into a
+//!    `Box<dyn PciDeviceSetup>`: shared memory with `shmem::open`, VFIO with
+//!    [`open_vfio`] (the hook the VFIO code fills in). Open the host side
+//!    here (files, VFIO container/group/device) so that bad input fails
+//!    before KVM memory is set up.
+//! 2. **Plan**: [`PciDeviceSetup::plan_input`] gives the planner the
+//!    device's BARs (name = [`PciDeviceSetup::name`]). The builder plans all
+//!    devices together (`resources::placement::plan`) in the VM's windows.
+//! 3. **Attach**: [`PciDeviceSetup::attach`] gets the device's
+//!    `DevicePlan` and an [`AttachContext`] (the VM fd, guest RAM, the memslot
+//!    allocator). For each memory-backed BAR it calls
+//!    [`AttachContext::map_bar`] with the fd and offset of the BAR's data: that
+//!    maps the plan's areas at the plan's HVA rule and registers one memslot
+//!    per area, once (`bar_mapping`). Trapped BARs become
+//!    [`MappedBar::trapped`] plus [`TrapRegion`]s (served on the MMIO bus at
+//!    their planned GPA). It returns an [`AttachedDevice`]: the
+//!    configuration space model for the PCI segment, the trap regions, every
+//!    memory BAR (for the report, in index order) and anything that must
+//!    live as long as the VM (`keep_alive`: device fds, containers).
+//! 4. **Prove and report**: the builder adds the config model to bus 0
+//!    (lowest free device number from 1), the traps to the MMIO bus, and
+//!    after the vCPUs exist pre-faults every mapped BAR (`BarProver`). Add
+//!    likely causes of a shortfall to a `MappedBar` with
+//!    [`MappedBar::add_cause`] during attach; `bar-align` is named for you.
+//!
+//! Drop order: the builder keeps the `AttachedDevice`'s BARs and
+//! `keep_alive` in the `BuiltVm` after the VM fd, so the memslots' memory
+//! outlives the VM.
+
+use std::any::Any;
+use std::os::fd::BorrowedFd;
+use std::path::Path;
+
+use devices::pci::segment::BoxedPciDevice;
+use kvm_ioctls::VmFd;
+use resources::placement::{BarPlacement, DeviceInput, DevicePlan};
+
+use crate::bar_mapping::{map_bar_areas, BarMappingError, MappedBar, SlotAllocator};
+use crate::bus::SharedBusDevice;
+use crate::config::{DeviceConfig, VfioBackend, VfioConfig, VmConfig};
+use crate::memory::GuestRam;
+
+/// Any error a device's open or attach step returns; its message must be a
+/// complete sentence that says what to do.
+pub type DeviceSetupError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A PCI device the builder can plan, attach and report (see module docs).
+pub trait PciDeviceSetup: Send {
+    /// The device's name in the plan and the report's `bdf`: the host
+    /// `DDDD:BB:DD.F` for VFIO, `shmemN` for shared memory. Unique.
+    fn name(&self) -> &str;
+
+    /// The report's `kind`: `vfio` or `shmem`.
+    fn kind(&self) -> &'static str;
+
+    /// The planner input: the device's memory BARs and mmap-able areas.
+    fn plan_input(&self) -> DeviceInput;
+
+    /// Maps the BARs where `plan` says and builds the device (see module docs).
+    fn attach(
+        self: Box<Self>,
+        plan: &DevicePlan,
+        ctx: &mut AttachContext<'_>,
+    ) -> Result<AttachedDevice, DeviceSetupError>;
+}
+
+/// What [`PciDeviceSetup::attach`] may use.
+pub struct AttachContext<'a> {
+    /// The VM (memslots, KVM VFIO device).
+    pub vm: &'a VmFd,
+    /// Guest RAM (for DMA mappings).
+    pub ram: &'a GuestRam,
+    /// Memslot numbers after RAM's.
+    pub slots: &'a mut SlotAllocator,
+}
+
+impl AttachContext<'_> {
+    /// Maps `placement`'s areas of `fd` (BAR data at `region_offset` in the
+    /// fd) and registers one memslot per area, once. See
+    /// [`crate::bar_mapping::map_bar_areas`].
+    pub fn map_bar(
+        &mut self,
+        fd: BorrowedFd<'_>,
+        region_offset: u64,
+        device: &str,
+        placement: &BarPlacement,
+    ) -> Result<MappedBar, BarMappingError> {
+        map_bar_areas(self.vm, fd, region_offset, device, placement, self.slots)
+    }
+}
+
+/// A trapped range on the MMIO bus.
+pub struct TrapRegion {
+    /// Guest physical address.
+    pub gpa: u64,
+    /// Bytes.
+    pub size: u64,
+    /// Name in logs.
+    pub name: &'static str,
+    /// The handler (offsets are relative to `gpa`).
+    pub device: SharedBusDevice,
+}
+
+/// A device ready to go on the buses.
+pub struct AttachedDevice {
+    /// Its configuration space, for the PCI segment.
+    pub config: BoxedPciDevice,
+    /// Ranges served on the MMIO bus.
+    pub traps: Vec<TrapRegion>,
+    /// Every memory BAR, trapped ones included, by index.
+    pub bars: Vec<MappedBar>,
+    /// Anything that must live as long as the VM (dropped after the VM fd).
+    pub keep_alive: Vec<Box<dyn Any + Send>>,
+}
+
+/// Opens every device of `config` (step 1 of the module docs), in order.
+/// `sysfs_root` is `/sys` (tests pass a fake tree for huge page pools).
+pub fn open_devices(
+    config: &VmConfig,
+    sysfs_root: &Path,
+) -> Result<Vec<Box<dyn PciDeviceSetup>>, DeviceSetupError> {
+    let mut setups: Vec<Box<dyn PciDeviceSetup>> = Vec::new();
+    let mut shmem_index = 0;
+    for device in &config.devices {
+        match device {
+            DeviceConfig::Shmem(shmem) => {
+                setups.push(Box::new(crate::shmem::open(
+                    shmem_index,
+                    shmem,
+                    sysfs_root,
+                )?));
+                shmem_index += 1;
+            }
+            DeviceConfig::Vfio(vfio) => setups.push(open_vfio(vfio, config.vfio_backend)?),
+        }
+    }
+    Ok(setups)
+}
+
+/// Opens a VFIO device for passthrough: the hook the VFIO glue
+/// (`vmm/src/vfio.rs`) fills in by returning its `PciDeviceSetup`.
+pub fn open_vfio(
+    config: &VfioConfig,
+    backend: VfioBackend,
+) -> Result<Box<dyn PciDeviceSetup>, DeviceSetupError> {
+    Err(format!(
+        "--device vfio={}: VFIO passthrough (backend {backend}) is not wired into `barge run` \
+         yet in this build; use --shmem to test BAR placement",
+        config.bdf
+    )
+    .into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vfio_hook_says_what_is_missing() {
+        let config: VfioConfig = "vfio=0000:41:00.0".parse().unwrap();
+        let err = open_vfio(&config, VfioBackend::Legacy)
+            .err()
+            .expect("not wired yet")
+            .to_string();
+        assert!(err.contains("0000:41:00.0"), "{err}");
+    }
+}
