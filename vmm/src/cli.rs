@@ -16,6 +16,7 @@ use crate::config::{
     parse_cpus, DeviceConfig, MemoryConfig, OnReboot, SerialConfig, ShmemConfig, VfioBackend,
     VfioConfig, VmConfig,
 };
+use crate::plan_cmd::PlanRequest;
 
 const ABOUT: &str =
     "barge: a small KVM virtual machine monitor that maps PCI BARs with the largest pages";
@@ -55,11 +56,78 @@ struct Cli {
     command: CliCommand,
 }
 
-// New subcommands (`plan`, `bench`) go here and in [`Command`].
+// New subcommands (`bench`) go here and in [`Command`].
 #[derive(Debug, Subcommand)]
 enum CliCommand {
     #[command(about = RUN_ABOUT, long_about = RUN_LONG_ABOUT)]
     Run(RunArgs),
+    #[command(about = PLAN_ABOUT, long_about = PLAN_LONG_ABOUT)]
+    Plan(PlanArgs),
+}
+
+const PLAN_ABOUT: &str = "Show where barge would place PCI BARs, without KVM or devices";
+
+const PLAN_LONG_ABOUT: &str = "\
+Show where barge would place PCI BARs, without KVM or devices.
+
+For each BAR: its guest physical address (naturally aligned), the host
+virtual address alignment barge maps it at, the mmap-able areas and the
+largest page each can get. Host devices are read from sysfs; shared memory
+uses the same --shmem syntax as barge run; a spec file describes any device.
+
+Examples:
+  barge plan --device vfio=0000:41:00.0
+  barge plan --spec h100.json --phys-bits 46 --json
+  barge plan --shmem size=8G,hugepages=1G --memory size=4G
+
+A spec file: {\"devices\":[{\"name\":\"h100\",\"bars\":[{\"index\":1,\"size\":\"128G\",\"bits\":64,\"prefetchable\":true}]}]}";
+
+/// The flags of `barge plan`.
+#[derive(Debug, Clone, Default, PartialEq, Args)]
+pub struct PlanArgs {
+    /// A host PCI device whose BARs to place (repeatable), read from sysfs,
+    /// e.g. --device vfio=0000:41:00.0,bar-align=2m
+    #[arg(long = "device", value_name = "vfio=BDF[,bar-align=auto|4k|2m|1g]", value_parser = parse_vfio)]
+    pub devices: Vec<VfioConfig>,
+
+    /// A shared memory device (repeatable), as for barge run,
+    /// e.g. --shmem size=8G
+    #[arg(long = "shmem", value_name = "size=SIZE[,..]", value_parser = parse_shmem)]
+    pub shmem: Vec<ShmemConfig>,
+
+    /// Devices described in JSON, e.g. --spec h100.json
+    #[arg(long, value_name = "FILE.json")]
+    pub spec: Option<PathBuf>,
+
+    /// Guest RAM (only the size matters) [default: size=512M],
+    /// e.g. --memory size=64G
+    #[arg(long, value_name = "size=SIZE", value_parser = parse_memory)]
+    pub memory: Option<MemoryConfig>,
+
+    /// Physical address bits of the host the plan is for, 32 to 52
+    /// [default: this host's], e.g. --phys-bits 46
+    #[arg(long, value_name = "N")]
+    pub phys_bits: Option<u8>,
+
+    /// Print the plan as JSON instead of a table
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl PlanArgs {
+    /// The typed request.
+    pub fn into_request(self) -> PlanRequest {
+        PlanRequest {
+            vfio: self.devices,
+            shmem: self.shmem,
+            spec: self.spec,
+            memory_size: self
+                .memory
+                .map_or(crate::config::DEFAULT_MEMORY_SIZE, |m| m.size),
+            phys_bits: self.phys_bits,
+            json: self.json,
+        }
+    }
 }
 
 /// The flags of `barge run`, each already typed; `None` when not given.
@@ -157,6 +225,8 @@ pub enum Command {
     /// `barge run`: the complete VM configuration (not yet validated; see
     /// [`VmConfig::validate`]).
     Run(VmConfig),
+    /// `barge plan`.
+    Plan(PlanRequest),
 }
 
 impl RunArgs {
@@ -243,6 +313,7 @@ where
     let cli = Cli::try_parse_from(args)?;
     match cli.command {
         CliCommand::Run(run) => Ok(Command::Run(run.into_config()?)),
+        CliCommand::Plan(plan) => Ok(Command::Plan(plan.into_request())),
     }
 }
 
@@ -271,7 +342,10 @@ mod tests {
     fn run(args: &[&str]) -> Result<VmConfig, clap::Error> {
         let mut full = vec!["barge", "run"];
         full.extend_from_slice(args);
-        parse_args(full).map(|Command::Run(config)| config)
+        match parse_args(full)? {
+            Command::Run(config) => Ok(config),
+            Command::Plan(_) => panic!("barge run parsed as plan"),
+        }
     }
 
     fn run_err(args: &[&str]) -> String {
@@ -502,7 +576,7 @@ mod tests {
     #[test]
     fn no_subcommand_or_unknown_subcommand_is_an_error() {
         assert!(parse_args(["barge"]).is_err());
-        let err = parse_args(["barge", "plan"]).unwrap_err();
+        let err = parse_args(["barge", "bench"]).unwrap_err();
         assert_eq!(err.kind(), ErrorKind::InvalidSubcommand);
     }
 
@@ -534,6 +608,42 @@ mod tests {
             parse_args(["barge", "--version"]).unwrap_err().kind(),
             ErrorKind::DisplayVersion
         );
+    }
+
+    #[test]
+    fn plan_flags_are_parsed() {
+        let Command::Plan(request) = parse_args([
+            "barge",
+            "plan",
+            "--device",
+            "vfio=41:00.0,bar-align=2m",
+            "--shmem",
+            "size=8G",
+            "--spec",
+            "h100.json",
+            "--memory",
+            "size=4G",
+            "--phys-bits",
+            "46",
+            "--json",
+        ])
+        .unwrap() else {
+            panic!("plan expected");
+        };
+        assert_eq!(request.vfio[0].bdf, "0000:41:00.0");
+        assert_eq!(request.shmem[0].size, 8 << 30);
+        assert_eq!(request.spec.as_deref(), Some(Path::new("h100.json")));
+        assert_eq!(request.memory_size, 4 << 30);
+        assert_eq!(request.phys_bits, Some(46));
+        assert!(request.json);
+        let Command::Plan(request) = parse_args(["barge", "plan", "--shmem", "size=2M"]).unwrap()
+        else {
+            panic!("plan expected");
+        };
+        assert_eq!(request.memory_size, 512 << 20);
+        assert_eq!(request.phys_bits, None);
+        let err = parse_args(["barge", "plan", "--phys-bits", "many"]).unwrap_err();
+        assert!(err.to_string().contains("--phys-bits"), "{err}");
     }
 
     #[test]

@@ -50,6 +50,7 @@ pub mod mapping;
 pub mod memory;
 pub mod pci;
 pub mod pci_device;
+pub mod plan_cmd;
 pub mod power;
 pub mod prefault;
 pub mod report;

@@ -1,0 +1,258 @@
+//! `barge plan` from the command line, and `barge run` refusing shared
+//! memory it cannot set up. Every error is one line `barge: error: ...` and a
+//! non-zero status.
+//!
+//! The `barge run` cases open /dev/kvm (the plan needs KVM's phys-bits) and
+//! are skipped with `BARGE_SKIP_KVM=1`.
+
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+
+const H100: &str = r#"{"devices":[{"name":"h100","bars":[
+    {"index":0,"size":"16M","bits":64},
+    {"index":1,"size":"128G","bits":64,"prefetchable":true},
+    {"index":3,"size":"32M","bits":64,"prefetchable":true}]}]}"#;
+
+fn scratch_dir(test: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("barge-plan-cli-{}-{test}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn barge(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_barge"))
+        .args(args)
+        .stdin(Stdio::null())
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("barge starts")
+}
+
+fn error_line(output: &Output, needles: &[&str]) -> String {
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "should fail; stderr: {stderr}");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "one line expected: {stderr}");
+    assert!(lines[0].starts_with("barge: error: "), "{stderr}");
+    for needle in needles {
+        assert!(lines[0].contains(needle), "{needle:?} missing: {stderr}");
+    }
+    lines[0].to_string()
+}
+
+#[test]
+fn plan_spec_prints_a_table_for_an_h100() {
+    let dir = scratch_dir("h100-table");
+    let spec = dir.join("h100.json");
+    std::fs::write(&spec, H100).unwrap();
+    let output = barge(&[
+        "plan",
+        "--spec",
+        spec.to_str().unwrap(),
+        "--phys-bits",
+        "46",
+    ]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.starts_with("h100  (bar-align auto)"), "{stdout}");
+    assert!(stdout.contains("128 GiB"), "{stdout}");
+    assert!(stdout.contains("1G"), "{stdout}");
+}
+
+#[test]
+fn plan_spec_json_has_the_documented_shape() {
+    let dir = scratch_dir("h100-json");
+    let spec = dir.join("h100.json");
+    std::fs::write(&spec, H100).unwrap();
+    let output = barge(&[
+        "plan",
+        "--spec",
+        spec.to_str().unwrap(),
+        "--phys-bits",
+        "46",
+        "--memory",
+        "size=4G",
+        "--json",
+    ]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let bars = json["devices"][0]["bars"].as_array().unwrap();
+    assert_eq!(bars.len(), 3);
+    for bar in bars {
+        for key in ["index", "size", "gpa", "hva_align", "page_size", "areas"] {
+            assert!(bar.get(key).is_some(), "{key} missing in {bar}");
+        }
+        let gpa = bar["gpa"].as_u64().unwrap();
+        let size = bar["size"].as_u64().unwrap();
+        assert_eq!(gpa % size, 0, "naturally aligned: {bar}");
+        assert!(gpa >= 5 << 30, "above 4 GiB of RAM + the hole: {bar}");
+        for area in bar["areas"].as_array().unwrap() {
+            for key in ["offset", "size", "gpa", "page_size"] {
+                assert!(area.get(key).is_some(), "{key} missing in {area}");
+            }
+        }
+    }
+    assert_eq!(bars[1]["page_size"], 1u64 << 30);
+}
+
+#[test]
+fn plan_bad_input_is_one_clear_line() {
+    let dir = scratch_dir("bad");
+    let garbage = dir.join("garbage.json");
+    std::fs::write(&garbage, "{devices").unwrap();
+    let too_big = dir.join("big.json");
+    std::fs::write(
+        &too_big,
+        r#"{"devices":[{"name":"huge","bars":[{"index":0,"size":"1T","bits":64}]}]}"#,
+    )
+    .unwrap();
+    for (args, needles) in [
+        (vec!["plan"], vec!["barge plan needs devices"]),
+        (
+            vec!["plan", "--spec", garbage.to_str().unwrap()],
+            vec!["invalid plan spec", "garbage.json"],
+        ),
+        (
+            vec!["plan", "--spec", "/no/such/spec.json"],
+            vec!["cannot read the plan spec /no/such/spec.json"],
+        ),
+        (
+            vec![
+                "plan",
+                "--spec",
+                too_big.to_str().unwrap(),
+                "--phys-bits",
+                "39",
+            ],
+            vec!["BAR 0 of huge", "does not fit"],
+        ),
+        (
+            vec!["plan", "--shmem", "size=3G"],
+            vec!["--shmem", "power of two"],
+        ),
+        (
+            vec!["plan", "--device", "vfio=xyz"],
+            vec!["not a PCI address"],
+        ),
+        (
+            vec!["plan", "--device", "vfio=0000:ff:1f.7"],
+            vec!["no PCI device 0000:ff:1f.7"],
+        ),
+        (
+            vec!["plan", "--shmem", "size=1G", "--phys-bits", "60"],
+            vec!["phys-bits 60 is out of range"],
+        ),
+    ] {
+        error_line(&barge(&args), &needles);
+    }
+}
+
+fn kvm_usable() -> bool {
+    let usable = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    if !usable && std::env::var("BARGE_SKIP_KVM").as_deref() != Ok("1") {
+        panic!("these tests need /dev/kvm; set BARGE_SKIP_KVM=1 to skip them");
+    }
+    usable
+}
+
+/// A file the kernel check accepts (never run: the errors come first).
+fn fake_kernel(dir: &std::path::Path) -> PathBuf {
+    let mut image = vec![0u8; 0x1000];
+    image[0..4].copy_from_slice(b"\x7fELF");
+    image[4] = 2;
+    image[5] = 1;
+    image[6] = 1;
+    image[16..18].copy_from_slice(&2u16.to_le_bytes());
+    image[18..20].copy_from_slice(&0x3eu16.to_le_bytes());
+    image[20..24].copy_from_slice(&1u32.to_le_bytes());
+    image[24..32].copy_from_slice(&0x10_0000u64.to_le_bytes());
+    image[32..40].copy_from_slice(&64u64.to_le_bytes());
+    image[52..54].copy_from_slice(&64u16.to_le_bytes());
+    image[54..56].copy_from_slice(&56u16.to_le_bytes());
+    image[56..58].copy_from_slice(&1u16.to_le_bytes());
+    let phdr = &mut image[64..120];
+    phdr[0..4].copy_from_slice(&1u32.to_le_bytes());
+    phdr[4..8].copy_from_slice(&5u32.to_le_bytes());
+    phdr[8..16].copy_from_slice(&0x1000u64.to_le_bytes());
+    phdr[16..24].copy_from_slice(&0x10_0000u64.to_le_bytes());
+    phdr[24..32].copy_from_slice(&0x10_0000u64.to_le_bytes());
+    phdr[32..40].copy_from_slice(&16u64.to_le_bytes());
+    phdr[40..48].copy_from_slice(&16u64.to_le_bytes());
+    phdr[48..56].copy_from_slice(&0x1000u64.to_le_bytes());
+    image.extend_from_slice(&[0xf4; 16]);
+    let path = dir.join("kernel.elf");
+    std::fs::write(&path, image).unwrap();
+    path
+}
+
+#[test]
+fn run_refuses_shmem_too_big_for_the_window_and_missing_huge_pages() {
+    if !kvm_usable() {
+        return;
+    }
+    let dir = scratch_dir("run-shmem");
+    let kernel = fake_kernel(&dir);
+    let kernel = kernel.to_str().unwrap();
+    // 2^52 bytes cannot fit below 2^52 with RAM at the bottom.
+    let line = error_line(
+        &barge(&[
+            "run",
+            "--kernel",
+            kernel,
+            "--serial",
+            "none",
+            "--shmem",
+            "size=4096T",
+        ]),
+        &["BAR 2 of shmem0", "does not fit in the"],
+    );
+    assert!(line.contains("window"), "{line}");
+    // Huge pages: this error needs a host whose 1 GiB pool has none free
+    // (the build machine has an empty pool); a host with free 1 GiB pages
+    // gets past it.
+    let free_1g =
+        std::fs::read_to_string("/sys/kernel/mm/hugepages/hugepages-1048576kB/free_hugepages")
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+    if free_1g == 0 {
+        error_line(
+            &barge(&[
+                "run",
+                "--kernel",
+                kernel,
+                "--serial",
+                "none",
+                "--shmem",
+                "size=1G,hugepages=1G",
+            ]),
+            &["--shmem size=1G,hugepages=1G", "1 GiB huge page"],
+        );
+    }
+    // A file path that cannot be created.
+    error_line(
+        &barge(&[
+            "run",
+            "--kernel",
+            kernel,
+            "--serial",
+            "none",
+            "--shmem",
+            "size=2M,path=/no/such/dir/shm",
+        ]),
+        &["cannot use /no/such/dir/shm"],
+    );
+}
