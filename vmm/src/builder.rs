@@ -104,17 +104,17 @@ pub fn boot_and_run(
     let kvm = kvm::open_kvm()?;
     vm::check_cpu_count(&kvm, config.cpus)?;
 
-    // Devices and their placement, before any guest memory exists.
+    // The VM, then devices and their placement, before any guest memory exists.
     let ram_regions = resources::ram_regions(config.memory.size)?;
     let ram_layout: Vec<(u64, u64)> = ram_regions.iter().map(|r| r.as_pair()).collect();
     let phys_bits = pci::phys_bits_from_cpuid(vm::supported_cpuid(&kvm)?.as_slice());
     let windows = Windows::new(&ram_regions, phys_bits)?;
-    let setups = pci_device::open_devices(config, Path::new(memory::SYSFS_ROOT))
+    let vm_fd = vm::create_vm(&kvm)?;
+    let setups = pci_device::open_devices(config, &vm_fd, Path::new(memory::SYSFS_ROOT))
         .map_err(BuildError::Device)?;
     let inputs: Vec<DeviceInput> = setups.iter().map(|s| s.plan_input()).collect();
     let plan = resources::plan(&inputs, &windows)?;
 
-    let vm_fd = vm::create_vm(&kvm)?;
     let ram = memory::create_guest_memory(&ram_layout, &config.memory)?;
     vm::map_ram(&vm_fd, &ram)?;
     let mut slots = SlotAllocator::new(ram.regions.len() as u32);

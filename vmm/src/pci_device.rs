@@ -43,8 +43,9 @@ use resources::placement::{BarPlacement, DeviceInput, DevicePlan};
 
 use crate::bar_mapping::{map_bar_areas, BarMappingError, MappedBar, SlotAllocator};
 use crate::bus::SharedBusDevice;
-use crate::config::{DeviceConfig, VfioBackend, VfioConfig, VmConfig};
+use crate::config::{DeviceConfig, VmConfig};
 use crate::memory::GuestRam;
+use crate::vfio::{SharedVfioHost, VfioSetup};
 
 /// Any error a device's open or attach step returns; its message must be a
 /// complete sentence that says what to do.
@@ -121,12 +122,15 @@ pub struct AttachedDevice {
 
 /// Opens every device of `config` (step 1 of the module docs), in order.
 /// `sysfs_root` is `/sys` (tests pass a fake tree for huge page pools).
+/// VFIO devices share one container, registered with `vm`'s KVM VFIO device.
 pub fn open_devices(
     config: &VmConfig,
+    vm: &VmFd,
     sysfs_root: &Path,
 ) -> Result<Vec<Box<dyn PciDeviceSetup>>, DeviceSetupError> {
     let mut setups: Vec<Box<dyn PciDeviceSetup>> = Vec::new();
     let mut shmem_index = 0;
+    let mut vfio_host = None;
     for device in &config.devices {
         match device {
             DeviceConfig::Shmem(shmem) => {
@@ -137,37 +141,12 @@ pub fn open_devices(
                 )?));
                 shmem_index += 1;
             }
-            DeviceConfig::Vfio(vfio) => setups.push(open_vfio(vfio, config.vfio_backend)?),
+            DeviceConfig::Vfio(vfio) => {
+                let host =
+                    vfio_host.get_or_insert_with(|| SharedVfioHost::new(vm, config.vfio_backend));
+                setups.push(Box::new(VfioSetup::open(vfio, host)?));
+            }
         }
     }
     Ok(setups)
-}
-
-/// Opens a VFIO device for passthrough: the hook the VFIO glue
-/// (`vmm/src/vfio.rs`) fills in by returning its `PciDeviceSetup`.
-pub fn open_vfio(
-    config: &VfioConfig,
-    backend: VfioBackend,
-) -> Result<Box<dyn PciDeviceSetup>, DeviceSetupError> {
-    Err(format!(
-        "--device vfio={}: VFIO passthrough (backend {backend}) is not wired into `barge run` \
-         yet in this build; use --shmem to test BAR placement",
-        config.bdf
-    )
-    .into())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn vfio_hook_says_what_is_missing() {
-        let config: VfioConfig = "vfio=0000:41:00.0".parse().unwrap();
-        let err = open_vfio(&config, VfioBackend::Legacy)
-            .err()
-            .expect("not wired yet")
-            .to_string();
-        assert!(err.contains("0000:41:00.0"), "{err}");
-    }
 }

@@ -51,9 +51,13 @@ use resources::placement::{BarPlacement, DeviceInput, DevicePlan, PageSize};
 use vfio_ioctls::VfioDeviceFd;
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
 
-use crate::bus::{BusDevice, BusError, Buses};
+use crate::bar_mapping::MappedBar;
+use crate::bus::{BusDevice, BusError, Buses, SharedBusDevice};
 use crate::device_config::{VfioBackend as BackendConfig, VfioConfig};
 use crate::memory::GuestRam;
+use crate::pci_device::{
+    AttachContext, AttachedDevice, DeviceSetupError, PciDeviceSetup, TrapRegion,
+};
 
 /// Why a VFIO device cannot be put in the VM.
 #[derive(Debug, thiserror::Error)]
@@ -442,6 +446,147 @@ impl<B: VfioBackend> BusDevice for VfioBarTrap<B> {
         if let Some(at) = self.base_offset.checked_add(offset) {
             self.access.bar_write(self.bar, at, data);
         }
+    }
+}
+
+/// The VFIO host shared by every passed-through device of one VM: one
+/// container (or IOAS), and guest RAM mapped into it once.
+pub struct SharedVfioHost {
+    host: VfioHost,
+    ram_mapped: Mutex<bool>,
+}
+
+impl SharedVfioHost {
+    /// One container for the VM, registered with KVM's VFIO device when
+    /// KVM has one.
+    pub fn new(vm: &VmFd, backend: BackendConfig) -> Arc<Self> {
+        let kvm_device = create_kvm_vfio_device(vm);
+        Arc::new(Self {
+            host: VfioHost::new(backend_kind(backend), HostPaths::default(), kvm_device),
+            ram_mapped: Mutex::new(false),
+        })
+    }
+
+    /// Maps guest RAM into the IOMMU domain, the first time only.
+    fn map_ram_once(&self, ram: &GuestRam) -> Result<(), PassthroughError> {
+        let mut mapped = self.ram_mapped.lock().unwrap_or_else(|e| e.into_inner());
+        if !*mapped {
+            // SAFETY: the builder keeps guest RAM mapped for the VM's
+            // lifetime, and this host lives in the devices' keep-alive list,
+            // which is dropped with the VM, before the RAM.
+            unsafe { dma_map_ram(&self.host, ram) }?;
+            *mapped = true;
+        }
+        Ok(())
+    }
+}
+
+/// A VFIO device opened for `barge run`: the [`PciDeviceSetup`] the builder
+/// plans, attaches and reports like any other PCI device.
+pub struct VfioSetup {
+    passthrough: VfioPassthrough<HostVfioDevice>,
+    host: Arc<SharedVfioHost>,
+}
+
+impl VfioSetup {
+    /// Opens, resets and probes the device named by `config`.
+    pub fn open(config: &VfioConfig, host: &Arc<SharedVfioHost>) -> Result<Self, PassthroughError> {
+        let device = host.host.open(&config.bdf)?;
+        log::info!(
+            "vfio: opened {} ({:?}, IOMMU group {})",
+            config.bdf,
+            device.backend(),
+            device.location().group
+        );
+        let passthrough =
+            VfioPassthrough::new(&config.bdf, Arc::new(device), config.bar_align.cap())?;
+        Ok(Self {
+            passthrough,
+            host: Arc::clone(host),
+        })
+    }
+}
+
+impl PciDeviceSetup for VfioSetup {
+    fn name(&self) -> &str {
+        self.passthrough.bdf()
+    }
+
+    fn kind(&self) -> &'static str {
+        "vfio"
+    }
+
+    fn plan_input(&self) -> DeviceInput {
+        self.passthrough.device_input()
+    }
+
+    fn attach(
+        self: Box<Self>,
+        plan: &DevicePlan,
+        ctx: &mut AttachContext<'_>,
+    ) -> Result<AttachedDevice, DeviceSetupError> {
+        let VfioPassthrough {
+            bdf,
+            backend,
+            probe,
+            ..
+        } = self.passthrough;
+        let device =
+            VfioPciDevice::new(Arc::clone(&backend), &probe, plan, &[]).map_err(|source| {
+                PassthroughError::Plan {
+                    bdf: bdf.clone(),
+                    source,
+                }
+            })?;
+        let access = device.bar_access();
+        let mut traps = Vec::new();
+        let mut bars = Vec::new();
+        let osrelease = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+        for placement in &plan.bars {
+            let Some(probed) = probe.bar(placement.index) else {
+                continue;
+            };
+            for trap in &placement.traps {
+                let handler: SharedBusDevice = Arc::new(Mutex::new(VfioBarTrap {
+                    access: access.clone(),
+                    bar: placement.index,
+                    base_offset: trap.offset,
+                }));
+                traps.push(TrapRegion {
+                    gpa: placement.gpa + trap.offset,
+                    size: trap.size,
+                    name: "vfio-bar",
+                    device: handler,
+                });
+            }
+            let mut bar = if placement.areas.is_empty() {
+                MappedBar::trapped(&bdf, placement)
+            } else {
+                ctx.map_bar(backend.device_fd(), probed.region.offset, &bdf, placement)?
+            };
+            if !probed.region.mmap() {
+                bar.add_cause("VFIO does not let this region be mmap'ed: every access traps");
+            }
+            for cause in host_bar_causes(&bdf, placement, Path::new("/sys"))
+                .into_iter()
+                .chain(kernel_causes(&osrelease))
+            {
+                bar.add_cause(cause);
+            }
+            bars.push(bar);
+        }
+        self.host.map_ram_once(ctx.ram)?;
+        log::info!(
+            "vfio: {bdf}: {} BARs, {} trapped ranges",
+            bars.len(),
+            traps.len()
+        );
+        Ok(AttachedDevice {
+            config: Box::new(device),
+            traps,
+            bars,
+            keep_alive: vec![Box::new(backend), Box::new(self.host)],
+        })
     }
 }
 
