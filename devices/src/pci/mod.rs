@@ -152,5 +152,5 @@ mod tests {
         assert!(!access_is_valid(252, 4, 255));
     }
 }
-pub mod msix;
 pub mod msi;
+pub mod msix;
