@@ -172,14 +172,15 @@ pub fn locate(bdf: &str, paths: &HostPaths) -> Result<DeviceLocation, PreflightE
             path: sysfs_path,
         });
     }
+    // No IOMMU first: without one, binding to vfio-pci cannot help.
+    let group = link_name(&sysfs_path.join("iommu_group"))
+        .and_then(|name| name.parse::<u32>().ok())
+        .ok_or_else(|| PreflightError::NoIommuGroup { bdf: bdf.clone() })?;
     let driver = link_name(&sysfs_path.join("driver"));
     let driver = match driver {
         Some(driver) if is_vfio_driver(&driver) => driver,
         driver => return Err(PreflightError::NotBoundToVfio { bdf, driver }),
     };
-    let group = link_name(&sysfs_path.join("iommu_group"))
-        .and_then(|name| name.parse::<u32>().ok())
-        .ok_or_else(|| PreflightError::NoIommuGroup { bdf: bdf.clone() })?;
     let vfio_dir = paths.vfio_dir();
     if !vfio_dir.is_dir() {
         return Err(PreflightError::NoVfioDir { path: vfio_dir });

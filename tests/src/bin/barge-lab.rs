@@ -79,6 +79,17 @@ enum LabCommand {
         /// Don't stream the host's console (it is logged all the same).
         #[arg(long)]
         quiet: bool,
+        /// Boot the host without an IOMMU (devices then stay unbound).
+        #[arg(long)]
+        no_iommu: bool,
+        /// Put the devices behind one conventional PCI bridge, so they
+        /// share an IOMMU group (BDFs 0000:01:01.0, 0000:01:02.0, ...).
+        #[arg(long)]
+        bridge: bool,
+        /// Leave this device (e.g. nvme0) with its host driver instead of
+        /// binding it to vfio-pci. Repeatable.
+        #[arg(long = "host-driver", value_name = "NAME")]
+        host_drivers: Vec<String>,
         /// The command: its words are joined with spaces and run by the lab
         /// host's shell (as ssh does), so `$LAB_IVSHMEM0`, pipes and `&&`
         /// work when quoted for the outer shell.
@@ -121,6 +132,9 @@ fn main() -> ExitCode {
             boot_timeout,
             timeout,
             quiet,
+            no_iommu,
+            bridge,
+            host_drivers,
             command,
         } => {
             let script = match (script, command.is_empty()) {
@@ -151,6 +165,9 @@ fn main() -> ExitCode {
                 boot_timeout: Duration::from_secs(boot_timeout),
                 command_timeout: Duration::from_secs(timeout),
                 stream_console: !quiet,
+                iommu: !no_iommu,
+                bridge,
+                host_drivers,
             };
             match run::run(&paths, &options) {
                 Ok(outcome) => {

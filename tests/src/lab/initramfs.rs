@@ -92,17 +92,21 @@ done
 echo 'func vfio_pci_mmap_huge_fault +p' > /sys/kernel/debug/dynamic_debug/control \
     || fail "cannot enable the vfio_pci_mmap_huge_fault dynamic-debug line"
 
-while read -r name bdf; do
+while read -r name bdf mode; do
     [ -n "$bdf" ] || continue
     dev=/sys/bus/pci/devices/$bdf
     [ -d "$dev" ] || fail "device $name not found at $bdf"
+    upper=$(echo "$name" | tr a-z A-Z)
+    export "LAB_$upper=$bdf"
+    if [ "$mode" = host ]; then
+        echo "barge-lab: $name $bdf keeps driver $(basename "$(readlink "$dev/driver")" 2>/dev/null)"
+        continue
+    fi
     if [ -e "$dev/driver" ]; then echo "$bdf" > "$dev/driver/unbind"; fi
     echo vfio-pci > "$dev/driver_override"
     echo "$bdf" > /sys/bus/pci/drivers_probe
     [ "$(basename "$(readlink "$dev/driver")")" = vfio-pci ] || fail "cannot bind $bdf to vfio-pci"
     group=$(basename "$(readlink "$dev/iommu_group")")
-    upper=$(echo "$name" | tr a-z A-Z)
-    export "LAB_$upper=$bdf"
     echo "barge-lab: $name $bdf iommu_group=$group bound to vfio-pci"
 done < /lab/devices
 
@@ -142,6 +146,8 @@ pub struct HostContents<'a> {
     pub binaries: &'a [PathBuf],
     /// `NAME BDF` pairs to bind to vfio-pci.
     pub devices: &'a [(String, String)],
+    /// Names of devices that keep their host driver (not bound).
+    pub host_drivers: &'a [String],
     /// The shell script to run as the command.
     pub command_script: &'a str,
 }
@@ -167,7 +173,14 @@ pub fn host_initramfs(state: &LabState, contents: &HostContents) -> Result<Vec<u
     let devices: String = contents
         .devices
         .iter()
-        .map(|(name, bdf)| format!("{name} {bdf}\n"))
+        .map(|(name, bdf)| {
+            let mode = if contents.host_drivers.contains(name) {
+                "host"
+            } else {
+                "vfio"
+            };
+            format!("{name} {bdf} {mode}\n")
+        })
         .collect();
     archive.add_file("lab/devices", devices.into_bytes(), false);
     archive.add_file(

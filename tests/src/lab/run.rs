@@ -83,6 +83,13 @@ pub struct RunOptions {
     pub command_timeout: Duration,
     /// Stream the host's console to stderr while it runs.
     pub stream_console: bool,
+    /// Give the host an IOMMU (without one, vfio-pci cannot bind and the
+    /// devices keep their host drivers).
+    pub iommu: bool,
+    /// Put the devices behind a conventional PCI bridge: one IOMMU group.
+    pub bridge: bool,
+    /// Devices (by name, e.g. `nvme0`) left with their host driver.
+    pub host_drivers: Vec<String>,
 }
 
 impl Default for RunOptions {
@@ -96,6 +103,9 @@ impl Default for RunOptions {
             boot_timeout: Duration::from_secs(240),
             command_timeout: Duration::from_secs(900),
             stream_console: true,
+            iommu: true,
+            bridge: false,
+            host_drivers: Vec::new(),
         }
     }
 }
@@ -154,12 +164,31 @@ fn qemu_args(
         "-display",
         "none",
         "-no-reboot",
-        "-device",
-        "intel-iommu,intremap=on,caching-mode=on",
     ]
     .iter()
     .map(|s| s.to_string())
     .collect();
+    if options.iommu {
+        args.extend([
+            "-device".into(),
+            "intel-iommu,intremap=on,caching-mode=on".into(),
+        ]);
+    }
+    let cmdline = if options.iommu {
+        "console=ttyS0 intel_iommu=on panic=-1 loglevel=4"
+    } else {
+        "console=ttyS0 panic=-1 loglevel=4"
+    };
+    // Behind a conventional PCI bridge, devices share one IOMMU group.
+    let (bus, bus_number) = if options.bridge {
+        args.extend([
+            "-device".into(),
+            "pci-bridge,id=br0,chassis_nr=1,bus=pcie.0,addr=0x1e".into(),
+        ]);
+        ("br0", 1)
+    } else {
+        ("pcie.0", 0)
+    };
     args.extend([
         "-smp".into(),
         options.cpus.to_string(),
@@ -170,7 +199,7 @@ fn qemu_args(
         "-initrd".into(),
         initrd.to_string_lossy().into_owned(),
         "-append".into(),
-        "console=ttyS0 intel_iommu=on panic=-1 loglevel=4".into(),
+        cmdline.into(),
         "-serial".into(),
         "stdio".into(),
         "-serial".into(),
@@ -183,7 +212,11 @@ fn qemu_args(
         let n = counts.entry(kind).or_insert(0u32);
         let name = format!("{kind}{n}");
         *n += 1;
-        let slot = FIRST_SLOT + i as u32;
+        let slot = if options.bridge {
+            1 + i as u32
+        } else {
+            FIRST_SLOT + i as u32
+        };
         let addr = format!("addr=0x{slot:x}");
         match device {
             LabDevice::Ivshmem { size, file } => {
@@ -199,7 +232,7 @@ fn qemu_args(
                         file.display()
                     ),
                     "-device".into(),
-                    format!("ivshmem-plain,memdev=mem-{name},bus=pcie.0,{addr}"),
+                    format!("ivshmem-plain,memdev=mem-{name},bus={bus},{addr}"),
                 ]);
             }
             LabDevice::Nvme { image } => {
@@ -213,14 +246,14 @@ fn qemu_args(
                     "-drive".into(),
                     format!("file={},if=none,id=drv-{name},format=raw", image.display()),
                     "-device".into(),
-                    format!("nvme,serial=barge-{name},drive=drv-{name},bus=pcie.0,{addr}"),
+                    format!("nvme,serial=barge-{name},drive=drv-{name},bus={bus},{addr}"),
                 ]);
             }
             LabDevice::E1000e => {
-                args.extend(["-device".into(), format!("e1000e,bus=pcie.0,{addr}")]);
+                args.extend(["-device".into(), format!("e1000e,bus={bus},{addr}")]);
             }
         }
-        names.push((name, format!("0000:00:{slot:02x}.0")));
+        names.push((name, format!("0000:{bus_number:02x}:{slot:02x}.0")));
     }
     Ok((args, names))
 }
@@ -275,9 +308,16 @@ pub fn run(paths: &LabPaths, options: &RunOptions) -> Result<RunOutcome, LabErro
     let run_dir = new_run_dir(paths)?;
     let initrd = run_dir.join("host-initramfs.cpio");
     let (args, devices) = qemu_args(&state, options, &run_dir, &initrd)?;
+    // Without an IOMMU vfio-pci cannot bind: every device keeps its driver.
+    let host_drivers: Vec<String> = if options.iommu {
+        options.host_drivers.clone()
+    } else {
+        devices.iter().map(|(name, _)| name.clone()).collect()
+    };
     let contents = HostContents {
         binaries: &options.binaries,
         devices: &devices,
+        host_drivers: &host_drivers,
         command_script: &options.script,
     };
     let image = initramfs::host_initramfs(&state, &contents)?;
