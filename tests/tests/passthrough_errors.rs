@@ -10,10 +10,11 @@ use barge_tests::harness::{lab_run, output_text as text, results_dir};
 
 /// Runs `script` in the lab with `args` (devices, topology).
 fn in_lab(args: &[&str], script: &str) -> (Output, PathBuf) {
+    static RUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let run = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let file = std::env::temp_dir().join(format!(
-        "barge-passthrough-errors-{}-{}.sh",
-        std::process::id(),
-        script.len()
+        "barge-passthrough-errors-{}-{run}.sh",
+        std::process::id()
     ));
     std::fs::write(&file, script).unwrap();
     let mut all = vec!["--timeout", "600"];
