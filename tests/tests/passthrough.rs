@@ -197,3 +197,40 @@ fn bar_align_4k_forces_pte_mappings() {
     assert!(warning.contains("bar-align"), "{bar2}");
     let _ = std::fs::remove_file(&backing);
 }
+
+#[test]
+fn plan_reads_a_bound_device_and_shmem_gets_huge_pages_in_the_lab() {
+    let (output, dir) = in_lab(
+        "8G",
+        "barge plan --device vfio=$LAB_IVSHMEM0 --json > /out/plan.json\n\
+         echo 16 > /sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages\n\
+         barge run --kernel /lab/guest/bzImage --initramfs /lab/guest/initramfs \
+         --memory size=256M --serial none --shmem size=16M,hugepages=2M \
+         --report /out/report.json\n\
+         echo $? > /out/status\n",
+    );
+    assert!(output.status.success(), "{}", text(&output));
+    let plan: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("plan.json")).unwrap()).unwrap();
+    let device = &plan["devices"][0];
+    assert_eq!(device["name"], "0000:00:10.0", "{plan}");
+    let bar2 = device["bars"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["index"] == 2)
+        .unwrap();
+    assert_eq!(bar2["size"], 8 * GIB, "{plan}");
+    assert_eq!(bar2["page_size"], GIB, "{plan}");
+    assert_eq!(bar2["gpa"].as_u64().unwrap() % (8 * GIB), 0, "{plan}");
+
+    let status = std::fs::read_to_string(dir.join("status")).unwrap();
+    assert_eq!(status.trim(), "0");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("report.json")).unwrap()).unwrap();
+    assert_eq!(report["devices"][0]["kind"], "shmem", "{report}");
+    let shm = bar(&report, 2);
+    assert_eq!(shm["mapped"]["pages_2m"], 8, "{shm}");
+    assert_eq!(shm["slot_updates"], 1, "{shm}");
+    assert_eq!(shm["huge_ok"], true, "{shm}");
+}
