@@ -266,6 +266,7 @@ pub struct BarProver<'a, V: AsRawFd> {
     stats: Option<KvmStatsFd>,
     support: PrefaultSupport,
     said_unsupported: bool,
+    prefault: bool,
 }
 
 /// The change of KVM's page counters between two reads.
@@ -296,7 +297,15 @@ impl<'a, V: AsRawFd> BarProver<'a, V> {
             stats,
             support,
             said_unsupported: false,
+            prefault: true,
         }
+    }
+
+    /// Whether [`Self::prove`] pre-faults (the default); without it BARs
+    /// fault in on the guest's first touch and `mapped` stays null.
+    pub fn prefault(mut self, prefault: bool) -> Self {
+        self.prefault = prefault;
+        self
     }
 
     /// Pre-faults `bar` and reports it (see the module docs).
@@ -339,6 +348,9 @@ impl<'a, V: AsRawFd> BarProver<'a, V> {
         bar: &MappedBar,
         elapsed_ms: &mut Option<f64>,
     ) -> Option<PageCountsReport> {
+        if !self.prefault {
+            return None;
+        }
         if self.support == PrefaultSupport::Missing {
             if !self.said_unsupported {
                 eprintln!(
@@ -547,6 +559,22 @@ mod tests {
         let warning = shortfall_warning(&vfio, &partial, &expected);
         assert!(warning.contains("huge pfnmap"), "{warning}");
         assert!(warning.contains("not every page was mapped"), "{warning}");
+    }
+
+    #[test]
+    fn without_prefault_a_mapped_bar_is_reported_unmeasured() {
+        struct NoFd;
+        impl AsRawFd for NoFd {
+            fn as_raw_fd(&self) -> std::os::fd::RawFd {
+                -1
+            }
+        }
+        let bar = mapped_bar(placement(4 << 20, None));
+        let mut prover = BarProver::new(&NoFd, None, PrefaultSupport::Available).prefault(false);
+        let report = prover.prove(&bar);
+        assert!(!report.trapped);
+        assert_eq!((report.mapped, report.prefault_ms), (None, None));
+        assert!(report.warning.is_none());
     }
 
     #[test]

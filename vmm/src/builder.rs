@@ -208,7 +208,7 @@ pub fn boot_and_run(
         let stats = KvmStatsFd::open(&vm_fd)
             .map_err(|e| log::warn!("{e}; BAR mappings are not measured"))
             .ok();
-        let mut prover = BarProver::new(vcpu, stats, support);
+        let mut prover = BarProver::new(vcpu, stats, support).prefault(config.prefault_bars);
         for (report, device) in device_reports.iter_mut().zip(&live) {
             report.bars = device.bars.iter().map(|bar| prover.prove(bar)).collect();
         }

@@ -213,6 +213,20 @@ pub struct VmConfig {
     /// The VFIO interface for every VFIO device.
     #[serde(default)]
     pub vfio_backend: VfioBackend,
+    /// Pre-fault every mapped BAR into KVM before the guest runs and count
+    /// what KVM mapped (the default). `false` leaves BARs to fault in on
+    /// the guest's first touch (what `barge bench` measures); the report's
+    /// `mapped` and `prefault_ms` are then null.
+    #[serde(default = "default_prefault_bars", skip_serializing_if = "is_true")]
+    pub prefault_bars: bool,
+}
+
+fn default_prefault_bars() -> bool {
+    true
+}
+
+fn is_true(value: &bool) -> bool {
+    *value
 }
 
 fn default_cmdline() -> String {
@@ -241,6 +255,7 @@ impl VmConfig {
             report: None,
             devices: Vec::new(),
             vfio_backend: VfioBackend::default(),
+            prefault_bars: default_prefault_bars(),
         }
     }
 
@@ -875,6 +890,16 @@ mod tests {
             panic!("second device is VFIO");
         };
         assert_eq!(vfio.bar_align, BarAlign::Size2M);
+    }
+
+    #[test]
+    fn prefault_bars_defaults_on_and_can_be_switched_off() {
+        assert!(VmConfig::new("/k").prefault_bars);
+        assert!(!VmConfig::new("/k").to_json_string().contains("prefault_bars"));
+        let config =
+            VmConfig::from_json_str(r#"{"kernel": "/k", "prefault_bars": false}"#).unwrap();
+        assert!(!config.prefault_bars);
+        assert_eq!(VmConfig::from_json_str(&config.to_json_string()).unwrap(), config);
     }
 
     #[test]
