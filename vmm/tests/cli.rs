@@ -6,6 +6,8 @@
 //! KVM to kernel loading; it needs /dev/kvm and is skipped with
 //! `BARGE_SKIP_KVM=1`.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
@@ -14,34 +16,6 @@ fn scratch_dir(test: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("scratch dir");
     dir
-}
-
-/// A minimal ELF64 with one PT_LOAD of `code_len` bytes (memsz `memsz`) at
-/// 1 MiB: enough for the loader, never run.
-fn elf64(code_len: usize, memsz: u64) -> Vec<u8> {
-    let mut image = vec![0u8; 0x1000];
-    image[0..4].copy_from_slice(b"\x7fELF");
-    image[4] = 2;
-    image[5] = 1;
-    image[6] = 1;
-    image[16..18].copy_from_slice(&2u16.to_le_bytes());
-    image[18..20].copy_from_slice(&0x3eu16.to_le_bytes());
-    image[20..24].copy_from_slice(&1u32.to_le_bytes());
-    image[24..32].copy_from_slice(&0x10_0000u64.to_le_bytes());
-    image[32..40].copy_from_slice(&64u64.to_le_bytes());
-    image[52..54].copy_from_slice(&64u16.to_le_bytes());
-    image[54..56].copy_from_slice(&56u16.to_le_bytes());
-    image[56..58].copy_from_slice(&1u16.to_le_bytes());
-    let phdr = &mut image[64..120];
-    phdr[0..4].copy_from_slice(&1u32.to_le_bytes());
-    phdr[4..8].copy_from_slice(&5u32.to_le_bytes());
-    phdr[8..16].copy_from_slice(&0x1000u64.to_le_bytes());
-    phdr[16..24].copy_from_slice(&0x10_0000u64.to_le_bytes());
-    phdr[24..32].copy_from_slice(&0x10_0000u64.to_le_bytes());
-    phdr[32..40].copy_from_slice(&(code_len as u64).to_le_bytes());
-    phdr[40..48].copy_from_slice(&memsz.to_le_bytes());
-    image.extend(std::iter::repeat_n(0xf4u8, code_len));
-    image
 }
 
 fn barge(args: &[&str], env: &[(&str, &str)]) -> Output {
@@ -136,7 +110,7 @@ fn malformed_memory_option_is_a_usage_error() {
 fn unwritable_report_path_is_refused_before_booting() {
     let dir = scratch_dir("report");
     let kernel = dir.join("vmlinux");
-    std::fs::write(&kernel, elf64(16, 16)).unwrap();
+    std::fs::write(&kernel, common::idle_kernel()).unwrap();
     let report = dir.join("no-such-dir/report.json");
     let output = barge(
         &[
@@ -156,7 +130,7 @@ fn unwritable_report_path_is_refused_before_booting() {
 fn missing_kvm_device_is_named() {
     let dir = scratch_dir("no-kvm");
     let kernel = dir.join("vmlinux");
-    std::fs::write(&kernel, elf64(16, 16)).unwrap();
+    std::fs::write(&kernel, common::idle_kernel()).unwrap();
     let output = barge(
         &["run", "--kernel", path_str(&kernel)],
         &[("BARGE_KVM_DEVICE", "/nonexistent/kvm")],
@@ -196,7 +170,7 @@ fn kernel_larger_than_memory_does_not_fit() {
     let dir = scratch_dir("kernel-too-big");
     let kernel = dir.join("vmlinux");
     // 64 MiB of memsz in a 32 MiB guest.
-    std::fs::write(&kernel, elf64(16, 64 << 20)).unwrap();
+    std::fs::write(&kernel, common::elf64(&[0xf4; 16], 64 << 20)).unwrap();
     let output = barge(
         &["run", "--kernel", path_str(&kernel), "--memory", "size=32M"],
         &[],
@@ -214,7 +188,7 @@ fn initramfs_larger_than_memory_is_refused() {
     }
     let dir = scratch_dir("initramfs-too-big");
     let kernel = dir.join("vmlinux");
-    std::fs::write(&kernel, elf64(16, 16)).unwrap();
+    std::fs::write(&kernel, common::idle_kernel()).unwrap();
     let initramfs = dir.join("initramfs.cpio");
     let file = std::fs::File::create(&initramfs).unwrap();
     file.set_len(48 << 20).unwrap(); // sparse, larger than the 32 MiB guest
@@ -243,7 +217,7 @@ fn more_cpus_than_kvm_allows_is_refused() {
     }
     let dir = scratch_dir("too-many-cpus");
     let kernel = dir.join("vmlinux");
-    std::fs::write(&kernel, elf64(16, 16)).unwrap();
+    std::fs::write(&kernel, common::idle_kernel()).unwrap();
     let output = barge(
         &["run", "--kernel", path_str(&kernel), "--cpus", "255"],
         &[],

@@ -5,6 +5,8 @@
 //! The `barge run` cases open /dev/kvm (the plan needs KVM's phys-bits) and
 //! are skipped with `BARGE_SKIP_KVM=1`.
 
+mod common;
+
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 
@@ -170,31 +172,8 @@ fn kvm_usable() -> bool {
 
 /// A file the kernel check accepts (never run: the errors come first).
 fn fake_kernel(dir: &std::path::Path) -> PathBuf {
-    let mut image = vec![0u8; 0x1000];
-    image[0..4].copy_from_slice(b"\x7fELF");
-    image[4] = 2;
-    image[5] = 1;
-    image[6] = 1;
-    image[16..18].copy_from_slice(&2u16.to_le_bytes());
-    image[18..20].copy_from_slice(&0x3eu16.to_le_bytes());
-    image[20..24].copy_from_slice(&1u32.to_le_bytes());
-    image[24..32].copy_from_slice(&0x10_0000u64.to_le_bytes());
-    image[32..40].copy_from_slice(&64u64.to_le_bytes());
-    image[52..54].copy_from_slice(&64u16.to_le_bytes());
-    image[54..56].copy_from_slice(&56u16.to_le_bytes());
-    image[56..58].copy_from_slice(&1u16.to_le_bytes());
-    let phdr = &mut image[64..120];
-    phdr[0..4].copy_from_slice(&1u32.to_le_bytes());
-    phdr[4..8].copy_from_slice(&5u32.to_le_bytes());
-    phdr[8..16].copy_from_slice(&0x1000u64.to_le_bytes());
-    phdr[16..24].copy_from_slice(&0x10_0000u64.to_le_bytes());
-    phdr[24..32].copy_from_slice(&0x10_0000u64.to_le_bytes());
-    phdr[32..40].copy_from_slice(&16u64.to_le_bytes());
-    phdr[40..48].copy_from_slice(&16u64.to_le_bytes());
-    phdr[48..56].copy_from_slice(&0x1000u64.to_le_bytes());
-    image.extend_from_slice(&[0xf4; 16]);
     let path = dir.join("kernel.elf");
-    std::fs::write(&path, image).unwrap();
+    std::fs::write(&path, common::idle_kernel()).unwrap();
     path
 }
 

@@ -7,6 +7,8 @@
 //! Without /dev/kvm the test fails with a clear message unless
 //! `BARGE_SKIP_KVM=1`.
 
+mod common;
+
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -118,38 +120,6 @@ fn payload(registers_gpa: u64, memory_gpa: u64) -> Vec<u8> {
     a.assemble(HIMEM_START).expect("payload assembles")
 }
 
-/// One PT_LOAD of `code` at `HIMEM_START`, entry at its start, no PVH note.
-fn elf64(code: &[u8]) -> Vec<u8> {
-    const EHDR: usize = 64;
-    const PHDR: usize = 56;
-    const CODE_OFFSET: u64 = 0x1000;
-    let mut image = vec![0u8; CODE_OFFSET as usize];
-    let e = &mut image[..EHDR];
-    e[0..4].copy_from_slice(b"\x7fELF");
-    e[4] = 2;
-    e[5] = 1;
-    e[6] = 1;
-    e[16..18].copy_from_slice(&2u16.to_le_bytes());
-    e[18..20].copy_from_slice(&0x3eu16.to_le_bytes());
-    e[20..24].copy_from_slice(&1u32.to_le_bytes());
-    e[24..32].copy_from_slice(&HIMEM_START.to_le_bytes());
-    e[32..40].copy_from_slice(&(EHDR as u64).to_le_bytes());
-    e[52..54].copy_from_slice(&(EHDR as u16).to_le_bytes());
-    e[54..56].copy_from_slice(&(PHDR as u16).to_le_bytes());
-    e[56..58].copy_from_slice(&1u16.to_le_bytes());
-    let p = &mut image[EHDR..EHDR + PHDR];
-    p[0..4].copy_from_slice(&1u32.to_le_bytes());
-    p[4..8].copy_from_slice(&7u32.to_le_bytes());
-    p[8..16].copy_from_slice(&CODE_OFFSET.to_le_bytes());
-    p[16..24].copy_from_slice(&HIMEM_START.to_le_bytes());
-    p[24..32].copy_from_slice(&HIMEM_START.to_le_bytes());
-    p[32..40].copy_from_slice(&(code.len() as u64).to_le_bytes());
-    p[40..48].copy_from_slice(&(code.len() as u64).to_le_bytes());
-    p[48..56].copy_from_slice(&0x1000u64.to_le_bytes());
-    image.extend_from_slice(code);
-    image
-}
-
 fn scratch_dir(test: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("barge-shmem-it-{}-{test}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -178,7 +148,8 @@ fn guest_shares_memory_through_bar2_and_the_report_shows_one_memslot() {
 
     std::fs::write(&backing, PATTERN.to_le_bytes()).unwrap();
     let kernel = dir.join("payload.elf");
-    std::fs::write(&kernel, elf64(&payload(bar0.gpa, bar2.gpa))).unwrap();
+    let code = payload(bar0.gpa, bar2.gpa);
+    std::fs::write(&kernel, common::elf64(&code, code.len() as u64)).unwrap();
     let mut config = VmConfig::new(kernel);
     config.memory.size = vmm::config::MIN_MEMORY_SIZE;
     config.serial = SerialConfig::Disabled;
