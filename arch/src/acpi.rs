@@ -28,13 +28,15 @@
 //! `1 << phys_bits`. Every BAR barge places lies in one of the two windows, so Linux claims
 //! the addresses it finds in the BARs instead of reassigning them. There is no `_DSM` and no
 //! `_OSC`: Linux logs that it keeps PCIe services (ASPM, hotplug) to itself, which is fine
-//! for a VM with no hotplug. The MCFG names the ECAM for segment 0, buses 0..=0; the e820
+//! for a VM with no hotplug. `_PRT` routes INTA#..INTD# of every bus-0 slot straight to
+//! GSIs 16..=19 (`PCI_INTX_GSI_BASE`; level-triggered, shared). The MCFG names the ECAM for segment 0, buses 0..=0; the e820
 //! map reserves it (see `e820`).
 
 use crate::layout::{
     ACPI_AREA_END, ACPI_RESET_PORT, ACPI_RESET_VALUE, ACPI_SLEEP_CONTROL_PORT,
     ACPI_SLEEP_STATUS_PORT, ACPI_SLP_TYP_S5, COM1_GSI, COM1_PORT, COM1_PORT_COUNT, IOAPIC_START,
-    LAPIC_START, PCI_CONFIG_PORT, PCI_CONFIG_PORT_COUNT, PIT_GSI, RSDP_START,
+    LAPIC_START, PCI_CONFIG_PORT, PCI_CONFIG_PORT_COUNT, PCI_INTX_GSI_BASE, PCI_INTX_PINS, PIT_GSI,
+    RSDP_START,
 };
 use acpi_tables::{
     aml,
@@ -122,6 +124,21 @@ pub fn pci_host_bridge_aml(bridge: &PciHostBridgeAcpi) -> Vec<u8> {
     let crs = aml::ResourceTemplate::new(resources);
     let hid = aml::EISAName::new("PNP0A08");
     let cid = aml::EISAName::new("PNP0A03");
+    // _PRT: INTA#..INTD# of every slot on bus 0 to GSIs 16..=19, directly
+    // (no link devices), so Linux routes a passed-through device's INTx.
+    let prt_fields: Vec<(u32, u8, u32)> = (0..32u32)
+        .flat_map(|slot| {
+            (0..PCI_INTX_PINS)
+                .map(move |pin| ((slot << 16) | 0xffff, pin as u8, PCI_INTX_GSI_BASE + pin))
+        })
+        .collect();
+    let prt_entries: Vec<aml::Package> = prt_fields
+        .iter()
+        .map(|(address, pin, gsi)| {
+            aml::Package::new(vec![address as &dyn Aml, pin, &aml::ZERO, gsi])
+        })
+        .collect();
+    let prt = aml::Package::new(prt_entries.iter().map(|entry| entry as &dyn Aml).collect());
     let mut body = Vec::new();
     aml::Device::new(
         "_SB_.PCI0".into(),
@@ -133,6 +150,7 @@ pub fn pci_host_bridge_aml(bridge: &PciHostBridgeAcpi) -> Vec<u8> {
             &aml::Name::new("_UID".into(), &aml::ZERO),
             &aml::Name::new("_BBN".into(), &aml::ZERO),
             &aml::Name::new("_CRS".into(), &crs),
+            &aml::Name::new("_PRT".into(), &prt),
         ],
     )
     .to_aml_bytes(&mut body);
@@ -536,6 +554,26 @@ mod tests {
         assert_eq!(u64_at(&m64, 11), 1 << 32);
         assert_eq!(u64_at(&m64, 19), (1 << 46) - 1);
         assert_eq!(u64_at(&m64, 35), (1 << 46) - (1 << 32));
+    }
+
+    #[test]
+    fn host_bridge_prt_routes_every_slot_and_pin_to_gsis_16_to_19() {
+        let aml = pci_host_bridge_aml(&bridge());
+        let has = |needle: &[u8]| aml.windows(needle.len()).any(|w| w == needle);
+        assert!(has(b"_PRT"));
+        // Package(4) { 0x3ffff, 2, Zero, 18 }: PackageOp, length, count 4,
+        // DWord 0x0003ffff, Byte 2, Zero, Byte 18.
+        assert!(has(&[
+            0x12, 0x0c, 4, 0x0c, 0xff, 0xff, 0x03, 0x00, 0x0a, 2, 0x00, 0x0a, 18
+        ]));
+        // Slot 0, INTA#: the address is a Word (0xffff), pin Zero, GSI 16.
+        assert!(has(&[
+            0x12, 0x09, 4, 0x0b, 0xff, 0xff, 0x00, 0x00, 0x0a, 16
+        ]));
+        // Slot 31, INTD#: GSI 19.
+        assert!(has(&[
+            0x12, 0x0c, 4, 0x0c, 0xff, 0xff, 0x1f, 0x00, 0x0a, 3, 0x00, 0x0a, 19
+        ]));
     }
 
     #[test]

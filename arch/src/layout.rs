@@ -187,6 +187,11 @@ pub const PCI_CONFIG_PORT_COUNT: u16 = 8;
 pub const IOAPIC_PINS: u32 = 24;
 /// GSI the PIT (ISA IRQ 0) is routed to (MADT interrupt source override).
 pub const PIT_GSI: u32 = 2;
+/// GSI of PCI INTA# on every bus-0 slot; INTB#..INTD# follow (16..=19). The
+/// DSDT's `\_SB_.PCI0._PRT` says so; the pins are level-triggered and shared.
+pub const PCI_INTX_GSI_BASE: u32 = 16;
+/// PCI interrupt pins (INTA#..INTD#).
+pub const PCI_INTX_PINS: u32 = 4;
 
 // Build-time invariants the boot code relies on.
 const _: () = {

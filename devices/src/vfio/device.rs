@@ -9,9 +9,12 @@
 //!   it). No ROM is exposed (the ROM BAR reads 0).
 //! - **Hidden capabilities** (resizable BAR, SR-IOV) are unlinked by the
 //!   probe's [`crate::pci::caps::MaskPlan`]: reads get its patches laid over
-//!   them, writes into their bodies are dropped. MSI and MSI-X stay visible
-//!   and their registers are forwarded (vfio-pci virtualizes them); the
-//!   MSI-X table is not emulated yet.
+//!   them, writes into their bodies are dropped. MSI and MSI-X stay visible.
+//! - **Interrupts**, once the VMM wires them ([`VfioPciDevice::with_interrupts`]):
+//!   the interrupt line, the MSI and MSI-X registers from Message Control on,
+//!   and (through [`VfioBarAccess`]) the MSI-X table and PBA are emulated by
+//!   [`super::interrupts::VfioInterrupts`] and never forwarded. Without
+//!   them the registers are forwarded (vfio-pci virtualizes them).
 //! - **Writes** reach the device only in the parts a guest may write: the
 //!   command register (only its [`COMMAND_WRITABLE_BITS`]), the status
 //!   register (its error bits are write-1-to-clear), cache line size,
@@ -26,9 +29,11 @@
 //! BAR data accesses in trapped ranges go through [`VfioBarAccess`], a
 //! cloneable handle the VMM puts on its MMIO (and I/O) bus.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use resources::placement::DevicePlan;
+
+use super::interrupts::VfioInterrupts;
 
 use super::probe::VfioProbe;
 use super::VfioBackend;
@@ -80,6 +85,17 @@ pub struct VfioBarAccess<B: VfioBackend> {
     backend: Arc<B>,
     /// Region size of each BAR (0: not implemented or not exposed).
     sizes: [u64; BAR_COUNT],
+    /// The MSI-X table and PBA, served before the device sees the access.
+    interrupts: Option<SharedInterrupts<B>>,
+}
+
+/// A device's interrupts, shared by its config model and its BAR traps.
+pub type SharedInterrupts<B> = Arc<Mutex<VfioInterrupts<B>>>;
+
+fn lock<B: VfioBackend>(
+    interrupts: &SharedInterrupts<B>,
+) -> std::sync::MutexGuard<'_, VfioInterrupts<B>> {
+    interrupts.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl<B: VfioBackend> Clone for VfioBarAccess<B> {
@@ -87,6 +103,7 @@ impl<B: VfioBackend> Clone for VfioBarAccess<B> {
         Self {
             backend: Arc::clone(&self.backend),
             sizes: self.sizes,
+            interrupts: self.interrupts.clone(),
         }
     }
 }
@@ -109,6 +126,11 @@ impl<B: VfioBackend> VfioBarAccess<B> {
     /// [`Self::accepts`] refuses read all-ones.
     pub fn bar_read(&self, index: u8, offset: u64, data: &mut [u8]) {
         data.fill(0xff);
+        if let Some(interrupts) = &self.interrupts {
+            if lock(interrupts).bar_read(index, offset, data) {
+                return;
+            }
+        }
         if self.accepts(index, offset, data.len()) {
             self.backend.region_read(u32::from(index), offset, data);
         } else {
@@ -122,6 +144,11 @@ impl<B: VfioBackend> VfioBarAccess<B> {
     /// Writes BAR `index` at `offset` on the device. Accesses
     /// [`Self::accepts`] refuses are ignored.
     pub fn bar_write(&self, index: u8, offset: u64, data: &[u8]) {
+        if let Some(interrupts) = &self.interrupts {
+            if lock(interrupts).bar_write(index, offset, data) {
+                return;
+            }
+        }
         if self.accepts(index, offset, data.len()) {
             self.backend.region_write(u32::from(index), offset, data);
         } else {
@@ -156,9 +183,27 @@ pub struct VfioPciDevice<B: VfioBackend> {
     /// during boot would make the host and KVM fault the BARs in again, and
     /// barge could not pre-fault them before the guest runs.
     guest_memory_enabled: bool,
+    /// INTx, MSI and MSI-X, when the VMM wires them
+    /// ([`Self::with_interrupts`]); without, the capabilities are the
+    /// device's (vfio-pci's virtualized view) and nothing is delivered.
+    interrupts: Option<SharedInterrupts<B>>,
 }
 
 impl<B: VfioBackend> VfioPciDevice<B> {
+    /// Serves the interrupt line, the MSI and MSI-X capabilities and the
+    /// MSI-X table and PBA (in the BAR traps) from `interrupts`. Take
+    /// [`Self::bar_access`] handles after this call.
+    pub fn with_interrupts(mut self, interrupts: SharedInterrupts<B>) -> Self {
+        self.bar_access.interrupts = Some(Arc::clone(&interrupts));
+        self.interrupts = Some(interrupts);
+        self
+    }
+
+    /// The interrupts, if wired.
+    pub fn interrupts(&self) -> Option<&SharedInterrupts<B>> {
+        self.interrupts.as_ref()
+    }
+
     /// The device with its memory BARs at the GPAs of `plan` (the planner's
     /// output for `probe.device_input(..)`), and the I/O BARs listed in
     /// `io_ports` as `(index, port)`. I/O BARs not listed are hidden (read
@@ -211,6 +256,7 @@ impl<B: VfioBackend> VfioPciDevice<B> {
         let bar_access = VfioBarAccess {
             backend: Arc::clone(&backend),
             sizes,
+            interrupts: None,
         };
         let device = Self {
             backend,
@@ -220,6 +266,7 @@ impl<B: VfioBackend> VfioPciDevice<B> {
             config_size,
             bar_access,
             guest_memory_enabled: false,
+            interrupts: None,
         };
         let command = device.device_command();
         if command & COMMAND_MEMORY_SPACE == 0 {
@@ -338,6 +385,9 @@ impl<B: VfioBackend> PciConfigAccess for VfioPciDevice<B> {
             *byte = (*byte & !(COMMAND_MEMORY_SPACE as u8))
                 | (self.guest_command() as u8 & COMMAND_MEMORY_SPACE as u8);
         }
+        if let Some(interrupts) = &self.interrupts {
+            lock(interrupts).config_read(offset, data);
+        }
     }
 
     fn config_write(&mut self, offset: u16, data: &[u8]) -> Option<ConfigEvent> {
@@ -373,11 +423,23 @@ impl<B: VfioBackend> PciConfigAccess for VfioPciDevice<B> {
             );
             event = CommandChange::between(old, new).map(ConfigEvent::Command);
         }
+        // The interrupt registers are emulated, never forwarded.
+        let interrupts = self.interrupts.clone();
+        let mut interrupts = interrupts.as_ref().map(lock);
+        if let Some(interrupts) = &mut interrupts {
+            interrupts.config_write(offset, data);
+        }
+        let emulated = |position: usize| {
+            interrupts
+                .as_ref()
+                .is_some_and(|i| i.owns_config_byte(position as u16))
+        };
         // Forward the other writable bytes, in runs.
         let mut run_start = None;
         for position in start..=end {
             let writable = position < end
                 && !command_range.contains(&position)
+                && !emulated(position)
                 && self.byte_writable(position as u16);
             match (writable, run_start) {
                 (true, None) => run_start = Some(position),

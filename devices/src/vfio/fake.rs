@@ -8,12 +8,15 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
+use std::io;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::{Mutex, MutexGuard};
 
+use vmm_sys_util::eventfd::EventFd;
+
 use super::{
-    BarRange, RegionInfo, VfioBackend, CONFIG_REGION_INDEX, REGION_FLAG_MMAP, REGION_FLAG_READ,
-    REGION_FLAG_WRITE,
+    BarRange, RegionInfo, VfioBackend, CONFIG_REGION_INDEX, INTX_IRQ_INDEX, MSI_IRQ_INDEX,
+    REGION_FLAG_MMAP, REGION_FLAG_READ, REGION_FLAG_WRITE,
 };
 use crate::pci::caps::{
     CAP_ID_MSI, CAP_ID_MSIX, CAP_ID_PCI_EXPRESS, CAP_ID_POWER_MANAGEMENT, EXT_CAP_ID_AER,
@@ -81,6 +84,32 @@ struct State {
     writes: Vec<FakeWrite>,
     resets: u32,
     can_reset: bool,
+    /// Interrupt counts per VFIO IRQ index.
+    irq_counts: HashMap<u32, u32>,
+    /// The eventfds each enabled IRQ index signals.
+    irq_fds: HashMap<u32, Vec<EventFd>>,
+    /// The INTx unmask (resample) eventfd.
+    intx_unmask: Option<EventFd>,
+    irq_calls: Vec<FakeIrqCall>,
+}
+
+/// An IRQ operation the model asked of the fake device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FakeIrqCall {
+    /// `irq_enable(index, fds)` with `count` fds.
+    Enable {
+        /// The IRQ index.
+        index: u32,
+        /// How many fds.
+        count: usize,
+    },
+    /// `irq_disable(index)`.
+    Disable {
+        /// The IRQ index.
+        index: u32,
+    },
+    /// `intx_unmask_on(fd)`.
+    IntxUnmaskOn,
 }
 
 /// The fake device (see module docs).
@@ -111,6 +140,10 @@ impl FakeVfioBackend {
                 writes: Vec::new(),
                 resets: 0,
                 can_reset: true,
+                irq_counts: HashMap::from([(INTX_IRQ_INDEX, 1), (MSI_IRQ_INDEX, 1)]),
+                irq_fds: HashMap::new(),
+                intx_unmask: None,
+                irq_calls: Vec::new(),
             }),
             fd: File::open("/dev/null").expect("the fake VFIO device opens /dev/null as its fd"),
         }
@@ -168,6 +201,42 @@ impl FakeVfioBackend {
             .with_region(1, FakeRegion::mmap(128 << 30))
             .with_region(3, FakeRegion::mmap(32 << 20))
             .with_region(5, FakeRegion::trapped(128))
+    }
+
+    /// With `count` interrupts at VFIO IRQ `index` (default: one INTx,
+    /// one MSI, no MSI-X).
+    pub fn with_irqs(self, index: u32, count: u32) -> Self {
+        self.lock().irq_counts.insert(index, count);
+        self
+    }
+
+    /// The IRQ operations so far.
+    pub fn irq_calls(&self) -> Vec<FakeIrqCall> {
+        self.lock().irq_calls.clone()
+    }
+
+    /// Forgets the IRQ operations so far.
+    pub fn clear_irq_calls(&self) {
+        self.lock().irq_calls.clear();
+    }
+
+    /// The device raises interrupt `vector` of IRQ `index`: signals the
+    /// eventfd VFIO was given for it. Returns whether one was enabled.
+    pub fn fire(&self, index: u32, vector: usize) -> bool {
+        let state = self.lock();
+        let Some(fd) = state.irq_fds.get(&index).and_then(|fds| fds.get(vector)) else {
+            return false;
+        };
+        fd.write(1).is_ok()
+    }
+
+    /// Whether the INTx unmask eventfd was signalled (consumes it).
+    pub fn take_intx_unmask(&self) -> bool {
+        let state = self.lock();
+        state
+            .intx_unmask
+            .as_ref()
+            .is_some_and(|fd| fd.read().is_ok_and(|count| count > 0))
     }
 
     /// Sets region `index` (a BAR: 0..=5).
@@ -252,6 +321,44 @@ impl State {
 }
 
 impl VfioBackend for FakeVfioBackend {
+    fn irq_count(&self, index: u32) -> u32 {
+        self.lock().irq_counts.get(&index).copied().unwrap_or(0)
+    }
+
+    fn irq_enable(&self, index: u32, fds: &[&EventFd]) -> io::Result<()> {
+        let mut state = self.lock();
+        let count = state.irq_counts.get(&index).copied().unwrap_or(0);
+        if count == 0 || fds.len() > count as usize {
+            return Err(io::Error::from_raw_os_error(
+                22, /* EINVAL, as VFIO answers */
+            ));
+        }
+        let clones = fds
+            .iter()
+            .map(|fd| fd.try_clone())
+            .collect::<io::Result<Vec<_>>>()?;
+        state.irq_fds.insert(index, clones);
+        state.irq_calls.push(FakeIrqCall::Enable {
+            index,
+            count: fds.len(),
+        });
+        Ok(())
+    }
+
+    fn irq_disable(&self, index: u32) -> io::Result<()> {
+        let mut state = self.lock();
+        state.irq_fds.remove(&index);
+        state.irq_calls.push(FakeIrqCall::Disable { index });
+        Ok(())
+    }
+
+    fn intx_unmask_on(&self, fd: &EventFd) -> io::Result<()> {
+        let mut state = self.lock();
+        state.intx_unmask = Some(fd.try_clone()?);
+        state.irq_calls.push(FakeIrqCall::IntxUnmaskOn);
+        Ok(())
+    }
+
     fn region_info(&self, index: u32) -> Option<RegionInfo> {
         let state = self.lock();
         // Region offsets as vfio-pci lays them out: index << 40.

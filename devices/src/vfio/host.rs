@@ -30,6 +30,7 @@ use iommufd_ioctls::IommuFd;
 use vfio_ioctls::{
     VfioContainer, VfioDevice, VfioDeviceFd, VfioError, VfioIommufd, VfioOps, VfioRegionInfoCap,
 };
+use vmm_sys_util::eventfd::EventFd;
 
 use super::preflight::{locate, not_viable, DeviceLocation, HostPaths, PreflightError};
 use super::{BarRange, RegionInfo, VfioBackend, CONFIG_REGION_INDEX};
@@ -473,6 +474,26 @@ impl VfioBackend for HostVfioDevice {
             self.device.reset();
         }
         self.location.reset_supported
+    }
+
+    fn irq_count(&self, index: u32) -> u32 {
+        self.device.get_irq_info(index).map_or(0, |irq| irq.count)
+    }
+
+    fn irq_enable(&self, index: u32, fds: &[&EventFd]) -> io::Result<()> {
+        self.device
+            .enable_irq(index, fds.to_vec())
+            .map_err(io::Error::other)
+    }
+
+    fn irq_disable(&self, index: u32) -> io::Result<()> {
+        self.device.disable_irq(index).map_err(io::Error::other)
+    }
+
+    fn intx_unmask_on(&self, fd: &EventFd) -> io::Result<()> {
+        self.device
+            .set_irq_resample_fd(super::INTX_IRQ_INDEX, vec![fd])
+            .map_err(io::Error::other)
     }
 
     fn device_fd(&self) -> BorrowedFd<'_> {

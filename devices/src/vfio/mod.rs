@@ -22,10 +22,14 @@
 pub mod device;
 pub mod fake;
 pub mod host;
+pub mod interrupts;
 pub mod preflight;
 pub mod probe;
 
+use std::io;
 use std::os::fd::BorrowedFd;
+
+use vmm_sys_util::eventfd::EventFd;
 
 pub use device::{VfioBarAccess, VfioDeviceError, VfioPciDevice};
 pub use probe::{ProbeError, ProbedBar, VfioProbe};
@@ -37,6 +41,12 @@ pub const BAR0_REGION_INDEX: u32 = 0;
 pub const ROM_REGION_INDEX: u32 = 6;
 /// VFIO region index of the configuration space.
 pub const CONFIG_REGION_INDEX: u32 = 7;
+/// VFIO IRQ index of INTx (`VFIO_PCI_INTX_IRQ_INDEX`).
+pub const INTX_IRQ_INDEX: u32 = 0;
+/// VFIO IRQ index of MSI (`VFIO_PCI_MSI_IRQ_INDEX`).
+pub const MSI_IRQ_INDEX: u32 = 1;
+/// VFIO IRQ index of MSI-X (`VFIO_PCI_MSIX_IRQ_INDEX`).
+pub const MSIX_IRQ_INDEX: u32 = 2;
 /// Region flag: the region can be read (`VFIO_REGION_INFO_FLAG_READ`).
 pub const REGION_FLAG_READ: u32 = 1 << 0;
 /// Region flag: the region can be written (`VFIO_REGION_INFO_FLAG_WRITE`).
@@ -119,6 +129,30 @@ pub trait VfioBackend: Send + Sync {
     fn config_write(&self, offset: u64, data: &[u8]) {
         self.region_write(CONFIG_REGION_INDEX, offset, data);
     }
+
+    /// How many interrupts VFIO offers at IRQ `index` ([`INTX_IRQ_INDEX`],
+    /// [`MSI_IRQ_INDEX`], [`MSIX_IRQ_INDEX`]); 0 when none.
+    fn irq_count(&self, _index: u32) -> u32 {
+        0
+    }
+
+    /// Has VFIO signal `fds[i]` when the device raises interrupt `i` of
+    /// IRQ `index` (`VFIO_IRQ_SET_ACTION_TRIGGER`); enables MSI or MSI-X on
+    /// the host with `fds.len()` vectors.
+    fn irq_enable(&self, index: u32, _fds: &[&EventFd]) -> io::Result<()> {
+        Err(io::Error::other(format!("no VFIO IRQ index {index}")))
+    }
+
+    /// Disables IRQ `index` on the host.
+    fn irq_disable(&self, index: u32) -> io::Result<()> {
+        Err(io::Error::other(format!("no VFIO IRQ index {index}")))
+    }
+
+    /// Has VFIO unmask INTx whenever `fd` is signalled
+    /// (`VFIO_IRQ_SET_ACTION_UNMASK` with an eventfd: KVM's resample fd).
+    fn intx_unmask_on(&self, _fd: &EventFd) -> io::Result<()> {
+        Err(io::Error::other("no VFIO INTx"))
+    }
 }
 
 impl<T: VfioBackend + ?Sized> VfioBackend for std::sync::Arc<T> {
@@ -142,6 +176,18 @@ impl<T: VfioBackend + ?Sized> VfioBackend for std::sync::Arc<T> {
     }
     fn config_write(&self, offset: u64, data: &[u8]) {
         (**self).config_write(offset, data);
+    }
+    fn irq_count(&self, index: u32) -> u32 {
+        (**self).irq_count(index)
+    }
+    fn irq_enable(&self, index: u32, fds: &[&EventFd]) -> io::Result<()> {
+        (**self).irq_enable(index, fds)
+    }
+    fn irq_disable(&self, index: u32) -> io::Result<()> {
+        (**self).irq_disable(index)
+    }
+    fn intx_unmask_on(&self, fd: &EventFd) -> io::Result<()> {
+        (**self).intx_unmask_on(fd)
     }
 }
 
