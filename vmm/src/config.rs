@@ -895,11 +895,16 @@ mod tests {
     #[test]
     fn prefault_bars_defaults_on_and_can_be_switched_off() {
         assert!(VmConfig::new("/k").prefault_bars);
-        assert!(!VmConfig::new("/k").to_json_string().contains("prefault_bars"));
+        assert!(!VmConfig::new("/k")
+            .to_json_string()
+            .contains("prefault_bars"));
         let config =
             VmConfig::from_json_str(r#"{"kernel": "/k", "prefault_bars": false}"#).unwrap();
         assert!(!config.prefault_bars);
-        assert_eq!(VmConfig::from_json_str(&config.to_json_string()).unwrap(), config);
+        assert_eq!(
+            VmConfig::from_json_str(&config.to_json_string()).unwrap(),
+            config
+        );
     }
 
     #[test]

@@ -307,4 +307,5 @@ mod tests {
         assert_eq!(first, process_start());
     }
 }
+pub mod bench;
 pub mod vfio;

@@ -45,6 +45,13 @@ fn main() -> ExitCode {
             }
             Err(e) => fail(&e.to_string(), vmm::status::ERROR),
         },
+        Command::Bench(request) => match vmm::bench::run(&request) {
+            Ok(text) => {
+                print!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(&e.to_string(), vmm::status::ERROR),
+        },
         Command::Plan(request) => {
             match vmm::plan_cmd::run(&request, std::path::Path::new("/sys")) {
                 Ok(text) => {
