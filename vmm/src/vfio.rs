@@ -41,15 +41,21 @@ use std::sync::{Arc, Mutex};
 
 use devices::pci::PciSegment;
 use devices::vfio::host::{BackendKind, HostError, HostVfioDevice, VfioHost};
+use devices::vfio::interrupts::{InterruptRouter, KvmIrqs, VfioInterrupts};
 use devices::vfio::preflight::HostPaths;
 use devices::vfio::{
     ProbeError, VfioBackend, VfioBarAccess, VfioDeviceError, VfioPciDevice, VfioProbe,
 };
-use kvm_bindings::{kvm_create_device, kvm_device_type_KVM_DEV_TYPE_VFIO};
-use kvm_ioctls::VmFd;
+use kvm_bindings::{
+    kvm_create_device, kvm_device_type_KVM_DEV_TYPE_VFIO, kvm_irq_routing_entry, KvmIrqRouting,
+    KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI,
+};
+use kvm_ioctls::{Cap, VmFd};
+use resources::gsi::{Route, RouteKind, KVM_MAX_IRQ_ROUTES_OLD};
 use resources::placement::{BarPlacement, DeviceInput, DevicePlan, PageSize};
 use vfio_ioctls::VfioDeviceFd;
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::bar_mapping::MappedBar;
 use crate::bus::{BusDevice, BusError, Buses, SharedBusDevice};
@@ -450,10 +456,15 @@ impl<B: VfioBackend> BusDevice for VfioBarTrap<B> {
 }
 
 /// The VFIO host shared by every passed-through device of one VM: one
-/// container (or IOAS), and guest RAM mapped into it once.
+/// container (or IOAS), guest RAM mapped into it once, and the VM's GSI
+/// router for the devices' interrupts.
 pub struct SharedVfioHost {
     host: VfioHost,
     ram_mapped: Mutex<bool>,
+    dma_regions: Mutex<Vec<(u64, u64)>>,
+    kvm_irqs: Option<Arc<KvmIrqChip>>,
+    router: Option<Arc<InterruptRouter>>,
+    next_device: Mutex<u32>,
 }
 
 impl SharedVfioHost {
@@ -461,23 +472,83 @@ impl SharedVfioHost {
     /// KVM has one.
     pub fn new(vm: &VmFd, backend: BackendConfig) -> Arc<Self> {
         let kvm_device = create_kvm_vfio_device(vm);
+        let kvm_irqs = match KvmIrqChip::new(vm) {
+            Ok(chip) => Some(Arc::new(chip)),
+            Err(error) => {
+                log::warn!("vfio: cannot share the VM fd for interrupts ({error}); passed-through devices get no interrupts");
+                None
+            }
+        };
+        let router = kvm_irqs.as_ref().and_then(|chip| {
+            let limit = u32::try_from(vm.check_extension_int(Cap::IrqRouting))
+                .ok()
+                .filter(|limit| *limit > resources::gsi::IOAPIC_PINS)
+                .unwrap_or(KVM_MAX_IRQ_ROUTES_OLD);
+            let kvm: Arc<dyn KvmIrqs> = chip.clone();
+            InterruptRouter::new(kvm, limit)
+                .map_err(|error| {
+                    log::warn!("vfio: {error}; passed-through devices get no interrupts")
+                })
+                .ok()
+                .map(Arc::new)
+        });
         Arc::new(Self {
             host: VfioHost::new(backend_kind(backend), HostPaths::default(), kvm_device),
             ram_mapped: Mutex::new(false),
+            dma_regions: Mutex::new(Vec::new()),
+            kvm_irqs,
+            router,
+            next_device: Mutex::new(0),
         })
     }
 
-    /// Maps guest RAM into the IOMMU domain, the first time only.
+    /// Maps guest RAM into the IOMMU domain, the first time only, and logs
+    /// what the step cost (regions, bytes, time, GiB/s).
     fn map_ram_once(&self, ram: &GuestRam) -> Result<(), PassthroughError> {
         let mut mapped = self.ram_mapped.lock().unwrap_or_else(|e| e.into_inner());
         if !*mapped {
+            let start = std::time::Instant::now();
             // SAFETY: the builder keeps guest RAM mapped for the VM's
             // lifetime, and this host lives in the devices' keep-alive list,
             // which is dropped with the VM, before the RAM.
             unsafe { dma_map_ram(&self.host, ram) }?;
             *mapped = true;
+            let seconds = start.elapsed().as_secs_f64();
+            let regions: Vec<(u64, u64)> = ram
+                .memory
+                .iter()
+                .map(|region| (region.start_addr().raw_value(), region.len()))
+                .collect();
+            let bytes: u64 = regions.iter().map(|(_, size)| size).sum();
+            log::info!(
+                "vfio: dma: {} RAM regions, {bytes} bytes mapped for device DMA in {:.3} ms ({:.2} GiB/s)",
+                regions.len(),
+                seconds * 1000.0,
+                bytes as f64 / (1u64 << 30) as f64 / seconds.max(1e-9)
+            );
+            *self.dma_regions.lock().unwrap_or_else(|e| e.into_inner()) = regions;
         }
         Ok(())
+    }
+}
+
+impl Drop for SharedVfioHost {
+    /// Unmaps guest RAM from the IOMMU domain and lets go of the VM fd
+    /// duplicate (the devices' interrupts are torn down by then).
+    fn drop(&mut self) {
+        for (iova, size) in self
+            .dma_regions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+        {
+            if let Err(error) = self.host.dma_unmap(iova, size) {
+                log::warn!("vfio: {error}");
+            }
+        }
+        if let Some(chip) = &self.kvm_irqs {
+            chip.close();
+        }
     }
 }
 
@@ -531,13 +602,60 @@ impl PciDeviceSetup for VfioSetup {
             probe,
             ..
         } = self.passthrough;
-        let device =
+        let mut device =
             VfioPciDevice::new(Arc::clone(&backend), &probe, plan, &[]).map_err(|source| {
                 PassthroughError::Plan {
                     bdf: bdf.clone(),
                     source,
                 }
             })?;
+        let mut keep_alive: Vec<Box<dyn std::any::Any + Send>> = Vec::new();
+        if let Some(router) = &self.host.router {
+            let id = {
+                let mut next = self
+                    .host
+                    .next_device
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
+                *next += 1;
+                *next
+            };
+            let pin = probe
+                .config
+                .get(usize::from(devices::pci::config::INTERRUPT_PIN_OFFSET))
+                .copied()
+                .unwrap_or(0);
+            let intx_gsi = intx_gsi(pin);
+            let mut interrupts = VfioInterrupts::new(
+                Arc::clone(&backend),
+                Arc::clone(router),
+                id,
+                &probe.config,
+                intx_gsi,
+            )
+            .map_err(|e| -> DeviceSetupError { format!("PCI device {bdf}: {e}").into() })?;
+            interrupts.start();
+            log::info!(
+                "vfio: {bdf}: interrupts: INTx {}, MSI {}, MSI-X {}",
+                interrupts
+                    .intx_gsi()
+                    .map_or("none".to_string(), |gsi| format!("on GSI {gsi}")),
+                if interrupts.msi().is_some() {
+                    "offered"
+                } else {
+                    "none"
+                },
+                interrupts
+                    .msix_table()
+                    .map_or("none".to_string(), |table| format!(
+                        "{} vectors (table and PBA trapped)",
+                        table.vector_count()
+                    )),
+            );
+            let interrupts = Arc::new(Mutex::new(interrupts));
+            keep_alive.push(Box::new(InterruptTeardown(Arc::clone(&interrupts))));
+            device = device.with_interrupts(interrupts);
+        }
         let access = device.bar_access();
         let mut traps = Vec::new();
         let mut bars = Vec::new();
@@ -585,8 +703,120 @@ impl PciDeviceSetup for VfioSetup {
             config: Box::new(device),
             traps,
             bars,
-            keep_alive: vec![Box::new(backend), Box::new(self.host)],
+            keep_alive: {
+                keep_alive.push(Box::new(backend));
+                keep_alive.push(Box::new(self.host));
+                keep_alive
+            },
         })
+    }
+}
+
+/// The IOAPIC pin (GSI) of a device's INTx `pin` (1 = INTA#): the DSDT's
+/// `_PRT` routes INTA#..INTD# of every slot to GSIs 16..=19.
+pub fn intx_gsi(pin: u8) -> u32 {
+    arch::layout::PCI_INTX_GSI_BASE + u32::from(pin.saturating_sub(1)) % arch::layout::PCI_INTX_PINS
+}
+
+/// Tears a device's interrupts down (VFIO IRQs disabled, irqfds and routes
+/// gone) when the VM's devices are dropped, before guest RAM goes.
+struct InterruptTeardown(Arc<Mutex<VfioInterrupts<HostVfioDevice>>>);
+
+impl Drop for InterruptTeardown {
+    fn drop(&mut self) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).shutdown();
+    }
+}
+
+/// KVM's side of device interrupts ([`KvmIrqs`]) over a duplicate of the
+/// VM fd (the device models reach KVM from vCPU threads, long after the
+/// builder handed the VM fd to the run loop).
+pub struct KvmIrqChip {
+    vm: Mutex<Option<VmFd>>,
+}
+
+impl KvmIrqChip {
+    /// Duplicates `vm`'s fd.
+    pub fn new(vm: &VmFd) -> std::io::Result<Self> {
+        use std::os::fd::{AsRawFd, IntoRawFd};
+        // SAFETY: `vm` owns its open fd for the duration of this borrow.
+        let borrowed = unsafe { BorrowedFd::borrow_raw(vm.as_raw_fd()) };
+        let owned = borrowed.try_clone_to_owned()?;
+        let kvm = crate::kvm::open_kvm().map_err(std::io::Error::other)?;
+        // SAFETY: `owned` is a fresh duplicate of a KVM VM fd that nothing
+        // else owns; the new VmFd takes it over.
+        let vm = unsafe { kvm.create_vmfd_from_rawfd(owned.into_raw_fd()) }
+            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
+        Ok(Self {
+            vm: Mutex::new(Some(vm)),
+        })
+    }
+
+    /// Closes the duplicate: later operations fail (logged by the callers).
+    pub fn close(&self) {
+        self.vm.lock().unwrap_or_else(|e| e.into_inner()).take();
+    }
+
+    fn with_vm(
+        &self,
+        op: impl FnOnce(&VmFd) -> Result<(), kvm_ioctls::Error>,
+    ) -> std::io::Result<()> {
+        let vm = self.vm.lock().unwrap_or_else(|e| e.into_inner());
+        let vm = vm
+            .as_ref()
+            .ok_or_else(|| std::io::Error::other("the VM is gone"))?;
+        op(vm).map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+    }
+}
+
+/// `routes` as KVM's routing entries.
+pub fn kvm_routing_entries(routes: &[Route]) -> Vec<kvm_irq_routing_entry> {
+    routes
+        .iter()
+        .map(|route| {
+            let mut entry = kvm_irq_routing_entry {
+                gsi: route.gsi,
+                ..Default::default()
+            };
+            match route.kind {
+                RouteKind::Msi { address, data } => {
+                    entry.type_ = KVM_IRQ_ROUTING_MSI;
+                    entry.u.msi.address_lo = address as u32;
+                    entry.u.msi.address_hi = (address >> 32) as u32;
+                    entry.u.msi.data = data;
+                }
+                RouteKind::Irqchip { chip, pin } => {
+                    entry.type_ = KVM_IRQ_ROUTING_IRQCHIP;
+                    entry.u.irqchip.irqchip = chip;
+                    entry.u.irqchip.pin = pin;
+                }
+            }
+            entry
+        })
+        .collect()
+}
+
+impl KvmIrqs for KvmIrqChip {
+    fn set_gsi_routing(&self, routes: &[Route]) -> std::io::Result<()> {
+        let routing = KvmIrqRouting::from_entries(&kvm_routing_entries(routes))
+            .map_err(|e| std::io::Error::other(format!("{e:?}")))?;
+        self.with_vm(|vm| vm.set_gsi_routing(&routing))
+    }
+
+    fn register_irqfd(
+        &self,
+        fd: &EventFd,
+        gsi: u32,
+        resample: Option<&EventFd>,
+    ) -> std::io::Result<()> {
+        self.with_vm(|vm| match resample {
+            Some(resample) => vm.register_irqfd_with_resample(fd, resample, gsi),
+            None => vm.register_irqfd(fd, gsi),
+        })
+    }
+
+    fn unregister_irqfd(&self, fd: &EventFd, gsi: u32) -> std::io::Result<()> {
+        self.with_vm(|vm| vm.unregister_irqfd(fd, gsi))
     }
 }
 
@@ -690,6 +920,45 @@ mod tests {
         )
         .unwrap();
         (mapping, area.gpa)
+    }
+
+    #[test]
+    fn routes_convert_to_kvm_entries_with_the_legacy_pins_first() {
+        let mut routes = resources::gsi::legacy_routes();
+        routes.push(Route {
+            gsi: 24,
+            kind: RouteKind::Msi {
+                address: 0x1_fee0_1000,
+                data: 0x4041,
+            },
+        });
+        let entries = kvm_routing_entries(&routes);
+        assert_eq!(entries.len(), routes.len());
+        // GSI 4 (COM1): master PIC pin 4 and IOAPIC pin 4.
+        let com1: Vec<_> = entries.iter().filter(|e| e.gsi == 4).collect();
+        assert_eq!(com1.len(), 2);
+        for entry in &com1 {
+            assert_eq!(entry.type_, KVM_IRQ_ROUTING_IRQCHIP);
+            // SAFETY: irqchip entries carry the irqchip member.
+            let irqchip = unsafe { entry.u.irqchip };
+            assert_eq!(irqchip.pin, 4);
+        }
+        let msi = entries.last().unwrap();
+        assert_eq!((msi.gsi, msi.type_), (24, KVM_IRQ_ROUTING_MSI));
+        // SAFETY: MSI entries carry the msi member.
+        let message = unsafe { msi.u.msi };
+        assert_eq!(
+            (message.address_lo, message.address_hi, message.data),
+            (0xfee0_1000, 1, 0x4041)
+        );
+        assert!(KvmIrqRouting::from_entries(&entries).is_ok());
+    }
+
+    #[test]
+    fn intx_pins_map_to_gsis_16_to_19() {
+        assert_eq!([1, 2, 3, 4].map(intx_gsi), [16, 17, 18, 19]);
+        assert_eq!(intx_gsi(0), 16);
+        assert_eq!(intx_gsi(200), 16 + 199 % 4);
     }
 
     #[test]
