@@ -144,6 +144,11 @@ pub struct BenchArgs {
     /// Write an SVG chart here, e.g. --svg bench.svg
     #[arg(long, value_name = "PATH")]
     pub svg: Option<PathBuf>,
+
+    /// Also write the JSON here (with the table on stdout),
+    /// e.g. --json-file bench.json
+    #[arg(long, value_name = "PATH")]
+    pub json_file: Option<PathBuf>,
 }
 
 impl BenchArgs {
@@ -178,6 +183,7 @@ impl BenchArgs {
             timeout: std::time::Duration::from_secs(self.timeout),
             json: self.json,
             svg: self.svg,
+            json_file: self.json_file,
         })
     }
 }
@@ -800,6 +806,8 @@ mod tests {
             "/tmp/b.svg",
             "--timeout",
             "60",
+            "--json-file",
+            "/tmp/b.json",
         ])
         .unwrap() else {
             panic!("bench expected");
@@ -814,6 +822,7 @@ mod tests {
         assert_eq!(request.timeout, std::time::Duration::from_secs(60));
         assert!(request.json);
         assert_eq!(request.svg.as_deref(), Some(Path::new("/tmp/b.svg")));
+        assert_eq!(request.json_file.as_deref(), Some(Path::new("/tmp/b.json")));
     }
 
     #[test]

@@ -81,9 +81,9 @@ impl FaultProbe {
     /// How the counts are taken, for the output.
     pub fn method(&self) -> &'static str {
         if self.hist {
-            "kprobe on vfio_pci_mmap_huge_fault, hist trigger by order"
+            "kprobe on vfio_pci_mmap_huge_fault, calls by order (hist trigger; a call that cannot map its order falls back to a smaller one)"
         } else {
-            "kprobe on vfio_pci_mmap_huge_fault, trace buffer lines (may overflow)"
+            "kprobe on vfio_pci_mmap_huge_fault, calls by order (trace buffer lines: may overflow; a call that cannot map its order falls back to a smaller one)"
         }
     }
 

@@ -242,6 +242,8 @@ pub struct BenchRequest {
     pub json: bool,
     /// Where to write the SVG chart.
     pub svg: Option<PathBuf>,
+    /// Where to write the JSON as well.
+    pub json_file: Option<PathBuf>,
 }
 
 /// The defaults of `barge bench`'s flags.
@@ -794,11 +796,17 @@ pub fn run(request: &BenchRequest) -> Result<String, BenchError> {
     };
     let _ = std::fs::remove_dir_all(&dir);
     let result = result?;
-    if let Some(path) = &request.svg {
-        std::fs::write(path, output::svg(&result)).map_err(|source| BenchError::Write {
-            path: path.clone(),
-            source,
-        })?;
+    let files = [
+        (&request.svg, output::svg as fn(&BenchResult) -> String),
+        (&request.json_file, output::json),
+    ];
+    for (path, render) in files {
+        if let Some(path) = path {
+            std::fs::write(path, render(&result)).map_err(|source| BenchError::Write {
+                path: path.clone(),
+                source,
+            })?;
+        }
     }
     Ok(if request.json {
         output::json(&result)

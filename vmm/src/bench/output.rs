@@ -126,10 +126,10 @@ pub fn table(result: &BenchResult) -> String {
         ("KVM pages after pre-fault", |s| {
             describe_pages(s.mapped.as_ref())
         }),
-        ("host faults, pre-fault VM", |s| {
+        ("host fault calls, pre-fault VM", |s| {
             faults_text(s.prefault_host_faults.as_ref())
         }),
-        ("host faults, first-touch VM", |s| {
+        ("host fault calls, first-touch VM", |s| {
             faults_text(s.touch_host_faults.as_ref())
         }),
         ("KVM pages at exit, first-touch VM", |s| {
@@ -469,7 +469,7 @@ mod tests {
             "pre-fault whole BAR",
             "880 (800..960)",
             "4Kx262144",
-            "host faults, pre-fault VM",
+            "host fault calls, pre-fault VM",
             "pre-fault             1100x",
             "first touch           - (needs 4k and 1g)",
             "mode order: alternating",
