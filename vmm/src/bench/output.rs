@@ -308,9 +308,9 @@ pub fn svg(result: &BenchResult) -> String {
             .flat_map(|s| [s.min, s.max, s.median])
             .collect();
         let scale = Scale::new(&all);
-        let title = format!(
-            "{} ({}{}, {} is better)",
-            metric.label,
+        // Two lines, so that long titles stay inside their panel.
+        let subtitle = format!(
+            "{}{}, {} is better",
             metric.unit,
             if scale.log { ", log scale" } else { "" },
             if metric.lower_is_better {
@@ -321,11 +321,13 @@ pub fn svg(result: &BenchResult) -> String {
         );
         let _ = writeln!(
             s,
-            r#"<text x="{px}" y="{}" font-weight="bold">{}</text>"#,
+            r##"<text x="{px}" y="{}" font-weight="bold">{}</text><text x="{px}" y="{}" fill="#555">{}</text>"##,
             py + 12.0,
-            escape(&title)
+            escape(metric.label),
+            py + 25.0,
+            escape(&subtitle)
         );
-        let base = py + 25.0 + PLOT_H;
+        let base = py + 37.0 + PLOT_H;
         let _ = writeln!(
             s,
             r##"<line x1="{px}" y1="{base}" x2="{}" y2="{base}" stroke="#444"/>"##,
@@ -371,7 +373,7 @@ pub fn svg(result: &BenchResult) -> String {
                 s,
                 r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">{}</text>"#,
                 x + w / 2.0,
-                (base - h - 4.0).max(py + 24.0),
+                (base - h - 4.0).max(py + 36.0),
                 format_value(stat.median)
             );
         }
@@ -388,15 +390,18 @@ pub fn svg(result: &BenchResult) -> String {
         r#"<text x="10" y="{y}" font-size="13">{}</text>"#,
         escape(&ratios)
     );
-    let _ = writeln!(
-        s,
-        r#"<text x="10" y="{}">{}</text>"#,
-        y + 18.0,
-        escape(&format!(
-            "mode order: {}; host faults: {}",
-            result.order, result.host_faults
-        ))
-    );
+    let notes = [
+        format!("mode order: {}", result.order),
+        format!("host faults: {}", result.host_faults),
+    ];
+    for (i, note) in notes.iter().enumerate() {
+        let _ = writeln!(
+            s,
+            r#"<text x="10" y="{}">{}</text>"#,
+            y + 18.0 * (i + 1) as f64,
+            escape(note)
+        );
+    }
     s.push_str("</svg>\n");
     s
 }
@@ -497,11 +502,14 @@ mod tests {
         assert!(chart.starts_with("<svg"), "{chart}");
         assert!(chart.trim_end().ends_with("</svg>"));
         assert!(
-            chart.contains("pre-fault whole BAR (ms, log scale"),
+            chart.contains(
+                "pre-fault whole BAR</text><text x=\"310\" y=\"95\" fill=\"#555\">ms, log scale"
+            ),
             "{chart}"
         );
         assert!(
-            chart.contains("warm sequential read (GiB/s, higher"),
+            chart.contains("warm sequential read</text>")
+                && chart.contains(">GiB/s, higher is better</text>"),
             "{chart}"
         );
         assert_eq!(chart.matches("<svg").count(), 1);
