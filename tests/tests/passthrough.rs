@@ -119,6 +119,9 @@ fn check_run(output: &Output, dir: &Path, backing: &Path, size: u64) -> serde_js
         .map(|v| u64::from_str_radix(v.trim().trim_start_matches("0x"), 16).unwrap())
         .unwrap();
     assert_eq!(seen, bar2_gpa, "the guest kept barge's BAR address");
+    // Guest RAM was mapped for device DMA before the guest ran.
+    assert_eq!(report["dma"]["bytes"], 512u64 << 20, "{report}");
+    assert!(report["dma"]["gib_per_s"].as_f64().unwrap() > 0.0, "{report}");
     report
 }
 

@@ -20,7 +20,7 @@ use crate::memory::{self, MemoryError};
 use crate::pci;
 use crate::pci_device::{self, AttachContext, DeviceSetupError};
 use crate::power::{AcpiSleepBusDevice, I8042BusDevice, PowerSignal};
-use crate::report::{self, DeviceReport, MemoryRegionReport, ReportError};
+use crate::report::{self, DeviceReport, DmaReport, MemoryRegionReport, ReportError};
 use crate::serial::{IrqFdTrigger, SerialDevice, SerialOutput};
 use crate::vm::{self, BuiltVm, LiveDevice, SerialInput, VmError, VmRun};
 
@@ -83,6 +83,8 @@ pub struct BootOutcome {
     pub memory: Vec<MemoryRegionReport>,
     /// The PCI devices and how their BARs got mapped.
     pub devices: Vec<DeviceReport>,
+    /// Guest RAM mapped for device DMA, when a device needed it.
+    pub dma: Option<DmaReport>,
 }
 
 /// Builds the VM described by `config` and runs it until it stops or
@@ -178,6 +180,9 @@ pub fn boot_and_run(
     let mut segment = PciSegment::with_host_bridge();
     let mut live = Vec::with_capacity(attached.len());
     let mut device_reports = Vec::with_capacity(attached.len());
+    let dma = attached
+        .iter()
+        .find_map(|(_, _, device)| device.dma.clone());
     for (name, kind, device) in attached {
         let number = segment
             .add_device(device.config)
@@ -221,6 +226,7 @@ pub fn boot_and_run(
         run,
         memory,
         devices: device_reports,
+        dma,
     })
 }
 

@@ -235,6 +235,7 @@ impl Vm {
             memory: outcome.memory,
             kvm_stats: outcome.run.kvm_stats,
             devices: outcome.devices,
+            dma: outcome.dma,
         };
         if let Some(path) = &self.config.report {
             report.write_to(path)?;

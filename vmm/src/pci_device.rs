@@ -45,6 +45,7 @@ use crate::bar_mapping::{map_bar_areas, BarMappingError, MappedBar, SlotAllocato
 use crate::bus::SharedBusDevice;
 use crate::config::{DeviceConfig, VmConfig};
 use crate::memory::GuestRam;
+use crate::report::DmaReport;
 use crate::vfio::{SharedVfioHost, VfioSetup};
 
 /// Any error a device's open or attach step returns; its message must be a
@@ -118,6 +119,8 @@ pub struct AttachedDevice {
     pub bars: Vec<MappedBar>,
     /// Anything that must live as long as the VM (dropped after the VM fd).
     pub keep_alive: Vec<Box<dyn Any + Send>>,
+    /// Set by the device that mapped guest RAM for DMA (the first VFIO one).
+    pub dma: Option<DmaReport>,
 }
 
 /// Opens every device of `config` (step 1 of the module docs), in order.

@@ -71,6 +71,23 @@ pub struct Report {
     pub kvm_stats: BTreeMap<String, u64>,
     /// Passthrough and shared-memory devices, in guest device order.
     pub devices: Vec<DeviceReport>,
+    /// Guest RAM mapped into the passed-through devices' IOMMU domain
+    /// (IOVA = GPA) before the guest ran; `null` without VFIO devices.
+    #[serde(default)]
+    pub dma: Option<DmaReport>,
+}
+
+/// The IOMMU mapping of guest RAM for device DMA.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct DmaReport {
+    /// RAM regions mapped.
+    pub regions: usize,
+    /// Bytes mapped.
+    pub bytes: u64,
+    /// Time the mapping took, in milliseconds.
+    pub ms: f64,
+    /// `bytes` per second of that time, in GiB/s.
+    pub gib_per_s: f64,
 }
 
 /// How the VM ended.
@@ -286,6 +303,12 @@ mod tests {
                     ..Default::default()
                 }],
             }],
+            dma: Some(DmaReport {
+                regions: 1,
+                bytes: 512 << 20,
+                ms: 2.0,
+                gib_per_s: 250.0,
+            }),
         }
     }
 
@@ -301,6 +324,8 @@ mod tests {
         assert_eq!(value["memory"][0]["size"], 536870912u64);
         assert_eq!(value["memory"][0]["backing"], "anonymous");
         assert_eq!(value["memory"][0]["page_size"], 4096);
+        assert_eq!(value["dma"]["bytes"], 536870912u64);
+        assert_eq!(value["dma"]["gib_per_s"], 250.0);
         assert_eq!(value["kvm_stats"]["pages_2m"], 3);
         let bar = &value["devices"][0]["bars"][0];
         assert_eq!(value["devices"][0]["bdf"], "shmem0");

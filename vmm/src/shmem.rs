@@ -292,6 +292,7 @@ impl PciDeviceSetup for ShmemSetup {
             traps,
             bars: vec![MappedBar::trapped(&self.name, registers), memory_bar],
             keep_alive: vec![Box::new(self.file)],
+            dma: None,
         })
     }
 }

@@ -64,6 +64,7 @@ use crate::memory::GuestRam;
 use crate::pci_device::{
     AttachContext, AttachedDevice, DeviceSetupError, PciDeviceSetup, TrapRegion,
 };
+use crate::report::DmaReport;
 
 /// Why a VFIO device cannot be put in the VM.
 #[derive(Debug, thiserror::Error)]
@@ -504,7 +505,8 @@ impl SharedVfioHost {
 
     /// Maps guest RAM into the IOMMU domain, the first time only, and logs
     /// what the step cost (regions, bytes, time, GiB/s).
-    fn map_ram_once(&self, ram: &GuestRam) -> Result<(), PassthroughError> {
+    /// The figures of the mapping when this call made it, `None` after.
+    fn map_ram_once(&self, ram: &GuestRam) -> Result<Option<DmaReport>, PassthroughError> {
         let mut mapped = self.ram_mapped.lock().unwrap_or_else(|e| e.into_inner());
         if !*mapped {
             let start = std::time::Instant::now();
@@ -526,9 +528,16 @@ impl SharedVfioHost {
                 seconds * 1000.0,
                 bytes as f64 / (1u64 << 30) as f64 / seconds.max(1e-9)
             );
+            let report = DmaReport {
+                regions: regions.len(),
+                bytes,
+                ms: seconds * 1000.0,
+                gib_per_s: bytes as f64 / (1u64 << 30) as f64 / seconds.max(1e-9),
+            };
             *self.dma_regions.lock().unwrap_or_else(|e| e.into_inner()) = regions;
+            return Ok(Some(report));
         }
-        Ok(())
+        Ok(None)
     }
 }
 
@@ -693,7 +702,7 @@ impl PciDeviceSetup for VfioSetup {
             }
             bars.push(bar);
         }
-        self.host.map_ram_once(ctx.ram)?;
+        let dma = self.host.map_ram_once(ctx.ram)?;
         log::info!(
             "vfio: {bdf}: {} BARs, {} trapped ranges",
             bars.len(),
@@ -708,6 +717,7 @@ impl PciDeviceSetup for VfioSetup {
                 keep_alive.push(Box::new(self.host));
                 keep_alive
             },
+            dma,
         })
     }
 }
