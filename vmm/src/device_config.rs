@@ -42,6 +42,9 @@ pub enum DeviceConfigError {
     /// `--vfio-backend` with an unknown value.
     #[error("invalid VFIO backend {0:?}: use legacy, iommufd or auto")]
     InvalidBackend(String),
+    /// `p2p` with an unknown value.
+    #[error("invalid p2p {0:?}: use on, off or auto")]
+    InvalidP2p(String),
     /// A `--device` kind barge does not have.
     #[error("--device: unknown device {0:?}; barge passes through PCI devices with vfio=DDDD:BB:DD.F (shared memory is --shmem)")]
     UnknownDevice(String),
@@ -175,6 +178,49 @@ impl FromStr for VfioBackend {
     }
 }
 
+/// Whether a passed-through device's BARs are mapped into the IOMMU domain
+/// too (IOVA = GPA), so that devices can DMA into each other's BARs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum P2p {
+    /// Map them where the kernel accepts it; a refusal is a warning.
+    #[default]
+    Auto,
+    /// Map them; a refusal is an error.
+    On,
+    /// Do not map them.
+    Off,
+}
+
+impl P2p {
+    /// The default, left out of a serialized configuration.
+    pub fn is_auto(&self) -> bool {
+        *self == P2p::Auto
+    }
+}
+
+impl fmt::Display for P2p {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            P2p::Auto => "auto",
+            P2p::On => "on",
+            P2p::Off => "off",
+        })
+    }
+}
+
+impl FromStr for P2p {
+    type Err = DeviceConfigError;
+
+    fn from_str(text: &str) -> Result<Self, DeviceConfigError> {
+        match text {
+            "auto" => Ok(P2p::Auto),
+            "on" => Ok(P2p::On),
+            "off" => Ok(P2p::Off),
+            _ => Err(DeviceConfigError::InvalidP2p(text.to_string())),
+        }
+    }
+}
+
 macro_rules! serde_via_str {
     ($type:ty) => {
         impl Serialize for $type {
@@ -194,6 +240,7 @@ macro_rules! serde_via_str {
 
 serde_via_str!(BarAlign);
 serde_via_str!(VfioBackend);
+serde_via_str!(P2p);
 
 /// A host PCI device passed through with VFIO.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -204,6 +251,9 @@ pub struct VfioConfig {
     /// BAR alignment cap.
     #[serde(default)]
     pub bar_align: BarAlign,
+    /// Peer-to-peer: the BARs in the IOMMU domain too.
+    #[serde(default, skip_serializing_if = "P2p::is_auto")]
+    pub p2p: P2p,
 }
 
 /// An ivshmem-compatible shared memory device.
@@ -235,7 +285,7 @@ pub enum DeviceConfig {
 }
 
 const DEVICE_OPTION: &str = "--device";
-const DEVICE_EXAMPLE: &str = "vfio=0000:41:00.0,bar-align=2m";
+const DEVICE_EXAMPLE: &str = "vfio=0000:41:00.0,bar-align=2m,p2p=off";
 const SHMEM_OPTION: &str = "--shmem";
 const SHMEM_EXAMPLE: &str = "size=8G,hugepages=1G";
 
@@ -248,20 +298,28 @@ pub fn parse_bdf(text: &str) -> Result<String, DeviceConfigError> {
 impl FromStr for VfioConfig {
     type Err = ConfigError;
 
-    /// Parses `vfio=DDDD:BB:DD.F[,bar-align=auto|4k|2m|1g]` (the `--device` value).
+    /// Parses `vfio=DDDD:BB:DD.F[,bar-align=auto|4k|2m|1g][,p2p=on|off|auto]`
+    /// (the `--device` value).
     fn from_str(text: &str) -> Result<Self, ConfigError> {
         if let Some((kind, _)) = text.split_once('=') {
-            if kind != "vfio" && kind != "bar-align" {
+            if kind != "vfio" && kind != "bar-align" && kind != "p2p" {
                 return Err(DeviceConfigError::UnknownDevice(kind.to_string()).into());
             }
         }
-        let pairs = parse_key_values(DEVICE_OPTION, DEVICE_EXAMPLE, &["vfio", "bar-align"], text)?;
+        let pairs = parse_key_values(
+            DEVICE_OPTION,
+            DEVICE_EXAMPLE,
+            &["vfio", "bar-align", "p2p"],
+            text,
+        )?;
         let mut bdf = None;
         let mut bar_align = BarAlign::Auto;
+        let mut p2p = P2p::Auto;
         for (key, value) in pairs {
             match key {
                 "vfio" => bdf = Some(parse_bdf(value)?),
                 "bar-align" => bar_align = value.parse()?,
+                "p2p" => p2p = value.parse()?,
                 _ => {}
             }
         }
@@ -270,7 +328,11 @@ impl FromStr for VfioConfig {
             key: "vfio",
             example: DEVICE_EXAMPLE,
         })?;
-        Ok(VfioConfig { bdf, bar_align })
+        Ok(VfioConfig {
+            bdf,
+            bar_align,
+            p2p,
+        })
     }
 }
 
@@ -279,6 +341,9 @@ impl fmt::Display for VfioConfig {
         write!(f, "vfio={}", self.bdf)?;
         if self.bar_align != BarAlign::Auto {
             write!(f, ",bar-align={}", self.bar_align)?;
+        }
+        if self.p2p != P2p::Auto {
+            write!(f, ",p2p={}", self.p2p)?;
         }
         Ok(())
     }
@@ -420,11 +485,24 @@ mod tests {
             ("virtio=blk", "unknown device \"virtio\""),
             ("bar-align=2m", "missing vfio="),
             ("vfio=0000:41:00.0,colour=red", "unknown key \"colour\""),
+            ("vfio=0000:41:00.0,p2p=maybe", "use on, off or auto"),
             ("0000:41:00.0", "expected key=value"),
         ] {
             let err = input.parse::<VfioConfig>().unwrap_err().to_string();
             assert!(err.contains(expected), "{input:?}: {err}");
         }
+    }
+
+    #[test]
+    fn p2p_parses_and_round_trips() {
+        let config: VfioConfig = "vfio=0000:41:00.0,p2p=off".parse().unwrap();
+        assert_eq!(config.p2p, P2p::Off);
+        assert_eq!(config.to_string(), "vfio=0000:41:00.0,p2p=off");
+        let default: VfioConfig = "vfio=0000:41:00.0".parse().unwrap();
+        assert_eq!(default.p2p, P2p::Auto);
+        let json: VfioConfig =
+            serde_json::from_str(r#"{"bdf": "0000:41:00.0", "p2p": "on"}"#).unwrap();
+        assert_eq!(json.p2p, P2p::On);
     }
 
     #[test]
@@ -504,6 +582,7 @@ mod tests {
             DeviceConfig::Vfio(VfioConfig {
                 bdf: "41:00.0".into(),
                 bar_align: BarAlign::Auto,
+                p2p: P2p::Auto,
             }),
         ];
         let err = validate_devices(&twice).unwrap_err().to_string();

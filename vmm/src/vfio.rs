@@ -59,7 +59,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::bar_mapping::MappedBar;
 use crate::bus::{BusDevice, BusError, Buses, SharedBusDevice};
-use crate::device_config::{VfioBackend as BackendConfig, VfioConfig};
+use crate::device_config::{P2p, VfioBackend as BackendConfig, VfioConfig};
 use crate::memory::GuestRam;
 use crate::pci_device::{
     AttachContext, AttachedDevice, DeviceSetupError, PciDeviceSetup, TrapRegion,
@@ -534,10 +534,53 @@ impl SharedVfioHost {
                 ms: seconds * 1000.0,
                 gib_per_s: bytes as f64 / (1u64 << 30) as f64 / seconds.max(1e-9),
             };
-            *self.dma_regions.lock().unwrap_or_else(|e| e.into_inner()) = regions;
+            self.dma_regions
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .extend(regions);
             return Ok(Some(report));
         }
         Ok(None)
+    }
+}
+
+impl SharedVfioHost {
+    /// Maps `bars`' mmap-able areas into the IOMMU domain at IOVA = GPA, so
+    /// other devices can DMA into them (peer to peer). With `P2p::Auto` a
+    /// refusal (the kernel or IOMMU may not map MMIO) is a warning.
+    fn map_bars_for_p2p(
+        &self,
+        bdf: &str,
+        bars: &[MappedBar],
+        p2p: P2p,
+    ) -> Result<(), PassthroughError> {
+        if p2p == P2p::Off {
+            return Ok(());
+        }
+        for area in bars.iter().flat_map(|bar| &bar.areas) {
+            // SAFETY: the area is a live mapping of the device's BAR that the
+            // builder keeps for the VM's lifetime, and this host (which
+            // unmaps it from the IOMMU on drop) is dropped with the devices.
+            let mapped = unsafe { self.host.dma_map(area.gpa, area.size, area.hva as *mut u8) };
+            match mapped {
+                Ok(()) => self
+                    .dma_regions
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push((area.gpa, area.size)),
+                Err(error) if p2p == P2p::Auto => {
+                    log::warn!(
+                        "vfio: {bdf}: peer-to-peer mapping of {:#x}+{:#x} refused ({error}); \
+                         other devices cannot DMA into this BAR (p2p=off silences this)",
+                        area.gpa,
+                        area.size
+                    );
+                    return Ok(());
+                }
+                Err(error) => return Err(error.into()),
+            }
+        }
+        Ok(())
     }
 }
 
@@ -566,6 +609,7 @@ impl Drop for SharedVfioHost {
 pub struct VfioSetup {
     passthrough: VfioPassthrough<HostVfioDevice>,
     host: Arc<SharedVfioHost>,
+    p2p: P2p,
 }
 
 impl VfioSetup {
@@ -583,6 +627,7 @@ impl VfioSetup {
         Ok(Self {
             passthrough,
             host: Arc::clone(host),
+            p2p: config.p2p,
         })
     }
 }
@@ -703,6 +748,7 @@ impl PciDeviceSetup for VfioSetup {
             bars.push(bar);
         }
         let dma = self.host.map_ram_once(ctx.ram)?;
+        self.host.map_bars_for_p2p(&bdf, &bars, self.p2p)?;
         log::info!(
             "vfio: {bdf}: {} BARs, {} trapped ranges",
             bars.len(),
