@@ -22,9 +22,10 @@ struct Cli {
 #[derive(Subcommand)]
 enum LabCommand {
     /// Install QEMU and SeaBIOS from bookworm-backports, busybox-static, and
-    /// cache the current bookworm-backports cloud kernel with its modules
-    /// (under $BARGE_LAB_DIR, default target/lab). Idempotent; offline once
-    /// cached. Without apt, give the files by hand.
+    /// cache the current bookworm-backports cloud kernel with its modules,
+    /// and the generic kernel of the same version with e1000e (under
+    /// $BARGE_LAB_DIR, default target/lab). Idempotent; offline once cached.
+    /// Without apt, give the files by hand.
     Setup {
         /// A bzImage to use instead of Debian's (needs --modules).
         #[arg(long, value_name = "BZIMAGE")]
@@ -38,6 +39,13 @@ enum LabCommand {
         /// A static busybox to use instead of busybox-static's.
         #[arg(long, value_name = "PATH")]
         busybox: Option<PathBuf>,
+        /// The generic guest kernel's bzImage to use instead of Debian's
+        /// (needs --generic-modules).
+        #[arg(long, value_name = "BZIMAGE")]
+        generic_kernel: Option<PathBuf>,
+        /// The folder holding that kernel's modules, e1000e among them.
+        #[arg(long, value_name = "DIR")]
+        generic_modules: Option<PathBuf>,
         /// Resolve and download the kernel again even when one is cached.
         #[arg(long)]
         refresh: bool,
@@ -107,6 +115,8 @@ fn main() -> ExitCode {
             modules,
             qemu,
             busybox,
+            generic_kernel,
+            generic_modules,
             refresh,
         } => {
             let options = SetupOptions {
@@ -114,6 +124,8 @@ fn main() -> ExitCode {
                 modules,
                 qemu,
                 busybox,
+                generic_kernel,
+                generic_modules,
                 refresh,
             };
             match setup::setup(&paths, &options) {

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use super::cpio::{Archive, Entry};
-use super::{LabError, LabState, HOST_MODULES};
+use super::{GenericKernel, LabError, LabState, HOST_MODULES};
 
 /// Marker lines the host's init prints on its console (ttyS0).
 pub const READY_MARKER: &str = "BARGE-LAB-READY";
@@ -17,15 +17,22 @@ pub const OUT_BEGIN: &str = "BARGE-LAB-OUT-BEGIN";
 pub const OUT_END: &str = "BARGE-LAB-OUT-END";
 pub const STATUS_MARKER: &str = "BARGE-LAB-STATUS";
 
-/// The guest's init: it reports itself, runs what follows `--` on its kernel
-/// command line (its arguments) as a shell command, reports the status and
-/// powers off.
+/// Where a guest initramfs lists the modules it carries, in load order.
+const GUEST_MODULE_ORDER: &str = "lib/modules/load-order";
+
+/// The guest's init: it loads the modules its initramfs carries (none in the
+/// cloud kernel's guest), reports itself, runs what follows `--` on its
+/// kernel command line (its arguments) as a shell command, reports the
+/// status and powers off.
 const GUEST_INIT: &str = r#"#!/bin/busybox sh
 /bin/busybox --install -s /bin
 export PATH=/bin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev 2>/dev/null
+for m in $(cat /lib/modules/load-order 2>/dev/null); do
+    insmod /lib/modules/$m.ko && echo "GUEST-INSMOD $m" || echo "GUEST-INSMOD-FAILED $m"
+done
 cpus=$(grep -c ^processor /proc/cpuinfo)
 mem_kb=$(awk '/^MemTotal:/ {print $2}' /proc/meminfo)
 echo "GUEST-UP cpus=$cpus mem_kb=$mem_kb"
@@ -135,9 +142,34 @@ fn busybox_archive(state: &LabState, init: &str) -> Result<Archive, LabError> {
 
 /// The guest initramfs that barge boots inside the lab (`/lab/guest/initramfs`).
 pub fn guest_initramfs(state: &LabState) -> Result<Vec<u8>, LabError> {
+    Ok(guest_archive(state)?.to_bytes())
+}
+
+fn guest_archive(state: &LabState) -> Result<Archive, LabError> {
     let mut archive = busybox_archive(state, GUEST_INIT)?;
     archive.add_file("bin/pcibar", GUEST_PCIBAR.as_bytes().to_vec(), true);
-    Ok(archive.to_bytes())
+    Ok(archive)
+}
+
+/// The generic kernel's guest initramfs (`/lab/guest/generic/initramfs`):
+/// the same guest, with that kernel's modules (e1000e) loaded by its init.
+pub fn generic_guest_initramfs(
+    state: &LabState,
+    generic: &GenericKernel,
+) -> Result<Vec<u8>, LabError> {
+    Ok(generic_guest_archive(state, generic)?.to_bytes())
+}
+
+fn generic_guest_archive(state: &LabState, generic: &GenericKernel) -> Result<Archive, LabError> {
+    let mut archive = guest_archive(state)?;
+    for module in &generic.modules {
+        let path = generic.modules_dir.join(format!("{module}.ko"));
+        let data = std::fs::read(&path).map_err(|e| LabError::io("cannot read", &path, e))?;
+        archive.add_file(&format!("lib/modules/{module}.ko"), data, false);
+    }
+    let order: String = generic.modules.iter().map(|m| format!("{m}\n")).collect();
+    archive.add_file(GUEST_MODULE_ORDER, order.into_bytes(), false);
+    Ok(archive)
 }
 
 /// What goes into the lab host besides busybox and the modules.
@@ -170,6 +202,16 @@ pub fn host_initramfs(state: &LabState, contents: &HostContents) -> Result<Vec<u
         .map_err(|e| LabError::io("cannot read", &state.bzimage, e))?;
     archive.add_file("lab/guest/bzImage", bzimage, false);
     archive.add_file("lab/guest/initramfs", guest_initramfs(state)?, false);
+    if let Some(generic) = &state.generic {
+        let bzimage = std::fs::read(&generic.bzimage)
+            .map_err(|e| LabError::io("cannot read", &generic.bzimage, e))?;
+        archive.add_file("lab/guest/generic/bzImage", bzimage, false);
+        archive.add_file(
+            "lab/guest/generic/initramfs",
+            generic_guest_initramfs(state, generic)?,
+            false,
+        );
+    }
     let devices: String = contents
         .devices
         .iter()
@@ -250,6 +292,57 @@ mod tests {
             ]
         );
         assert!(parse_ldd("\tnot a dynamic executable\n").is_empty());
+    }
+
+    #[test]
+    fn guest_init_loads_the_listed_modules_if_any() {
+        assert!(GUEST_INIT.contains(&format!("$(cat /{GUEST_MODULE_ORDER} 2>/dev/null)")));
+        let load = GUEST_INIT.find("insmod").unwrap();
+        assert!(load < GUEST_INIT.find("GUEST-UP").unwrap());
+    }
+
+    #[test]
+    fn generic_guest_carries_its_modules_and_their_order() {
+        let dir = std::env::temp_dir().join(format!("barge-generic-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("modules")).unwrap();
+        let busybox = dir.join("busybox");
+        std::fs::write(&busybox, b"not really busybox").unwrap();
+        for module in ["ptp", "e1000e"] {
+            std::fs::write(dir.join(format!("modules/{module}.ko")), module).unwrap();
+        }
+        let state = LabState {
+            kernel_package: "k".into(),
+            kernel_version: "v".into(),
+            bzimage: dir.join("bzImage"),
+            modules_dir: dir.join("modules"),
+            qemu: dir.join("qemu"),
+            qemu_version: "10.0.2".into(),
+            busybox,
+            generic: None,
+        };
+        let generic = GenericKernel {
+            package: "g".into(),
+            version: "v".into(),
+            bzimage: dir.join("bzImage"),
+            modules_dir: dir.join("modules"),
+            modules: vec!["ptp".into(), "e1000e".into()],
+        };
+        let archive = generic_guest_archive(&state, &generic).unwrap();
+        let plain = guest_archive(&state).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        for path in [
+            "init",
+            "bin/pcibar",
+            "lib/modules/ptp.ko",
+            "lib/modules/e1000e.ko",
+        ] {
+            assert!(archive.contains(path), "{path}");
+        }
+        assert!(archive.contains(GUEST_MODULE_ORDER));
+        assert!(!plain.contains(GUEST_MODULE_ORDER));
+        let bytes = archive.to_bytes();
+        let order = b"ptp\ne1000e\n";
+        assert!(bytes.windows(order.len()).any(|w| w == order));
     }
 
     #[test]

@@ -23,6 +23,10 @@ pub const HOST_MODULES: &[&str] = &[
     "vfio-pci",
 ];
 
+/// The modules the generic guest (`/lab/guest/generic/`) carries and loads,
+/// before the ones they depend on are added by `setup`.
+pub const GENERIC_GUEST_MODULES: &[&str] = &["e1000e"];
+
 /// The command that sets the lab up, named in every "not set up" error.
 pub const SETUP_COMMAND: &str = "cargo run -p barge-tests --bin barge-lab -- setup";
 
@@ -94,6 +98,20 @@ impl LabPaths {
         self.kernel_dir().join("modules")
     }
 
+    /// Where the generic kernel (same version, with the drivers the cloud
+    /// one lacks) is cached for guests that drive emulated NICs.
+    pub fn generic_dir(&self) -> PathBuf {
+        self.kernel_dir().join("generic")
+    }
+
+    pub fn generic_bzimage(&self) -> PathBuf {
+        self.generic_dir().join("bzImage")
+    }
+
+    pub fn generic_modules_dir(&self) -> PathBuf {
+        self.generic_dir().join("modules")
+    }
+
     pub fn runs_dir(&self) -> PathBuf {
         self.root.join("runs")
     }
@@ -113,6 +131,35 @@ pub struct LabState {
     pub qemu: PathBuf,
     pub qemu_version: String,
     pub busybox: PathBuf,
+    /// The generic kernel for guests that need its modules (e1000e); absent
+    /// from a lab set up before it existed, until `setup` runs again.
+    #[serde(default)]
+    pub generic: Option<GenericKernel>,
+}
+
+/// Debian's generic kernel of the cloud kernel's version: the cloud kernel
+/// has no e1000e driver, and modules of one build do not load into another.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct GenericKernel {
+    pub package: String,
+    pub version: String,
+    pub bzimage: PathBuf,
+    pub modules_dir: PathBuf,
+    /// Module names in load order (dependencies first); each is
+    /// `modules_dir/NAME.ko`, decompressed.
+    pub modules: Vec<String>,
+}
+
+impl GenericKernel {
+    fn files(&self) -> Vec<PathBuf> {
+        std::iter::once(self.bzimage.clone())
+            .chain(
+                self.modules
+                    .iter()
+                    .map(|m| self.modules_dir.join(format!("{m}.ko"))),
+            )
+            .collect()
+    }
 }
 
 impl LabState {
@@ -143,6 +190,9 @@ impl LabState {
                 .iter()
                 .map(|m| self.modules_dir.join(format!("{m}.ko"))),
         );
+        if let Some(generic) = &self.generic {
+            needed.extend(generic.files());
+        }
         match needed.into_iter().find(|p| !p.exists()) {
             Some(missing) => Err(LabError::NotSetUp(missing)),
             None => Ok(()),
@@ -228,5 +278,33 @@ mod tests {
         };
         let err = LabState::load(&paths).unwrap_err().to_string();
         assert!(err.contains(SETUP_COMMAND), "{err}");
+    }
+
+    #[test]
+    fn state_from_before_the_generic_kernel_still_loads() {
+        let text = r#"{"kernel_package": "linux-image-6.12.95+deb12-cloud-amd64",
+            "kernel_version": "6.12.95+deb12-cloud-amd64", "bzimage": "/l/bzImage",
+            "modules_dir": "/l/modules", "qemu": "/usr/bin/qemu-system-x86_64",
+            "qemu_version": "10.0.2", "busybox": "/bin/busybox"}"#;
+        let state: LabState = serde_json::from_str(text).unwrap();
+        assert_eq!(state.generic, None);
+    }
+
+    #[test]
+    fn generic_kernel_files_are_checked() {
+        let generic = GenericKernel {
+            package: "linux-image-6.12.95+deb12-amd64".into(),
+            version: "6.12.95+deb12-amd64".into(),
+            bzimage: PathBuf::from("/g/bzImage"),
+            modules_dir: PathBuf::from("/g/modules"),
+            modules: vec!["e1000e".into()],
+        };
+        assert_eq!(
+            generic.files(),
+            vec![
+                PathBuf::from("/g/bzImage"),
+                PathBuf::from("/g/modules/e1000e.ko")
+            ]
+        );
     }
 }

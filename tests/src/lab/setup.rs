@@ -1,16 +1,21 @@
 //! `barge-lab setup`: installs what the lab needs on a Debian 12 machine
 //! (QEMU and SeaBIOS from bookworm-backports, busybox-static) and caches the
-//! current bookworm-backports cloud kernel with the modules the lab host loads.
-//! It is idempotent, and offline once cached. Without apt, the files can be
-//! supplied by hand.
+//! current bookworm-backports cloud kernel with the modules the lab host loads,
+//! and the generic kernel of the same version with the modules its guests
+//! load (e1000e, which the cloud kernel lacks). It is idempotent, and offline
+//! once cached. Without apt, the files can be supplied by hand.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use super::{command_output, LabError, LabPaths, LabState, HOST_MODULES};
+use super::{
+    command_output, GenericKernel, LabError, LabPaths, LabState, GENERIC_GUEST_MODULES,
+    HOST_MODULES,
+};
 
 const BACKPORTS_SUITE: &str = "bookworm-backports";
 const KERNEL_META_PACKAGE: &str = "linux-image-cloud-amd64";
+const GENERIC_META_PACKAGE: &str = "linux-image-amd64";
 const BACKPORTS_SOURCE_FILE: &str = "/etc/apt/sources.list.d/barge-lab-backports.sources";
 const SYSTEM_QEMU: &str = "/usr/bin/qemu-system-x86_64";
 const SYSTEM_BUSYBOX: &str = "/bin/busybox";
@@ -24,6 +29,10 @@ pub struct SetupOptions {
     pub modules: Option<PathBuf>,
     pub qemu: Option<PathBuf>,
     pub busybox: Option<PathBuf>,
+    /// The generic kernel's bzImage, instead of Debian's (needs
+    /// `generic_modules`).
+    pub generic_kernel: Option<PathBuf>,
+    pub generic_modules: Option<PathBuf>,
     /// Re-resolve and re-download the kernel even when one is cached.
     pub refresh: bool,
 }
@@ -32,10 +41,18 @@ pub fn setup(paths: &LabPaths, options: &SetupOptions) -> Result<LabState, LabEr
     std::fs::create_dir_all(&paths.root)
         .map_err(|e| LabError::io("cannot create", &paths.root, e))?;
     if !options.refresh && options.kernel.is_none() && options.qemu.is_none() {
-        if let Ok(state) = LabState::load(paths) {
+        if let Ok(mut state) = LabState::load(paths) {
+            if state.generic.is_none() || options.generic_kernel.is_some() {
+                state.generic = generic_kernel(paths, options, &state.kernel_package, have_apt())?;
+                state.check()?;
+                state.save(paths)?;
+            }
             eprintln!(
-                "barge-lab: already set up: kernel {} ({}), QEMU {}",
-                state.kernel_version, state.kernel_package, state.qemu_version
+                "barge-lab: already set up: kernel {} ({}), {}, QEMU {}",
+                state.kernel_version,
+                state.kernel_package,
+                describe_generic(&state.generic),
+                state.qemu_version
             );
             return Ok(state);
         }
@@ -55,6 +72,7 @@ pub fn setup(paths: &LabPaths, options: &SetupOptions) -> Result<LabState, LabEr
         (None, None) if apt => backports_kernel(paths)?,
         (None, None) => return Err(LabError::Setup(no_apt_help())),
     };
+    let generic = generic_kernel(paths, options, &kernel_package, apt)?;
     let state = LabState {
         kernel_package,
         kernel_version,
@@ -63,13 +81,15 @@ pub fn setup(paths: &LabPaths, options: &SetupOptions) -> Result<LabState, LabEr
         qemu,
         qemu_version,
         busybox,
+        generic,
     };
     state.check()?;
     state.save(paths)?;
     eprintln!(
-        "barge-lab: set up: kernel {} ({}), QEMU {}, busybox {}; cached in {}",
+        "barge-lab: set up: kernel {} ({}), {}, QEMU {}, busybox {}; cached in {}",
         state.kernel_version,
         state.kernel_package,
+        describe_generic(&state.generic),
         state.qemu_version,
         state.busybox.display(),
         paths.root.display()
@@ -292,17 +312,30 @@ fn backports_stanza(uri: &str, signed_by: Option<&str>) -> String {
 /// unpacks it, and caches its bzImage and the host modules, decompressed.
 fn backports_kernel(paths: &LabPaths) -> Result<(String, String), LabError> {
     ensure_backports_source()?;
-    let package = resolve_kernel_package()?;
+    let package = resolve_kernel_package(KERNEL_META_PACKAGE)?;
+    let (unpacked, version) = download_and_unpack(paths, &package)?;
+    let result = install_kernel(
+        paths,
+        &unpacked_vmlinuz(&unpacked, &version),
+        &unpacked_modules(&unpacked, &version),
+    );
+    let _ = std::fs::remove_dir_all(&unpacked);
+    result.map(|()| (package, version))
+}
+
+/// Downloads a versioned kernel package (unless its .deb is cached) and
+/// unpacks it; returns the folder and the kernel version.
+fn download_and_unpack(paths: &LabPaths, package: &str) -> Result<(PathBuf, String), LabError> {
     let downloads = paths.downloads_dir();
     std::fs::create_dir_all(&downloads)
         .map_err(|e| LabError::io("cannot create", &downloads, e))?;
-    let deb = find_deb(&downloads, &package);
+    let deb = find_deb(&downloads, package);
     let deb = match deb {
         Some(deb) => deb,
         None => {
             eprintln!("barge-lab: downloading {package}");
             let status = Command::new("apt-get")
-                .args(["download", "-q", &package])
+                .args(["download", "-q", package])
                 .current_dir(&downloads)
                 .status()
                 .map_err(|e| LabError::Command {
@@ -315,7 +348,7 @@ fn backports_kernel(paths: &LabPaths) -> Result<(String, String), LabError> {
                     detail: status.to_string(),
                 });
             }
-            find_deb(&downloads, &package).ok_or_else(|| {
+            find_deb(&downloads, package).ok_or_else(|| {
                 LabError::Setup(format!(
                     "apt-get download {package} left no .deb in {}",
                     downloads.display()
@@ -331,18 +364,22 @@ fn backports_kernel(paths: &LabPaths) -> Result<(String, String), LabError> {
     )?;
     let version = package
         .strip_prefix("linux-image-")
-        .unwrap_or(&package)
+        .unwrap_or(package)
         .to_string();
-    let vmlinuz = unpacked.join("boot").join(format!("vmlinuz-{version}"));
-    let modules = unpacked.join("lib/modules").join(&version);
-    let modules = if modules.exists() {
+    Ok((unpacked, version))
+}
+
+fn unpacked_vmlinuz(unpacked: &Path, version: &str) -> PathBuf {
+    unpacked.join("boot").join(format!("vmlinuz-{version}"))
+}
+
+fn unpacked_modules(unpacked: &Path, version: &str) -> PathBuf {
+    let modules = unpacked.join("lib/modules").join(version);
+    if modules.exists() {
         modules
     } else {
-        unpacked.join("usr/lib/modules").join(&version)
-    };
-    install_kernel(paths, &vmlinuz, &modules)?;
-    let _ = std::fs::remove_dir_all(&unpacked);
-    Ok((package, version))
+        unpacked.join("usr/lib/modules").join(version)
+    }
 }
 
 fn find_deb(dir: &Path, package: &str) -> Option<PathBuf> {
@@ -357,8 +394,8 @@ fn find_deb(dir: &Path, package: &str) -> Option<PathBuf> {
 
 /// The versioned kernel package that bookworm-backports' meta package names
 /// in its Depends.
-fn resolve_kernel_package() -> Result<String, LabError> {
-    let text = command_output("apt-cache", &["show", KERNEL_META_PACKAGE])?;
+fn resolve_kernel_package(meta_package: &str) -> Result<String, LabError> {
+    let text = command_output("apt-cache", &["show", meta_package])?;
     let mut best: Option<(String, String)> = None;
     for (version, depends) in kernel_meta_stanzas(&text) {
         if !version.contains("bpo12") {
@@ -378,7 +415,7 @@ fn resolve_kernel_package() -> Result<String, LabError> {
     }
     best.map(|(_, package)| package).ok_or_else(|| {
         LabError::Setup(format!(
-            "apt knows no {BACKPORTS_SUITE} version of {KERNEL_META_PACKAGE}: run `apt-get \
+            "apt knows no {BACKPORTS_SUITE} version of {meta_package}: run `apt-get \
              update` and check that {BACKPORTS_SUITE} is in the apt sources"
         ))
     })
@@ -444,15 +481,235 @@ fn install_kernel(paths: &LabPaths, vmlinuz: &Path, modules: &Path) -> Result<()
                 ))
             })?;
         let target = target_modules.join(format!("{module}.ko"));
-        let source_text = source.to_string_lossy();
-        let bytes = match source.extension().and_then(|e| e.to_str()) {
-            Some("xz") => decompress("xz", &source_text)?,
-            Some("zst") => decompress("zstd", &source_text)?,
-            _ => std::fs::read(source).map_err(|e| LabError::io("cannot read", source, e))?,
-        };
+        let bytes = read_module(source)?;
         std::fs::write(&target, bytes).map_err(|e| LabError::io("cannot write", &target, e))?;
     }
     Ok(())
+}
+
+/// The generic kernel: the one given by hand, else Debian's of the cloud
+/// kernel's version (or bookworm-backports' current one when the cloud
+/// kernel was given by hand), else none (a note says what is missing).
+fn generic_kernel(
+    paths: &LabPaths,
+    options: &SetupOptions,
+    cloud_package: &str,
+    apt: bool,
+) -> Result<Option<GenericKernel>, LabError> {
+    match (&options.generic_kernel, &options.generic_modules) {
+        (Some(kernel), Some(modules)) => {
+            let name = kernel
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let version = name.strip_prefix("vmlinuz-").unwrap_or(&name).to_string();
+            let package = format!("supplied:{}", kernel.display());
+            install_generic(paths, kernel, modules, package, version).map(Some)
+        }
+        (Some(_), None) | (None, Some(_)) => Err(LabError::Usage(
+            "--generic-kernel and --generic-modules go together: give the generic bzImage and \
+             the folder holding its modules"
+                .into(),
+        )),
+        (None, None) if apt => {
+            ensure_backports_source()?;
+            let package = match generic_package_of(cloud_package) {
+                Some(package) => package,
+                None => resolve_kernel_package(GENERIC_META_PACKAGE)?,
+            };
+            let (unpacked, version) = download_and_unpack(paths, &package)?;
+            let result = install_generic(
+                paths,
+                &unpacked_vmlinuz(&unpacked, &version),
+                &unpacked_modules(&unpacked, &version),
+                package,
+                version,
+            );
+            let _ = std::fs::remove_dir_all(&unpacked);
+            result.map(Some)
+        }
+        (None, None) => {
+            eprintln!(
+                "barge-lab: note: no generic kernel cached (it needs apt, or \
+                 --generic-kernel BZIMAGE --generic-modules DIR): guests that drive {} \
+                 cannot run",
+                GENERIC_GUEST_MODULES.join(", ")
+            );
+            Ok(None)
+        }
+    }
+}
+
+/// `linux-image-V-cloud-amd64` -> `linux-image-V-amd64`: the generic kernel
+/// of the same version and build.
+fn generic_package_of(cloud_package: &str) -> Option<String> {
+    let version = cloud_package
+        .strip_prefix("linux-image-")?
+        .strip_suffix("-cloud-amd64")?;
+    Some(format!("linux-image-{version}-amd64"))
+}
+
+fn describe_generic(generic: &Option<GenericKernel>) -> String {
+    match generic {
+        Some(g) => format!(
+            "generic guest kernel {} with {}",
+            g.version,
+            g.modules.join(", ")
+        ),
+        None => "no generic guest kernel".into(),
+    }
+}
+
+/// Caches the generic bzImage and the guest modules with everything they
+/// depend on (read from their .modinfo), decompressed, in load order.
+fn install_generic(
+    paths: &LabPaths,
+    vmlinuz: &Path,
+    modules: &Path,
+    package: String,
+    version: String,
+) -> Result<GenericKernel, LabError> {
+    let target_modules = paths.generic_modules_dir();
+    let _ = std::fs::remove_dir_all(&target_modules);
+    std::fs::create_dir_all(&target_modules)
+        .map_err(|e| LabError::io("cannot create", &target_modules, e))?;
+    std::fs::copy(vmlinuz, paths.generic_bzimage())
+        .map_err(|e| LabError::io("cannot copy the kernel image", vmlinuz, e))?;
+    let found = list_files(modules);
+    let mut read = |name: &str| {
+        let source = find_module(&found, name).ok_or_else(|| {
+            LabError::Setup(format!(
+                "module {name} not found under {} (looked for .ko, .ko.xz, .ko.zst)",
+                modules.display()
+            ))
+        })?;
+        read_module(source)
+    };
+    let order = load_order(GENERIC_GUEST_MODULES, &mut read)?;
+    let mut names = Vec::new();
+    for (name, bytes) in order {
+        let target = target_modules.join(format!("{name}.ko"));
+        std::fs::write(&target, bytes).map_err(|e| LabError::io("cannot write", &target, e))?;
+        names.push(name);
+    }
+    Ok(GenericKernel {
+        package,
+        version,
+        bzimage: paths.generic_bzimage(),
+        modules_dir: target_modules,
+        modules: names,
+    })
+}
+
+/// The file of module `name` (`-` and `_` are the same in module names).
+fn find_module<'a>(found: &'a [PathBuf], name: &str) -> Option<&'a PathBuf> {
+    let wanted = name.replace('-', "_");
+    [".ko", ".ko.xz", ".ko.zst"].iter().find_map(|ext| {
+        found.iter().find(|p| {
+            p.file_name()
+                .map(|n| n.to_string_lossy().replace('-', "_"))
+                .is_some_and(|n| n.strip_suffix(ext) == Some(wanted.as_str()))
+        })
+    })
+}
+
+/// A module's bytes, decompressed.
+fn read_module(source: &Path) -> Result<Vec<u8>, LabError> {
+    let source_text = source.to_string_lossy();
+    match source.extension().and_then(|e| e.to_str()) {
+        Some("xz") => decompress("xz", &source_text),
+        Some("zst") => decompress("zstd", &source_text),
+        _ => std::fs::read(source).map_err(|e| LabError::io("cannot read", source, e)),
+    }
+}
+
+type ModuleReader<'a> = dyn FnMut(&str) -> Result<Vec<u8>, LabError> + 'a;
+
+/// The modules `roots` and what they depend on, dependencies first, each
+/// once, with their bytes.
+fn load_order(roots: &[&str], read: &mut ModuleReader) -> Result<Vec<(String, Vec<u8>)>, LabError> {
+    fn visit(
+        name: &str,
+        read: &mut ModuleReader,
+        seen: &mut Vec<String>,
+        order: &mut Vec<(String, Vec<u8>)>,
+    ) -> Result<(), LabError> {
+        let key = name.replace('-', "_");
+        if seen.contains(&key) {
+            return Ok(());
+        }
+        seen.push(key);
+        let bytes = read(name)?;
+        let depends = modinfo_field(&bytes, "depends").ok_or_else(|| {
+            LabError::Setup(format!(
+                "module {name} has no `depends=` in a .modinfo section: is it a 64-bit kernel \
+                 module?"
+            ))
+        })?;
+        for dependency in depends.split(',').filter(|d| !d.is_empty()) {
+            visit(dependency, read, seen, order)?;
+        }
+        order.push((name.to_string(), bytes));
+        Ok(())
+    }
+    let mut seen = Vec::new();
+    let mut order = Vec::new();
+    for root in roots {
+        visit(root, read, &mut seen, &mut order)?;
+    }
+    Ok(order)
+}
+
+/// `key=value` from a kernel module's .modinfo section.
+fn modinfo_field(elf: &[u8], key: &str) -> Option<String> {
+    elf_section(elf, ".modinfo")?
+        .split(|&b| b == 0)
+        .find_map(|entry| {
+            let entry = std::str::from_utf8(entry).ok()?;
+            entry
+                .strip_prefix(key)?
+                .strip_prefix('=')
+                .map(str::to_string)
+        })
+}
+
+/// The contents of the named section of a 64-bit little-endian ELF file.
+fn elf_section<'a>(elf: &'a [u8], wanted: &str) -> Option<&'a [u8]> {
+    if elf.get(..6)? != b"\x7fELF\x02\x01" {
+        return None;
+    }
+    let bytes = |offset: usize, len: usize| elf.get(offset..offset.checked_add(len)?);
+    let u16_at =
+        |offset: usize| bytes(offset, 2).map(|b| u16::from_le_bytes([b[0], b[1]]) as usize);
+    let u32_at = |offset: usize| {
+        bytes(offset, 4).map(|b| u32::from_le_bytes(b.try_into().unwrap_or_default()) as usize)
+    };
+    let u64_at = |offset: usize| {
+        bytes(offset, 8).and_then(|b| {
+            usize::try_from(u64::from_le_bytes(b.try_into().unwrap_or_default())).ok()
+        })
+    };
+    let section_offset = u64_at(0x28)?;
+    let entry_size = u16_at(0x3a)?;
+    let count = u16_at(0x3c)?;
+    let names_index = u16_at(0x3e)?;
+    // (name offset, file offset, size) of section `index`.
+    let header = |index: usize| {
+        let base = section_offset.checked_add(index.checked_mul(entry_size)?)?;
+        Some((u32_at(base)?, u64_at(base + 0x18)?, u64_at(base + 0x20)?))
+    };
+    let (_, names_offset, names_size) = header(names_index)?;
+    let names = bytes(names_offset, names_size)?;
+    (0..count).find_map(|index| {
+        let (name, offset, size) = header(index)?;
+        let name = names.get(name..)?;
+        let name = &name[..name.iter().position(|&b| b == 0)?];
+        if name == wanted.as_bytes() {
+            bytes(offset, size)
+        } else {
+            None
+        }
+    })
 }
 
 fn decompress(tool: &str, path: &str) -> Result<Vec<u8>, LabError> {
@@ -558,6 +815,91 @@ mod tests {
                 ),
             ]
         );
+    }
+
+    /// A 64-bit little-endian ELF file with `.shstrtab` and `.modinfo`.
+    fn module_elf(modinfo: &str) -> Vec<u8> {
+        let names = b"\0.shstrtab\0.modinfo\0";
+        let mut elf = vec![0u8; 64];
+        elf[..6].copy_from_slice(b"\x7fELF\x02\x01");
+        let names_offset = elf.len();
+        elf.extend_from_slice(names);
+        let modinfo_offset = elf.len();
+        elf.extend_from_slice(modinfo.as_bytes());
+        let headers = elf.len();
+        elf[0x28..0x30].copy_from_slice(&(headers as u64).to_le_bytes());
+        elf[0x3a..0x3c].copy_from_slice(&64u16.to_le_bytes());
+        elf[0x3c..0x3e].copy_from_slice(&3u16.to_le_bytes());
+        elf[0x3e..0x40].copy_from_slice(&1u16.to_le_bytes());
+        let sections = [
+            (0u32, 0usize, 0usize),
+            (1, names_offset, names.len()),
+            (11, modinfo_offset, modinfo.len()),
+        ];
+        for (name, offset, size) in sections {
+            let mut header = [0u8; 64];
+            header[..4].copy_from_slice(&name.to_le_bytes());
+            header[0x18..0x20].copy_from_slice(&(offset as u64).to_le_bytes());
+            header[0x20..0x28].copy_from_slice(&(size as u64).to_le_bytes());
+            elf.extend_from_slice(&header);
+        }
+        elf
+    }
+
+    #[test]
+    fn modinfo_fields_are_read_from_the_section() {
+        let elf = module_elf("license=GPL\0depends=ptp,pps_core\0name=e1000e\0");
+        assert_eq!(
+            modinfo_field(&elf, "depends").as_deref(),
+            Some("ptp,pps_core")
+        );
+        assert_eq!(modinfo_field(&elf, "name").as_deref(), Some("e1000e"));
+        assert_eq!(modinfo_field(&elf, "vermagic"), None);
+        assert_eq!(modinfo_field(b"\x7fELF\x02\x01 truncated", "depends"), None);
+        assert_eq!(modinfo_field(b"not an elf file at all", "depends"), None);
+    }
+
+    #[test]
+    fn modules_load_after_their_dependencies_once() {
+        let modules = [
+            ("e1000e", module_elf("depends=ptp,pps_core\0")),
+            ("ptp", module_elf("depends=pps_core\0")),
+            ("pps_core", module_elf("depends=\0")),
+        ];
+        let mut read = |name: &str| {
+            modules
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, elf)| elf.clone())
+                .ok_or_else(|| LabError::Setup(format!("no {name}")))
+        };
+        let order: Vec<String> = load_order(&["e1000e"], &mut read)
+            .unwrap()
+            .into_iter()
+            .map(|(name, _)| name)
+            .collect();
+        assert_eq!(order, ["pps_core", "ptp", "e1000e"]);
+        assert!(load_order(&["missing"], &mut read).is_err());
+    }
+
+    #[test]
+    fn module_files_match_with_dashes_or_underscores() {
+        let found = vec![
+            PathBuf::from("/m/kernel/drivers/vfio/pci/vfio-pci.ko.xz"),
+            PathBuf::from("/m/kernel/drivers/net/e1000e.ko.zst"),
+        ];
+        assert_eq!(find_module(&found, "vfio_pci"), Some(&found[0]));
+        assert_eq!(find_module(&found, "e1000e"), Some(&found[1]));
+        assert_eq!(find_module(&found, "e1000"), None);
+    }
+
+    #[test]
+    fn generic_package_has_the_cloud_packages_version() {
+        assert_eq!(
+            generic_package_of("linux-image-6.12.95+deb12-cloud-amd64").as_deref(),
+            Some("linux-image-6.12.95+deb12-amd64")
+        );
+        assert_eq!(generic_package_of("supplied:/boot/vmlinuz-6.12"), None);
     }
 
     #[test]
