@@ -121,7 +121,10 @@ fn check_run(output: &Output, dir: &Path, backing: &Path, size: u64) -> serde_js
     assert_eq!(seen, bar2_gpa, "the guest kept barge's BAR address");
     // Guest RAM was mapped for device DMA before the guest ran.
     assert_eq!(report["dma"]["bytes"], 512u64 << 20, "{report}");
-    assert!(report["dma"]["gib_per_s"].as_f64().unwrap() > 0.0, "{report}");
+    assert!(
+        report["dma"]["gib_per_s"].as_f64().unwrap() > 0.0,
+        "{report}"
+    );
     report
 }
 
