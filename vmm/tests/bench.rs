@@ -7,24 +7,9 @@
 //! Without /dev/kvm the test fails with a clear message unless
 //! `BARGE_SKIP_KVM=1`.
 
-use std::process::Command;
+mod common;
 
-fn kvm_or_skip(test: &str) -> bool {
-    match std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        Ok(_) => true,
-        Err(_) if std::env::var("BARGE_SKIP_KVM").as_deref() == Ok("1") => {
-            eprintln!("{test}: skipped: /dev/kvm is not usable and BARGE_SKIP_KVM=1");
-            false
-        }
-        Err(e) => {
-            panic!("{test} needs /dev/kvm ({e}); run on a host with KVM, or set BARGE_SKIP_KVM=1")
-        }
-    }
-}
+use std::process::Command;
 
 const TINY: [&str; 8] = [
     "--shmem",
@@ -39,7 +24,7 @@ const TINY: [&str; 8] = [
 
 #[test]
 fn bench_on_shared_memory_prints_every_mode_json_and_svg() {
-    if !kvm_or_skip("bench_on_shared_memory") {
+    if !common::kvm_or_skip("bench_on_shared_memory") {
         return;
     }
     let dir = std::env::temp_dir().join(format!("barge-bench-it-{}", std::process::id()));

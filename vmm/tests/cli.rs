@@ -146,25 +146,9 @@ fn help_is_printed_with_status_zero() {
     assert!(stdout.contains("--kernel"), "{stdout}");
 }
 
-/// Whether /dev/kvm is usable; panics with instructions unless skipping.
-fn kvm_or_skip(test: &str) -> bool {
-    let usable = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm");
-    match usable {
-        Ok(_) => true,
-        Err(_) if std::env::var("BARGE_SKIP_KVM").as_deref() == Ok("1") => {
-            eprintln!("{test}: skipped: /dev/kvm is not usable and BARGE_SKIP_KVM=1");
-            false
-        }
-        Err(e) => panic!("{test} needs /dev/kvm ({e}); set BARGE_SKIP_KVM=1 to skip it"),
-    }
-}
-
 #[test]
 fn kernel_larger_than_memory_does_not_fit() {
-    if !kvm_or_skip("kernel_larger_than_memory_does_not_fit") {
+    if !common::kvm_or_skip("kernel_larger_than_memory_does_not_fit") {
         return;
     }
     let dir = scratch_dir("kernel-too-big");
@@ -183,7 +167,7 @@ fn kernel_larger_than_memory_does_not_fit() {
 
 #[test]
 fn initramfs_larger_than_memory_is_refused() {
-    if !kvm_or_skip("initramfs_larger_than_memory_is_refused") {
+    if !common::kvm_or_skip("initramfs_larger_than_memory_is_refused") {
         return;
     }
     let dir = scratch_dir("initramfs-too-big");
@@ -212,7 +196,7 @@ fn initramfs_larger_than_memory_is_refused() {
 
 #[test]
 fn more_cpus_than_kvm_allows_is_refused() {
-    if !kvm_or_skip("more_cpus_than_kvm_allows_is_refused") {
+    if !common::kvm_or_skip("more_cpus_than_kvm_allows_is_refused") {
         return;
     }
     let dir = scratch_dir("too-many-cpus");

@@ -158,18 +158,6 @@ fn plan_bad_input_is_one_clear_line() {
     }
 }
 
-fn kvm_usable() -> bool {
-    let usable = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
-    if !usable && std::env::var("BARGE_SKIP_KVM").as_deref() != Ok("1") {
-        panic!("these tests need /dev/kvm; set BARGE_SKIP_KVM=1 to skip them");
-    }
-    usable
-}
-
 /// A file the kernel check accepts (never run: the errors come first).
 fn fake_kernel(dir: &std::path::Path) -> PathBuf {
     let path = dir.join("kernel.elf");
@@ -179,7 +167,7 @@ fn fake_kernel(dir: &std::path::Path) -> PathBuf {
 
 #[test]
 fn run_refuses_shmem_too_big_for_the_window_and_missing_huge_pages() {
-    if !kvm_usable() {
+    if !common::kvm_or_skip("run_refuses_shmem_too_big_for_the_window_and_missing_huge_pages") {
         return;
     }
     let dir = scratch_dir("run-shmem");

@@ -27,23 +27,6 @@ const WRITTEN: u64 = 0xfeed_f00d_cafe_0002;
 const EXTRA_PD: u64 = 0x10000;
 const LSR_THRE: u32 = 0x20;
 
-fn kvm_or_skip(test: &str) -> bool {
-    match std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        Ok(_) => true,
-        Err(_) if std::env::var("BARGE_SKIP_KVM").as_deref() == Ok("1") => {
-            eprintln!("{test}: skipped: /dev/kvm is not usable and BARGE_SKIP_KVM=1");
-            false
-        }
-        Err(e) => {
-            panic!("{test} needs /dev/kvm ({e}); run on a host with KVM, or set BARGE_SKIP_KVM=1")
-        }
-    }
-}
-
 fn print(a: &mut CodeAssembler, text: &str) -> Result<(), IcedError> {
     for byte in text.bytes() {
         let mut wait = a.create_label();
@@ -129,7 +112,7 @@ fn scratch_dir(test: &str) -> PathBuf {
 
 #[test]
 fn guest_shares_memory_through_bar2_and_the_report_shows_one_memslot() {
-    if !kvm_or_skip("guest_shares_memory_through_bar2") {
+    if !common::kvm_or_skip("guest_shares_memory_through_bar2") {
         return;
     }
     let dir = scratch_dir("data-path");

@@ -47,3 +47,22 @@ pub fn elf64(code: &[u8], memsz: u64) -> Vec<u8> {
 pub fn idle_kernel() -> Vec<u8> {
     elf64(&[0xf4; 16], 16)
 }
+
+/// Whether /dev/kvm is usable for `test`. Without it the test fails with
+/// instructions, unless `BARGE_SKIP_KVM=1` asks to skip it (then `false`).
+pub fn kvm_or_skip(test: &str) -> bool {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        Ok(_) => true,
+        Err(_) if std::env::var("BARGE_SKIP_KVM").as_deref() == Ok("1") => {
+            eprintln!("{test}: skipped: /dev/kvm is not usable and BARGE_SKIP_KVM=1");
+            false
+        }
+        Err(e) => {
+            panic!("{test} needs /dev/kvm ({e}); run on a host with KVM, or set BARGE_SKIP_KVM=1")
+        }
+    }
+}
