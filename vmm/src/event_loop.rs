@@ -170,9 +170,14 @@ impl EventLoop {
     }
 
     /// Dispatches events until a stop is requested or `deadline` passes
-    /// (then the cause is [`StopCause::Timeout`]). Returns the stop cause.
+    /// (then the cause is [`StopCause::Timeout`]) or a stop signal arrives
+    /// (see [`crate::signals`]; then [`StopCause::Signal`]). Returns the
+    /// stop cause.
     pub fn run_until_stopped(&mut self, deadline: Option<Instant>) -> StopCause {
         loop {
+            if let Some(signo) = crate::signals::pending_stop_signal() {
+                self.control.request_stop(StopCause::Signal(signo));
+            }
             if let Some(cause) = self.control.cause() {
                 return cause;
             }

@@ -23,7 +23,8 @@
 //!
 //! See [`status`]: 0 poweroff, 1 barge error, 2 usage error, 3 guest reboot
 //! with `on_reboot=stop`, 4 guest failure (triple fault, KVM internal error,
-//! failed entry, crash), 5 timeout.
+//! failed entry, crash), 5 timeout, 128 + the signal's number when SIGTERM
+//! (143) or SIGINT (130) stopped `barge` (see [`signals`]).
 //!
 //! # Timing
 //!
@@ -56,6 +57,7 @@ pub mod prefault;
 pub mod report;
 pub mod serial;
 pub mod shmem;
+pub mod signals;
 pub mod vcpu;
 pub mod vm;
 
@@ -91,6 +93,9 @@ pub mod status {
     pub const GUEST_FAILURE: i32 = 4;
     /// The embedder's timeout expired.
     pub const TIMEOUT: i32 = 5;
+    /// Added to a signal's number when SIGTERM or SIGINT stopped the VM, as
+    /// shells do: 143 for SIGTERM, 130 for SIGINT.
+    pub const SIGNAL_BASE: i32 = 128;
 }
 
 static PROCESS_START: OnceLock<Instant> = OnceLock::new();
@@ -263,6 +268,10 @@ pub fn exit_report(cause: &StopCause) -> ExitReport {
         StopCause::Reset => ("reboot".to_string(), status::REBOOT),
         StopCause::Failed { reason, .. } => (reason.name().to_string(), status::GUEST_FAILURE),
         StopCause::Timeout => ("timeout".to_string(), status::TIMEOUT),
+        StopCause::Signal(signo) => (
+            crate::signals::signal_name(*signo).to_string(),
+            status::SIGNAL_BASE + signo,
+        ),
         StopCause::Error(message) => {
             log::error!("{message}");
             ("error".to_string(), status::ERROR)
@@ -290,6 +299,8 @@ mod tests {
                 4,
             ),
             (StopCause::Timeout, "timeout", 5),
+            (StopCause::Signal(libc::SIGTERM), "sigterm", 143),
+            (StopCause::Signal(libc::SIGINT), "sigint", 130),
             (StopCause::Error("x".into()), "error", 1),
         ];
         for (cause, reason, status) in cases {

@@ -28,23 +28,14 @@ fn main() -> ExitCode {
         Err(e) => return fail(&clap_message(&e), vmm::status::USAGE),
     };
     match command {
-        Command::Run(config) => match vmm::Vm::new(config).run() {
-            Ok(outcome) => {
-                match outcome.exit.status {
-                    vmm::status::POWEROFF => {}
-                    vmm::status::REBOOT => eprintln!(
-                        "barge: the guest rebooted (status {}; --on-reboot restart boots it again)",
-                        outcome.exit.status
-                    ),
-                    status => eprintln!(
-                        "barge: error: the VM stopped: {} (status {status}); see the log above",
-                        outcome.exit.reason
-                    ),
-                }
-                status_code(outcome.exit.status)
+        Command::Run(config) => {
+            // SIGTERM/SIGINT stop the VM like a timeout; the report is
+            // still written and the status is 128 + the signal's number.
+            if let Err(e) = vmm::signals::install_stop_handlers() {
+                return fail(&e.to_string(), vmm::status::ERROR);
             }
-            Err(e) => fail(&e.to_string(), vmm::status::ERROR),
-        },
+            run(config)
+        }
         Command::Bench(request) => match vmm::bench::run(&request) {
             Ok(text) => {
                 print!("{text}");
@@ -72,6 +63,31 @@ fn clap_message(e: &clap::Error) -> String {
         .find(|l| !l.trim().is_empty())
         .unwrap_or("invalid command line");
     first.strip_prefix("error: ").unwrap_or(first).to_string()
+}
+
+/// Runs the VM and turns its outcome into barge's exit status.
+fn run(config: vmm::config::VmConfig) -> ExitCode {
+    match vmm::Vm::new(config).run() {
+        Ok(outcome) => {
+            let status = outcome.exit.status;
+            match status {
+                vmm::status::POWEROFF => {}
+                vmm::status::REBOOT => eprintln!(
+                    "barge: the guest rebooted (status {status}; --on-reboot restart boots it again)"
+                ),
+                _ if status > vmm::status::SIGNAL_BASE => eprintln!(
+                    "barge: the VM was stopped by {} (status {status})",
+                    outcome.exit.reason.to_uppercase()
+                ),
+                _ => eprintln!(
+                    "barge: error: the VM stopped: {} (status {status}); see the log above",
+                    outcome.exit.reason
+                ),
+            }
+            status_code(status)
+        }
+        Err(e) => fail(&e.to_string(), vmm::status::ERROR),
+    }
 }
 
 fn fail(message: &str, status: i32) -> ExitCode {

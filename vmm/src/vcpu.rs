@@ -41,6 +41,8 @@ pub enum StopCause {
     },
     /// The embedder's timeout expired.
     Timeout,
+    /// `barge` received this stop signal (SIGTERM or SIGINT).
+    Signal(i32),
     /// barge itself failed while the VM ran (event loop, thread spawn).
     Error(String),
 }

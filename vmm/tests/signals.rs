@@ -1,0 +1,93 @@
+//! SIGTERM and SIGINT stop a running guest; barge still writes the report,
+//! reports the signal as `exit.reason` and exits 128 + the signal's number
+//! (143, 130), as shells do. Needs /dev/kvm (skipped with
+//! `BARGE_SKIP_KVM=1`).
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn scratch_dir(test: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("barge-signals-{}-{test}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    dir
+}
+
+/// Starts `barge run` on a guest that spins forever (`jmp $`), sends
+/// `signo` once it runs, and checks the status, the stderr line and the
+/// report.
+fn signal_stops_the_guest(test: &str, signo: libc::c_int, reason: &str, status: i32) {
+    if !common::kvm_or_skip(test) {
+        return;
+    }
+    let dir = scratch_dir(test);
+    let kernel = dir.join("spin.elf");
+    std::fs::write(&kernel, common::elf64(&[0xeb, 0xfe], 2)).unwrap();
+    let report = dir.join("report.json");
+    let child = Command::new(env!("CARGO_BIN_EXE_barge"))
+        .args(["run", "--kernel"])
+        .arg(&kernel)
+        .args(["--memory", "size=64M", "--serial", "none", "--report"])
+        .arg(&report)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .env_remove("RUST_LOG")
+        .spawn()
+        .expect("barge starts");
+    let pid = i32::try_from(child.id()).expect("pid fits in pid_t");
+    // Let it boot and spin (building a 64 MiB guest takes well under 1 s).
+    std::thread::sleep(Duration::from_millis(1000));
+    // SAFETY: `pid` is our own child, not yet reaped (it cannot exit on its
+    // own: the guest spins), so the pid still names it.
+    let rc = unsafe { libc::kill(pid, signo) };
+    assert_eq!(rc, 0, "kill: {}", std::io::Error::last_os_error());
+    let sent = Instant::now();
+    let output = child.wait_with_output().expect("barge exits");
+    let stopped_in = sent.elapsed();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    println!(
+        "{test}: status {:?} after {stopped_in:?}; stderr: {}",
+        output.status.code(),
+        stderr.trim()
+    );
+    assert_eq!(output.status.code(), Some(status), "stderr: {stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(
+        stopped_in < Duration::from_secs(5),
+        "stopping took {stopped_in:?}"
+    );
+    let json = std::fs::read_to_string(&report).expect("the report is written");
+    let value: serde_json::Value = serde_json::from_str(&json).expect("the report is JSON");
+    assert_eq!(value["exit"]["reason"], reason, "{json}");
+    assert_eq!(value["exit"]["status"], status, "{json}");
+    assert!(
+        value["start_to_first_run_ms"].is_u64(),
+        "the guest ran before the signal: {json}"
+    );
+    println!("{test}: report exit = {}", value["exit"]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn sigterm_stops_the_guest_and_writes_the_report() {
+    signal_stops_the_guest(
+        "sigterm_stops_the_guest_and_writes_the_report",
+        libc::SIGTERM,
+        "sigterm",
+        143,
+    );
+}
+
+#[test]
+fn sigint_stops_the_guest_and_writes_the_report() {
+    signal_stops_the_guest(
+        "sigint_stops_the_guest_and_writes_the_report",
+        libc::SIGINT,
+        "sigint",
+        130,
+    );
+}
