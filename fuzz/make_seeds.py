@@ -1,0 +1,119 @@
+#!/usr/bin/env python3
+"""Writes the hand-made seed inputs under corpus-seeds/<target>/.
+
+Encoding (fuzz/src/lib.rs): op byte = selector << 4 | width_index << 1 | write,
+offset u32 LE, then `width` data bytes for writes. Run from fuzz/.
+"""
+import os
+import struct
+
+WIDTHS = [1, 2, 4, 8, 3, 5, 6, 7]
+
+
+def rd(sel, off, width):
+    return bytes([sel << 4 | WIDTHS.index(width) << 1]) + struct.pack("<I", off)
+
+
+def wr(sel, off, width, value):
+    return (bytes([sel << 4 | WIDTHS.index(width) << 1 | 1]) + struct.pack("<I", off)
+            + (value & ((1 << (8 * width)) - 1)).to_bytes(width, "little"))
+
+
+def cf8(bus_dev_fn_reg):
+    return 0x8000_0000 | bus_dev_fn_reg
+
+
+def bdf(dev, reg, fn=0):
+    return dev << 11 | fn << 8 | reg
+
+
+def ecam(dev, reg, fn=0):
+    return dev << 15 | fn << 12 | reg
+
+
+SEEDS = {
+    "pci_segment": {
+        # Linux's pci_direct probe, then a BAR sizing dance on 00:01.0 over CF8/CFC.
+        "cf8_probe_and_size_bar": b"".join([
+            wr(0, 0, 4, cf8(bdf(0, 0))), rd(0, 4, 4),
+            wr(0, 0, 4, cf8(bdf(1, 0x10))), rd(0, 4, 4),
+            wr(0, 4, 4, 0xffff_ffff), rd(0, 4, 4),
+            wr(0, 0, 4, cf8(bdf(1, 0x18))), wr(0, 4, 4, 0xffff_ffff), rd(0, 4, 4),
+            wr(0, 0, 4, cf8(bdf(1, 0x1c))), wr(0, 4, 4, 0xffff_ffff), rd(0, 4, 4),
+            wr(0, 0, 4, cf8(bdf(1, 0x04))), wr(0, 4, 2, 0x0007), rd(0, 6, 2),
+        ]),
+        # ECAM: read every device's ID, then the endpoint's BARs and command register.
+        "ecam_enumerate": b"".join(
+            [rd(1, ecam(d, 0), 4) for d in range(4)]
+            + [wr(1, ecam(1, 0x10 + 4 * i), 4, 0xffff_ffff) for i in range(6)]
+            + [rd(1, ecam(1, 0x10 + 4 * i), 4) for i in range(6)]
+            + [wr(1, ecam(1, 4), 2, 6), rd(1, ecam(2, 0x100), 4), rd(1, ecam(1, 0xffc), 4)]),
+        "odd_widths": b"".join([rd(0, 1, 2), wr(0, 3, 2, 0x1234), rd(0, 5, 3), rd(1, 0xffe, 4),
+                                wr(1, ecam(1, 0x3f), 8, -1), rd(8, 0xcf8, 4)]),
+    },
+    "vfio_device": {
+        # Interrupts wired: enable MSI-X, program vector 0 (BAR0 0xb90000), fire it.
+        "msix_enable_and_fire": bytes([1]) + b"".join([
+            wr(0, 0xb6, 2, 0x8000 | 31), wr(4, 0xb9_0000, 8, 0xfee0_0000),
+            wr(4, 0xb9_0008, 4, 0x41), wr(4, 0xb9_000c, 4, 0), rd(4, 0xba_0000, 8),
+            wr(12, 0, 1, 0), wr(0, 0xb6, 2, 0xc000 | 31), wr(12, 0, 1, 0),
+            wr(4, 0xb9_000c, 4, 1), rd(4, 0xb9_01f0, 4), wr(14, 0, 1, 0)]),
+        # MSI: 64-bit address, data, enable; fire; disable.
+        "msi_enable_and_fire": bytes([1]) + b"".join([
+            wr(0, 0x6c, 4, 0xfee0_0000), wr(0, 0x70, 4, 0), wr(0, 0x74, 2, 0x42),
+            wr(0, 0x6a, 2, 1), rd(0, 0x68, 4), wr(13, 0, 1, 0), wr(0, 0x6a, 2, 0)]),
+        # BAR sizing, command register toggles, hidden capabilities, I/O BAR.
+        "bars_command_hidden": bytes([0]) + b"".join(
+            [wr(0, 0x10 + 4 * i, 4, 0xffff_ffff) for i in range(6)]
+            + [rd(0, 0x10 + 4 * i, 4) for i in range(6)]
+            + [wr(0, 0x30, 4, 0xffff_f800), rd(0, 0x30, 4), wr(0, 4, 2, 0), wr(0, 4, 2, 7),
+               rd(0, 0x250, 4), rd(0, 0x254, 4), rd(0, 0xbb0, 4), wr(0, 0xbb4, 4, 0),
+               rd(9, 0, 4), wr(9, 0x7c, 4, 1), rd(5, 1 << 31, 8), rd(10, 0, 4), rd(15, 0xffff, 2)]),
+    },
+    "msix": {
+        "program_enable_trigger": struct.pack("<H", 32) + b"".join([
+            wr(0, 0, 8, 0xfee0_0000), wr(0, 8, 4, 0x30), wr(0, 12, 4, 0),
+            wr(3, 0, 2, 0x8000), wr(4, 0, 1, 0), rd(2, 0, 8), wr(3, 0, 2, 0xc000),
+            wr(4, 0, 1, 0), wr(3, 0, 2, 0x8000), rd(2, 0, 8), wr(0, 31 * 16 + 12, 4, 0),
+            wr(4, 31, 1, 0), rd(0, 31 * 16, 8), wr(5, 0, 1, 0)]),
+        "odd_sizes": struct.pack("<H", 2048) + b"".join([
+            rd(0, 3, 2), wr(0, 6, 4, 0xdead_beef), rd(0, 2047 * 16 + 12, 8), rd(2, 255, 4),
+            wr(2, 0, 8, -1), wr(0, 1, 3, 0x123456), wr(4, 4096, 1, 0), rd(8, 0xffff_fff0, 8)]),
+        "one_vector": struct.pack("<H", 1) + b"".join([wr(0, 12, 4, 0), wr(3, 0, 2, 0x8000),
+                                                       wr(4, 0, 1, 0), rd(2, 0, 8)]),
+    },
+    "msi": {
+        # 64-bit, per-vector masking, 32 vectors capable, at 0x50.
+        "pvm64_multi": bytes([0x50]) + struct.pack("<H", 0x01 << 8 | 0x80 | 0x0a) + b"".join([
+            wr(0, 12, 4, 0xfee0_0000), wr(0, 16, 4, 0), wr(0, 20, 2, 0x40),
+            wr(0, 10, 2, 0x51), rd(0, 8, 4), wr(0, 24, 4, 0x2), wr(3, 1, 1, 0), rd(0, 28, 4),
+            wr(0, 24, 4, 0), rd(0, 28, 4), wr(3, 31, 1, 0)]),
+        "plain32": bytes([0x40]) + struct.pack("<H", 0) + b"".join([
+            wr(0, 12, 4, 0xfee0_0000), wr(0, 16, 2, 0x30), wr(0, 10, 2, 1),
+            wr(3, 0, 1, 0), rd(0, 8, 8), wr(0, 9, 3, 0xffffff), rd(8, 0xffff, 2)]),
+    },
+    "acpi_pm": {
+        "poweroff_and_reset": b"".join([rd(0, 0, 1), wr(0, 0, 1, 0x80), wr(0, 0, 1, 0x34),
+                                        wr(0, 0, 1, 0x01), rd(1, 4, 1), wr(1, 4, 1, 0xfe),
+                                        wr(1, 0, 1, 0xfe), wr(0, 0, 2, 0x34)]),
+        "odd": b"".join([wr(0, 1, 1, 0x34), wr(0, 0, 4, 0x34), rd(1, 4, 2), wr(9, 0xffff_ffff, 8, -1)]),
+    },
+    "exit_dispatch": {
+        # Serial: LCR/DLAB, divisor, a few characters, LSR reads; then PCI probe over CF8.
+        "serial_then_pci": b"".join([
+            wr(0, 3, 1, 0x80), wr(0, 0, 1, 1), wr(0, 1, 1, 0), wr(0, 3, 1, 0x03),
+            wr(0, 1, 1, 0x0f), wr(0, 0, 1, ord("h")), wr(0, 0, 1, ord("i")), rd(0, 5, 1),
+            rd(0, 2, 1), wr(0, 0, 5, 0x6f6c6c6568), rd(0, 0, 6),
+            wr(0, 0x300, 4, cf8(bdf(1, 0))), rd(0, 0x304, 4), rd(0, 0x306, 2)]),
+        "ecam_and_power": b"".join([rd(8, ecam(0, 0), 4), rd(8, ecam(1, 0x10), 8),
+                                    wr(8, ecam(1, 4), 2, 6), rd(12, 0xfee0_0000, 4),
+                                    rd(13, 0, 8), wr(0, 0x204, 1, 0xfe),
+                                    wr(0, 0x100, 1, 0x34), wr(14, 7, 1, 0), wr(14, 2, 1, 0)]),
+    },
+}
+
+for target, seeds in SEEDS.items():
+    os.makedirs(f"corpus-seeds/{target}", exist_ok=True)
+    for name, data in seeds.items():
+        with open(f"corpus-seeds/{target}/{name}", "wb") as f:
+            f.write(data)
