@@ -109,4 +109,8 @@ fuzz_target!(|input: &[u8]| {
             }
         }
     }
+    // barge keeps the device's memory decode on whatever the guest writes
+    // (vfio-pci would zap the BAR mmaps otherwise).
+    let command = fake.config_bytes()[4];
+    assert_ne!(command & 2, 0, "device memory decode turned off");
 });
