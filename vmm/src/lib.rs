@@ -198,6 +198,18 @@ impl Vm {
     }
 
     fn run_until(self, deadline: Option<Instant>) -> Result<RunOutcome, Error> {
+        // Files this run may create (serial log, --shmem path=): the ones
+        // missing now are removed again if the VM cannot be built, so a
+        // failed start leaves nothing behind.
+        let new_files = NewFiles::missing_now(&self.config);
+        let result = self.run_inner(deadline);
+        if result.is_err() {
+            new_files.remove();
+        }
+        result
+    }
+
+    fn run_inner(self, deadline: Option<Instant>) -> Result<RunOutcome, Error> {
         let start = process_start().unwrap_or_else(Instant::now);
         let (sink, input) = match self.console {
             Console::Custom(sink) => (sink, SerialInput::None),
@@ -249,6 +261,43 @@ impl Vm {
             exit: report.exit.clone(),
             report,
         })
+    }
+}
+
+/// Paths of files a run may create that did not exist before it.
+#[derive(Debug)]
+struct NewFiles(Vec<std::path::PathBuf>);
+
+impl NewFiles {
+    /// The serial output file and `--shmem path=` files that do not exist
+    /// yet.
+    fn missing_now(config: &VmConfig) -> Self {
+        let serial = match &config.serial {
+            SerialConfig::File(path) => Some(path.clone()),
+            _ => None,
+        };
+        let shmem = config.devices.iter().filter_map(|device| match device {
+            crate::device_config::DeviceConfig::Shmem(shmem) => shmem.path.clone(),
+            _ => None,
+        });
+        NewFiles(
+            serial
+                .into_iter()
+                .chain(shmem)
+                .filter(|path| std::fs::symlink_metadata(path).is_err())
+                .collect(),
+        )
+    }
+
+    /// Removes the ones the failed run created.
+    fn remove(self) {
+        for path in self.0 {
+            match std::fs::remove_file(&path) {
+                Ok(()) => log::debug!("removed {} (the VM did not start)", path.display()),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => log::warn!("cannot remove {}: {e}", path.display()),
+            }
+        }
     }
 }
 
