@@ -360,6 +360,35 @@ mod tests {
     }
 
     #[test]
+    fn a_failed_start_removes_only_the_files_it_created() {
+        let dir = std::env::temp_dir().join(format!("barge-newfiles-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let existing = dir.join("existing-shm");
+        std::fs::write(&existing, b"keep").unwrap();
+        let console = dir.join("console.log");
+        let shm = dir.join("shm");
+        let mut config = VmConfig::new("/unused");
+        config.serial = SerialConfig::File(console.clone());
+        for path in [&existing, &shm] {
+            let text = format!("size=2M,path={}", path.display());
+            config
+                .devices
+                .push(crate::device_config::DeviceConfig::Shmem(
+                    text.parse().unwrap(),
+                ));
+        }
+        let new_files = NewFiles::missing_now(&config);
+        assert_eq!(new_files.0, vec![console.clone(), shm.clone()]);
+        std::fs::write(&console, b"").unwrap();
+        std::fs::write(&shm, b"").unwrap();
+        new_files.remove();
+        assert!(!console.exists() && !shm.exists());
+        assert_eq!(std::fs::read(&existing).unwrap(), b"keep");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn process_start_is_recorded_once() {
         mark_process_start();
         let first = process_start();
