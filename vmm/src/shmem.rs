@@ -39,7 +39,7 @@ pub enum ShmemError {
     #[error(transparent)]
     HugePages(#[from] MemoryError),
     /// The memfd could not be created.
-    #[error("--shmem {request}: cannot create the {} memfd: {source}", format_size(*size))]
+    #[error("{request}: cannot create the {} memfd: {source}", format_size(*size))]
     Memfd {
         /// The option value.
         request: String,
@@ -49,7 +49,7 @@ pub enum ShmemError {
         source: std::io::Error,
     },
     /// The file could not be opened, created or sized.
-    #[error("--shmem {request}: cannot use {}: {source}", path.display())]
+    #[error("{request}: cannot use {}: {source}", path.display())]
     File {
         /// The option value.
         request: String,
@@ -59,7 +59,7 @@ pub enum ShmemError {
         source: std::io::Error,
     },
     /// `hugepages=` with a file that is not on hugetlbfs.
-    #[error("--shmem {request}: {} is not on a hugetlbfs mount, so hugepages={hugepages} cannot apply; put it under a hugetlbfs mount (e.g. mount -t hugetlbfs -o pagesize={hugepages} none /dev/hugepages) or drop path=", path.display())]
+    #[error("{request}: {} is not on a hugetlbfs mount, so hugepages={hugepages} cannot apply; put it under a hugetlbfs mount (e.g. mount -t hugetlbfs -o pagesize={hugepages} none /dev/hugepages) or drop path=", path.display())]
     NotHugetlbfs {
         /// The option value.
         request: String,
