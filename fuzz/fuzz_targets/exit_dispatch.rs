@@ -19,7 +19,7 @@ use arch::layout::{
 };
 use barge_fuzz::accesses;
 use devices::pci::bar::{BarKind, BarSpec, EmulatedBars};
-use devices::pci::config::{ConfigSpace, Type0Identity};
+use devices::pci::config::ConfigSpace;
 use devices::pci::segment::PciSegment;
 use devices::pci::EmulatedEndpoint;
 use libfuzzer_sys::fuzz_target;
@@ -69,14 +69,7 @@ fn buses(power: &PowerSignal) -> Buses {
         )
         .expect("i8042");
     let mut segment = PciSegment::with_host_bridge();
-    let config = ConfigSpace::type0(&Type0Identity {
-        vendor_id: 0x1af4,
-        device_id: 0x1110,
-        class_code: 0x05_00_00,
-        revision_id: 1,
-        subsystem_vendor_id: 0x1af4,
-        subsystem_id: 0x1100,
-    });
+    let config = ConfigSpace::type0(&devices::shmem::SHMEM_IDENTITY);
     let bars = EmulatedBars::new(&[BarSpec {
         index: 2,
         kind: BarKind::Memory64 { prefetchable: true },

@@ -69,18 +69,10 @@ impl PciConfigAccess for EmulatedEndpoint {
 mod tests {
     use super::*;
     use crate::pci::bar::{BarKind, BarSpec, BarWrite};
-    use crate::pci::config::Type0Identity;
     use crate::pci::{COMMAND_MEMORY_SPACE, COMMAND_OFFSET};
 
     fn ivshmem_like() -> EmulatedEndpoint {
-        let config = ConfigSpace::type0(&Type0Identity {
-            vendor_id: 0x1af4,
-            device_id: 0x1110,
-            class_code: 0x05_00_00,
-            revision_id: 1,
-            subsystem_vendor_id: 0x1af4,
-            subsystem_id: 0x1100,
-        });
+        let config = ConfigSpace::type0(&crate::shmem::SHMEM_IDENTITY);
         let bars = EmulatedBars::new(&[BarSpec {
             index: 2,
             kind: BarKind::Memory64 { prefetchable: true },

@@ -237,7 +237,7 @@ mod tests {
     use super::*;
     use crate::pci::address::{ecam_offset, encode_config_address};
     use crate::pci::bar::{BarKind, BarSpec, BarWrite, EmulatedBars};
-    use crate::pci::config::{ConfigSpace, Type0Identity};
+    use crate::pci::config::ConfigSpace;
     use crate::pci::endpoint::EmulatedEndpoint;
     use crate::pci::COMMAND_OFFSET;
 
@@ -280,14 +280,7 @@ mod tests {
     }
 
     fn endpoint() -> BoxedPciDevice {
-        let config = ConfigSpace::type0(&Type0Identity {
-            vendor_id: 0x1af4,
-            device_id: 0x1110,
-            class_code: 0x05_00_00,
-            revision_id: 1,
-            subsystem_vendor_id: 0x1af4,
-            subsystem_id: 0x1100,
-        });
+        let config = ConfigSpace::type0(&crate::shmem::SHMEM_IDENTITY);
         let bars = EmulatedBars::new(&[BarSpec {
             index: 2,
             kind: BarKind::Memory64 { prefetchable: true },
