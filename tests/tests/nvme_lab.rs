@@ -7,7 +7,7 @@
 
 use std::io::{Read, Seek, SeekFrom};
 use std::path::PathBuf;
-use std::process::Command;
+use std::process::{Command, Output};
 
 use barge_tests::harness::{lab_run, output_text as text, results_dir};
 use base64::Engine;
@@ -43,15 +43,35 @@ fn sha256_hex(data: &[u8], name: &str) -> String {
         .to_string()
 }
 
+/// Runs `script` in the lab with an NVMe controller over a fresh copy of
+/// the image (`NAME.img`); returns the lab's output, the results folder and
+/// the image.
+fn run_script(name: &str, script: &str) -> (Output, PathBuf, PathBuf) {
+    let image = scratch(&format!("{name}.img"));
+    std::fs::write(&image, image_bytes()).unwrap();
+    let script_file = scratch(&format!("{name}.sh"));
+    std::fs::write(&script_file, script).unwrap();
+    let output = lab_run(
+        env!("CARGO_BIN_EXE_barge-lab"),
+        &[
+            "--timeout",
+            "300",
+            "--nvme",
+            image.to_str().unwrap(),
+            "--script",
+            script_file.to_str().unwrap(),
+        ],
+    );
+    let dir = results_dir(&output);
+    (output, dir, image)
+}
+
 /// Boots the guest with the NVMe controller passed through; returns the
 /// guest's console log, barge's and the lab's output, and the image.
 fn run(mode: &str, guest_options: &str) -> (String, String, PathBuf) {
-    let image = scratch(&format!("{mode}.img"));
-    std::fs::write(&image, image_bytes()).unwrap();
-    let script = scratch(&format!("{mode}.sh"));
-    std::fs::write(
-        &script,
-        format!(
+    let (output, dir, image) = run_script(
+        mode,
+        &format!(
             "barge run --kernel /lab/guest/bzImage --initramfs /lab/guest/initramfs \
              --memory size=512M --device vfio=$LAB_NVME0 \
              --serial file=/out/guest.log --report /out/report.json \
@@ -61,20 +81,7 @@ fn run(mode: &str, guest_options: &str) -> (String, String, PathBuf) {
              echo barge-wrote | dd of=/dev/nvme0n1 bs=512 seek={MARKER_BLOCK} conv=fsync 2>/dev/null; \
              echo WROTE=$?' 2>&1 | tail -5\n"
         ),
-    )
-    .unwrap();
-    let output = lab_run(
-        env!("CARGO_BIN_EXE_barge-lab"),
-        &[
-            "--timeout",
-            "300",
-            "--nvme",
-            image.to_str().unwrap(),
-            "--script",
-            script.to_str().unwrap(),
-        ],
     );
-    let dir = results_dir(&output);
     let guest = std::fs::read_to_string(dir.join("guest.log")).unwrap_or_default();
     (guest, text(&output), image)
 }
@@ -139,12 +146,9 @@ devmem $((o+4093)) 8 1;devmem $((o+3)) 32;echo ABUSED";
 
 #[test]
 fn a_guest_abusing_its_device_cannot_crash_barge() {
-    let image = scratch("abuse.img");
-    std::fs::write(&image, image_bytes()).unwrap();
-    let script = scratch("abuse.sh");
-    std::fs::write(
-        &script,
-        format!(
+    let (output, dir, _image) = run_script(
+        "abuse",
+        &format!(
             "barge run --kernel /lab/guest/bzImage --initramfs /lab/guest/initramfs \
              --memory size=512M --device vfio=$LAB_NVME0 \
              --serial file=/out/guest.log --report /out/report.json \
@@ -153,20 +157,7 @@ fn a_guest_abusing_its_device_cannot_crash_barge() {
             // One word: the kernel passes init at most 32 arguments.
             base64::engine::general_purpose::STANDARD.encode(ABUSE)
         ),
-    )
-    .unwrap();
-    let output = lab_run(
-        env!("CARGO_BIN_EXE_barge-lab"),
-        &[
-            "--timeout",
-            "300",
-            "--nvme",
-            image.to_str().unwrap(),
-            "--script",
-            script.to_str().unwrap(),
-        ],
     );
-    let dir = results_dir(&output);
     let guest = std::fs::read_to_string(dir.join("guest.log")).unwrap_or_default();
     let barge = std::fs::read_to_string(dir.join("barge.err")).unwrap_or_default();
     let status = std::fs::read_to_string(dir.join("status")).unwrap_or_default();
