@@ -6,11 +6,53 @@
 //! to the guest for reads. It never panics on guest-controlled input:
 //! unclaimed reads return all-ones, unclaimed writes are ignored, both logged
 //! at debug level.
+//!
+//! Every port and MMIO access is also logged at trace level under the
+//! [`TRACE_TARGET`] target, one [`AccessTrace`] line each
+//! (`RUST_LOG=warn,barge::exit=trace`); the fuzz seeds are recorded this way.
 
 use std::fmt;
 
 use crate::bus::Buses;
 use crate::power::{PowerEvent, PowerSignal};
+
+/// The log target of the per-access trace.
+pub const TRACE_TARGET: &str = "barge::exit";
+
+/// One port or MMIO access as a trace line:
+/// `exit <in|out|mmio-read|mmio-write> <address:#x> <length> <data>`, the
+/// data being the bytes written, or returned for reads, in guest order as
+/// lowercase hex without separators (`-` when empty).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AccessTrace<'a> {
+    /// `in`, `out`, `mmio-read` or `mmio-write`.
+    pub kind: &'static str,
+    /// Port number or guest physical address.
+    pub addr: u64,
+    /// Bytes written or read.
+    pub data: &'a [u8],
+}
+
+impl fmt::Display for AccessTrace<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "exit {} {:#x} {} ",
+            self.kind,
+            self.addr,
+            self.data.len()
+        )?;
+        if self.data.is_empty() {
+            return f.write_str("-");
+        }
+        self.data.iter().try_for_each(|b| write!(f, "{b:02x}"))
+    }
+}
+
+/// Logs one access at trace level (nothing is formatted when that is off).
+fn trace_access(kind: &'static str, addr: u64, data: &[u8]) {
+    log::trace!(target: TRACE_TARGET, "{}", AccessTrace { kind, addr, data });
+}
 
 /// KVM_SYSTEM_EVENT_SHUTDOWN.
 pub const SYSTEM_EVENT_SHUTDOWN: u32 = 1;
@@ -167,12 +209,14 @@ pub fn handle_exit(exit: &VmExit<'_>, buses: &Buses, power: &PowerSignal) -> Exi
         VmExit::IoIn { port, len } => {
             let mut data = vec![0xff; *len];
             pio_read(buses, *port, &mut data);
+            trace_access("in", u64::from(*port), &data);
             ExitOutcome {
                 action: ExitAction::Continue,
                 read_data: data,
             }
         }
         VmExit::IoOut { port, data } => {
+            trace_access("out", u64::from(*port), data);
             pio_write(buses, *port, data);
             ExitOutcome::action(pending_power_action(power))
         }
@@ -182,12 +226,14 @@ pub fn handle_exit(exit: &VmExit<'_>, buses: &Buses, power: &PowerSignal) -> Exi
                 log::debug!("unclaimed MMIO read of {len} bytes at {addr:#x}");
                 data.fill(0xff);
             }
+            trace_access("mmio-read", *addr, &data);
             ExitOutcome {
                 action: ExitAction::Continue,
                 read_data: data,
             }
         }
         VmExit::MmioWrite { addr, data } => {
+            trace_access("mmio-write", *addr, data);
             if !buses.mmio.write(*addr, data) {
                 log::debug!("unclaimed MMIO write of {data:x?} at {addr:#x}");
             }
@@ -559,6 +605,31 @@ mod tests {
         }
         .to_string()
         .contains("0x21"));
+    }
+
+    #[test]
+    fn access_trace_is_one_parseable_line() {
+        let line = AccessTrace {
+            kind: "out",
+            addr: 0xcf8,
+            data: &[0x10, 0x08, 0x00, 0x80],
+        }
+        .to_string();
+        assert_eq!(line, "exit out 0xcf8 4 10080080");
+        let line = AccessTrace {
+            kind: "mmio-read",
+            addr: 0xe000_8000,
+            data: &[0xff, 0x0a],
+        }
+        .to_string();
+        assert_eq!(line, "exit mmio-read 0xe0008000 2 ff0a");
+        let line = AccessTrace {
+            kind: "in",
+            addr: 0x3f8,
+            data: &[],
+        }
+        .to_string();
+        assert_eq!(line, "exit in 0x3f8 0 -");
     }
 
     #[test]
