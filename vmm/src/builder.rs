@@ -21,6 +21,7 @@ use crate::pci;
 use crate::pci_device::{self, AttachContext, DeviceSetupError};
 use crate::power::{AcpiSleepBusDevice, I8042BusDevice, PowerSignal};
 use crate::report::{self, DeviceReport, DmaReport, MemoryRegionReport, ReportError};
+use crate::seccomp::{SeccompError, VmFilters};
 use crate::serial::{IrqFdTrigger, SerialDevice, SerialOutput};
 use crate::vm::{self, BuiltVm, LiveDevice, SerialInput, VmError, VmRun};
 
@@ -64,6 +65,9 @@ pub enum BuildError {
     /// The console cannot be set up.
     #[error(transparent)]
     Console(#[from] ConsoleError),
+    /// The seccomp filters cannot be built.
+    #[error(transparent)]
+    Seccomp(#[from] SeccompError),
     /// An EventFd or similar host resource could not be created.
     #[error("cannot create {what}: {source}")]
     Host {
@@ -102,6 +106,7 @@ pub fn boot_and_run(
     if let Some(path) = &config.report {
         report::check_writable(path)?;
     }
+    let seccomp = VmFilters::compile(config.seccomp)?;
 
     let kvm = kvm::open_kvm()?;
     vm::check_cpu_count(&kvm, config.cpus)?;
@@ -220,7 +225,9 @@ pub fn boot_and_run(
     }
 
     let memory = ram.region_reports();
-    let built = BuiltVm::new(vm_fd, ram, vcpus, buses, serial, input, power).with_devices(live);
+    let built = BuiltVm::new(vm_fd, ram, vcpus, buses, serial, input, power)
+        .with_devices(live)
+        .with_seccomp(seccomp);
     let run = built.run(deadline)?;
     Ok(BootOutcome {
         run,

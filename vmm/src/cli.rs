@@ -13,8 +13,8 @@ use clap::error::ErrorKind;
 use clap::{Args, CommandFactory, Parser, Subcommand};
 
 use crate::config::{
-    parse_cpus, DeviceConfig, MemoryConfig, OnReboot, SerialConfig, ShmemConfig, VfioBackend,
-    VfioConfig, VmConfig,
+    parse_cpus, DeviceConfig, MemoryConfig, OnReboot, SeccompMode, SerialConfig, ShmemConfig,
+    VfioBackend, VfioConfig, VmConfig,
 };
 use crate::plan_cmd::PlanRequest;
 
@@ -312,10 +312,20 @@ pub struct RunArgs {
     #[arg(long, value_name = "legacy|iommufd|auto", value_parser = parse_vfio_backend)]
     pub vfio_backend: Option<VfioBackend>,
 
+    /// seccomp filters for barge's threads [default: on]: on (a forbidden
+    /// system call ends barge with status 159), log (the kernel logs it and
+    /// lets it through) or off, e.g. --seccomp off
+    #[arg(long, value_name = "on|off|log", value_parser = parse_seccomp)]
+    pub seccomp: Option<SeccompMode>,
+
     /// Load settings from a JSON file first; flags given override them,
     /// e.g. --config vm.json
     #[arg(long, value_name = "PATH")]
     pub config: Option<PathBuf>,
+}
+
+fn parse_seccomp(text: &str) -> Result<SeccompMode, crate::seccomp::SeccompError> {
+    text.parse()
 }
 
 fn parse_vfio(text: &str) -> Result<VfioConfig, crate::config::ConfigError> {
@@ -385,6 +395,7 @@ impl RunArgs {
             devices,
             shmem,
             vfio_backend,
+            seccomp,
             config: _,
         } = self;
         if let Some(kernel) = kernel {
@@ -407,6 +418,9 @@ impl RunArgs {
         }
         if let Some(on_reboot) = on_reboot {
             config.on_reboot = on_reboot;
+        }
+        if let Some(seccomp) = seccomp {
+            config.seccomp = seccomp;
         }
         if report.is_some() {
             config.report = report;

@@ -219,6 +219,9 @@ pub struct VmConfig {
     /// `mapped` and `prefault_ms` are then null.
     #[serde(default = "default_prefault_bars", skip_serializing_if = "is_true")]
     pub prefault_bars: bool,
+    /// seccomp filters for barge's threads (on unless told otherwise).
+    #[serde(default)]
+    pub seccomp: SeccompMode,
 }
 
 fn default_prefault_bars() -> bool {
@@ -240,6 +243,7 @@ fn default_cpus() -> u8 {
 pub use crate::device_config::{
     BarAlign, DeviceConfig, DeviceConfigError, ShmemConfig, VfioBackend, VfioConfig,
 };
+pub use crate::seccomp::SeccompMode;
 
 impl VmConfig {
     /// A configuration with the given kernel and every default.
@@ -256,6 +260,7 @@ impl VmConfig {
             devices: Vec::new(),
             vfio_backend: VfioBackend::default(),
             prefault_bars: default_prefault_bars(),
+            seccomp: SeccompMode::default(),
         }
     }
 

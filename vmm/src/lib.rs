@@ -24,7 +24,16 @@
 //! See [`status`]: 0 poweroff, 1 barge error, 2 usage error, 3 guest reboot
 //! with `on_reboot=stop`, 4 guest failure (triple fault, KVM internal error,
 //! failed entry, crash), 5 timeout, 128 + the signal's number when SIGTERM
-//! (143) or SIGINT (130) stopped `barge` (see [`signals`]).
+//! (143) or SIGINT (130) stopped `barge` (see [`signals`]), 159 when a
+//! thread made a system call its seccomp filter forbids (see [`seccomp`]).
+//!
+//! # seccomp
+//!
+//! [`Vm::run`] confines the vCPU threads and the calling thread with
+//! seccomp filters unless `config.seccomp` is [`seccomp::SeccompMode::Off`].
+//! Filters stay with a thread for its life: run the VM on a thread of its
+//! own if the calling thread must later do what the VMM filter forbids
+//! (start processes, open sockets).
 //!
 //! # Timing
 //!
@@ -55,6 +64,7 @@ pub mod plan_cmd;
 pub mod power;
 pub mod prefault;
 pub mod report;
+pub mod seccomp;
 pub mod serial;
 pub mod shmem;
 pub mod signals;
@@ -96,6 +106,9 @@ pub mod status {
     /// Added to a signal's number when SIGTERM or SIGINT stopped the VM, as
     /// shells do: 143 for SIGTERM, 130 for SIGINT.
     pub const SIGNAL_BASE: i32 = 128;
+    /// A thread made a system call its seccomp filter forbids (128 +
+    /// SIGSYS); no report is written. See [`crate::seccomp`].
+    pub const SECCOMP: i32 = SIGNAL_BASE + libc::SIGSYS;
 }
 
 static PROCESS_START: OnceLock<Instant> = OnceLock::new();

@@ -24,6 +24,7 @@ use crate::bus::Buses;
 use crate::exit::{handle_exit, ExitAction, FailReason, VmExit};
 use crate::kvm;
 use crate::power::PowerSignal;
+use crate::seccomp::ThreadFilters;
 
 /// Why the VM stopped.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -116,6 +117,9 @@ pub struct VcpuContext {
     pub power: PowerSignal,
     /// Stop coordination.
     pub control: Arc<VmControl>,
+    /// The filter each vCPU thread installs before its first KVM_RUN
+    /// (none: no seccomp).
+    pub seccomp: Option<ThreadFilters>,
 }
 
 /// A running vCPU thread.
@@ -136,6 +140,13 @@ pub fn spawn_vcpu(id: u8, vcpu: VcpuFd, ctx: VcpuContext) -> io::Result<VcpuThre
 }
 
 fn run_vcpu(id: u8, mut vcpu: VcpuFd, ctx: VcpuContext) {
+    if let Some(filters) = &ctx.seccomp {
+        if let Err(e) = filters.install(&format!("vcpu{id}")) {
+            ctx.control
+                .request_stop(StopCause::Error(format!("vcpu{id}: {e}")));
+            return;
+        }
+    }
     while !ctx.control.is_stopping() {
         ctx.control.mark_first_run();
         let action = match vcpu.run() {
@@ -337,6 +348,7 @@ mod tests {
             buses: Arc::new(Buses::default()),
             power: PowerSignal::new().unwrap(),
             control: Arc::new(VmControl::new().unwrap()),
+            seccomp: None,
         }
     }
 

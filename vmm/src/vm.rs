@@ -15,6 +15,7 @@ use crate::event_loop::{EventLoop, EventLoopError};
 use crate::kvm::{self, KvmError};
 use crate::memory::GuestRam;
 use crate::power::PowerSignal;
+use crate::seccomp::VmFilters;
 use crate::serial::SerialDevice;
 use crate::vcpu::{self, StopCause, VcpuContext, VmControl};
 
@@ -235,6 +236,7 @@ pub struct BuiltVm {
     serial: Arc<Mutex<SerialDevice>>,
     serial_input: SerialInput,
     power: PowerSignal,
+    seccomp: Option<VmFilters>,
 }
 
 /// What a PCI device leaves behind that must outlive the VM fd: its BAR
@@ -280,6 +282,7 @@ impl BuiltVm {
             vcpus,
             vm_fd,
             devices: Vec::new(),
+            seccomp: None,
             ram,
             buses: Arc::new(buses),
             serial,
@@ -292,6 +295,13 @@ impl BuiltVm {
     /// fd is closed (they back memslots).
     pub fn with_devices(mut self, devices: Vec<LiveDevice>) -> Self {
         self.devices = devices;
+        self
+    }
+
+    /// Confines the vCPU threads and the thread calling [`BuiltVm::run`]
+    /// with `filters` (none: no seccomp).
+    pub fn with_seccomp(mut self, filters: Option<VmFilters>) -> Self {
+        self.seccomp = filters;
         self
     }
 
@@ -313,6 +323,7 @@ impl BuiltVm {
             buses: self.buses.clone(),
             power: self.power.clone(),
             control: control.clone(),
+            seccomp: self.seccomp.as_ref().map(|f| f.vcpu.clone()),
         };
         let mut threads = Vec::with_capacity(self.vcpus.len());
         let mut spawn_error = None;
@@ -325,6 +336,13 @@ impl BuiltVm {
                     control.request_stop(StopCause::Error(format!("cannot start vcpu{id}")));
                     break;
                 }
+            }
+        }
+        // The vCPUs install their own filter; this thread, which runs the
+        // event loop, teardown and the report, gets the VMM's.
+        if let Some(filters) = &self.seccomp {
+            if let Err(e) = filters.vmm.install("vmm") {
+                control.request_stop(StopCause::Error(e.to_string()));
             }
         }
         let cause = event_loop.run_until_stopped(deadline);
