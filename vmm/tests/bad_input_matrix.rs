@@ -95,6 +95,10 @@ fn bad_input_matrix() {
             format!(r#"{{"kernel": "{}", "cpus": "two"}}"#, s(&kernel)),
         ),
         ("nokernel.json", r#"{"cpus": 1}"#.to_string()),
+        (
+            "seccomp.json",
+            format!(r#"{{"kernel": "{}", "seccomp": "strict"}}"#, s(&kernel)),
+        ),
     ];
     for (name, text) in &configs {
         std::fs::write(dir.join(name), text).unwrap();
@@ -314,6 +318,18 @@ fn bad_input_matrix() {
             &["run", "--config", &config("nokernel.json")],
             2,
             "missing field `kernel`",
+        ),
+        case(
+            "seccomp: unknown mode",
+            &["run", "--kernel", &k, "--seccomp", "strict"],
+            2,
+            "invalid seccomp mode \"strict\": use on, off or log",
+        ),
+        case(
+            "config: unknown seccomp mode",
+            &["run", "--config", &config("seccomp.json")],
+            2,
+            "unknown variant `strict`, expected one of `on`, `log`, `off`",
         ),
         case(
             "config: missing file",

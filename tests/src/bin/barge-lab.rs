@@ -215,7 +215,7 @@ fn sibling_binaries() -> Vec<PathBuf> {
     else {
         return Vec::new();
     };
-    ["barge", "vfio-region-info"]
+    ["barge", "vfio-region-info", "barge-teardown"]
         .iter()
         .map(|name| dir.join(name))
         .filter(|path| {

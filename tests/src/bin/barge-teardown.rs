@@ -1,0 +1,539 @@
+//! `barge-teardown`: runs barge through its embedding API many times in
+//! one process, with a device passed through, and checks after every run
+//! that nothing stayed behind: the process's open fds (`/proc/self/fd`,
+//! number and target) and its device, KVM, memfd and guest-RAM-sized
+//! mappings (`/proc/self/maps`) are as they were before the first run.
+//!
+//! Runs in the lab host (`barge-lab run --ivshmem SIZE -- barge-teardown
+//! --device $LAB_IVSHMEM0 ...`):
+//! - `--runs N` good runs: a Linux guest reads the word the previous run
+//!   wrote at BAR2 + 0x2000 and writes its own run number there; every run
+//!   must give the same report (status, BAR placement, pages KVM mapped,
+//!   memslot updates, DMA bytes) and read the previous run's number;
+//! - a run stopped by a timeout while the guest is still booting;
+//! - the device unbound from vfio-pci and bound again (the unbind only
+//!   finishes when nothing holds the device), then one more good run;
+//! - bad configurations, each with its error: the same device twice and a
+//!   second device that does not exist (refused while the devices are
+//!   opened), a second BAR too large for the MMIO window (refused by the
+//!   planner, with the VFIO device open), an initramfs larger than guest
+//!   RAM (refused after the device's BARs are mapped, registered as
+//!   memslots and guest RAM is DMA-mapped).
+//!
+//! One line per run, then `teardown: ...` with the totals; exits 1 when a
+//! run differed, failed or left anything behind.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::Duration;
+
+use clap::Parser;
+use vmm::config::{DeviceConfig, ShmemConfig, VfioConfig, VmConfig};
+use vmm::{RunOutcome, Vm};
+
+#[derive(Debug, Parser)]
+#[command(about = "Run barge N times in one process and check nothing leaks")]
+struct Args {
+    /// The vfio-pci device to pass through (an ivshmem device: BAR2 is
+    /// read and written by the guest).
+    #[arg(long)]
+    device: String,
+    /// Good runs.
+    #[arg(long, default_value_t = 20)]
+    runs: u32,
+    /// Guest kernel.
+    #[arg(long, default_value = "/lab/guest/bzImage")]
+    kernel: PathBuf,
+    /// Guest initramfs (its init runs what follows `--` on the cmdline).
+    #[arg(long, default_value = "/lab/guest/initramfs")]
+    initramfs: PathBuf,
+    /// Seconds a good run may take.
+    #[arg(long, default_value_t = 300)]
+    timeout: u64,
+}
+
+/// Guest RAM of every run: also the size above which an anonymous mapping
+/// counts as guest RAM in the leak check.
+const GUEST_RAM: u64 = 256 << 20;
+
+/// What the process holds that a run could leak.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Holdings {
+    /// fd number to its target.
+    fds: BTreeMap<i32, String>,
+    /// Mappings of devices, KVM, memfds, and anonymous ones of guest RAM
+    /// size or more (address range, permissions, path).
+    maps: Vec<String>,
+}
+
+impl Holdings {
+    fn now() -> Holdings {
+        let mut fds = BTreeMap::new();
+        if let Ok(entries) = std::fs::read_dir("/proc/self/fd") {
+            for entry in entries.flatten() {
+                let Ok(fd) = entry.file_name().to_string_lossy().parse::<i32>() else {
+                    continue;
+                };
+                let target = std::fs::read_link(entry.path())
+                    .map(|t| t.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                // The directory listing's own fd.
+                if target.starts_with("/proc/") && target.ends_with("/fd") || target.is_empty() {
+                    continue;
+                }
+                fds.insert(fd, target);
+            }
+        }
+        let maps = std::fs::read_to_string("/proc/self/maps")
+            .unwrap_or_default()
+            .lines()
+            .filter_map(interesting_mapping)
+            .collect();
+        Holdings { fds, maps }
+    }
+
+    /// `+added -removed` against `before`, with the items, for the log.
+    fn diff(&self, before: &Holdings) -> Leak {
+        let added_fds = self
+            .fds
+            .iter()
+            .filter(|(fd, t)| before.fds.get(fd) != Some(t))
+            .map(|(fd, t)| format!("fd {fd} -> {t}"))
+            .collect();
+        let added_maps = self
+            .maps
+            .iter()
+            .filter(|m| !before.maps.contains(m))
+            .cloned()
+            .collect();
+        let removed = before
+            .fds
+            .iter()
+            .filter(|(fd, t)| self.fds.get(fd) != Some(t))
+            .count()
+            + before
+                .maps
+                .iter()
+                .filter(|m| !self.maps.contains(m))
+                .count();
+        Leak {
+            added_fds,
+            added_maps,
+            removed,
+        }
+    }
+}
+
+/// A `/proc/self/maps` line worth tracking: a device, KVM or memfd
+/// mapping, or an anonymous one at least as large as guest RAM.
+fn interesting_mapping(line: &str) -> Option<String> {
+    let mut fields = line.split_whitespace();
+    let range = fields.next()?;
+    let perms = fields.next()?;
+    let path = fields.nth(3).unwrap_or("");
+    let (start, end) = range.split_once('-')?;
+    let size = u64::from_str_radix(end, 16).ok()? - u64::from_str_radix(start, 16).ok()?;
+    let device = ["vfio", "kvm", "memfd:", "/dev/"]
+        .iter()
+        .any(|needle| path.contains(needle));
+    (device || (path.is_empty() && size >= GUEST_RAM)).then(|| format!("{range} {perms} {path}"))
+}
+
+#[derive(Debug)]
+struct Leak {
+    added_fds: Vec<String>,
+    added_maps: Vec<String>,
+    removed: usize,
+}
+
+impl Leak {
+    fn is_clean(&self) -> bool {
+        self.added_fds.is_empty() && self.added_maps.is_empty() && self.removed == 0
+    }
+
+    fn summary(&self) -> String {
+        let mut text = format!(
+            "fds +{} maps +{} gone {}",
+            self.added_fds.len(),
+            self.added_maps.len(),
+            self.removed
+        );
+        for item in self.added_fds.iter().chain(&self.added_maps) {
+            text.push_str(&format!("\n    left behind: {item}"));
+        }
+        text
+    }
+}
+
+/// What must be the same in every good run.
+#[derive(Debug, Clone, PartialEq)]
+struct RunShape {
+    status: i32,
+    reason: String,
+    /// (index, gpa, trapped, planned page size, mapped 4K/2M/1G, slot updates).
+    bars: Vec<(u8, u64, bool, u64, Option<(u64, u64, u64)>, u32)>,
+    dma_bytes: Option<u64>,
+}
+
+impl RunShape {
+    fn of(outcome: &RunOutcome) -> RunShape {
+        let bars = outcome
+            .report
+            .devices
+            .iter()
+            .flat_map(|d| &d.bars)
+            .map(|b| {
+                (
+                    b.index,
+                    b.gpa,
+                    b.trapped,
+                    b.planned_page_size,
+                    b.mapped
+                        .as_ref()
+                        .map(|m| (m.pages_4k, m.pages_2m, m.pages_1g)),
+                    b.slot_updates,
+                )
+            })
+            .collect();
+        RunShape {
+            status: outcome.exit.status,
+            reason: outcome.exit.reason.clone(),
+            bars,
+            dma_bytes: outcome.report.dma.as_ref().map(|d| d.bytes),
+        }
+    }
+
+    fn bar2(&self) -> String {
+        self.bars
+            .iter()
+            .find(|b| b.0 == 2)
+            .map(|b| match b.4 {
+                Some((k4, m2, g1)) => format!(
+                    "BAR2 gpa {:#x} mapped 4Kx{k4} 2Mx{m2} 1Gx{g1}, slot updates {}",
+                    b.1, b.5
+                ),
+                None => format!("BAR2 gpa {:#x} mapped unknown", b.1),
+            })
+            .unwrap_or_else(|| "no BAR2".to_string())
+    }
+}
+
+fn vfio(bdf: &str) -> DeviceConfig {
+    DeviceConfig::Vfio(VfioConfig {
+        bdf: bdf.to_string(),
+        bar_align: Default::default(),
+        p2p: Default::default(),
+    })
+}
+
+fn base_config(args: &Args, cmdline: &str) -> VmConfig {
+    let mut config = VmConfig::new(&args.kernel);
+    config.initramfs = Some(args.initramfs.clone());
+    config.memory.size = GUEST_RAM;
+    config.cmdline = cmdline.to_string();
+    config.devices = vec![vfio(&args.device)];
+    config
+}
+
+/// Runs `config` on a thread of its own (the VMM's seccomp filter stays
+/// with the thread that ran it) and returns the outcome and the console.
+fn run_vm(config: VmConfig, timeout: Duration) -> (Result<RunOutcome, String>, String) {
+    let console = Arc::new(Mutex::new(Vec::new()));
+    let buffer = console.clone();
+    let result = std::thread::spawn(move || {
+        Vm::new(config)
+            .console_buffer(buffer)
+            .run_with_timeout(timeout)
+            .map_err(|e| e.to_string())
+    })
+    .join()
+    .unwrap_or_else(|_| Err("the VM thread panicked".to_string()));
+    let text =
+        String::from_utf8_lossy(&console.lock().unwrap_or_else(|p| p.into_inner())).into_owned();
+    (result, text)
+}
+
+/// The value after `READ=` on the guest's console.
+fn guest_read(console: &str) -> Option<u32> {
+    console.lines().find_map(|l| {
+        let value = l.trim().strip_prefix("READ=")?;
+        u32::from_str_radix(value.trim_start_matches("0x"), 16).ok()
+    })
+}
+
+struct Tally {
+    failures: Vec<String>,
+}
+
+impl Tally {
+    fn check(&mut self, ok: bool, what: impl Into<String>) {
+        if !ok {
+            let what = what.into();
+            println!("  FAILED: {what}");
+            self.failures.push(what);
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let before = Holdings::now();
+    let mut tally = Tally {
+        failures: Vec::new(),
+    };
+    println!(
+        "barge-teardown: {} runs with {} passed through; holding {} fds, {} tracked mappings",
+        args.runs,
+        args.device,
+        before.fds.len(),
+        before.maps.len()
+    );
+
+    let mut first: Option<RunShape> = None;
+    let mut same = 0;
+    let mut previous_write: Option<u32> = None;
+    for run in 1..=args.runs {
+        let cmdline = format!(
+            "console=ttyS0 panic=-1 -- a=$(pcibar 1af4:1110 2);\
+             echo READ=$(devmem $((a+0x2000)) 32);devmem $((a+0x2000)) 32 {run}"
+        );
+        let (result, console) = run_vm(
+            base_config(&args, &cmdline),
+            Duration::from_secs(args.timeout),
+        );
+        let leak = Holdings::now().diff(&before);
+        match result {
+            Ok(outcome) => {
+                let shape = RunShape::of(&outcome);
+                let read = guest_read(&console);
+                println!(
+                    "run {run}/{}: status {} ({}), guest read {}, {}, dma {} bytes; {}",
+                    args.runs,
+                    shape.status,
+                    shape.reason,
+                    read.map_or("nothing".to_string(), |r| format!("{r:#x}")),
+                    shape.bar2(),
+                    shape.dma_bytes.unwrap_or(0),
+                    leak.summary()
+                );
+                tally.check(
+                    shape.status == 0,
+                    format!("run {run}: status {}", shape.status),
+                );
+                tally.check(
+                    console.contains("GUEST-EXIT 0"),
+                    format!("run {run}: the guest command failed:\n{console}"),
+                );
+                if let Some(expected) = previous_write {
+                    tally.check(
+                        read == Some(expected),
+                        format!("run {run}: read {read:?}, expected {expected:#x}"),
+                    );
+                }
+                previous_write = Some(run);
+                match &first {
+                    None => {
+                        first = Some(shape);
+                        same += 1;
+                    }
+                    Some(first) if *first == shape => same += 1,
+                    Some(first) => tally.check(
+                        false,
+                        format!("run {run}: {shape:?} differs from run 1: {first:?}"),
+                    ),
+                }
+            }
+            Err(e) => {
+                println!("run {run}/{}: error: {e}; {}", args.runs, leak.summary());
+                tally.check(false, format!("run {run}: {e}\n{console}"));
+            }
+        }
+        tally.check(leak.is_clean(), format!("run {run} left something behind"));
+    }
+
+    // Stopped while the guest boots: the device is torn down mid-use.
+    let (result, _) = run_vm(
+        base_config(&args, "console=ttyS0 panic=-1 -- sleep 600"),
+        Duration::from_secs(3),
+    );
+    let leak = Holdings::now().diff(&before);
+    let status = result.as_ref().map(|o| o.exit.status);
+    println!(
+        "timeout: {}; {}",
+        match &result {
+            Ok(o) => format!("status {} ({})", o.exit.status, o.exit.reason),
+            Err(e) => format!("error: {e}"),
+        },
+        leak.summary()
+    );
+    tally.check(
+        status == Ok(vmm::status::TIMEOUT),
+        format!("timeout run: {result:?}"),
+    );
+    tally.check(leak.is_clean(), "the timeout run left something behind");
+
+    // The device rebinds: vfio-pci's unbind waits until nobody holds the
+    // device, so it only finishes if every run let go of it.
+    match rebind(&args.device) {
+        Ok(text) => println!("rebind: {text}"),
+        Err(e) => {
+            println!("rebind: {e}");
+            tally.check(false, format!("rebind: {e}"));
+        }
+    }
+    let cmdline = "console=ttyS0 panic=-1 -- a=$(pcibar 1af4:1110 2);\
+                   echo READ=$(devmem $((a+0x2000)) 32)";
+    let (result, console) = run_vm(
+        base_config(&args, cmdline),
+        Duration::from_secs(args.timeout),
+    );
+    let leak = Holdings::now().diff(&before);
+    let read = guest_read(&console);
+    let shape = result.as_ref().map(RunShape::of);
+    println!(
+        "after rebind: {}, guest read {}; {}",
+        match &shape {
+            Ok(shape) => format!(
+                "status {} ({}), {}",
+                shape.status,
+                shape.reason,
+                shape.bar2()
+            ),
+            Err(e) => format!("error: {e}"),
+        },
+        read.map_or("nothing".to_string(), |r| format!("{r:#x}")),
+        leak.summary()
+    );
+    tally.check(
+        shape.as_ref().ok() == first.as_ref(),
+        "the run after the rebind differs from run 1",
+    );
+    tally.check(
+        read == previous_write,
+        format!("after rebind: read {read:?}, expected {previous_write:?}"),
+    );
+    tally.check(
+        leak.is_clean(),
+        "the run after the rebind left something behind",
+    );
+
+    let bad = bad_cases(&args);
+    let bad_count = bad.len();
+    for (name, config, expected) in bad {
+        let (result, _) = run_vm(config, Duration::from_secs(args.timeout));
+        let leak = Holdings::now().diff(&before);
+        match result {
+            Ok(outcome) => {
+                println!(
+                    "bad {name}: ran (status {}): expected an error",
+                    outcome.exit.status
+                );
+                tally.check(false, format!("bad {name}: no error"));
+            }
+            Err(e) => {
+                println!("bad {name}: error: {e}; {}", leak.summary());
+                tally.check(
+                    e.contains(expected),
+                    format!("bad {name}: error does not say {expected:?}"),
+                );
+            }
+        }
+        tally.check(leak.is_clean(), format!("bad {name} left something behind"));
+    }
+
+    let _ = std::fs::remove_file(big_initramfs_path());
+    println!(
+        "teardown: {} runs, {same} with the same report as run 1, 1 timeout stop, \
+         1 rebind, {bad_count} bad configurations, {} failures",
+        args.runs,
+        tally.failures.len()
+    );
+    if tally.failures.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// The sparse file the initramfs case loads (removed at the end).
+fn big_initramfs_path() -> PathBuf {
+    std::env::temp_dir().join(format!("barge-teardown-initramfs-{}", std::process::id()))
+}
+
+/// Unbinds `bdf` from its driver (with a deadline: the unbind blocks while
+/// the device is held) and lets the kernel probe it again.
+fn rebind(bdf: &str) -> Result<String, String> {
+    let device = Path::new("/sys/bus/pci/devices").join(bdf);
+    let driver_of = || {
+        std::fs::read_link(device.join("driver"))
+            .ok()
+            .and_then(|d| d.file_name().map(|n| n.to_string_lossy().into_owned()))
+    };
+    let driver = driver_of().ok_or_else(|| format!("{bdf} has no driver"))?;
+    let unbind = Path::new("/sys/bus/pci/drivers")
+        .join(&driver)
+        .join("unbind");
+    let (done, finished) = mpsc::channel();
+    let name = bdf.to_string();
+    std::thread::spawn(move || {
+        let _ = done.send(std::fs::write(unbind, name));
+    });
+    match finished.recv_timeout(Duration::from_secs(30)) {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(format!("cannot unbind {bdf} from {driver}: {e}")),
+        Err(_) => {
+            return Err(format!(
+                "unbinding {bdf} from {driver} did not finish in 30 s: something still holds it"
+            ))
+        }
+    }
+    std::fs::write("/sys/bus/pci/drivers_probe", bdf)
+        .map_err(|e| format!("cannot probe {bdf} again: {e}"))?;
+    let again = driver_of().ok_or_else(|| format!("{bdf} was not bound again"))?;
+    if again != driver {
+        return Err(format!("{bdf} came back bound to {again}, not {driver}"));
+    }
+    Ok(format!(
+        "{bdf} unbound from {driver} and bound to {again} again"
+    ))
+}
+
+/// Configurations that open and map the device, then fail: (name, config,
+/// a part of the expected error).
+fn bad_cases(args: &Args) -> Vec<(&'static str, VmConfig, &'static str)> {
+    let plain = "console=ttyS0 panic=-1 -- true";
+    let mut twice = base_config(args, plain);
+    twice.devices.push(vfio(&args.device));
+
+    let mut missing = base_config(args, plain);
+    missing.devices.push(vfio("0000:00:1f.7"));
+
+    // A 1 TiB BAR does not fit the lab's MMIO64 window (40 physical
+    // address bits).
+    let mut too_large = base_config(args, plain);
+    let shmem: ShmemConfig = "size=1T".parse().expect("shmem size=1T parses");
+    too_large.devices.push(DeviceConfig::Shmem(shmem));
+
+    // An initramfs larger than guest RAM is found when it is loaded.
+    let big_initramfs = big_initramfs_path();
+    let _ = std::fs::File::create(&big_initramfs).and_then(|f| f.set_len(GUEST_RAM * 2));
+    let mut initramfs = base_config(args, plain);
+    initramfs.initramfs = Some(big_initramfs);
+
+    vec![
+        ("same-device-twice", twice, "is passed through twice"),
+        ("second-device-missing", missing, "0000:00:1f.7"),
+        (
+            "bar-beyond-window",
+            too_large,
+            "does not fit in the MMIO64 window",
+        ),
+        (
+            "initramfs-larger-than-ram",
+            initramfs,
+            "is larger than the guest memory",
+        ),
+    ]
+}
