@@ -98,6 +98,39 @@ SEEDS = {
                                         wr(1, 0, 1, 0xfe), wr(0, 0, 2, 0x34)]),
         "odd": b"".join([wr(0, 1, 1, 0x34), wr(0, 0, 4, 0x34), rd(1, 4, 2), wr(9, 0xffff_ffff, 8, -1)]),
     },
+    "serial": {
+        # Linux 8250 probe and console setup: scratch test, DLAB + divisor 1
+        # (115200), 8N1, FIFO on, DTR/RTS/OUT2, THRE interrupt, a line out.
+        "linux_console_init": b"".join([
+            wr(0, 7, 1, 0xa5), rd(0, 7, 1), wr(0, 7, 1, 0x5a), rd(0, 7, 1),
+            wr(0, 3, 1, 0x80), wr(0, 0, 1, 0x01), wr(0, 1, 1, 0x00), rd(0, 0, 1), rd(0, 1, 1),
+            wr(0, 3, 1, 0x03), wr(0, 2, 1, 0xc7), rd(0, 2, 1), wr(0, 4, 1, 0x0b),
+            wr(0, 1, 1, 0x02), rd(0, 2, 1), rd(0, 5, 1), rd(0, 6, 1)]
+            + [b"".join([rd(0, 5, 1), wr(0, 0, 1, c)]) for c in b"Linux\r\n"]
+            + [wr(0, 1, 1, 0x00), rd(0, 2, 1)]),
+        # MCR loopback (what autoconfig checks): THR bytes come back on RBR, the
+        # modem outputs come back on MSR; then back to normal.
+        "mcr_loopback": b"".join([
+            wr(0, 4, 1, 0x10), rd(0, 6, 1), wr(0, 4, 1, 0x1f), rd(0, 6, 1),
+            wr(0, 1, 1, 0x01), wr(0, 0, 1, 0x55), rd(0, 5, 1), rd(0, 2, 1), rd(0, 0, 1),
+            rd(0, 5, 1), wr(12, 0, 2, 0x4142)]
+            + [wr(0, 0, 1, i) for i in range(70)]
+            + [rd(0, 0, 1), wr(0, 4, 1, 0x03), rd(0, 6, 1)]),
+        # Host input with the receive interrupt on: IIR, LSR.DR, RBR until empty;
+        # then a FIFO overflow, the IRQ drained, IER re-enabled with data pending.
+        "input_interrupts": b"".join(
+            [wr(0, 1, 1, 0x01), wr(12, 0, 5, int.from_bytes(b"hello", "little")),
+             rd(0, 2, 1), rd(0, 5, 1)]
+            + [rd(0, 0, 1) for _ in range(6)]
+            + [rd(0, 5, 1), rd(12, 79, 1), rd(13, 30, 1), rd(0, 5, 1), rd(14, 0, 1),
+               wr(0, 1, 1, 0x00), wr(0, 1, 1, 0x03), rd(14, 0, 1), rd(0, 2, 1), rd(0, 2, 1)]),
+        # Odd widths and offsets, a broken console, writes that must be ignored.
+        "odd_accesses": b"".join([
+            rd(0, 0, 2), rd(0, 5, 4), wr(0, 0, 2, 0x4141), wr(0, 3, 8, -1), rd(0, 7, 3),
+            wr(0, 0, 5, 0x4242424242), rd(8, 8, 1), wr(8, 0xffff_ffff, 1, 0x80),
+            rd(9, 0x3f8, 1), rd(11, 1 << 31, 7), wr(15, 0, 1, 1), wr(0, 0, 1, 0x43),
+            rd(0, 5, 1), rd(15, 0, 1), wr(0, 0, 1, 0x44), wr(12, 0, 1, 0), rd(12, 0, 1)]),
+    },
     "exit_dispatch": {
         # Serial: LCR/DLAB, divisor, a few characters, LSR reads; then PCI probe over CF8.
         "serial_then_pci": b"".join([
