@@ -4,6 +4,7 @@
 
 use std::path::PathBuf;
 use std::process::{Command, Output};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::lab::SETUP_COMMAND;
 
@@ -41,4 +42,24 @@ pub fn lab_run(barge_lab: &str, args: &[&str]) -> Output {
         "the lab is not set up on this machine: run `{SETUP_COMMAND}`\n{text}"
     );
     output
+}
+
+/// `barge-lab run --quiet ARGS... --script FILE` with `script` written to a
+/// temporary FILE (removed afterwards); returns the output and the folder
+/// holding what the script wrote under /out.
+pub fn lab_script(barge_lab: &str, args: &[&str], script: &str) -> (Output, PathBuf) {
+    static SCRIPTS: AtomicUsize = AtomicUsize::new(0);
+    let file = std::env::temp_dir().join(format!(
+        "barge-lab-script-{}-{}.sh",
+        std::process::id(),
+        SCRIPTS.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::write(&file, script).expect("the script file is written");
+    let path = file.to_string_lossy().into_owned();
+    let mut all = args.to_vec();
+    all.extend(["--script", path.as_str()]);
+    let output = lab_run(barge_lab, &all);
+    let _ = std::fs::remove_file(&file);
+    let dir = results_dir(&output);
+    (output, dir)
 }

@@ -6,9 +6,7 @@
 //! pre-fault than 4k". The full comparison (8 GiB, 3 repetitions) is the
 //! README's command.
 
-use std::path::PathBuf;
-
-use barge_tests::harness::{lab_run, output_text as text, results_dir};
+use barge_tests::harness::{lab_script, output_text as text};
 
 const GIB: u64 = 1 << 30;
 
@@ -19,28 +17,13 @@ barge bench --device vfio=$LAB_IVSHMEM0 --bar 2 --reps 1 --window 16M --passes 2
 echo $? > /out/status
 ";
 
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("barge-bench-lab-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir.join(name)
-}
-
 #[test]
 fn bench_runs_every_mode_on_a_vfio_bar_and_prints_table_json_and_svg() {
-    let script = scratch("bench.sh");
-    std::fs::write(&script, SCRIPT).unwrap();
-    let output = lab_run(
+    let (output, dir) = lab_script(
         env!("CARGO_BIN_EXE_barge-lab"),
-        &[
-            "--timeout",
-            "900",
-            "--ivshmem",
-            "1G",
-            "--script",
-            script.to_str().unwrap(),
-        ],
+        &["--timeout", "900", "--ivshmem", "1G"],
+        SCRIPT,
     );
-    let dir = results_dir(&output);
     let read = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap_or_default();
     let (table, errors) = (read("bench.txt"), read("bench.err"));
     assert!(

@@ -9,7 +9,7 @@ use std::io::{Read, Seek, SeekFrom};
 use std::path::PathBuf;
 use std::process::{Command, Output};
 
-use barge_tests::harness::{lab_run, output_text as text, results_dir};
+use barge_tests::harness::{lab_script, output_text as text};
 use base64::Engine;
 
 const MIB: usize = 1 << 20;
@@ -49,20 +49,11 @@ fn sha256_hex(data: &[u8], name: &str) -> String {
 fn run_script(name: &str, script: &str) -> (Output, PathBuf, PathBuf) {
     let image = scratch(&format!("{name}.img"));
     std::fs::write(&image, image_bytes()).unwrap();
-    let script_file = scratch(&format!("{name}.sh"));
-    std::fs::write(&script_file, script).unwrap();
-    let output = lab_run(
+    let (output, dir) = lab_script(
         env!("CARGO_BIN_EXE_barge-lab"),
-        &[
-            "--timeout",
-            "300",
-            "--nvme",
-            image.to_str().unwrap(),
-            "--script",
-            script_file.to_str().unwrap(),
-        ],
+        &["--timeout", "300", "--nvme", image.to_str().unwrap()],
+        script,
     );
-    let dir = results_dir(&output);
     (output, dir, image)
 }
 

@@ -8,7 +8,7 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
-use barge_tests::harness::{lab_run, output_text as text, results_dir};
+use barge_tests::harness::{lab_script, output_text as text};
 
 const GIB: u64 = 1 << 30;
 
@@ -20,23 +20,11 @@ fn scratch(name: &str) -> PathBuf {
 
 /// Runs `script` in the lab host with one ivshmem device.
 fn in_lab(ivshmem: &str, script: &str) -> (Output, PathBuf) {
-    static RUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    let run = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let script_file = scratch(&format!("script-{run}.sh"));
-    std::fs::write(&script_file, script).unwrap();
-    let output = lab_run(
+    lab_script(
         env!("CARGO_BIN_EXE_barge-lab"),
-        &[
-            "--timeout",
-            "600",
-            "--ivshmem",
-            ivshmem,
-            "--script",
-            script_file.to_str().unwrap(),
-        ],
-    );
-    let dir = results_dir(&output);
-    (output, dir)
+        &["--timeout", "600", "--ivshmem", ivshmem],
+        script,
+    )
 }
 
 fn write_at(file: &Path, offset: u64, data: &[u8]) {

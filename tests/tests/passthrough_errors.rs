@@ -6,24 +6,13 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
-use barge_tests::harness::{lab_run, output_text as text, results_dir};
+use barge_tests::harness::{lab_script, output_text as text};
 
 /// Runs `script` in the lab with `args` (devices, topology).
 fn in_lab(args: &[&str], script: &str) -> (Output, PathBuf) {
-    static RUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    let run = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let file = std::env::temp_dir().join(format!(
-        "barge-passthrough-errors-{}-{run}.sh",
-        std::process::id()
-    ));
-    std::fs::write(&file, script).unwrap();
     let mut all = vec!["--timeout", "600"];
     all.extend_from_slice(args);
-    all.extend(["--script", file.to_str().unwrap()]);
-    let output = lab_run(env!("CARGO_BIN_EXE_barge-lab"), &all);
-    let _ = std::fs::remove_file(&file);
-    let dir = results_dir(&output);
-    (output, dir)
+    lab_script(env!("CARGO_BIN_EXE_barge-lab"), &all, script)
 }
 
 const GUEST: &str = "--kernel /lab/guest/bzImage --initramfs /lab/guest/initramfs \

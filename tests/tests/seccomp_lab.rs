@@ -9,7 +9,7 @@
 
 use std::collections::BTreeMap;
 
-use barge_tests::harness::{lab_run, output_text as text, results_dir};
+use barge_tests::harness::{lab_script, output_text as text};
 
 const RUN: &str = "barge run --kernel /lab/guest/bzImage --initramfs /lab/guest/initramfs \
                    --memory size=256M --cpus 2 --device vfio=$LAB_IVSHMEM0";
@@ -35,22 +35,12 @@ fn filters_hold_a_passthrough_boot_and_a_forbidden_call_ends_barge() {
         case("off", "BARGE_SECCOMP_PROBE=vcpu", "--seccomp off"),
     ]
     .concat();
-    let file = std::env::temp_dir().join(format!("barge-seccomp-lab-{}.sh", std::process::id()));
-    std::fs::write(&file, script).unwrap();
-    let output = lab_run(
+    let (output, dir) = lab_script(
         env!("CARGO_BIN_EXE_barge-lab"),
-        &[
-            "--timeout",
-            "600",
-            "--ivshmem",
-            "1G",
-            "--script",
-            file.to_str().unwrap(),
-        ],
+        &["--timeout", "600", "--ivshmem", "1G"],
+        &script,
     );
-    let _ = std::fs::remove_file(&file);
     assert!(output.status.success(), "{}", text(&output));
-    let dir = results_dir(&output);
     let read = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap_or_default();
     let mut cases = BTreeMap::new();
     for name in ["default", "probe-vcpu", "probe-vmm", "off"] {

@@ -7,30 +7,16 @@
 //! vfio-pci (which waits until nobody holds it) and bound again, and runs
 //! once more with the same result.
 
-use barge_tests::harness::{lab_run, output_text as text, results_dir};
+use barge_tests::harness::{lab_script, output_text as text};
 
 #[test]
 fn twenty_passthrough_runs_leave_nothing_behind_and_the_device_rebinds() {
-    let script = std::env::temp_dir().join(format!("barge-teardown-{}.sh", std::process::id()));
-    std::fs::write(
-        &script,
+    let (output, dir) = lab_script(
+        env!("CARGO_BIN_EXE_barge-lab"),
+        &["--timeout", "1500", "--ivshmem", "1G"],
         "barge-teardown --device $LAB_IVSHMEM0 --runs 20 > /out/teardown.txt 2>&1\n\
          echo $? > /out/status\n",
-    )
-    .unwrap();
-    let output = lab_run(
-        env!("CARGO_BIN_EXE_barge-lab"),
-        &[
-            "--timeout",
-            "1500",
-            "--ivshmem",
-            "1G",
-            "--script",
-            script.to_str().unwrap(),
-        ],
     );
-    let _ = std::fs::remove_file(&script);
-    let dir = results_dir(&output);
     let report = std::fs::read_to_string(dir.join("teardown.txt")).unwrap_or_default();
     println!("{report}");
     assert!(output.status.success(), "{}\n{report}", text(&output));

@@ -167,13 +167,24 @@ impl Leak {
     }
 }
 
+/// Where a BAR went and what KVM mapped for it.
+#[derive(Debug, Clone, PartialEq)]
+struct BarShape {
+    index: u8,
+    gpa: u64,
+    trapped: bool,
+    planned_page_size: u64,
+    /// Pages KVM mapped (4K, 2M, 1G), when the kernel can pre-fault.
+    mapped: Option<(u64, u64, u64)>,
+    slot_updates: u32,
+}
+
 /// What must be the same in every good run.
 #[derive(Debug, Clone, PartialEq)]
 struct RunShape {
     status: i32,
     reason: String,
-    /// (index, gpa, trapped, planned page size, mapped 4K/2M/1G, slot updates).
-    bars: Vec<(u8, u64, bool, u64, Option<(u64, u64, u64)>, u32)>,
+    bars: Vec<BarShape>,
     dma_bytes: Option<u64>,
 }
 
@@ -184,17 +195,16 @@ impl RunShape {
             .devices
             .iter()
             .flat_map(|d| &d.bars)
-            .map(|b| {
-                (
-                    b.index,
-                    b.gpa,
-                    b.trapped,
-                    b.planned_page_size,
-                    b.mapped
-                        .as_ref()
-                        .map(|m| (m.pages_4k, m.pages_2m, m.pages_1g)),
-                    b.slot_updates,
-                )
+            .map(|b| BarShape {
+                index: b.index,
+                gpa: b.gpa,
+                trapped: b.trapped,
+                planned_page_size: b.planned_page_size,
+                mapped: b
+                    .mapped
+                    .as_ref()
+                    .map(|m| (m.pages_4k, m.pages_2m, m.pages_1g)),
+                slot_updates: b.slot_updates,
             })
             .collect();
         RunShape {
@@ -206,17 +216,16 @@ impl RunShape {
     }
 
     fn bar2(&self) -> String {
-        self.bars
-            .iter()
-            .find(|b| b.0 == 2)
-            .map(|b| match b.4 {
-                Some((k4, m2, g1)) => format!(
-                    "BAR2 gpa {:#x} mapped 4Kx{k4} 2Mx{m2} 1Gx{g1}, slot updates {}",
-                    b.1, b.5
-                ),
-                None => format!("BAR2 gpa {:#x} mapped unknown", b.1),
-            })
-            .unwrap_or_else(|| "no BAR2".to_string())
+        let Some(bar) = self.bars.iter().find(|b| b.index == 2) else {
+            return "no BAR2".to_string();
+        };
+        match bar.mapped {
+            Some((k4, m2, g1)) => format!(
+                "BAR2 gpa {:#x} mapped 4Kx{k4} 2Mx{m2} 1Gx{g1}, slot updates {}",
+                bar.gpa, bar.slot_updates
+            ),
+            None => format!("BAR2 gpa {:#x} mapped unknown", bar.gpa),
+        }
     }
 }
 
@@ -536,4 +545,50 @@ fn bad_cases(args: &Args) -> Vec<(&'static str, VmConfig, &'static str)> {
             "is larger than the guest memory",
         ),
     ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_kvm_memfd_and_guest_ram_mappings_are_tracked() {
+        let tracked = [
+            "7f0000000000-7f0040000000 rw-s 20000000000 00:0f 1041 anon_inode:[vfio-device]",
+            "7f1000000000-7f1000001000 rw-s 00000000 00:0f 1040 anon_inode:kvm-vcpu:0",
+            "7f2000000000-7f2004000000 rw-s 00000000 00:01 77 /memfd:barge-shmem (deleted)",
+            "7f3000000000-7f3010000000 rw-p 00000000 00:00 0 ",
+        ];
+        for line in tracked {
+            assert!(interesting_mapping(line).is_some(), "{line}");
+        }
+        let ignored = [
+            // A thread stack, a malloc arena and the binary itself.
+            "7f4000000000-7f4000800000 rw-p 00000000 00:00 0 ",
+            "7f5000000000-7f5004000000 ---p 00000000 00:00 0 ",
+            "55d000000000-55d000100000 r-xp 00000000 fd:00 12 /usr/local/bin/barge-teardown",
+        ];
+        for line in ignored {
+            assert!(interesting_mapping(line).is_none(), "{line}");
+        }
+    }
+
+    #[test]
+    fn a_new_fd_or_mapping_is_a_leak() {
+        let before = Holdings {
+            fds: BTreeMap::from([(0, "/dev/null".to_string())]),
+            maps: Vec::new(),
+        };
+        assert!(before.diff(&before).is_clean());
+        let mut after = before.clone();
+        after.fds.insert(7, "/dev/vfio/1".to_string());
+        after
+            .maps
+            .push("7f00-7f10 rw-s anon_inode:[vfio-device]".to_string());
+        let leak = after.diff(&before);
+        assert!(!leak.is_clean());
+        assert_eq!(leak.added_fds, ["fd 7 -> /dev/vfio/1"]);
+        assert!(leak.summary().starts_with("fds +1 maps +1 gone 0"));
+        assert_eq!(before.diff(&after).removed, 2);
+    }
 }

@@ -174,10 +174,13 @@ fn qemu_args(
             "intel-iommu,intremap=on,caching-mode=on".into(),
         ]);
     }
+    // no_timer_check: under full emulation on a loaded machine the
+    // kernel's early check that the IO-APIC timer ticks can fail and panic
+    // the host ("timer doesn't work through Interrupt-remapped IO-APIC").
     let cmdline = if options.iommu {
-        "console=ttyS0 intel_iommu=on panic=-1 loglevel=4"
+        "console=ttyS0 intel_iommu=on no_timer_check panic=-1 loglevel=4"
     } else {
-        "console=ttyS0 panic=-1 loglevel=4"
+        "console=ttyS0 no_timer_check panic=-1 loglevel=4"
     };
     // Behind a conventional PCI bridge, devices share one IOMMU group.
     let (bus, bus_number) = if options.bridge {
