@@ -16,6 +16,7 @@
 //!   0x0009_fc00 ─ EBDA .. 0x000a_0000 (reserved in e820)
 //!   0x000a_0000 ─ legacy VGA/BIOS hole (reserved in e820)
 //!   0x000e_0000   ACPI tables: RSDP first, then DSDT, FADT, MADT, extras, XSDT
+//!   0x000f_fff0   reset vector (F000:FFF0): a stub that writes the ACPI reset register
 //! 0x0010_0000 ─ HIMEM_START: kernel, then RAM up to at most 0xc000_0000
 //! 0xc000_0000 ─ 32-bit MMIO hole (never RAM) .. 0x1_0000_0000
 //!   0xc000_0000   PCI MMIO32 window (512 MiB)
@@ -86,8 +87,17 @@ pub const LEGACY_HOLE_START: u64 = 0xa0000;
 /// ACPI tables: the RSDP sits here (Linux also scans 0xe0000..0x100000 for it), the other
 /// tables follow.
 pub const RSDP_START: u64 = 0xe0000;
-/// End (exclusive) of the ACPI table area.
-pub const ACPI_AREA_END: u64 = 0x100000;
+/// End (exclusive) of the ACPI table area: the reset vector's 16 bytes follow.
+pub const ACPI_AREA_END: u64 = RESET_VECTOR;
+
+/// The x86 reset vector, `F000:FFF0`, where firmware would start. Linux jumps
+/// here in real mode to reboot "through the BIOS", which it does by default
+/// on a HW-reduced ACPI machine without EFI (reboot type EFI falls back to
+/// BIOS); barge puts a stub here that writes the ACPI reset register, so such
+/// a reboot ends in a reset instead of running zeros forever.
+pub const RESET_VECTOR: u64 = 0xffff0;
+/// Bytes at the reset vector (up to the end of the first MiB).
+pub const RESET_VECTOR_SIZE: u64 = 0x10;
 
 /// First byte of "high" memory: kernels load here or above.
 pub const HIMEM_START: u64 = 0x100000;
@@ -228,6 +238,11 @@ mod tests {
             ("ebda", EBDA_START, LEGACY_HOLE_START),
             ("legacy hole", LEGACY_HOLE_START, RSDP_START),
             ("acpi", RSDP_START, ACPI_AREA_END),
+            (
+                "reset vector",
+                RESET_VECTOR,
+                RESET_VECTOR + RESET_VECTOR_SIZE,
+            ),
             ("low ram for the kernel", HIMEM_START, MMIO32_HOLE_START),
             (
                 "pci mmio32",

@@ -39,6 +39,7 @@ pub mod msr;
 pub mod paging;
 pub mod pvh;
 pub mod regs;
+pub mod reset_vector;
 pub mod zero_page;
 
 pub use acpi::{
@@ -54,7 +55,7 @@ use gdt::{write_gdt_and_idt, CodeMode, GdtError};
 use kvm_bindings::kvm_regs;
 use layout::{
     BOOT_STACK_POINTER, CMDLINE_MAX_SIZE, CMDLINE_START, DEFAULT_INITRD_ADDR_MAX, HIMEM_START,
-    MMIO32_HOLE_START, PVH_INFO_START, ZERO_PAGE_START,
+    MMIO32_HOLE_START, PVH_INFO_START, RESET_VECTOR, ZERO_PAGE_START,
 };
 use paging::PagingError;
 use pvh::PvhError;
@@ -149,6 +150,9 @@ pub enum BootError {
         /// Size.
         size: u64,
     },
+    /// Reset vector stub write failure.
+    #[error("cannot write the reset vector stub at {RESET_VECTOR:#x}: {0}; give the VM RAM starting at address 0")]
+    ResetVector(#[source] GuestMemoryError),
     /// Memory map.
     #[error(transparent)]
     E820(#[from] E820Error),
@@ -264,6 +268,7 @@ pub fn setup_boot(mem: &GuestMemoryMmap, cfg: &BootConfig) -> Result<VcpuBootSta
     };
     write_cmdline(mem, cfg.cmdline, header)?;
     let rsdp = create_acpi_tables(mem, cfg.cpus, &cfg.acpi)?;
+    reset_vector::write_reset_stub(mem)?;
     match cfg.entry {
         KernelEntry::Linux64 {
             entry_addr,

@@ -84,3 +84,24 @@ fn guest_command_status_comes_back_through_the_console() {
     let status = std::fs::read_to_string(dir.join("status")).unwrap_or_default();
     assert_eq!(status.trim(), "0", "poweroff is status 0; guest:\n{guest}");
 }
+
+/// A guest rebooting the way Linux does by default on barge's HW-reduced
+/// ACPI machine without EFI (no `reboot=` on its command line: the "BIOS"
+/// path, a jump to the reset vector in real mode) ends in a reset, not a
+/// hang: status 3 with `--on-reboot stop`, report `exit.reason` "reboot".
+#[test]
+fn a_default_reboot_through_the_reset_vector_stops_the_vm() {
+    let (output, dir) = in_lab(
+        "timeout 200 barge run --kernel /lab/guest/bzImage --initramfs /lab/guest/initramfs \
+         --memory size=256M --serial file=/out/guest.log --report /out/report.json \
+         --on-reboot stop --cmdline 'console=ttyS0 panic=-1 -- reboot -f' ; echo $? > status",
+    );
+    assert!(output.status.success(), "{}", text(&output));
+    let guest = std::fs::read_to_string(dir.join("guest.log")).unwrap_or_default();
+    let status = std::fs::read_to_string(dir.join("status")).unwrap_or_default();
+    assert_eq!(status.trim(), "3", "guest:\n{guest}");
+    assert!(guest.contains("reboot: machine restart"), "{guest}");
+    let report = std::fs::read_to_string(dir.join("report.json")).expect("report.json");
+    let report: serde_json::Value = serde_json::from_str(&report).expect("JSON report");
+    assert_eq!(report["exit"]["reason"], "reboot", "{report}");
+}
