@@ -53,12 +53,15 @@ fn run(test: &str, args: &[&str], probe: Option<&str>) -> Run {
     command
         .args(["run", "--kernel"])
         .arg(&kernel)
-        .args(["--memory", "size=64M", "--serial", "none", "--report"])
+        .args(["--memory", "size=64M", "--report"])
         .arg(&report)
         .args(args)
         .stdin(Stdio::null())
         .env_remove("RUST_LOG")
         .env_remove("BARGE_SECCOMP_PROBE");
+    if !args.contains(&"--serial") {
+        command.args(["--serial", "none"]);
+    }
     if let Some(kind) = probe {
         command.env("BARGE_SECCOMP_PROBE", kind);
     }
@@ -88,9 +91,13 @@ fn a_whole_run_stays_inside_the_default_filters() {
     if !common::kvm_or_skip("a_whole_run_stays_inside_the_default_filters") {
         return;
     }
-    let run = run("default", &[], None);
-    assert_eq!(run.status(), Some(0), "{}", run.stderr());
-    assert_eq!(report_exit(&run)["reason"], "poweroff");
+    let default = run("default", &[], None);
+    assert_eq!(default.status(), Some(0), "{}", default.stderr());
+    assert_eq!(report_exit(&default)["reason"], "poweroff");
+    // The console on stdout with stdin read by the event loop.
+    let stdio = run("stdio", &["--serial", "stdio"], None);
+    assert_eq!(stdio.status(), Some(0), "{}", stdio.stderr());
+    assert_eq!(report_exit(&stdio)["reason"], "poweroff");
 }
 
 #[test]
