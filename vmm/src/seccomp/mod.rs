@@ -160,16 +160,23 @@ fn rule(conditions: Vec<SeccompCondition>) -> Result<SeccompRule, SeccompError> 
     })
 }
 
+/// The call allowed when argument `arg` equals one of `values`.
+fn arg_in(arg: u8, values: &[u64]) -> Result<Vec<SeccompRule>, SeccompError> {
+    values
+        .iter()
+        .map(|value| rule(vec![condition(arg, SeccompCmpOp::Eq, *value)?]))
+        .collect()
+}
+
 /// ioctl allowed when its request's type byte is one of `types`, or it is
 /// one of `requests`.
 fn ioctl_rules(types: &[u64], requests: &[u64]) -> Result<Vec<SeccompRule>, SeccompError> {
-    let by_type = types
+    let mut rules = types
         .iter()
-        .map(|t| rule(vec![condition(1, SeccompCmpOp::MaskedEq(0xff00), t << 8)?]));
-    let exact = requests
-        .iter()
-        .map(|r| rule(vec![condition(1, SeccompCmpOp::Eq, *r)?]));
-    by_type.chain(exact).collect()
+        .map(|t| rule(vec![condition(1, SeccompCmpOp::MaskedEq(0xff00), t << 8)?]))
+        .collect::<Result<Vec<_>, _>>()?;
+    rules.extend(arg_in(1, requests)?);
+    Ok(rules)
 }
 
 /// System calls every barge thread may make (the vCPU list).
@@ -286,10 +293,7 @@ fn allow_list(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, Secco
             // (F_GETFD, in debug builds); reading flags changes nothing.
             rules.insert(
                 libc::SYS_fcntl,
-                [libc::F_GETFD, libc::F_GETFL]
-                    .iter()
-                    .map(|cmd| rule(vec![condition(1, SeccompCmpOp::Eq, *cmd as u64)?]))
-                    .collect::<Result<_, _>>()?,
+                arg_in(1, &[libc::F_GETFD as u64, libc::F_GETFL as u64])?,
             );
         }
         ThreadKind::Vmm => {
@@ -305,11 +309,7 @@ fn allow_list(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, Secco
             // seccomp(SECCOMP_SET_MODE_FILTER) only ever narrows.
             rules.insert(
                 libc::SYS_seccomp,
-                vec![rule(vec![condition(
-                    0,
-                    SeccompCmpOp::Eq,
-                    u64::from(libc::SECCOMP_SET_MODE_FILTER),
-                )?])?],
+                arg_in(0, &[u64::from(libc::SECCOMP_SET_MODE_FILTER)])?,
             );
             // Threads, never processes: fork() and vfork() are clone()
             // without CLONE_THREAD.
