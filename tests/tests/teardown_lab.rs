@@ -42,7 +42,10 @@ fn twenty_passthrough_runs_leave_nothing_behind_and_the_device_rebinds() {
             .unwrap_or_else(|| panic!("no line {prefix:?}:\n{report}"));
         assert!(line.ends_with("fds +0 maps +0 gone 0"), "{line}");
     }
-    assert!(report.contains("guest read 0x14;"), "{report}");
+    assert!(
+        report.contains("after rebind: status 0 (poweroff), guest read 0x14,"),
+        "{report}"
+    );
     assert!(
         report.contains("unbound from vfio-pci and bound to vfio-pci again"),
         "{report}"
@@ -55,8 +58,8 @@ fn twenty_passthrough_runs_leave_nothing_behind_and_the_device_rebinds() {
     }
     assert!(
         report.contains(
-            "teardown: 20 runs, 20 with the same report as run 1, 1 timeout stop, 1 rebind, \
-             4 bad configurations, 0 failures"
+            "teardown: 20 runs and 1 after the rebind, 21 with the same report as run 1, \
+             1 timeout stop, 1 rebind, 4 bad configurations, 0 failures"
         ),
         "{report}"
     );

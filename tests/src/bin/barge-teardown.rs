@@ -286,6 +286,79 @@ impl Tally {
     }
 }
 
+/// The good runs so far: each guest reads what the previous one wrote at
+/// BAR2 + 0x2000, writes its own number there, and must get run 1's report.
+#[derive(Default)]
+struct GoodRuns {
+    first: Option<RunShape>,
+    /// Runs whose report matched run 1's (run 1 included).
+    same: u32,
+    previous_write: Option<u32>,
+}
+
+impl GoodRuns {
+    /// Runs guest number `number`, prints one line starting with `label`,
+    /// and records in `tally` what went wrong, leaks against `before`
+    /// included.
+    fn run(&mut self, args: &Args, label: &str, number: u32, before: &Holdings, tally: &mut Tally) {
+        let cmdline = format!(
+            "console=ttyS0 panic=-1 -- a=$(pcibar 1af4:1110 2);\
+             echo READ=$(devmem $((a+0x2000)) 32);devmem $((a+0x2000)) 32 {number}"
+        );
+        let (result, console) = run_vm(
+            base_config(args, &cmdline),
+            Duration::from_secs(args.timeout),
+        );
+        let leak = Holdings::now().diff(before);
+        tally.check(leak.is_clean(), format!("{label}: left something behind"));
+        let outcome = match result {
+            Ok(outcome) => outcome,
+            Err(e) => {
+                println!("{label}: error: {e}; {}", leak.summary());
+                tally.check(false, format!("{label}: {e}\n{console}"));
+                return;
+            }
+        };
+        let shape = RunShape::of(&outcome);
+        let read = guest_read(&console);
+        println!(
+            "{label}: status {} ({}), guest read {}, {}, dma {} bytes; {}",
+            shape.status,
+            shape.reason,
+            read.map_or("nothing".to_string(), |r| format!("{r:#x}")),
+            shape.bar2(),
+            shape.dma_bytes.unwrap_or(0),
+            leak.summary()
+        );
+        tally.check(
+            shape.status == 0,
+            format!("{label}: status {}", shape.status),
+        );
+        tally.check(
+            console.contains("GUEST-EXIT 0"),
+            format!("{label}: the guest command failed:\n{console}"),
+        );
+        if let Some(expected) = self.previous_write {
+            tally.check(
+                read == Some(expected),
+                format!("{label}: read {read:?}, expected {expected:#x}"),
+            );
+        }
+        self.previous_write = Some(number);
+        match &self.first {
+            None => {
+                self.first = Some(shape);
+                self.same += 1;
+            }
+            Some(first) if *first == shape => self.same += 1,
+            Some(first) => tally.check(
+                false,
+                format!("{label}: {shape:?} differs from run 1: {first:?}"),
+            ),
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
     let before = Holdings::now();
@@ -300,66 +373,15 @@ fn main() -> ExitCode {
         before.maps.len()
     );
 
-    let mut first: Option<RunShape> = None;
-    let mut same = 0;
-    let mut previous_write: Option<u32> = None;
+    let mut good = GoodRuns::default();
     for run in 1..=args.runs {
-        let cmdline = format!(
-            "console=ttyS0 panic=-1 -- a=$(pcibar 1af4:1110 2);\
-             echo READ=$(devmem $((a+0x2000)) 32);devmem $((a+0x2000)) 32 {run}"
+        good.run(
+            &args,
+            &format!("run {run}/{}", args.runs),
+            run,
+            &before,
+            &mut tally,
         );
-        let (result, console) = run_vm(
-            base_config(&args, &cmdline),
-            Duration::from_secs(args.timeout),
-        );
-        let leak = Holdings::now().diff(&before);
-        match result {
-            Ok(outcome) => {
-                let shape = RunShape::of(&outcome);
-                let read = guest_read(&console);
-                println!(
-                    "run {run}/{}: status {} ({}), guest read {}, {}, dma {} bytes; {}",
-                    args.runs,
-                    shape.status,
-                    shape.reason,
-                    read.map_or("nothing".to_string(), |r| format!("{r:#x}")),
-                    shape.bar2(),
-                    shape.dma_bytes.unwrap_or(0),
-                    leak.summary()
-                );
-                tally.check(
-                    shape.status == 0,
-                    format!("run {run}: status {}", shape.status),
-                );
-                tally.check(
-                    console.contains("GUEST-EXIT 0"),
-                    format!("run {run}: the guest command failed:\n{console}"),
-                );
-                if let Some(expected) = previous_write {
-                    tally.check(
-                        read == Some(expected),
-                        format!("run {run}: read {read:?}, expected {expected:#x}"),
-                    );
-                }
-                previous_write = Some(run);
-                match &first {
-                    None => {
-                        first = Some(shape);
-                        same += 1;
-                    }
-                    Some(first) if *first == shape => same += 1,
-                    Some(first) => tally.check(
-                        false,
-                        format!("run {run}: {shape:?} differs from run 1: {first:?}"),
-                    ),
-                }
-            }
-            Err(e) => {
-                println!("run {run}/{}: error: {e}; {}", args.runs, leak.summary());
-                tally.check(false, format!("run {run}: {e}\n{console}"));
-            }
-        }
-        tally.check(leak.is_clean(), format!("run {run} left something behind"));
     }
 
     // Stopped while the guest boots: the device is torn down mid-use.
@@ -392,41 +414,7 @@ fn main() -> ExitCode {
             tally.check(false, format!("rebind: {e}"));
         }
     }
-    let cmdline = "console=ttyS0 panic=-1 -- a=$(pcibar 1af4:1110 2);\
-                   echo READ=$(devmem $((a+0x2000)) 32)";
-    let (result, console) = run_vm(
-        base_config(&args, cmdline),
-        Duration::from_secs(args.timeout),
-    );
-    let leak = Holdings::now().diff(&before);
-    let read = guest_read(&console);
-    let shape = result.as_ref().map(RunShape::of);
-    println!(
-        "after rebind: {}, guest read {}; {}",
-        match &shape {
-            Ok(shape) => format!(
-                "status {} ({}), {}",
-                shape.status,
-                shape.reason,
-                shape.bar2()
-            ),
-            Err(e) => format!("error: {e}"),
-        },
-        read.map_or("nothing".to_string(), |r| format!("{r:#x}")),
-        leak.summary()
-    );
-    tally.check(
-        shape.as_ref().ok() == first.as_ref(),
-        "the run after the rebind differs from run 1",
-    );
-    tally.check(
-        read == previous_write,
-        format!("after rebind: read {read:?}, expected {previous_write:?}"),
-    );
-    tally.check(
-        leak.is_clean(),
-        "the run after the rebind left something behind",
-    );
+    good.run(&args, "after rebind", args.runs + 1, &before, &mut tally);
 
     let bad = bad_cases(&args);
     let bad_count = bad.len();
@@ -454,9 +442,10 @@ fn main() -> ExitCode {
 
     let _ = std::fs::remove_file(big_initramfs_path());
     println!(
-        "teardown: {} runs, {same} with the same report as run 1, 1 timeout stop, \
-         1 rebind, {bad_count} bad configurations, {} failures",
+        "teardown: {} runs and 1 after the rebind, {} with the same report as run 1, \
+         1 timeout stop, 1 rebind, {bad_count} bad configurations, {} failures",
         args.runs,
+        good.same,
         tally.failures.len()
     );
     if tally.failures.is_empty() {
