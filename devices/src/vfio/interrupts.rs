@@ -791,13 +791,18 @@ pub mod fake {
             self.lock().routing_calls
         }
 
-        /// GSIs with a registered irqfd, and whether it resamples.
+        /// GSIs with a registered irqfd, and whether it resamples, in GSI order.
         pub fn irqfd_gsis(&self) -> Vec<(u32, bool)> {
-            self.lock()
+            // The map is keyed by (fd, GSI) and fd numbers depend on what
+            // other tests in the process have open: sort by GSI.
+            let mut gsis: Vec<(u32, bool)> = self
+                .lock()
                 .irqfds
                 .iter()
                 .map(|((_, gsi), irqfd)| (*gsi, irqfd.resample))
-                .collect()
+                .collect();
+            gsis.sort_unstable();
+            gsis
         }
 
         /// What KVM would inject now: every registered irqfd's GSI whose
