@@ -765,8 +765,9 @@ pub mod fake {
     struct State {
         routes: Vec<Route>,
         routing_calls: usize,
-        /// (raw fd, gsi) -> irqfd.
-        irqfds: BTreeMap<(i32, u32), Irqfd>,
+        /// (gsi, raw fd) -> irqfd: GSI first, so listings come out in GSI
+        /// order whatever fd numbers the tests running beside have taken.
+        irqfds: BTreeMap<(u32, i32), Irqfd>,
         fail_routing: bool,
     }
 
@@ -793,30 +794,22 @@ pub mod fake {
 
         /// GSIs with a registered irqfd, and whether it resamples, in GSI order.
         pub fn irqfd_gsis(&self) -> Vec<(u32, bool)> {
-            // The map is keyed by (fd, GSI) and fd numbers depend on what
-            // other tests in the process have open: sort by GSI.
-            let mut gsis: Vec<(u32, bool)> = self
-                .lock()
+            self.lock()
                 .irqfds
                 .iter()
-                .map(|((_, gsi), irqfd)| (*gsi, irqfd.resample))
-                .collect();
-            gsis.sort_unstable();
-            gsis
+                .map(|((gsi, _), irqfd)| (*gsi, irqfd.resample))
+                .collect()
         }
 
         /// What KVM would inject now: every registered irqfd's GSI whose
         /// eventfd has a count (drained), in GSI order.
         pub fn deliveries(&self) -> Vec<u32> {
-            let state = self.lock();
-            let mut gsis: Vec<u32> = state
+            self.lock()
                 .irqfds
                 .iter()
                 .filter(|(_, irqfd)| irqfd.fd.read().is_ok_and(|count| count > 0))
-                .map(|((_, gsi), _)| *gsi)
-                .collect();
-            gsis.sort_unstable();
-            gsis
+                .map(|((gsi, _), _)| *gsi)
+                .collect()
         }
 
         /// Makes `KVM_SET_GSI_ROUTING` fail from now on.
@@ -843,7 +836,7 @@ pub mod fake {
             resample: Option<&EventFd>,
         ) -> io::Result<()> {
             let mut state = self.lock();
-            let key = (fd.as_raw_fd(), gsi);
+            let key = (gsi, fd.as_raw_fd());
             if state.irqfds.contains_key(&key) {
                 return Err(io::Error::from_raw_os_error(16));
             }
@@ -860,7 +853,7 @@ pub mod fake {
         fn unregister_irqfd(&self, fd: &EventFd, gsi: u32) -> io::Result<()> {
             self.lock()
                 .irqfds
-                .remove(&(fd.as_raw_fd(), gsi))
+                .remove(&(gsi, fd.as_raw_fd()))
                 .map(|_| ())
                 .ok_or_else(|| io::Error::from_raw_os_error(2))
         }
