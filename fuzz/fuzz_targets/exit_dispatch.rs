@@ -1,7 +1,7 @@
 //! vCPU exit dispatch as `barge run` sets it up: COM1, the ACPI sleep
 //! register, the i8042 and the PCI segment (config ports and ECAM, host
 //! bridge and an emulated endpoint) on the buses, driven through
-//! `vmm::exit::handle_exit` with port and MMIO exits of any length.
+//! `vmm::machine::exit::handle_exit` with port and MMIO exits of any length.
 //!
 //! Selector: 0-5 port I/O at one of the devices' bases + (offset & 0xf)
 //! (base = PORTS[(offset >> 8) % len]), 6-7 port I/O at the raw 16-bit
@@ -23,11 +23,11 @@ use devices::pci::config::ConfigSpace;
 use devices::pci::segment::PciSegment;
 use devices::pci::EmulatedEndpoint;
 use libfuzzer_sys::fuzz_target;
-use vmm::bus::Buses;
-use vmm::exit::{handle_exit, VmExit};
-use vmm::pci::{attach_segment, ECAM_DECODED_SIZE};
-use vmm::power::{AcpiSleepBusDevice, I8042BusDevice, PowerSignal};
-use vmm::serial::{IrqFdTrigger, SerialDevice};
+use vmm::buses::bus::Buses;
+use vmm::machine::exit::{handle_exit, VmExit};
+use vmm::buses::pci::{attach_segment, ECAM_DECODED_SIZE};
+use vmm::buses::power::{AcpiSleepBusDevice, I8042BusDevice, PowerSignal};
+use vmm::buses::serial::{IrqFdTrigger, SerialDevice};
 
 const PORTS: [u16; 6] = [
     COM1_PORT,

@@ -1,5 +1,5 @@
-//! COM1: `vmm::serial::SerialDevice` (vm-superio's 16550A) as the guest
-//! reaches it through the port bus (`vmm::bus::BusDevice` at 0x3F8) and as
+//! COM1: `vmm::buses::serial::SerialDevice` (vm-superio's 16550A) as the guest
+//! reaches it through the port bus (`vmm::buses::bus::BusDevice` at 0x3F8) and as
 //! the host console feeds it (`enqueue_input`).
 //!
 //! Selector 0-7: register access at `offset % 8`, any width; 8-11: the
@@ -24,8 +24,8 @@ use std::sync::Arc;
 use arch::layout::COM1_PORT;
 use barge_fuzz::accesses;
 use libfuzzer_sys::fuzz_target;
-use vmm::bus::BusDevice;
-use vmm::serial::{IrqFdTrigger, SerialDevice};
+use vmm::buses::bus::BusDevice;
+use vmm::buses::serial::{IrqFdTrigger, SerialDevice};
 
 /// Counts the bytes that reach the console; fails on demand.
 #[derive(Clone, Default)]

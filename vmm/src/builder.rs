@@ -9,21 +9,22 @@ use arch::layout::{ACPI_SLEEP_CONTROL_PORT, COM1_PORT, COM1_PORT_COUNT, I8042_DA
 use devices::pci::PciSegment;
 use resources::placement::{DeviceInput, PlacementError, Windows};
 
-use crate::bar_mapping::{BarProver, PrefaultSupport, SlotAllocator};
-use crate::bus::{BusError, Buses};
+use crate::buses::bus::{BusError, Buses};
+use crate::buses::console::ConsoleError;
+use crate::buses::pci;
+use crate::buses::power::{AcpiSleepBusDevice, I8042BusDevice, PowerSignal};
+use crate::buses::serial::{IrqFdTrigger, SerialDevice, SerialOutput};
 use crate::config::{ConfigError, VmConfig};
-use crate::console::ConsoleError;
-use crate::kvm::{self, KvmError};
-use crate::kvm_stats::KvmStatsFd;
 use crate::loader::{self, LoadError};
-use crate::memory::{self, MemoryError};
-use crate::pci;
-use crate::pci_device::{self, AttachContext, DeviceSetupError};
-use crate::power::{AcpiSleepBusDevice, I8042BusDevice, PowerSignal};
+use crate::machine::kvm::{self, KvmError};
+use crate::machine::kvm_stats::KvmStatsFd;
+use crate::machine::memory::{self, MemoryError};
+use crate::machine::vm::{self, BuiltVm, LiveDevice, SerialInput, VmError, VmRun};
+use crate::pci_devices::bar_mapping::{BarProver, PrefaultSupport, SlotAllocator};
+use crate::pci_devices::open;
+use crate::pci_devices::setup::{AttachContext, DeviceSetupError};
 use crate::report::{self, DeviceReport, DmaReport, MemoryRegionReport, ReportError};
 use crate::seccomp::{SeccompError, VmFilters};
-use crate::serial::{IrqFdTrigger, SerialDevice, SerialOutput};
-use crate::vm::{self, BuiltVm, LiveDevice, SerialInput, VmError, VmRun};
 
 /// Anything that stops a VM from being built or run. Each variant's message
 /// is already a complete sentence naming the problem.
@@ -117,7 +118,7 @@ pub fn boot_and_run(
     let phys_bits = pci::phys_bits_from_cpuid(vm::supported_cpuid(&kvm)?.as_slice());
     let windows = Windows::new(&ram_regions, phys_bits)?;
     let vm_fd = vm::create_vm(&kvm)?;
-    let setups = pci_device::open_devices(config, &vm_fd, Path::new(memory::SYSFS_ROOT))
+    let setups = open::open_devices(config, &vm_fd, Path::new(memory::SYSFS_ROOT))
         .map_err(BuildError::Device)?;
     let inputs: Vec<DeviceInput> = setups.iter().map(|s| s.plan_input()).collect();
     let plan = resources::plan(&inputs, &windows)?;

@@ -12,9 +12,9 @@ use event_manager::EventSet;
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::power::PowerSignal;
-use crate::serial::SerialDevice;
-use crate::vcpu::{StopCause, VmControl};
+use crate::buses::power::PowerSignal;
+use crate::buses::serial::SerialDevice;
+use crate::machine::vcpu::{StopCause, VmControl};
 
 /// A subscriber the loop can own.
 pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
@@ -207,7 +207,7 @@ mod tests {
     use std::os::unix::net::UnixStream;
 
     use super::*;
-    use crate::serial::IrqFdTrigger;
+    use crate::buses::serial::IrqFdTrigger;
 
     fn serial() -> Arc<Mutex<SerialDevice>> {
         Arc::new(Mutex::new(SerialDevice::new(

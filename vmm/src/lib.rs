@@ -1,5 +1,6 @@
-//! barge's VMM: the builder, vCPU threads, exit dispatch, event loop, the
-//! `barge` CLI's pieces, and the embedding API test rigs use.
+//! barge's VMM as a library: the builder, vCPU threads, exit dispatch, the
+//! event loop, the report, and the embedding API test rigs use. The `barge`
+//! command line is a program on top of it (the `barge` crate in `vmm/cli`).
 //!
 //! # Embedding
 //!
@@ -44,32 +45,16 @@
 //! each `Vm::run*` call instead, so several VMs in one test process each get
 //! their own.
 
-pub mod bar_mapping;
 pub mod builder;
-pub mod bus;
-pub mod cli;
+pub mod buses;
 pub mod config;
-pub mod console;
-pub mod device_config;
 pub mod event_loop;
-pub mod exit;
-pub mod kvm;
-pub mod kvm_stats;
 pub mod loader;
-pub mod mapping;
-pub mod memory;
-pub mod pci;
-pub mod pci_device;
-pub mod plan_cmd;
-pub mod power;
-pub mod prefault;
+pub mod machine;
+pub mod pci_devices;
 pub mod report;
 pub mod seccomp;
-pub mod serial;
-pub mod shmem;
 pub mod signals;
-pub mod vcpu;
-pub mod vm;
 
 use std::io::{self, Write};
 use std::path::Path;
@@ -77,11 +62,11 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use crate::builder::{boot_and_run, BuildError};
+use crate::buses::console::{ConsoleOutput, RawModeGuard};
 use crate::config::{OnReboot, SerialConfig, VmConfig};
-use crate::console::{ConsoleOutput, RawModeGuard};
+use crate::machine::vcpu::StopCause;
+use crate::machine::vm::SerialInput;
 use crate::report::{ExitReport, Report};
-use crate::vcpu::StopCause;
-use crate::vm::SerialInput;
 
 /// The error type of the embedding API: everything that prevents a VM from
 /// being built or run. A guest that crashes is not an error: it is a
@@ -290,7 +275,7 @@ impl NewFiles {
             _ => None,
         };
         let shmem = config.devices.iter().filter_map(|device| match device {
-            crate::device_config::DeviceConfig::Shmem(shmem) => shmem.path.clone(),
+            crate::config::devices::DeviceConfig::Shmem(shmem) => shmem.path.clone(),
             _ => None,
         });
         NewFiles(
@@ -345,7 +330,7 @@ pub fn exit_report(cause: &StopCause) -> ExitReport {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::exit::FailReason;
+    use crate::machine::exit::FailReason;
 
     #[test]
     fn stop_causes_map_to_documented_statuses() {
@@ -387,7 +372,7 @@ mod tests {
             let text = format!("size=2M,path={}", path.display());
             config
                 .devices
-                .push(crate::device_config::DeviceConfig::Shmem(
+                .push(crate::config::devices::DeviceConfig::Shmem(
                     text.parse().unwrap(),
                 ));
         }
@@ -410,5 +395,3 @@ mod tests {
         assert_eq!(first, process_start());
     }
 }
-pub mod bench;
-pub mod vfio;

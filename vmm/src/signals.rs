@@ -1,7 +1,7 @@
 //! SIGTERM and SIGINT for the `barge` binary: the handler only records the
 //! signal number in an atomic (async-signal-safe); the event loop sees it
 //! within its poll interval and stops the VM as a timeout would, with
-//! [`crate::vcpu::StopCause::Signal`], so the report is still written.
+//! [`crate::machine::vcpu::StopCause::Signal`], so the report is still written.
 //!
 //! The handlers are installed with `SA_RESETHAND`: a second SIGTERM (or
 //! SIGINT) while barge is stopping ends it at once, the default way.

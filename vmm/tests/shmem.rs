@@ -124,7 +124,11 @@ fn guest_shares_memory_through_bar2_and_the_report_shows_one_memslot() {
     // start of the MMIO64 window, BAR0 to the start of MMIO32).
     let ram = resources::ram_regions(vmm::config::MIN_MEMORY_SIZE).unwrap();
     let windows = resources::placement::Windows::new(&ram, 40).unwrap();
-    let plan = resources::plan(&[vmm::shmem::plan_input("shmem0", &shmem)], &windows).unwrap();
+    let plan = resources::plan(
+        &[vmm::pci_devices::shmem::plan_input("shmem0", &shmem)],
+        &windows,
+    )
+    .unwrap();
     let (bar0, bar2) = (&plan.devices[0].bars[0], &plan.devices[0].bars[1]);
     assert_eq!((bar0.index, bar0.gpa), (0, 0xc000_0000));
     assert_eq!((bar2.index, bar2.gpa), (2, 1 << 32));

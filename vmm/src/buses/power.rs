@@ -10,7 +10,7 @@ use devices::acpi::AcpiSleepControl;
 use devices::i8042::I8042;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::bus::BusDevice;
+use crate::buses::bus::BusDevice;
 
 pub use devices::PowerEvent;
 

@@ -13,8 +13,8 @@ use resources::placement::{DeviceInput, PlacementError, Plan, Windows};
 use resources::spec::SpecError;
 use resources::sysfs::SysfsError;
 
-use crate::config::{ShmemConfig, VfioConfig, DEFAULT_MEMORY_SIZE};
-use crate::pci::FALLBACK_PHYS_BITS;
+use vmm::buses::pci::FALLBACK_PHYS_BITS;
+use vmm::config::{ShmemConfig, VfioConfig, DEFAULT_MEMORY_SIZE};
 
 /// A `barge plan` command line, typed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -106,7 +106,10 @@ pub fn plan_inputs(
         inputs.push(vfio_plan_input(vfio, sysfs_root)?);
     }
     for (index, shmem) in request.shmem.iter().enumerate() {
-        inputs.push(crate::shmem::plan_input(&format!("shmem{index}"), shmem));
+        inputs.push(vmm::pci_devices::shmem::plan_input(
+            &format!("shmem{index}"),
+            shmem,
+        ));
     }
     if let Some(spec) = &request.spec {
         inputs.extend(resources::spec::read_spec(spec)?);

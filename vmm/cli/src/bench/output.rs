@@ -6,7 +6,7 @@ use std::fmt::Write;
 
 use super::faults::{self, FaultCounts};
 use super::{BenchMode, BenchResult, ModeResult, Stat, METRICS};
-use crate::report::PageCountsReport;
+use vmm::report::PageCountsReport;
 
 /// A number with about three significant digits.
 pub fn format_value(v: f64) -> String {

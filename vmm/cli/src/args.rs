@@ -2,7 +2,7 @@
 //!
 //! Every option value is parsed into its typed form while clap parses the
 //! command line (the `--memory` and `--serial` syntaxes live in
-//! [`crate::config`]), so a malformed value is a clap usage error naming the
+//! [`vmm::config`]), so a malformed value is a clap usage error naming the
 //! option. `--config FILE` loads a JSON [`VmConfig`] first; flags given on
 //! the command line then override its fields.
 
@@ -12,11 +12,11 @@ use std::path::PathBuf;
 use clap::error::ErrorKind;
 use clap::{Args, CommandFactory, Parser, Subcommand};
 
-use crate::config::{
+use crate::plan::PlanRequest;
+use vmm::config::{
     parse_cpus, DeviceConfig, MemoryConfig, OnReboot, SeccompMode, SerialConfig, ShmemConfig,
     VfioBackend, VfioConfig, VmConfig,
 };
-use crate::plan_cmd::PlanRequest;
 
 const ABOUT: &str =
     "barge: a small KVM virtual machine monitor that maps PCI BARs with the largest pages";
@@ -120,7 +120,7 @@ pub struct BenchArgs {
 
     /// Bytes of the sequential read/write window at the BAR's start
     /// (clamped to the BAR) [default: 64M], e.g. --window 256M
-    #[arg(long, value_name = "SIZE", value_parser = crate::config::parse_size)]
+    #[arg(long, value_name = "SIZE", value_parser = vmm::config::parse_size)]
     pub window: Option<u64>,
 
     /// Passes over the window, e.g. --passes 8
@@ -246,7 +246,7 @@ impl PlanArgs {
             spec: self.spec,
             memory_size: self
                 .memory
-                .map_or(crate::config::DEFAULT_MEMORY_SIZE, |m| m.size),
+                .map_or(vmm::config::DEFAULT_MEMORY_SIZE, |m| m.size),
             phys_bits: self.phys_bits,
             json: self.json,
         }
@@ -324,31 +324,31 @@ pub struct RunArgs {
     pub config: Option<PathBuf>,
 }
 
-fn parse_seccomp(text: &str) -> Result<SeccompMode, crate::seccomp::SeccompError> {
+fn parse_seccomp(text: &str) -> Result<SeccompMode, vmm::seccomp::SeccompError> {
     text.parse()
 }
 
-fn parse_vfio(text: &str) -> Result<VfioConfig, crate::config::ConfigError> {
+fn parse_vfio(text: &str) -> Result<VfioConfig, vmm::config::ConfigError> {
     text.parse()
 }
 
-fn parse_shmem(text: &str) -> Result<ShmemConfig, crate::config::ConfigError> {
+fn parse_shmem(text: &str) -> Result<ShmemConfig, vmm::config::ConfigError> {
     text.parse()
 }
 
-fn parse_vfio_backend(text: &str) -> Result<VfioBackend, crate::config::DeviceConfigError> {
+fn parse_vfio_backend(text: &str) -> Result<VfioBackend, vmm::config::DeviceConfigError> {
     text.parse()
 }
 
-fn parse_memory(text: &str) -> Result<MemoryConfig, crate::config::ConfigError> {
+fn parse_memory(text: &str) -> Result<MemoryConfig, vmm::config::ConfigError> {
     text.parse()
 }
 
-fn parse_serial(text: &str) -> Result<SerialConfig, crate::config::ConfigError> {
+fn parse_serial(text: &str) -> Result<SerialConfig, vmm::config::ConfigError> {
     text.parse()
 }
 
-fn parse_on_reboot(text: &str) -> Result<OnReboot, crate::config::ConfigError> {
+fn parse_on_reboot(text: &str) -> Result<OnReboot, vmm::config::ConfigError> {
     text.parse()
 }
 
@@ -457,27 +457,28 @@ where
     }
 }
 
-/// The full `barge --help` text (for the README and tests).
-pub fn help_text() -> String {
-    Cli::command().render_long_help().to_string()
-}
-
-/// The full `barge run --help` text.
-pub fn run_help_text() -> String {
-    let mut command = Cli::command();
-    command.build();
-    command
-        .find_subcommand_mut("run")
-        .map(|run| run.render_long_help().to_string())
-        .unwrap_or_default()
-}
-
 #[cfg(test)]
 mod tests {
     use std::path::Path;
 
+    use vmm::config::{HugePageSize, DEFAULT_CMDLINE};
+
     use super::*;
-    use crate::config::{HugePageSize, DEFAULT_CMDLINE};
+
+    /// The full `barge --help` text.
+    fn help_text() -> String {
+        Cli::command().render_long_help().to_string()
+    }
+
+    /// The full `barge run --help` text.
+    fn run_help_text() -> String {
+        let mut command = Cli::command();
+        command.build();
+        command
+            .find_subcommand_mut("run")
+            .map(|run| run.render_long_help().to_string())
+            .unwrap_or_default()
+    }
 
     fn run(args: &[&str]) -> Result<VmConfig, clap::Error> {
         let mut full = vec!["barge", "run"];

@@ -7,7 +7,11 @@
 use std::process::ExitCode;
 
 use clap::error::ErrorKind;
-use vmm::cli::{self, Command};
+mod args;
+mod bench;
+mod plan;
+
+use crate::args::{self as cli, Command};
 
 fn main() -> ExitCode {
     vmm::mark_process_start();
@@ -36,22 +40,20 @@ fn main() -> ExitCode {
             }
             run(config)
         }
-        Command::Bench(request) => match vmm::bench::run(&request) {
+        Command::Bench(request) => match bench::run(&request) {
             Ok(text) => {
                 print!("{text}");
                 ExitCode::SUCCESS
             }
             Err(e) => fail(&e.to_string(), vmm::status::ERROR),
         },
-        Command::Plan(request) => {
-            match vmm::plan_cmd::run(&request, std::path::Path::new("/sys")) {
-                Ok(text) => {
-                    print!("{text}");
-                    ExitCode::SUCCESS
-                }
-                Err(e) => fail(&e.to_string(), vmm::status::ERROR),
+        Command::Plan(request) => match plan::run(&request, std::path::Path::new("/sys")) {
+            Ok(text) => {
+                print!("{text}");
+                ExitCode::SUCCESS
             }
-        }
+            Err(e) => fail(&e.to_string(), vmm::status::ERROR),
+        },
     }
 }
 

@@ -10,14 +10,14 @@ use kvm_bindings::{kvm_pit_config, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES, KVM_PIT_S
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
 
-use crate::bus::Buses;
+use crate::buses::bus::Buses;
+use crate::buses::power::PowerSignal;
+use crate::buses::serial::SerialDevice;
 use crate::event_loop::{EventLoop, EventLoopError};
-use crate::kvm::{self, KvmError};
-use crate::memory::GuestRam;
-use crate::power::PowerSignal;
+use crate::machine::kvm::{self, KvmError};
+use crate::machine::memory::GuestRam;
+use crate::machine::vcpu::{self, StopCause, VcpuContext, VmControl};
 use crate::seccomp::VmFilters;
-use crate::serial::SerialDevice;
-use crate::vcpu::{self, StopCause, VcpuContext, VmControl};
 
 /// KVM's real-mode TSS (3 pages) for Intel VMX, at the top of the 32-bit
 /// hole above the LAPIC, where no RAM and no device is.
@@ -243,7 +243,7 @@ pub struct BuiltVm {
 /// mappings (memslots point into them) and host resources (fds).
 pub struct LiveDevice {
     /// The mapped BARs.
-    pub bars: Vec<crate::bar_mapping::MappedBar>,
+    pub bars: Vec<crate::pci_devices::bar_mapping::MappedBar>,
     /// Anything else.
     pub keep_alive: Vec<Box<dyn std::any::Any + Send>>,
 }
@@ -350,7 +350,7 @@ impl BuiltVm {
         if let Some(e) = spawn_error {
             return Err(e);
         }
-        let kvm_stats = crate::kvm_stats::read_vm_stats(&self.vm_fd).unwrap_or_else(|e| {
+        let kvm_stats = crate::machine::kvm_stats::read_vm_stats(&self.vm_fd).unwrap_or_else(|e| {
             log::warn!("{e}; the report's kvm_stats stays empty");
             Default::default()
         });

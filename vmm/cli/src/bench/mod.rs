@@ -37,10 +37,10 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::config::{BarAlign, DeviceConfig, SerialConfig, ShmemConfig, VfioConfig, VmConfig};
-use crate::report::{BarReport, PageCountsReport};
 use faults::{FaultCounts, FaultProbe};
 use payload::PayloadParams;
+use vmm::config::{BarAlign, DeviceConfig, SerialConfig, ShmemConfig, VfioConfig, VmConfig};
+use vmm::report::{BarReport, PageCountsReport};
 
 /// The memory BAR of the shared memory device.
 pub const SHMEM_MEMORY_BAR: u8 = 2;
@@ -83,7 +83,7 @@ pub enum BenchError {
         /// The mode.
         mode: BenchMode,
         /// Why.
-        source: crate::Error,
+        source: vmm::Error,
     },
     /// The guest did not finish.
     #[error("the {mode} guest stopped with {reason} before finishing; its output: {console:?}")]
@@ -323,15 +323,6 @@ impl Stat {
             min: sorted[0],
             max: sorted[n - 1],
         })
-    }
-
-    /// (max − min) / median in percent.
-    pub fn spread_percent(&self) -> f64 {
-        if self.median == 0.0 {
-            0.0
-        } else {
-            (self.max - self.min) / self.median * 100.0
-        }
     }
 }
 
@@ -718,7 +709,7 @@ impl<'a> Bench<'a> {
             probe.reset();
         }
         let called = Instant::now();
-        let outcome = crate::Vm::new(config)
+        let outcome = vmm::Vm::new(config)
             .console_buffer(console.clone())
             .run_with_timeout(self.request.timeout)
             .map_err(|source| BenchError::Vm { mode, source })?;
@@ -754,7 +745,7 @@ impl<'a> Bench<'a> {
         }
         // start_to_first_run_ms counts from the process start when barge's
         // main marked it, else from this call.
-        let offset_ms = crate::process_start()
+        let offset_ms = vmm::process_start()
             .map(|start| called.saturating_duration_since(start).as_secs_f64() * 1000.0)
             .unwrap_or(0.0);
         let setup_ms = report
@@ -834,7 +825,6 @@ mod tests {
     fn stats_give_median_and_range() {
         let s = Stat::of(&[3.0, 1.0, 2.0]).unwrap();
         assert_eq!((s.median, s.min, s.max), (2.0, 1.0, 3.0));
-        assert_eq!(s.spread_percent(), 100.0);
         assert_eq!(Stat::of(&[4.0, 1.0]).unwrap().median, 2.5);
         assert!(Stat::of(&[]).is_none());
         assert!(Stat::of(&[f64::INFINITY]).is_none());

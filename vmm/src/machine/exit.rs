@@ -13,8 +13,8 @@
 
 use std::fmt;
 
-use crate::bus::Buses;
-use crate::power::{PowerEvent, PowerSignal};
+use crate::buses::bus::Buses;
+use crate::buses::power::{PowerEvent, PowerSignal};
 
 /// The log target of the per-access trace.
 pub const TRACE_TARGET: &str = "barge::exit";
@@ -314,7 +314,7 @@ mod tests {
     use std::sync::{Arc, Mutex};
 
     use super::*;
-    use crate::bus::BusDevice;
+    use crate::buses::bus::BusDevice;
 
     /// A scratch register file: reads return what was written.
     struct Scratch {

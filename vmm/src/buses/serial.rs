@@ -11,7 +11,7 @@ use vm_superio::serial::NoEvents;
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::bus::BusDevice;
+use crate::buses::bus::BusDevice;
 
 /// The serial interrupt line: an EventFd registered as an irqfd.
 #[derive(Debug)]

@@ -240,7 +240,9 @@ fn default_cpus() -> u8 {
     1
 }
 
-pub use crate::device_config::{
+pub mod devices;
+
+pub use crate::config::devices::{
     BarAlign, DeviceConfig, DeviceConfigError, ShmemConfig, VfioBackend, VfioConfig,
 };
 pub use crate::seccomp::SeccompMode;
@@ -300,7 +302,7 @@ impl VmConfig {
             return Err(ConfigError::ZeroCpus);
         }
         self.memory.validate()?;
-        crate::device_config::validate_devices(&self.devices)?;
+        crate::config::devices::validate_devices(&self.devices)?;
         check_readable_file("kernel", &self.kernel)?;
         if let Some(initramfs) = &self.initramfs {
             check_readable_file("initramfs", initramfs)?;

@@ -19,11 +19,11 @@ use std::sync::{Arc, Mutex};
 use devices::shmem::{ShmemDevice, ShmemRegisters, MEMORY_BAR, REGISTERS_BAR, REGISTERS_SIZE};
 use resources::placement::{BarInput, BarWidth, DeviceInput, DevicePlan};
 
-use crate::bar_mapping::MappedBar;
-use crate::bus::BusDevice;
+use crate::buses::bus::BusDevice;
 use crate::config::{format_size, HugePageSize, ShmemConfig};
-use crate::memory::{self, MemoryError};
-use crate::pci_device::{
+use crate::machine::memory::{self, MemoryError};
+use crate::pci_devices::bar_mapping::MappedBar;
+use crate::pci_devices::setup::{
     AttachContext, AttachedDevice, DeviceSetupError, PciDeviceSetup, TrapRegion,
 };
 

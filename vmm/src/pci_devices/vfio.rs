@@ -57,11 +57,11 @@ use vfio_ioctls::VfioDeviceFd;
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::bar_mapping::MappedBar;
-use crate::bus::{BusDevice, BusError, Buses, SharedBusDevice};
-use crate::device_config::{P2p, VfioBackend as BackendConfig, VfioConfig};
-use crate::memory::GuestRam;
-use crate::pci_device::{
+use crate::buses::bus::{BusDevice, BusError, Buses, SharedBusDevice};
+use crate::config::devices::{P2p, VfioBackend as BackendConfig, VfioConfig};
+use crate::machine::memory::GuestRam;
+use crate::pci_devices::bar_mapping::MappedBar;
+use crate::pci_devices::setup::{
     AttachContext, AttachedDevice, DeviceSetupError, PciDeviceSetup, TrapRegion,
 };
 use crate::report::DmaReport;
@@ -798,7 +798,7 @@ impl KvmIrqChip {
         // SAFETY: `vm` owns its open fd for the duration of this borrow.
         let borrowed = unsafe { BorrowedFd::borrow_raw(vm.as_raw_fd()) };
         let owned = borrowed.try_clone_to_owned()?;
-        let kvm = crate::kvm::open_kvm().map_err(std::io::Error::other)?;
+        let kvm = crate::machine::kvm::open_kvm().map_err(std::io::Error::other)?;
         // SAFETY: `owned` is a fresh duplicate of a KVM VM fd that nothing
         // else owns; the new VmFd takes it over.
         let vm = unsafe { kvm.create_vmfd_from_rawfd(owned.into_raw_fd()) }
@@ -879,7 +879,7 @@ impl KvmIrqs for KvmIrqChip {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mapping::AlignedMapping;
+    use crate::machine::mapping::AlignedMapping;
     use devices::pci::PciConfigAddress;
     use devices::vfio::fake::{pattern_byte, FakeRegion, FakeVfioBackend};
     use devices::vfio::BarRange;

@@ -31,10 +31,10 @@ use std::time::Instant;
 use kvm_ioctls::VmFd;
 use resources::placement::{area_pages, BarPlacement, PageCounts, PageSize};
 
-use crate::kvm::{self, KvmError};
-use crate::kvm_stats::KvmStatsFd;
-use crate::mapping::{AlignedMapping, MappingError};
-use crate::prefault::{self, PreFaultError};
+use crate::machine::kvm::{self, KvmError};
+use crate::machine::kvm_stats::KvmStatsFd;
+use crate::machine::mapping::{AlignedMapping, MappingError};
+use crate::machine::prefault::{self, PreFaultError};
 use crate::report::{BarReport, PageCountsReport};
 
 /// Largest page KVM maps on x86.

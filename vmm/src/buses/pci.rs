@@ -18,7 +18,7 @@ use devices::pci::{ConfigEvent, PciSegment};
 use kvm_bindings::kvm_cpuid_entry2;
 use resources::placement::{Windows, MAX_PHYS_BITS};
 
-use crate::bus::{BusDevice, BusError, Buses};
+use crate::buses::bus::{BusDevice, BusError, Buses};
 
 /// Physical address bits assumed when KVM's CPUID has no leaf 0x8000_0008:
 /// 36, what every x86-64 CPU supports (PAE's limit).
@@ -29,7 +29,7 @@ pub const MIN_BELIEVED_PHYS_BITS: u8 = 36;
 /// The CPUID leaf with the address sizes.
 const CPUID_ADDRESS_SIZES: u32 = 0x8000_0008;
 
-/// The guest's physical address bits: CPUID 0x8000_0008 EAX[7:0] as KVM
+/// The guest's physical address bits: CPUID 0x8000_0008 EAX bits 7:0 as KVM
 /// reports it in KVM_GET_SUPPORTED_CPUID (the guest gets that CPUID
 /// unchanged, so guest and barge agree on where the MMIO64 window ends).
 /// Clamped to [`MIN_BELIEVED_PHYS_BITS`]..=`MAX_PHYS_BITS` (52); without the
@@ -151,8 +151,8 @@ pub fn attach_segment(buses: &mut Buses, segment: &SharedSegment) -> Result<(), 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::exit::{handle_exit, VmExit};
-    use crate::power::PowerSignal;
+    use crate::buses::power::PowerSignal;
+    use crate::machine::exit::{handle_exit, VmExit};
 
     fn cpuid_entry(function: u32, eax: u32) -> kvm_cpuid_entry2 {
         kvm_cpuid_entry2 {

@@ -4,11 +4,12 @@
 //! # Plugging a device in (shared memory does it in `shmem.rs`; VFIO the same way)
 //!
 //! 1. **Open** (before planning, before any guest memory exists): the
-//!    builder calls [`open_devices`], which turns each `DeviceConfig` into a
-//!    `Box<dyn PciDeviceSetup>`: shared memory with `shmem::open`, VFIO with
-//!    [`open_vfio`] (the hook the VFIO code fills in). Open the host side
-//!    here (files, VFIO container/group/device) so that bad input fails
-//!    before KVM memory is set up.
+//!    builder calls [`crate::pci_devices::open::open_devices`], which turns
+//!    each `DeviceConfig` into a `Box<dyn PciDeviceSetup>`: shared memory
+//!    with [`crate::pci_devices::shmem::open`], VFIO with
+//!    [`crate::pci_devices::vfio::VfioSetup::open`]. Open the host side here
+//!    (files, VFIO container/group/device) so that bad input fails before
+//!    KVM memory is set up.
 //! 2. **Plan**: [`PciDeviceSetup::plan_input`] gives the planner the
 //!    device's BARs (name = [`PciDeviceSetup::name`]). The builder plans all
 //!    devices together (`resources::placement::plan`) in the VM's windows.
@@ -35,18 +36,15 @@
 
 use std::any::Any;
 use std::os::fd::BorrowedFd;
-use std::path::Path;
 
 use devices::pci::segment::BoxedPciDevice;
 use kvm_ioctls::VmFd;
 use resources::placement::{BarPlacement, DeviceInput, DevicePlan};
 
-use crate::bar_mapping::{map_bar_areas, BarMappingError, MappedBar, SlotAllocator};
-use crate::bus::SharedBusDevice;
-use crate::config::{DeviceConfig, VmConfig};
-use crate::memory::GuestRam;
+use crate::buses::bus::SharedBusDevice;
+use crate::machine::memory::GuestRam;
+use crate::pci_devices::bar_mapping::{map_bar_areas, BarMappingError, MappedBar, SlotAllocator};
 use crate::report::DmaReport;
-use crate::vfio::{SharedVfioHost, VfioSetup};
 
 /// Any error a device's open or attach step returns; its message must be a
 /// complete sentence that says what to do.
@@ -85,7 +83,7 @@ pub struct AttachContext<'a> {
 impl AttachContext<'_> {
     /// Maps `placement`'s areas of `fd` (BAR data at `region_offset` in the
     /// fd) and registers one memslot per area, once. See
-    /// [`crate::bar_mapping::map_bar_areas`].
+    /// [`crate::pci_devices::bar_mapping::map_bar_areas`].
     pub fn map_bar(
         &mut self,
         fd: BorrowedFd<'_>,
@@ -121,35 +119,4 @@ pub struct AttachedDevice {
     pub keep_alive: Vec<Box<dyn Any + Send>>,
     /// Set by the device that mapped guest RAM for DMA (the first VFIO one).
     pub dma: Option<DmaReport>,
-}
-
-/// Opens every device of `config` (step 1 of the module docs), in order.
-/// `sysfs_root` is `/sys` (tests pass a fake tree for huge page pools).
-/// VFIO devices share one container, registered with `vm`'s KVM VFIO device.
-pub fn open_devices(
-    config: &VmConfig,
-    vm: &VmFd,
-    sysfs_root: &Path,
-) -> Result<Vec<Box<dyn PciDeviceSetup>>, DeviceSetupError> {
-    let mut setups: Vec<Box<dyn PciDeviceSetup>> = Vec::new();
-    let mut shmem_index = 0;
-    let mut vfio_host = None;
-    for device in &config.devices {
-        match device {
-            DeviceConfig::Shmem(shmem) => {
-                setups.push(Box::new(crate::shmem::open(
-                    shmem_index,
-                    shmem,
-                    sysfs_root,
-                )?));
-                shmem_index += 1;
-            }
-            DeviceConfig::Vfio(vfio) => {
-                let host =
-                    vfio_host.get_or_insert_with(|| SharedVfioHost::new(vm, config.vfio_backend));
-                setups.push(Box::new(VfioSetup::open(vfio, host)?));
-            }
-        }
-    }
-    Ok(setups)
 }

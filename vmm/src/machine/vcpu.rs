@@ -1,7 +1,7 @@
 //! vCPU threads: the KVM_RUN loop, stop coordination and register dumps.
 //!
 //! Each vCPU runs on its own thread. Exits are translated into plain
-//! [`VmExit`]s and handled by [`exit::handle_exit`]. The first vCPU to see a
+//! [`VmExit`]s and handled by [`crate::machine::exit::handle_exit`]. The first vCPU to see a
 //! power-off, reset or failure records it in the shared [`VmControl`] and
 //! wakes the main thread's event loop; the main thread then stops the others
 //! with [`stop_vcpus`]: it sends each vCPU thread a real-time signal whose
@@ -20,10 +20,10 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::signal::Killable;
 
-use crate::bus::Buses;
-use crate::exit::{handle_exit, ExitAction, FailReason, VmExit};
-use crate::kvm;
-use crate::power::PowerSignal;
+use crate::buses::bus::Buses;
+use crate::buses::power::PowerSignal;
+use crate::machine::exit::{handle_exit, ExitAction, FailReason, VmExit};
+use crate::machine::kvm;
 use crate::seccomp::ThreadFilters;
 
 /// Why the VM stopped.

@@ -1,0 +1,39 @@
+//! Step 1 of plugging devices in (see [`crate::pci_devices::setup`]): every
+//! entry of `VmConfig.devices` opened on the host, in order, before any
+//! guest memory exists, so that bad input fails early.
+
+use std::path::Path;
+
+use kvm_ioctls::VmFd;
+
+use crate::config::{DeviceConfig, VmConfig};
+use crate::pci_devices::setup::{DeviceSetupError, PciDeviceSetup};
+use crate::pci_devices::shmem;
+use crate::pci_devices::vfio::{SharedVfioHost, VfioSetup};
+
+/// Opens every device of `config` (step 1 of the module docs), in order.
+/// `sysfs_root` is `/sys` (tests pass a fake tree for huge page pools).
+/// VFIO devices share one container, registered with `vm`'s KVM VFIO device.
+pub fn open_devices(
+    config: &VmConfig,
+    vm: &VmFd,
+    sysfs_root: &Path,
+) -> Result<Vec<Box<dyn PciDeviceSetup>>, DeviceSetupError> {
+    let mut setups: Vec<Box<dyn PciDeviceSetup>> = Vec::new();
+    let mut shmem_index = 0;
+    let mut vfio_host = None;
+    for device in &config.devices {
+        match device {
+            DeviceConfig::Shmem(shmem) => {
+                setups.push(Box::new(shmem::open(shmem_index, shmem, sysfs_root)?));
+                shmem_index += 1;
+            }
+            DeviceConfig::Vfio(vfio) => {
+                let host =
+                    vfio_host.get_or_insert_with(|| SharedVfioHost::new(vm, config.vfio_backend));
+                setups.push(Box::new(VfioSetup::open(vfio, host)?));
+            }
+        }
+    }
+    Ok(setups)
+}
