@@ -129,38 +129,42 @@ fn parse_with_origin(json: &str, origin: &str) -> Result<Vec<DeviceInput>, SpecE
     Ok(spec
         .devices
         .into_iter()
-        .map(DeviceSpec::into_input)
+        .map(SpecDevice::into_input)
         .collect())
 }
 
+/// A spec file as JSON: `{"devices": [...]}`.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct SpecFile {
-    devices: Vec<DeviceSpec>,
+    devices: Vec<SpecDevice>,
 }
 
+/// One device entry of a spec file: its name, `bar_align` and BARs.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct DeviceSpec {
+struct SpecDevice {
     name: String,
     #[serde(default, deserialize_with = "bar_align")]
     bar_align: Option<PageSize>,
-    bars: Vec<BarSpec>,
+    bars: Vec<SpecBar>,
 }
 
-impl DeviceSpec {
+impl SpecDevice {
     fn into_input(self) -> DeviceInput {
         DeviceInput {
             name: self.name,
-            bars: self.bars.into_iter().map(BarSpec::into_input).collect(),
+            bars: self.bars.into_iter().map(SpecBar::into_input).collect(),
             align_cap: self.bar_align,
         }
     }
 }
 
+/// One BAR entry of a spec file, as the planner's [`BarInput`] will see it
+/// (not to be confused with `devices::pci::bar`'s planned BAR).
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct BarSpec {
+struct SpecBar {
     index: u8,
     #[serde(deserialize_with = "bar_size")]
     size: u64,
@@ -169,14 +173,14 @@ struct BarSpec {
     #[serde(default)]
     prefetchable: bool,
     #[serde(default)]
-    areas: Option<Vec<RangeSpec>>,
+    areas: Option<Vec<SpecRange>>,
     #[serde(default)]
-    msix_table: Option<RangeSpec>,
+    msix_table: Option<SpecRange>,
     #[serde(default)]
-    msix_pba: Option<RangeSpec>,
+    msix_pba: Option<SpecRange>,
 }
 
-impl BarSpec {
+impl SpecBar {
     fn into_input(self) -> BarInput {
         BarInput {
             index: self.index,
@@ -185,23 +189,24 @@ impl BarSpec {
             prefetchable: self.prefetchable,
             areas: self
                 .areas
-                .map(|areas| areas.into_iter().map(RangeSpec::into_range).collect()),
-            msix_table: self.msix_table.map(RangeSpec::into_range),
-            msix_pba: self.msix_pba.map(RangeSpec::into_range),
+                .map(|areas| areas.into_iter().map(SpecRange::into_range).collect()),
+            msix_table: self.msix_table.map(SpecRange::into_range),
+            msix_pba: self.msix_pba.map(SpecRange::into_range),
         }
     }
 }
 
+/// An `{offset, size}` range inside a BAR in a spec file.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RangeSpec {
+struct SpecRange {
     #[serde(deserialize_with = "range_offset")]
     offset: u64,
     #[serde(deserialize_with = "range_size")]
     size: u64,
 }
 
-impl RangeSpec {
+impl SpecRange {
     fn into_range(self) -> BarRange {
         BarRange::new(self.offset, self.size)
     }

@@ -529,8 +529,8 @@ pub fn mode_order(modes: &[BenchMode], rep: u32) -> Vec<BenchMode> {
     order
 }
 
-/// One VM's results.
-struct VmRun {
+/// What one bench VM measured: the guest's values, the BAR's report, KVM's page counters, the setup time and the host fault counts.
+struct BenchVmResult {
     values: BTreeMap<String, u64>,
     bar: BarReport,
     kvm_pages: PageCountsReport,
@@ -697,7 +697,7 @@ impl<'a> Bench<'a> {
         })
     }
 
-    fn run_vm(&mut self, mode: BenchMode, measure: bool) -> Result<VmRun, BenchError> {
+    fn run_vm(&mut self, mode: BenchMode, measure: bool) -> Result<BenchVmResult, BenchError> {
         let mut config = VmConfig::new(self.dir.join(payload_name(measure)));
         config.memory.size = payload::GUEST_MEMORY;
         config.serial = SerialConfig::Disabled;
@@ -752,7 +752,7 @@ impl<'a> Bench<'a> {
             .start_to_first_run_ms
             .map(|ms| (ms as f64 - offset_ms).max(0.0));
         let stat = |name: &str| report.kvm_stats.get(name).copied().unwrap_or(0);
-        Ok(VmRun {
+        Ok(BenchVmResult {
             values,
             bar,
             kvm_pages: PageCountsReport {
