@@ -14,7 +14,7 @@
 #   target/debug/barge-lab run --ivshmem 8G --timeout 1200 \
 #     --bin /usr/bin/qemu-system-x86_64 --bin /usr/share/seabios/bios-256k.bin \
 #     --bin /usr/share/qemu/linuxboot_dma.bin --bin /usr/share/qemu/kvmvapic.bin \
-#     --script vmm/src/bench/compare-qemu.sh
+#     --script vmm/cli/src/bench/compare-qemu.sh
 #
 # The table is printed and written to /out/compare.txt (copied back).
 
