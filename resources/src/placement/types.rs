@@ -1,0 +1,642 @@
+//! The planner's value types: its input ([`DeviceInput`] and its [`BarInput`]s), the
+//! guest's BAR [`Windows`], its output ([`Plan`], [`DevicePlan`], [`BarPlacement`],
+//! [`AreaPlacement`], [`PageCounts`]), page sizes and widths, and [`PlacementError`].
+//!
+//! Data and small accessors only: the rules that turn inputs into a [`Plan`] are in
+//! `planner.rs`, its text form in `render.rs`.
+
+use std::fmt;
+use std::str::FromStr;
+
+use arch::layout::{PCI_MMIO32_SIZE, PCI_MMIO32_START};
+use serde::{Serialize, Serializer};
+
+use super::render::format_size;
+use crate::ram::{mmio64_window_start, RamRegion};
+
+/// Host base page size; mmap-able areas and trap rounding use it.
+pub const HOST_PAGE_SIZE: u64 = 4096;
+/// Largest PCI BAR index (BARs 0..=5).
+pub const MAX_BAR_INDEX: u8 = 5;
+/// Smallest physical-address width [`Windows::new`] accepts.
+pub const MIN_PHYS_BITS: u8 = 32;
+/// Largest physical-address width on x86-64 (MAXPHYADDR ≤ 52).
+pub const MAX_PHYS_BITS: u8 = 52;
+/// Largest BAR size the planner accepts (2^63 bytes: its reservation must fit in a u64).
+pub const MAX_BAR_SIZE: u64 = 1 << 63;
+
+pub(super) const SIZE_2M: u64 = 2 << 20;
+pub(super) const SIZE_1G: u64 = 1 << 30;
+
+// ---------------------------------------------------------------------------------------
+// Small value types.
+// ---------------------------------------------------------------------------------------
+
+/// An x86-64 page size (a PTE, PMD or PUD mapping).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum PageSize {
+    /// 4 KiB (PTE).
+    Size4K,
+    /// 2 MiB (PMD).
+    Size2M,
+    /// 1 GiB (PUD).
+    Size1G,
+}
+
+impl PageSize {
+    /// All page sizes, smallest first.
+    pub const ALL: [PageSize; 3] = [PageSize::Size4K, PageSize::Size2M, PageSize::Size1G];
+
+    /// The page size in bytes.
+    pub const fn bytes(self) -> u64 {
+        match self {
+            PageSize::Size4K => HOST_PAGE_SIZE,
+            PageSize::Size2M => SIZE_2M,
+            PageSize::Size1G => SIZE_1G,
+        }
+    }
+
+    /// The page size of exactly `bytes` bytes, if there is one.
+    pub fn from_bytes(bytes: u64) -> Option<PageSize> {
+        PageSize::ALL.into_iter().find(|p| p.bytes() == bytes)
+    }
+
+    /// Short name: `4K`, `2M` or `1G`.
+    pub const fn name(self) -> &'static str {
+        match self {
+            PageSize::Size4K => "4K",
+            PageSize::Size2M => "2M",
+            PageSize::Size1G => "1G",
+        }
+    }
+}
+
+impl fmt::Display for PageSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A page size string that is not `4k`, `2m` or `1g`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid page size {0:?}: write 4k, 2m or 1g")]
+pub struct ParsePageSizeError(pub String);
+
+impl FromStr for PageSize {
+    type Err = ParsePageSizeError;
+
+    /// Parses `4k`, `2m`, `1g` (any case; `4KiB`, `2MiB`, `1GiB` too).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "4k" | "4kib" => Ok(PageSize::Size4K),
+            "2m" | "2mib" => Ok(PageSize::Size2M),
+            "1g" | "1gib" => Ok(PageSize::Size1G),
+            _ => Err(ParsePageSizeError(s.to_string())),
+        }
+    }
+}
+
+/// Serialized as its size in bytes.
+impl Serialize for PageSize {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_u64(self.bytes())
+    }
+}
+
+/// Whether a memory BAR decodes 32 or 64 address bits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum BarWidth {
+    /// 32-bit BAR: must sit below 4 GiB (MMIO32 window).
+    Bits32,
+    /// 64-bit BAR: takes two BAR slots, goes into the MMIO64 window.
+    Bits64,
+}
+
+impl BarWidth {
+    /// 32 or 64.
+    pub const fn bits(self) -> u8 {
+        match self {
+            BarWidth::Bits32 => 32,
+            BarWidth::Bits64 => 64,
+        }
+    }
+}
+
+impl fmt::Display for BarWidth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}-bit", self.bits())
+    }
+}
+
+/// Serialized as 32 or 64.
+impl Serialize for BarWidth {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_u8(self.bits())
+    }
+}
+
+/// A byte range inside a BAR.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct BarRange {
+    /// Offset from the start of the BAR.
+    pub offset: u64,
+    /// Length in bytes.
+    pub size: u64,
+}
+
+impl BarRange {
+    /// A range of `size` bytes at `offset`.
+    pub const fn new(offset: u64, size: u64) -> Self {
+        BarRange { offset, size }
+    }
+
+    /// Offset one past the last byte (saturating).
+    pub const fn end(&self) -> u64 {
+        self.offset.saturating_add(self.size)
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Input.
+// ---------------------------------------------------------------------------------------
+
+/// One memory BAR of a device, as the planner needs it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BarInput {
+    /// BAR index 0..=5 (a 64-bit BAR also occupies `index + 1`).
+    pub index: u8,
+    /// Size in bytes (real BARs are powers of two; spec input may not be).
+    pub size: u64,
+    /// 32- or 64-bit.
+    pub width: BarWidth,
+    /// Prefetchable (informational; both kinds are placed the same way).
+    pub prefetchable: bool,
+    /// The mmap-able areas VFIO's sparse-mmap capability reports, offsets and sizes in
+    /// multiples of 4 KiB. `None`: the whole BAR (down to a 4 KiB multiple).
+    pub areas: Option<Vec<BarRange>>,
+    /// Where the MSI-X table lies inside this BAR, if it does.
+    pub msix_table: Option<BarRange>,
+    /// Where the MSI-X pending-bit array lies inside this BAR, if it does.
+    pub msix_pba: Option<BarRange>,
+}
+
+impl BarInput {
+    /// A BAR with no sparse areas and no MSI-X structures.
+    pub fn new(index: u8, size: u64, width: BarWidth, prefetchable: bool) -> Self {
+        BarInput {
+            index,
+            size,
+            width,
+            prefetchable,
+            areas: None,
+            msix_table: None,
+            msix_pba: None,
+        }
+    }
+}
+
+/// A device to place: a name (a BDF such as `0000:41:00.0`, or `shmem0`) and its BARs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceInput {
+    /// Unique name used in the plan and in errors.
+    pub name: String,
+    /// Memory BARs, any order.
+    pub bars: Vec<BarInput>,
+    /// `bar-align=4k|2m|1g`: cap the mapping alignment to force smaller pages (the
+    /// comparison mode). `None` = `auto`, the largest pages possible.
+    pub align_cap: Option<PageSize>,
+}
+
+// ---------------------------------------------------------------------------------------
+// Windows.
+// ---------------------------------------------------------------------------------------
+
+/// Which MMIO window a BAR lives in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WindowKind {
+    /// Below 4 GiB, for 32-bit BARs.
+    Mmio32,
+    /// Above RAM, for 64-bit BARs.
+    Mmio64,
+}
+
+impl WindowKind {
+    /// What to do when a BAR does not fit.
+    pub const fn exhausted_hint(self) -> &'static str {
+        match self {
+            WindowKind::Mmio32 => {
+                "32-bit BARs must fit the 512 MiB MMIO32 window below 4 GiB: pass fewer \
+                 devices with 32-bit BARs"
+            }
+            WindowKind::Mmio64 => {
+                "use a host with more physical address bits, give the VM less memory (the \
+                 window starts after RAM), pass fewer devices, or shrink a resizable BAR on \
+                 the host"
+            }
+        }
+    }
+}
+
+impl fmt::Display for WindowKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            WindowKind::Mmio32 => "MMIO32",
+            WindowKind::Mmio64 => "MMIO64",
+        })
+    }
+}
+
+/// A guest physical address range `[start, end)` for BARs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct Window {
+    /// Which window this is.
+    pub kind: WindowKind,
+    /// First address.
+    pub start: u64,
+    /// One past the last address.
+    pub end: u64,
+}
+
+impl Window {
+    /// Bytes in the window.
+    pub const fn size(&self) -> u64 {
+        self.end.saturating_sub(self.start)
+    }
+
+    /// Whether `[gpa, gpa + size)` lies inside the window.
+    pub fn contains(&self, gpa: u64, size: u64) -> bool {
+        gpa >= self.start && gpa.checked_add(size).is_some_and(|end| end <= self.end)
+    }
+}
+
+/// The two BAR windows of a guest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct Windows {
+    /// For 32-bit BARs.
+    pub mmio32: Window,
+    /// For 64-bit BARs.
+    pub mmio64: Window,
+    /// Physical address bits the MMIO64 window was sized from (for messages).
+    pub phys_bits: u8,
+}
+
+impl Windows {
+    /// The windows of a guest with RAM `ram` on a host (and guest CPUID) with `phys_bits`
+    /// physical address bits: MMIO32 from `arch::layout`, MMIO64 from
+    /// [`mmio64_window_start`] up to `1 << phys_bits` (see the module docs).
+    pub fn new(ram: &[RamRegion], phys_bits: u8) -> Result<Windows, PlacementError> {
+        if !(MIN_PHYS_BITS..=MAX_PHYS_BITS).contains(&phys_bits) {
+            return Err(PlacementError::PhysBitsOutOfRange { phys_bits });
+        }
+        let start = mmio64_window_start(ram);
+        let end = 1u64 << phys_bits;
+        if end <= start {
+            return Err(PlacementError::NoMmio64Window { start, phys_bits });
+        }
+        Ok(Windows {
+            mmio32: Window {
+                kind: WindowKind::Mmio32,
+                start: PCI_MMIO32_START,
+                end: PCI_MMIO32_START + PCI_MMIO32_SIZE,
+            },
+            mmio64: Window {
+                kind: WindowKind::Mmio64,
+                start,
+                end,
+            },
+            phys_bits,
+        })
+    }
+
+    /// The window a BAR of this width goes into.
+    pub fn for_width(&self, width: BarWidth) -> &Window {
+        match width {
+            BarWidth::Bits32 => &self.mmio32,
+            BarWidth::Bits64 => &self.mmio64,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Output.
+// ---------------------------------------------------------------------------------------
+
+/// How many pages of each size tile an area when every page is as large as possible.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct PageCounts {
+    /// 4 KiB pages.
+    pub pages_4k: u64,
+    /// 2 MiB pages.
+    pub pages_2m: u64,
+    /// 1 GiB pages.
+    pub pages_1g: u64,
+}
+
+impl PageCounts {
+    pub(super) fn add(&mut self, page: PageSize, count: u64) {
+        match page {
+            PageSize::Size4K => self.pages_4k += count,
+            PageSize::Size2M => self.pages_2m += count,
+            PageSize::Size1G => self.pages_1g += count,
+        }
+    }
+
+    /// Bytes covered by these pages.
+    pub fn bytes(&self) -> u64 {
+        self.pages_4k * HOST_PAGE_SIZE + self.pages_2m * SIZE_2M + self.pages_1g * SIZE_1G
+    }
+}
+
+/// One mmap-able area of a BAR: one memslot.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct AreaPlacement {
+    /// Offset inside the BAR (multiple of 4 KiB).
+    pub offset: u64,
+    /// Length (multiple of 4 KiB).
+    pub size: u64,
+    /// Guest physical address: the BAR's GPA + `offset`.
+    pub gpa: u64,
+    /// Offset from the BAR's HVA base (equals `offset`: areas keep their place).
+    pub hva_offset: u64,
+    /// The largest page KVM can use for any part of the area (see the module docs).
+    pub page_size: PageSize,
+    /// The area tiled with the largest pages possible.
+    pub pages: PageCounts,
+}
+
+/// Where one BAR goes and what it can get.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct BarPlacement {
+    /// BAR index.
+    pub index: u8,
+    /// BAR size in bytes, as given.
+    pub size: u64,
+    /// 32 or 64 (serialized as `bits`).
+    #[serde(rename = "bits")]
+    pub width: BarWidth,
+    /// Prefetchable.
+    pub prefetchable: bool,
+    /// The window it was allocated in.
+    pub window: WindowKind,
+    /// Guest physical address, a multiple of `reserved`.
+    pub gpa: u64,
+    /// Bytes reserved in the window: `pow2ceil(max(size, 4 KiB))`.
+    pub reserved: u64,
+    /// GPA ≡ HVA modulo this (a power of two, at least 4 KiB, at most 1 GiB).
+    pub hva_align: u64,
+    /// The HVA base must satisfy `hva_base % hva_modulus == hva_phase`.
+    pub hva_modulus: u64,
+    /// See `hva_modulus`: 0 normally, `hva_align` when `align_cap` pushes the HVA off the
+    /// larger boundary.
+    pub hva_phase: u64,
+    /// The device's `bar-align` cap, if any.
+    pub align_cap: Option<PageSize>,
+    /// Largest page of any area; `None` (serialized as 0) when the BAR is trapped.
+    #[serde(serialize_with = "serialize_optional_page_size")]
+    pub page_size: Option<PageSize>,
+    /// No memslot at all: every access is emulated through VFIO (sub-page BAR, or nothing
+    /// mmap-able).
+    pub trap: bool,
+    /// mmap-able areas, by offset.
+    pub areas: Vec<AreaPlacement>,
+    /// Ranges that must trap (everything not in `areas`), by offset, merged.
+    pub traps: Vec<BarRange>,
+    /// The 4 KiB pages holding the MSI-X table, if it is in this BAR.
+    pub msix_table_pages: Option<BarRange>,
+    /// The 4 KiB pages holding the MSI-X PBA, if it is in this BAR.
+    pub msix_pba_pages: Option<BarRange>,
+}
+
+impl BarPlacement {
+    /// Whether `hva_base` is a base address the mapper may use for this BAR.
+    pub fn hva_base_fits(&self, hva_base: u64) -> bool {
+        hva_base % self.hva_modulus == self.hva_phase
+    }
+
+    /// The lowest suitable HVA base at or above `hint` (None on overflow).
+    pub fn hva_base_at_or_above(&self, hint: u64) -> Option<u64> {
+        let base = hint.checked_next_multiple_of(self.hva_modulus)?;
+        let candidate = base.checked_add(self.hva_phase)?;
+        match candidate.checked_sub(self.hva_modulus) {
+            Some(lower) if lower >= hint => Some(lower),
+            _ => Some(candidate),
+        }
+    }
+}
+
+fn serialize_optional_page_size<S: Serializer>(
+    page: &Option<PageSize>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    serializer.serialize_u64(page.map_or(0, PageSize::bytes))
+}
+
+/// The BARs of one device, by index.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct DevicePlan {
+    /// The device's name.
+    pub name: String,
+    /// Its `bar-align` cap (`None` = auto).
+    pub align_cap: Option<PageSize>,
+    /// Its BARs, by index.
+    pub bars: Vec<BarPlacement>,
+}
+
+/// The placement of every device, in input order.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Plan {
+    /// Devices in the order given.
+    pub devices: Vec<DevicePlan>,
+}
+
+// ---------------------------------------------------------------------------------------
+// Errors.
+// ---------------------------------------------------------------------------------------
+
+/// Why devices cannot be placed.
+#[derive(Debug, thiserror::Error)]
+pub enum PlacementError {
+    /// `phys_bits` outside [`MIN_PHYS_BITS`]..=[`MAX_PHYS_BITS`].
+    #[error("phys-bits {phys_bits} is out of range: give a value from 32 to 52 (the host's, see /proc/cpuinfo \"address sizes\")")]
+    PhysBitsOutOfRange {
+        /// The value given.
+        phys_bits: u8,
+    },
+    /// RAM ends at or above `1 << phys_bits`.
+    #[error("no room for the MMIO64 window: RAM ends at {start:#x}, at or above the {}-bit limit {:#x} (phys-bits {phys_bits}): give the VM less memory", phys_bits, 1u128 << phys_bits)]
+    NoMmio64Window {
+        /// Where the window would start.
+        start: u64,
+        /// The physical address bits.
+        phys_bits: u8,
+    },
+    /// Two devices with the same name.
+    #[error("device name {name:?} is used twice: give every device a unique name")]
+    DuplicateDeviceName {
+        /// The name.
+        name: String,
+    },
+    /// BAR index above 5.
+    #[error("BAR {index} of {device} does not exist: BAR indexes are 0 to 5")]
+    BarIndexOutOfRange {
+        /// Device name.
+        device: String,
+        /// The index given.
+        index: u8,
+    },
+    /// The same BAR index twice.
+    #[error("BAR {index} of {device} is listed twice: list each BAR once")]
+    DuplicateBar {
+        /// Device name.
+        device: String,
+        /// The index.
+        index: u8,
+    },
+    /// Size 0.
+    #[error("BAR {index} of {device} has size 0: leave unimplemented BARs out")]
+    ZeroSizeBar {
+        /// Device name.
+        device: String,
+        /// BAR index.
+        index: u8,
+    },
+    /// Larger than [`MAX_BAR_SIZE`].
+    #[error(
+        "BAR {index} of {device} is {size} bytes, larger than 2^63: that is not a real BAR size"
+    )]
+    BarTooLarge {
+        /// Device name.
+        device: String,
+        /// BAR index.
+        index: u8,
+        /// Size given.
+        size: u64,
+    },
+    /// An area whose offset or size is not a multiple of 4 KiB, or is empty.
+    #[error("area {offset:#x}+{size:#x} of BAR {index} of {device} is not a non-empty multiple of 4 KiB at a 4 KiB-aligned offset: mmap works on whole pages")]
+    AreaUnaligned {
+        /// Device name.
+        device: String,
+        /// BAR index.
+        index: u8,
+        /// Area offset.
+        offset: u64,
+        /// Area size.
+        size: u64,
+    },
+    /// An area or MSI-X structure that extends past the end of the BAR (or is empty).
+    #[error("{what} {offset:#x}+{size:#x} of BAR {index} of {device} is empty or ends past the BAR's {bar_size:#x} bytes: check the offsets")]
+    OutsideBar {
+        /// Device name.
+        device: String,
+        /// BAR index.
+        index: u8,
+        /// `area`, `MSI-X table` or `MSI-X PBA`.
+        what: &'static str,
+        /// Its offset.
+        offset: u64,
+        /// Its size.
+        size: u64,
+        /// The BAR's size.
+        bar_size: u64,
+    },
+    /// Two mmap-able areas overlap.
+    #[error("areas {first_offset:#x}+{first_size:#x} and {second_offset:#x}+{second_size:#x} of BAR {index} of {device} overlap: list disjoint areas")]
+    AreasOverlap {
+        /// Device name.
+        device: String,
+        /// BAR index.
+        index: u8,
+        /// The lower area's offset.
+        first_offset: u64,
+        /// The lower area's size.
+        first_size: u64,
+        /// The other area's offset.
+        second_offset: u64,
+        /// The other area's size.
+        second_size: u64,
+    },
+    /// No naturally aligned free range of the BAR's size is left in its window.
+    #[error("BAR {index} of {device} ({}, {width}) does not fit in the {window} window {window_start:#x}..{window_end:#x} (phys-bits {phys_bits}): it needs {} naturally aligned and no such free range is left (the window is too small, or BARs at least as large took it); {}", format_size(*.size), format_size(*.reserved), .window.exhausted_hint())]
+    WindowExhausted {
+        /// Device name.
+        device: String,
+        /// BAR index.
+        index: u8,
+        /// BAR size.
+        size: u64,
+        /// Bytes it needs (power of two, also its alignment).
+        reserved: u64,
+        /// 32- or 64-bit.
+        width: BarWidth,
+        /// Which window.
+        window: WindowKind,
+        /// Window start.
+        window_start: u64,
+        /// Window end (exclusive).
+        window_end: u64,
+        /// The physical address bits.
+        phys_bits: u8,
+    },
+    /// vm-allocator refused the request for another reason (a bug in the planner).
+    #[error("allocating BAR {index} of {device} failed inside vm-allocator: {source}; please report this as a barge bug")]
+    Allocator {
+        /// Device name.
+        device: String,
+        /// BAR index.
+        index: u8,
+        /// The allocator's error.
+        source: vm_allocator::Error,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::placement::fixtures::{ivshmem, windows, GIB};
+    use crate::placement::planner::plan;
+    use crate::ram::ram_regions;
+
+    #[test]
+    fn windows_errors() {
+        assert!(matches!(
+            Windows::new(&[], 20),
+            Err(PlacementError::PhysBitsOutOfRange { phys_bits: 20 })
+        ));
+        let err = Windows::new(&ram_regions(64 * GIB).unwrap(), 36).unwrap_err();
+        assert!(matches!(err, PlacementError::NoMmio64Window { .. }));
+        assert!(err.to_string().contains("less memory"), "{err}");
+        let w = windows(GIB, 52);
+        assert_eq!(w.mmio64.end, 1 << 52);
+        assert_eq!(w.mmio64.start, 4 * GIB);
+        assert_eq!(w.mmio32.start, PCI_MMIO32_START);
+    }
+
+    #[test]
+    fn json_has_the_documented_shape() {
+        let plan = plan(&[ivshmem()], &windows(GIB, 40)).unwrap();
+        let json: serde_json::Value = serde_json::to_value(&plan).unwrap();
+        let bar = &json["devices"][0]["bars"][1];
+        assert_eq!(json["devices"][0]["name"], "shmem0");
+        for key in ["index", "size", "gpa", "hva_align", "page_size", "areas"] {
+            assert!(bar.get(key).is_some(), "{key} missing in {bar}");
+        }
+        assert_eq!(bar["size"], 8 * GIB);
+        assert_eq!(bar["page_size"], GIB);
+        assert_eq!(bar["bits"], 64);
+        for key in ["offset", "size", "gpa", "page_size"] {
+            assert!(bar["areas"][0][key].is_u64(), "{key} in {bar}");
+        }
+        assert_eq!(json["devices"][0]["bars"][0]["page_size"], 0);
+    }
+
+    #[test]
+    fn page_sizes_parse_and_print() {
+        assert_eq!("2M".parse::<PageSize>().unwrap(), PageSize::Size2M);
+        assert_eq!("1gib".parse::<PageSize>().unwrap(), PageSize::Size1G);
+        assert!("3m".parse::<PageSize>().is_err());
+        assert_eq!(PageSize::from_bytes(4096), Some(PageSize::Size4K));
+        assert_eq!(PageSize::Size1G.to_string(), "1G");
+    }
+}

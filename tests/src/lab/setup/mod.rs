@@ -1,0 +1,230 @@
+//! `barge-lab setup`: installs what the lab needs on a Debian 12 machine
+//! (QEMU and SeaBIOS from bookworm-backports, busybox-static) and caches the
+//! current bookworm-backports cloud kernel with the modules the lab host loads,
+//! and the generic kernel of the same version with the modules its guests
+//! load (e1000e, which the cloud kernel lacks). It is idempotent, and offline
+//! once cached. Without apt, the files can be supplied by hand.
+//!
+//! # Files
+//!
+//! - `mod.rs`: [`setup`] and its [`SetupOptions`], QEMU and busybox.
+//! - `apt_sources.rs`: adding bookworm-backports to the apt sources.
+//! - `kernel.rs`: the cloud and generic kernel packages.
+//! - `modules.rs`: finding, decompressing and ordering kernel modules.
+//! - `elf.rs`: the ELF section reader `.modinfo` is read with.
+
+mod apt_sources;
+mod elf;
+mod kernel;
+mod modules;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use self::apt_sources::{ensure_backports_source, BACKPORTS_SUITE};
+use self::kernel::{backports_kernel, describe_generic, generic_kernel, supplied_kernel};
+use super::{command_output, LabError, LabPaths, LabState, HOST_MODULES};
+
+const SYSTEM_QEMU: &str = "/usr/bin/qemu-system-x86_64";
+const SYSTEM_BUSYBOX: &str = "/bin/busybox";
+/// bookworm's own QEMU 7.2 failed about one nested boot in five; 10.0 never.
+const MIN_QEMU_MAJOR: u32 = 10;
+
+/// Files supplied by hand instead of through apt.
+#[derive(Debug, Default, Clone)]
+pub struct SetupOptions {
+    pub kernel: Option<PathBuf>,
+    pub modules: Option<PathBuf>,
+    pub qemu: Option<PathBuf>,
+    pub busybox: Option<PathBuf>,
+    /// The generic kernel's bzImage, instead of Debian's (needs
+    /// `generic_modules`).
+    pub generic_kernel: Option<PathBuf>,
+    pub generic_modules: Option<PathBuf>,
+    /// Re-resolve and re-download the kernel even when one is cached.
+    pub refresh: bool,
+}
+
+pub fn setup(paths: &LabPaths, options: &SetupOptions) -> Result<LabState, LabError> {
+    std::fs::create_dir_all(&paths.root)
+        .map_err(|e| LabError::io("cannot create", &paths.root, e))?;
+    if !options.refresh && options.kernel.is_none() && options.qemu.is_none() {
+        if let Ok(mut state) = LabState::load(paths) {
+            if state.generic.is_none() || options.generic_kernel.is_some() {
+                state.generic = generic_kernel(paths, options, &state.kernel_package, have_apt())?;
+                state.check()?;
+                state.save(paths)?;
+            }
+            eprintln!(
+                "barge-lab: already set up: kernel {} ({}), {}, QEMU {}",
+                state.kernel_version,
+                state.kernel_package,
+                describe_generic(&state.generic),
+                state.qemu_version
+            );
+            return Ok(state);
+        }
+    }
+    let apt = have_apt();
+    let (qemu, qemu_version) = host_qemu(options, apt)?;
+    let busybox = host_busybox(options, apt)?;
+    let (kernel_package, kernel_version) = match (&options.kernel, &options.modules) {
+        (Some(kernel), Some(modules)) => supplied_kernel(paths, kernel, modules)?,
+        (Some(_), None) | (None, Some(_)) => {
+            return Err(LabError::Usage(
+                "--kernel and --modules go together: give the bzImage and the folder holding \
+                 its modules (.ko, .ko.xz or .ko.zst, searched recursively)"
+                    .into(),
+            ))
+        }
+        (None, None) if apt => backports_kernel(paths)?,
+        (None, None) => return Err(LabError::Setup(no_apt_help())),
+    };
+    let generic = generic_kernel(paths, options, &kernel_package, apt)?;
+    let state = LabState {
+        kernel_package,
+        kernel_version,
+        bzimage: paths.bzimage(),
+        modules_dir: paths.modules_dir(),
+        qemu,
+        qemu_version,
+        busybox,
+        generic,
+    };
+    state.check()?;
+    state.save(paths)?;
+    eprintln!(
+        "barge-lab: set up: kernel {} ({}), {}, QEMU {}, busybox {}; cached in {}",
+        state.kernel_version,
+        state.kernel_package,
+        describe_generic(&state.generic),
+        state.qemu_version,
+        state.busybox.display(),
+        paths.root.display()
+    );
+    Ok(state)
+}
+
+fn no_apt_help() -> String {
+    format!(
+        "apt-get is not available (or this is not root), so the lab cannot install its \
+         packages. Supply them by hand: `barge-lab setup --kernel BZIMAGE --modules DIR \
+         --qemu QEMU [--busybox BUSYBOX]`, where BZIMAGE is a Linux 6.12+ x86_64 kernel with \
+         huge pfnmap support (Debian's bookworm-backports linux-image-cloud-amd64 has it), DIR \
+         holds its modules {} (plain, .xz or .zst, searched recursively), QEMU is \
+         qemu-system-x86_64 {MIN_QEMU_MAJOR}.0 or newer with its firmware installed, and \
+         BUSYBOX a static busybox",
+        HOST_MODULES.join(", ")
+    )
+}
+
+fn have_apt() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let root = unsafe { libc::geteuid() } == 0;
+    root && Path::new("/usr/bin/apt-get").exists()
+}
+
+fn host_qemu(options: &SetupOptions, apt: bool) -> Result<(PathBuf, String), LabError> {
+    if let Some(qemu) = &options.qemu {
+        let version = qemu_version(qemu)?;
+        return Ok((qemu.clone(), version));
+    }
+    let system = PathBuf::from(SYSTEM_QEMU);
+    let current = qemu_version(&system).ok();
+    if current.as_deref().map(qemu_major) < Some(MIN_QEMU_MAJOR) {
+        if !apt {
+            return Err(LabError::Setup(no_apt_help()));
+        }
+        ensure_backports_source()?;
+        apt_install(&["qemu-system-x86", "seabios"], Some(BACKPORTS_SUITE))?;
+    }
+    let version = qemu_version(&system)?;
+    if qemu_major(&version) < MIN_QEMU_MAJOR {
+        return Err(LabError::Setup(format!(
+            "{SYSTEM_QEMU} is version {version} after installing from {BACKPORTS_SUITE}; the \
+             lab needs {MIN_QEMU_MAJOR}.0 or newer (give one with --qemu)"
+        )));
+    }
+    Ok((system, version))
+}
+
+fn host_busybox(options: &SetupOptions, apt: bool) -> Result<PathBuf, LabError> {
+    if let Some(busybox) = &options.busybox {
+        return Ok(busybox.clone());
+    }
+    let installed = Command::new("dpkg")
+        .args(["-s", "busybox-static"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !installed {
+        if !apt {
+            if Path::new(SYSTEM_BUSYBOX).exists() {
+                return Ok(PathBuf::from(SYSTEM_BUSYBOX));
+            }
+            return Err(LabError::Setup(no_apt_help()));
+        }
+        apt_install(&["busybox-static", "xz-utils", "zstd"], None)?;
+    }
+    Ok(PathBuf::from(SYSTEM_BUSYBOX))
+}
+
+/// `QEMU emulator version 10.0.2 (Debian ...)` -> `10.0.2`.
+fn qemu_version(qemu: &Path) -> Result<String, LabError> {
+    let text = command_output(&qemu.to_string_lossy(), &["--version"])?;
+    text.lines()
+        .next()
+        .and_then(|line| line.split_whitespace().nth(3))
+        .map(str::to_string)
+        .ok_or_else(|| {
+            LabError::Setup(format!(
+                "cannot read the version of {}: it printed `{}`",
+                qemu.display(),
+                text.trim()
+            ))
+        })
+}
+
+fn qemu_major(version: &str) -> u32 {
+    version
+        .split('.')
+        .next()
+        .and_then(|m| m.parse().ok())
+        .unwrap_or(0)
+}
+
+fn apt_install(packages: &[&str], suite: Option<&str>) -> Result<(), LabError> {
+    let mut args = vec!["install", "-y", "--no-install-recommends"];
+    if let Some(suite) = suite {
+        args.extend(["-t", suite]);
+    }
+    args.extend(packages);
+    eprintln!("barge-lab: apt-get {}", args.join(" "));
+    let status = Command::new("apt-get")
+        .args(&args)
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .status()
+        .map_err(|e| LabError::Command {
+            command: "apt-get install".into(),
+            detail: e.to_string(),
+        })?;
+    if !status.success() {
+        return Err(LabError::Command {
+            command: format!("apt-get {}", args.join(" ")),
+            detail: status.to_string(),
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn qemu_major_is_read() {
+        assert_eq!(qemu_major("10.0.2"), 10);
+        assert_eq!(qemu_major("7.2.0"), 7);
+        assert_eq!(qemu_major("garbage"), 0);
+    }
+}
