@@ -10,6 +10,7 @@ pub mod acpi;
 pub mod i8042;
 pub mod pci;
 pub mod shmem;
+pub mod vfio;
 
 /// A request from the guest to end or restart the machine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -19,4 +20,3 @@ pub enum PowerEvent {
     /// The guest asked to reset (ACPI reset register or i8042 pulse).
     Reset,
 }
-pub mod vfio;

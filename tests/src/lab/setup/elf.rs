@@ -26,7 +26,11 @@ pub(super) fn elf_section<'a>(elf: &'a [u8], wanted: &str) -> Option<&'a [u8]> {
     // (name offset, file offset, size) of section `index`.
     let header = |index: usize| {
         let base = section_offset.checked_add(index.checked_mul(entry_size)?)?;
-        Some((u32_at(base)?, u64_at(base + 0x18)?, u64_at(base + 0x20)?))
+        Some((
+            u32_at(base)?,
+            u64_at(base.checked_add(0x18)?)?,
+            u64_at(base.checked_add(0x20)?)?,
+        ))
     };
     let (_, names_offset, names_size) = header(names_index)?;
     let names = bytes(names_offset, names_size)?;
