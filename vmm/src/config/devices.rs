@@ -438,7 +438,7 @@ impl ShmemConfig {
                 return Err(DeviceConfigError::ShmemBelowHugePage { size, hugepages });
             }
             if let Some(cap) = self.bar_align.cap() {
-                if cap.bytes() < hugepages.bytes() {
+                if cap < PageSize::from(hugepages) {
                     return Err(DeviceConfigError::ShmemAlignBelowHugePage {
                         hugepages,
                         bar_align: self.bar_align,
@@ -548,6 +548,29 @@ mod tests {
         ] {
             let err = input.parse::<ShmemConfig>().unwrap_err().to_string();
             assert!(err.contains(expected), "{input:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn bar_align_may_cap_at_the_huge_page_size_but_not_below() {
+        for ok in [
+            "size=2G,hugepages=2M,bar-align=2m",
+            "size=2G,hugepages=2M,bar-align=1g",
+            "size=2G,hugepages=1G,bar-align=1g",
+        ] {
+            ok.parse::<ShmemConfig>().unwrap();
+        }
+        for below in [
+            "size=2G,hugepages=2M,bar-align=4k",
+            "size=2G,hugepages=1G,bar-align=2m",
+        ] {
+            assert!(
+                matches!(
+                    below.parse::<ShmemConfig>(),
+                    Err(DeviceConfigError::ShmemAlignBelowHugePage { .. })
+                ),
+                "{below}"
+            );
         }
     }
 

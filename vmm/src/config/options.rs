@@ -12,6 +12,7 @@ use std::collections::BTreeSet;
 use std::fmt;
 use std::str::FromStr;
 
+use resources::placement::PageSize;
 use serde::{Deserialize, Deserializer, Serialize};
 
 /// Errors in the shared option syntax: a size, a switch, a huge page size or
@@ -208,6 +209,13 @@ pub(crate) fn parse_switch(
 /// memory device) is allocated from: 2 MiB or 1 GiB, the pools under
 /// `/sys/kernel/mm/hugepages` and the `MFD_HUGE_*` flags. Written `2M` or
 /// `1G` (`hugepages=2M`).
+///
+/// It is not [`PageSize`]: that is the size of one x86-64 page-table entry
+/// (4K PTE, 2M PMD, 1G PUD), what the BAR planner aligns an area for and
+/// what `bar-align` caps. A huge page of either size is what one PMD or PUD
+/// maps, so every `HugePageSize` converts into the `PageSize` of the same
+/// bytes (`PageSize::from`); 4K pages are not huge pages, so there is no
+/// conversion back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum HugePageSize {
     /// 2 MiB pages.
@@ -230,6 +238,16 @@ impl HugePageSize {
     /// The page size in KiB, as in `/sys/kernel/mm/hugepages/hugepages-<N>kB`.
     pub fn kib(self) -> u64 {
         self.bytes() >> 10
+    }
+}
+
+/// The mapping size one huge page of this size fills: 2M is a PMD, 1G a PUD.
+impl From<HugePageSize> for PageSize {
+    fn from(size: HugePageSize) -> PageSize {
+        match size {
+            HugePageSize::Size2M => PageSize::Size2M,
+            HugePageSize::Size1G => PageSize::Size1G,
+        }
     }
 }
 
@@ -341,7 +359,7 @@ mod tests {
     }
 
     #[test]
-    fn huge_page_sizes_parse_and_print() {
+    fn huge_page_sizes_parse_print_and_convert_to_mapping_sizes() {
         for (text, size) in [
             ("2M", HugePageSize::Size2M),
             ("2048k", HugePageSize::Size2M),
@@ -357,6 +375,8 @@ mod tests {
         );
         for size in [HugePageSize::Size2M, HugePageSize::Size1G] {
             assert_eq!(size.to_string().parse::<HugePageSize>().unwrap(), size);
+            assert_eq!(PageSize::from(size).bytes(), size.bytes());
+            assert_eq!(PageSize::from(size).name(), size.to_string());
         }
         assert_eq!(HugePageSize::Size2M.kib(), 2048);
     }
