@@ -328,11 +328,11 @@ fn parse_seccomp(text: &str) -> Result<SeccompMode, vmm::seccomp::SeccompError> 
     text.parse()
 }
 
-fn parse_vfio(text: &str) -> Result<VfioConfig, vmm::config::ConfigError> {
+fn parse_vfio(text: &str) -> Result<VfioConfig, vmm::config::DeviceConfigError> {
     text.parse()
 }
 
-fn parse_shmem(text: &str) -> Result<ShmemConfig, vmm::config::ConfigError> {
+fn parse_shmem(text: &str) -> Result<ShmemConfig, vmm::config::DeviceConfigError> {
     text.parse()
 }
 
@@ -340,7 +340,7 @@ fn parse_vfio_backend(text: &str) -> Result<VfioBackend, vmm::config::DeviceConf
     text.parse()
 }
 
-fn parse_memory(text: &str) -> Result<MemoryConfig, vmm::config::ConfigError> {
+fn parse_memory(text: &str) -> Result<MemoryConfig, vmm::config::MemoryConfigError> {
     text.parse()
 }
 

@@ -28,14 +28,20 @@ use std::str::FromStr;
 use resources::placement::PageSize;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use crate::config::{format_size, parse_key_values, parse_size, ConfigError, HugePageSize};
+use crate::config::options::{
+    format_option_size, parse_key_values, parse_size, HugePageSize, OptionError,
+};
 
 /// Smallest shared memory size: one page (a memslot is page-sized).
 pub const MIN_SHMEM_SIZE: u64 = 4096;
 
-/// Errors in `--device`, `--shmem` and `--vfio-backend` values.
+/// Errors in `--device`, `--shmem` and `--vfio-backend` values (and their
+/// JSON forms).
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceConfigError {
+    /// The value's syntax: a key, a size or a huge page size.
+    #[error(transparent)]
+    Option(#[from] OptionError),
     /// `bar-align` with an unknown value.
     #[error("invalid bar-align {0:?}: use auto, 4k, 2m or 1g")]
     InvalidBarAlign(String),
@@ -55,19 +61,19 @@ pub enum DeviceConfigError {
     #[error("PCI device {0} is passed through twice; give each --device once")]
     DuplicateVfio(String),
     /// Shared memory that is not a power of two.
-    #[error("--shmem size={}: ivshmem's BAR2 is the shared memory and a BAR's size must be a power of two; use {} or {}", format_size(*size), format_size(prev_power_of_two(*size)), format_size(size.next_power_of_two()))]
+    #[error("--shmem size={}: ivshmem's BAR2 is the shared memory and a BAR's size must be a power of two; use {} or {}", format_option_size(*size), format_option_size(prev_power_of_two(*size)), format_option_size(size.next_power_of_two()))]
     ShmemNotPowerOfTwo {
         /// The size given.
         size: u64,
     },
     /// Shared memory below one page.
-    #[error("--shmem size={}: shared memory needs at least 4K (one page)", format_size(*size))]
+    #[error("--shmem size={}: shared memory needs at least 4K (one page)", format_option_size(*size))]
     ShmemTooSmall {
         /// The size given.
         size: u64,
     },
     /// Shared memory smaller than one huge page.
-    #[error("--shmem size={},hugepages={hugepages}: the size must be at least one {hugepages} huge page", format_size(*size))]
+    #[error("--shmem size={},hugepages={hugepages}: the size must be at least one {hugepages} huge page", format_option_size(*size))]
     ShmemBelowHugePage {
         /// The size given.
         size: u64,
@@ -261,7 +267,7 @@ pub struct VfioConfig {
 #[serde(deny_unknown_fields)]
 pub struct ShmemConfig {
     /// Bytes of shared memory (BAR2): a power of two, at least 4 KiB.
-    #[serde(deserialize_with = "crate::config::deserialize_size")]
+    #[serde(deserialize_with = "crate::config::options::deserialize_size")]
     pub size: u64,
     /// A file to share (created or extended to `size`); `None`: a memfd.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -296,14 +302,14 @@ pub fn parse_bdf(text: &str) -> Result<String, DeviceConfigError> {
 }
 
 impl FromStr for VfioConfig {
-    type Err = ConfigError;
+    type Err = DeviceConfigError;
 
     /// Parses `vfio=DDDD:BB:DD.F[,bar-align=auto|4k|2m|1g][,p2p=on|off|auto]`
     /// (the `--device` value).
-    fn from_str(text: &str) -> Result<Self, ConfigError> {
+    fn from_str(text: &str) -> Result<Self, DeviceConfigError> {
         if let Some((kind, _)) = text.split_once('=') {
             if kind != "vfio" && kind != "bar-align" && kind != "p2p" {
-                return Err(DeviceConfigError::UnknownDevice(kind.to_string()).into());
+                return Err(DeviceConfigError::UnknownDevice(kind.to_string()));
             }
         }
         let pairs = parse_key_values(
@@ -323,7 +329,7 @@ impl FromStr for VfioConfig {
                 _ => {}
             }
         }
-        let bdf = bdf.ok_or(ConfigError::MissingKey {
+        let bdf = bdf.ok_or(OptionError::MissingKey {
             option: DEVICE_OPTION,
             key: "vfio",
             example: DEVICE_EXAMPLE,
@@ -350,11 +356,11 @@ impl fmt::Display for VfioConfig {
 }
 
 impl FromStr for ShmemConfig {
-    type Err = ConfigError;
+    type Err = DeviceConfigError;
 
     /// Parses `size=8G[,path=FILE][,hugepages=2M|1G][,bar-align=..]` and
     /// validates it ([`ShmemConfig::validate`]).
-    fn from_str(text: &str) -> Result<Self, ConfigError> {
+    fn from_str(text: &str) -> Result<Self, DeviceConfigError> {
         let pairs = parse_key_values(
             SHMEM_OPTION,
             SHMEM_EXAMPLE,
@@ -372,11 +378,12 @@ impl FromStr for ShmemConfig {
             match key {
                 "size" => size = Some(parse_size(value)?),
                 "path" if value.is_empty() => {
-                    return Err(ConfigError::MissingKey {
+                    return Err(OptionError::MissingKey {
                         option: SHMEM_OPTION,
                         key: "path",
                         example: "size=8G,path=/dev/shm/ivshmem",
-                    })
+                    }
+                    .into())
                 }
                 "path" => config.path = Some(PathBuf::from(value)),
                 "hugepages" => {
@@ -389,7 +396,7 @@ impl FromStr for ShmemConfig {
                 _ => {}
             }
         }
-        config.size = size.ok_or(ConfigError::MissingKey {
+        config.size = size.ok_or(OptionError::MissingKey {
             option: SHMEM_OPTION,
             key: "size",
             example: SHMEM_EXAMPLE,
@@ -401,7 +408,7 @@ impl FromStr for ShmemConfig {
 
 impl fmt::Display for ShmemConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "size={}", format_size(self.size))?;
+        write!(f, "size={}", format_option_size(self.size))?;
         if let Some(path) = &self.path {
             write!(f, ",path={}", path.display())?;
         }
@@ -431,7 +438,7 @@ impl ShmemConfig {
                 return Err(DeviceConfigError::ShmemBelowHugePage { size, hugepages });
             }
             if let Some(cap) = self.bar_align.cap() {
-                if cap.bytes() < hugepages.bytes() {
+                if cap < PageSize::from(hugepages) {
                     return Err(DeviceConfigError::ShmemAlignBelowHugePage {
                         hugepages,
                         bar_align: self.bar_align,
@@ -541,6 +548,29 @@ mod tests {
         ] {
             let err = input.parse::<ShmemConfig>().unwrap_err().to_string();
             assert!(err.contains(expected), "{input:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn bar_align_may_cap_at_the_huge_page_size_but_not_below() {
+        for ok in [
+            "size=2G,hugepages=2M,bar-align=2m",
+            "size=2G,hugepages=2M,bar-align=1g",
+            "size=2G,hugepages=1G,bar-align=1g",
+        ] {
+            ok.parse::<ShmemConfig>().unwrap();
+        }
+        for below in [
+            "size=2G,hugepages=2M,bar-align=4k",
+            "size=2G,hugepages=1G,bar-align=2m",
+        ] {
+            assert!(
+                matches!(
+                    below.parse::<ShmemConfig>(),
+                    Err(DeviceConfigError::ShmemAlignBelowHugePage { .. })
+                ),
+                "{below}"
+            );
         }
     }
 

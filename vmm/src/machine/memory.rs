@@ -22,7 +22,7 @@ use vm_memory::{
     FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionCollectionError, GuestRegionMmap,
 };
 
-use crate::config::{format_size, HugePageSize, MemoryConfig, BASE_PAGE_SIZE};
+use crate::config::{format_option_size, HugePageSize, MemoryConfig, BASE_PAGE_SIZE};
 use crate::report::MemoryRegionReport;
 
 /// Where the host's huge page pools live in sysfs, relative to the sysfs root.
@@ -37,7 +37,7 @@ pub enum MemoryError {
     #[error("no guest memory regions to map")]
     NoRegions,
     /// A region's address or size is not a multiple of its page size.
-    #[error("guest memory region at {gpa:#x} of size {size:#x} is not aligned to the {} page size; use a memory size that is a multiple of {}", format_size(*page_size), format_size(*page_size))]
+    #[error("guest memory region at {gpa:#x} of size {size:#x} is not aligned to the {} page size; use a memory size that is a multiple of {}", format_option_size(*page_size), format_option_size(*page_size))]
     RegionNotAligned {
         /// Guest physical address.
         gpa: u64,
@@ -99,7 +99,7 @@ pub enum MemoryError {
         source: io::Error,
     },
     /// Mapping a region failed.
-    #[error("cannot map guest memory region at {gpa:#x} of size {} ({backing}): {source}", format_size(*size))]
+    #[error("cannot map guest memory region at {gpa:#x} of size {} ({backing}): {source}", format_option_size(*size))]
     Map {
         /// Guest physical address.
         gpa: u64,
@@ -342,7 +342,7 @@ pub fn create_guest_memory_with_sysfs(
         Backing::Memfd | Backing::MemfdHugetlbfs(_) => Some(
             sys::create_memfd(backing.huge_page_size(), total).map_err(|source| {
                 MemoryError::Memfd {
-                    size: format_size(total),
+                    size: format_option_size(total),
                     source,
                 }
             })?,
@@ -368,7 +368,7 @@ pub fn create_guest_memory_with_sysfs(
             .with_hugetlbfs(backing.huge_page_size().is_some());
         if let Some(file) = &memfd {
             let file = file.try_clone().map_err(|source| MemoryError::Memfd {
-                size: format_size(total),
+                size: format_option_size(total),
                 source,
             })?;
             builder = builder.with_file_offset(FileOffset::new(file, file_offset));

@@ -20,7 +20,7 @@ use devices::shmem::{ShmemDevice, ShmemRegisters, MEMORY_BAR, REGISTERS_BAR, REG
 use resources::placement::{BarInput, BarWidth, DeviceInput, DevicePlan};
 
 use crate::buses::bus::BusDevice;
-use crate::config::{format_size, HugePageSize, ShmemConfig};
+use crate::config::{format_option_size, HugePageSize, ShmemConfig};
 use crate::machine::memory::{self, MemoryError};
 use crate::pci_devices::bar_mapping::MappedBar;
 use crate::pci_devices::setup::{
@@ -39,7 +39,7 @@ pub enum ShmemError {
     #[error(transparent)]
     HugePages(#[from] MemoryError),
     /// The memfd could not be created.
-    #[error("{request}: cannot create the {} memfd: {source}", format_size(*size))]
+    #[error("{request}: cannot create the {} memfd: {source}", format_option_size(*size))]
     Memfd {
         /// The option value.
         request: String,
