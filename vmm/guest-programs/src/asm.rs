@@ -64,7 +64,7 @@ pub fn put_al(a: &mut CodeAssembler) -> Result<(), IcedError> {
 
 /// Writes `text` to COM1 through [`put_al`], one `mov eax, byte` and one
 /// [`put_al`] per byte (unrolled; 64-bit mode only). Clobbers RAX, RDX and
-/// R9. Longer than [`print`]; it is the form the bench payload is made of.
+/// R9. Longer than [`print()`]; it is the form the bench payload is made of.
 pub fn put_str(a: &mut CodeAssembler, text: &str) -> Result<(), IcedError> {
     for byte in text.bytes() {
         a.mov(eax, u32::from(byte))?;
