@@ -160,7 +160,7 @@ pub fn payload_code(params: &PayloadParams) -> Result<Vec<u8>, PayloadError> {
     hang(&mut a)?;
 
     // print_hex: rdi as 16 hex digits and a newline. Clobbers rax, rcx,
-    // rdx, rdi.
+    // rdx, rdi and r9 (put_al's).
     a.set_label(&mut print_hex)?;
     a.mov(ecx, 16)?;
     let mut digit = a.create_label();
