@@ -1,6 +1,7 @@
 //! barge's real vCPU loop on this machine's /dev/kvm: tiny long-mode
-//! payloads, assembled here with iced-x86 and wrapped in a minimal ELF64
-//! "vmlinux", run through the embedding API with the console captured.
+//! payloads, assembled from guest-programs' pieces and wrapped in its
+//! minimal ELF64 "vmlinux", run through the embedding API with the console
+//! captured.
 //!
 //! KVM here may be slow (~1M guest instructions/s), so every payload is a
 //! few dozen instructions plus port I/O. Without /dev/kvm the tests fail
@@ -10,153 +11,15 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use arch::layout::{
-    ACPI_POWEROFF_VALUE, ACPI_SLEEP_CONTROL_PORT, COM1_PORT, HIMEM_START, I8042_COMMAND_PORT,
-    I8042_RESET_COMMAND,
-};
-use iced_x86::code_asm::*;
+use arch::layout::{HIMEM_START, I8042_COMMAND_PORT, I8042_RESET_COMMAND};
+use guest_programs::asm::{acpi_poweroff_as_linux, assemble, assemble_bits, hang, print};
+use guest_programs::code_asm::*;
+use guest_programs::elf::{elf64, Vmlinux};
+use guest_programs::testing::kvm_or_skip;
 use vmm::config::{OnReboot, SerialConfig, VmConfig};
 use vmm::report::Report;
 
 const GREETING: &str = "hello from barge\n";
-/// Linux's ACPI_BITMASK_WAKE_STATUS, written to the sleep status register
-/// before the sleep control write in acpi_hw_extended_sleep().
-const WAK_STS: u8 = 0x80;
-/// Line status register: transmitter holding register empty.
-const LSR_THRE: u8 = 0x20;
-
-/// Whether the test may use KVM; panics with instructions when it is
-/// missing and skipping was not asked for.
-fn kvm_or_skip(test: &str) -> bool {
-    let usable = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm");
-    match usable {
-        Ok(_) => true,
-        Err(_) if std::env::var("BARGE_SKIP_KVM").as_deref() == Ok("1") => {
-            eprintln!("{test}: skipped: /dev/kvm is not usable and BARGE_SKIP_KVM=1");
-            false
-        }
-        Err(e) => panic!(
-            "{test} needs /dev/kvm ({e}); run on a host with KVM (or nested \
-             virtualization), or set BARGE_SKIP_KVM=1 to skip the KVM tests"
-        ),
-    }
-}
-
-/// Writes `text` to COM1 polling LSR.THRE before each byte, like an
-/// early-console driver. Unrolled, with no data references, so the same code
-/// works in 64-bit and 32-bit mode.
-fn print(a: &mut CodeAssembler, text: &str) -> Result<(), IcedError> {
-    for byte in text.bytes() {
-        let mut wait = a.create_label();
-        a.mov(dx, COM1_PORT as u32 + 5)?;
-        a.set_label(&mut wait)?;
-        a.in_(al, dx)?;
-        a.test(al, LSR_THRE as u32)?;
-        a.jz(wait)?;
-        a.mov(dx, COM1_PORT as u32)?;
-        a.mov(al, u32::from(byte))?;
-        a.out(dx, al)?;
-    }
-    // Give whatever label follows its own instruction.
-    a.nop()?;
-    Ok(())
-}
-
-/// Powers off as Linux does on a HW-reduced ACPI machine: clear WAK_STS in
-/// the sleep status register, then write SLP_TYP(S5) | SLP_EN to the sleep
-/// control register (both at the port the FADT names).
-fn acpi_poweroff(a: &mut CodeAssembler) -> Result<(), IcedError> {
-    a.mov(dx, ACPI_SLEEP_CONTROL_PORT as u32)?;
-    a.mov(al, WAK_STS as u32)?;
-    a.out(dx, al)?;
-    a.mov(al, ACPI_POWEROFF_VALUE as u32)?;
-    a.out(dx, al)?;
-    Ok(())
-}
-
-/// Halts forever with interrupts off (only a stop from barge ends it).
-fn hang(a: &mut CodeAssembler) -> Result<(), IcedError> {
-    let mut again = a.create_label();
-    a.set_label(&mut again)?;
-    a.cli()?;
-    a.hlt()?;
-    a.jmp(again)?;
-    Ok(())
-}
-
-fn assemble(body: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>) -> Vec<u8> {
-    assemble_bits(64, body)
-}
-
-fn assemble_bits(
-    bitness: u32,
-    body: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>,
-) -> Vec<u8> {
-    let mut a = CodeAssembler::new(bitness).expect("assembler");
-    body(&mut a).expect("payload assembles");
-    a.assemble(HIMEM_START).expect("payload assembles")
-}
-
-/// A minimal ELF64 executable: one PT_LOAD of `code` at `HIMEM_START`,
-/// entry at its first byte, no PVH note (so barge uses the 64-bit entry).
-fn elf64(code: &[u8]) -> Vec<u8> {
-    elf64_with_pvh(code, None)
-}
-
-/// Like [`elf64`]; with `pvh_entry`, a PT_NOTE carrying the Xen
-/// XEN_ELFNOTE_PHYS32_ENTRY note (type 18, name "Xen") as Linux's
-/// vmlinux has when built with CONFIG_PVH.
-fn elf64_with_pvh(code: &[u8], pvh_entry: Option<u32>) -> Vec<u8> {
-    const EHDR: usize = 64;
-    const PHDR: usize = 56;
-    const NOTE_OFFSET: usize = 0x800;
-    const CODE_OFFSET: u64 = 0x1000;
-    let phnum: u16 = if pvh_entry.is_some() { 2 } else { 1 };
-    let mut image = vec![0u8; CODE_OFFSET as usize];
-    let ehdr = &mut image[..EHDR];
-    ehdr[0..4].copy_from_slice(b"\x7fELF");
-    ehdr[4] = 2; // ELFCLASS64
-    ehdr[5] = 1; // ELFDATA2LSB
-    ehdr[6] = 1; // EV_CURRENT
-    ehdr[16..18].copy_from_slice(&2u16.to_le_bytes()); // ET_EXEC
-    ehdr[18..20].copy_from_slice(&0x3eu16.to_le_bytes()); // EM_X86_64
-    ehdr[20..24].copy_from_slice(&1u32.to_le_bytes()); // e_version
-    ehdr[24..32].copy_from_slice(&HIMEM_START.to_le_bytes()); // e_entry
-    ehdr[32..40].copy_from_slice(&(EHDR as u64).to_le_bytes()); // e_phoff
-    ehdr[52..54].copy_from_slice(&(EHDR as u16).to_le_bytes()); // e_ehsize
-    ehdr[54..56].copy_from_slice(&(PHDR as u16).to_le_bytes()); // e_phentsize
-    ehdr[56..58].copy_from_slice(&phnum.to_le_bytes()); // e_phnum
-    let phdr = &mut image[EHDR..EHDR + PHDR];
-    phdr[0..4].copy_from_slice(&1u32.to_le_bytes()); // PT_LOAD
-    phdr[4..8].copy_from_slice(&7u32.to_le_bytes()); // RWX
-    phdr[8..16].copy_from_slice(&CODE_OFFSET.to_le_bytes()); // p_offset
-    phdr[16..24].copy_from_slice(&HIMEM_START.to_le_bytes()); // p_vaddr
-    phdr[24..32].copy_from_slice(&HIMEM_START.to_le_bytes()); // p_paddr
-    phdr[32..40].copy_from_slice(&(code.len() as u64).to_le_bytes()); // p_filesz
-    phdr[40..48].copy_from_slice(&(code.len() as u64).to_le_bytes()); // p_memsz
-    phdr[48..56].copy_from_slice(&0x1000u64.to_le_bytes()); // p_align
-    if let Some(entry) = pvh_entry {
-        let mut note = Vec::new();
-        note.extend_from_slice(&4u32.to_le_bytes()); // n_namesz
-        note.extend_from_slice(&4u32.to_le_bytes()); // n_descsz
-        note.extend_from_slice(&18u32.to_le_bytes()); // XEN_ELFNOTE_PHYS32_ENTRY
-        note.extend_from_slice(b"Xen\0");
-        note.extend_from_slice(&entry.to_le_bytes());
-        image[NOTE_OFFSET..NOTE_OFFSET + note.len()].copy_from_slice(&note);
-        let phdr = &mut image[EHDR + PHDR..EHDR + 2 * PHDR];
-        phdr[0..4].copy_from_slice(&4u32.to_le_bytes()); // PT_NOTE
-        phdr[4..8].copy_from_slice(&4u32.to_le_bytes()); // R
-        phdr[8..16].copy_from_slice(&(NOTE_OFFSET as u64).to_le_bytes());
-        phdr[32..40].copy_from_slice(&(note.len() as u64).to_le_bytes()); // p_filesz
-        phdr[40..48].copy_from_slice(&(note.len() as u64).to_le_bytes()); // p_memsz
-        phdr[48..56].copy_from_slice(&4u64.to_le_bytes()); // p_align
-    }
-    image.extend_from_slice(code);
-    image
-}
 
 fn scratch_dir(test: &str) -> PathBuf {
     let dir =
@@ -213,7 +76,7 @@ fn payload_prints_through_com1_and_powers_off_via_acpi() {
     let dir = scratch_dir("poweroff");
     let code = assemble(|a| {
         print(a, GREETING)?;
-        acpi_poweroff(a)?;
+        acpi_poweroff_as_linux(a)?;
         hang(a)
     });
     let run = run(config_for(&dir, &code, 1), Duration::from_secs(120));
@@ -268,10 +131,10 @@ fn pvh_note_selects_the_32bit_pvh_entry() {
         a.set_label(&mut bad)?;
         print(a, "pvh start_info missing\n")?;
         a.set_label(&mut end)?;
-        acpi_poweroff(a)?;
+        acpi_poweroff_as_linux(a)?;
         hang(a)
     });
-    let image = elf64_with_pvh(&code, Some(HIMEM_START as u32));
+    let image = Vmlinux::new(&code).pvh_entry(HIMEM_START as u32).to_bytes();
     let run = run(config_for_image(&dir, &image, 1), Duration::from_secs(120));
     assert_eq!(run.outcome.exit.reason, "poweroff", "{:?}", run.console);
     assert_eq!(run.console, "pvh start_info ok\n");
@@ -285,7 +148,7 @@ fn poweroff_stops_application_processors_waiting_for_sipi() {
     let dir = scratch_dir("two-cpus");
     let code = assemble(|a| {
         print(a, "bsp\n")?;
-        acpi_poweroff(a)?;
+        acpi_poweroff_as_linux(a)?;
         hang(a)
     });
     let run = run(config_for(&dir, &code, 2), Duration::from_secs(120));

@@ -7,17 +7,16 @@
 //! Without /dev/kvm the test fails with a clear message unless
 //! `BARGE_SKIP_KVM=1`.
 
-mod common;
-
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use arch::layout::{
-    ACPI_POWEROFF_VALUE, ACPI_SLEEP_CONTROL_PORT, COM1_PORT, HIMEM_START, PDPTE_START,
-};
-use iced_x86::code_asm::*;
+use arch::layout::PDPTE_START;
+use guest_programs::asm::{acpi_poweroff, assemble, hang, print};
+use guest_programs::code_asm::*;
+use guest_programs::elf::elf64;
+use guest_programs::testing::kvm_or_skip;
 use vmm::config::{DeviceConfig, SerialConfig, ShmemConfig, VmConfig};
 
 const PATTERN: u64 = 0x1122_3344_5566_7788;
@@ -25,30 +24,12 @@ const WRITTEN: u64 = 0xfeed_f00d_cafe_0002;
 /// A free page for the payload's own page directory (between barge's page
 /// tables and the command line).
 const EXTRA_PD: u64 = 0x10000;
-const LSR_THRE: u32 = 0x20;
-
-fn print(a: &mut CodeAssembler, text: &str) -> Result<(), IcedError> {
-    for byte in text.bytes() {
-        let mut wait = a.create_label();
-        a.mov(dx, COM1_PORT as u32 + 5)?;
-        a.set_label(&mut wait)?;
-        a.in_(al, dx)?;
-        a.test(al, LSR_THRE)?;
-        a.jz(wait)?;
-        a.mov(dx, COM1_PORT as u32)?;
-        a.mov(al, u32::from(byte))?;
-        a.out(dx, al)?;
-    }
-    a.nop()?;
-    Ok(())
-}
 
 /// The payload: checks, writes, prints "shmem ok" or what failed, powers off.
 fn payload(registers_gpa: u64, memory_gpa: u64) -> Vec<u8> {
-    let mut a = CodeAssembler::new(64).unwrap();
-    let mut fail = a.create_label();
-    let mut done = a.create_label();
-    let mut build = |a: &mut CodeAssembler| -> Result<(), IcedError> {
+    assemble(|a| {
+        let mut fail = a.create_label();
+        let mut done = a.create_label();
         // 00:01.0's vendor/device through CONFIG_ADDRESS/CONFIG_DATA.
         a.mov(dx, 0xcf8u32)?;
         a.mov(eax, 0x8000_0800u32)?;
@@ -89,18 +70,9 @@ fn payload(registers_gpa: u64, memory_gpa: u64) -> Vec<u8> {
         a.set_label(&mut fail)?;
         print(a, "shmem check failed\n")?;
         a.set_label(&mut done)?;
-        a.mov(dx, ACPI_SLEEP_CONTROL_PORT as u32)?;
-        a.mov(al, ACPI_POWEROFF_VALUE as u32)?;
-        a.out(dx, al)?;
-        let mut hang = a.create_label();
-        a.set_label(&mut hang)?;
-        a.cli()?;
-        a.hlt()?;
-        a.jmp(hang)?;
-        Ok(())
-    };
-    build(&mut a).expect("payload assembles");
-    a.assemble(HIMEM_START).expect("payload assembles")
+        acpi_poweroff(a)?;
+        hang(a)
+    })
 }
 
 fn scratch_dir(test: &str) -> PathBuf {
@@ -112,7 +84,7 @@ fn scratch_dir(test: &str) -> PathBuf {
 
 #[test]
 fn guest_shares_memory_through_bar2_and_the_report_shows_one_memslot() {
-    if !common::kvm_or_skip("guest_shares_memory_through_bar2") {
+    if !kvm_or_skip("guest_shares_memory_through_bar2") {
         return;
     }
     let dir = scratch_dir("data-path");
@@ -136,7 +108,7 @@ fn guest_shares_memory_through_bar2_and_the_report_shows_one_memslot() {
     std::fs::write(&backing, PATTERN.to_le_bytes()).unwrap();
     let kernel = dir.join("payload.elf");
     let code = payload(bar0.gpa, bar2.gpa);
-    std::fs::write(&kernel, common::elf64(&code, code.len() as u64)).unwrap();
+    std::fs::write(&kernel, elf64(&code)).unwrap();
     let mut config = VmConfig::new(kernel);
     config.memory.size = vmm::config::MIN_MEMORY_SIZE;
     config.serial = SerialConfig::Disabled;

@@ -11,11 +11,12 @@
 //! `BARGE_SKIP_KVM=1`); every other row runs with `BARGE_KVM_DEVICE`
 //! pointing at a missing path, which proves it fails before touching KVM.
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+
+use guest_programs::elf::idle_kernel;
+use guest_programs::testing::kvm_or_skip;
 
 struct Case {
     name: &'static str,
@@ -74,11 +75,11 @@ fn bad_input_matrix() {
     let tmp = dir.join("tmp");
     std::fs::create_dir_all(&tmp).unwrap();
     let kernel = dir.join("vmlinux");
-    std::fs::write(&kernel, common::idle_kernel()).unwrap();
+    std::fs::write(&kernel, idle_kernel()).unwrap();
     let empty = dir.join("empty");
     std::fs::write(&empty, b"").unwrap();
     let truncated = dir.join("truncated.elf");
-    std::fs::write(&truncated, &common::idle_kernel()[..64]).unwrap();
+    std::fs::write(&truncated, &idle_kernel()[..64]).unwrap();
     let big_initramfs = dir.join("big.cpio");
     std::fs::File::create(&big_initramfs)
         .unwrap()
@@ -377,7 +378,7 @@ fn bad_input_matrix() {
         "larger than the guest memory",
     ));
 
-    let kvm = common::kvm_or_skip("bad_input_matrix (kvm rows)");
+    let kvm = kvm_or_skip("bad_input_matrix (kvm rows)");
     let mut ran = 0;
     let mut failures = Vec::new();
     for case in &cases {

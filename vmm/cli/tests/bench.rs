@@ -7,9 +7,9 @@
 //! Without /dev/kvm the test fails with a clear message unless
 //! `BARGE_SKIP_KVM=1`.
 
-mod common;
-
 use std::process::Command;
+
+use guest_programs::testing::kvm_or_skip;
 
 const TINY: [&str; 8] = [
     "--shmem",
@@ -24,7 +24,7 @@ const TINY: [&str; 8] = [
 
 #[test]
 fn bench_on_shared_memory_prints_every_mode_json_and_svg() {
-    if !common::kvm_or_skip("bench_on_shared_memory") {
+    if !kvm_or_skip("bench_on_shared_memory") {
         return;
     }
     let dir = std::env::temp_dir().join(format!("barge-bench-it-{}", std::process::id()));

@@ -6,10 +6,11 @@
 //! KVM to kernel loading; it needs /dev/kvm and is skipped with
 //! `BARGE_SKIP_KVM=1`.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
+
+use guest_programs::elf::{idle_kernel, Vmlinux};
+use guest_programs::testing::kvm_or_skip;
 
 fn scratch_dir(test: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("barge-cli-{}-{test}", std::process::id()));
@@ -110,7 +111,7 @@ fn malformed_memory_option_is_a_usage_error() {
 fn unwritable_report_path_is_refused_before_booting() {
     let dir = scratch_dir("report");
     let kernel = dir.join("vmlinux");
-    std::fs::write(&kernel, common::idle_kernel()).unwrap();
+    std::fs::write(&kernel, idle_kernel()).unwrap();
     let report = dir.join("no-such-dir/report.json");
     let output = barge(
         &[
@@ -130,7 +131,7 @@ fn unwritable_report_path_is_refused_before_booting() {
 fn missing_kvm_device_is_named() {
     let dir = scratch_dir("no-kvm");
     let kernel = dir.join("vmlinux");
-    std::fs::write(&kernel, common::idle_kernel()).unwrap();
+    std::fs::write(&kernel, idle_kernel()).unwrap();
     let output = barge(
         &["run", "--kernel", path_str(&kernel)],
         &[("BARGE_KVM_DEVICE", "/nonexistent/kvm")],
@@ -148,13 +149,14 @@ fn help_is_printed_with_status_zero() {
 
 #[test]
 fn kernel_larger_than_memory_does_not_fit() {
-    if !common::kvm_or_skip("kernel_larger_than_memory_does_not_fit") {
+    if !kvm_or_skip("kernel_larger_than_memory_does_not_fit") {
         return;
     }
     let dir = scratch_dir("kernel-too-big");
     let kernel = dir.join("vmlinux");
     // 64 MiB of memsz in a 32 MiB guest.
-    std::fs::write(&kernel, common::elf64(&[0xf4; 16], 64 << 20)).unwrap();
+    let image = Vmlinux::new(&[0xf4; 16]).memsz(64 << 20).to_bytes();
+    std::fs::write(&kernel, image).unwrap();
     let output = barge(
         &["run", "--kernel", path_str(&kernel), "--memory", "size=32M"],
         &[],
@@ -167,12 +169,12 @@ fn kernel_larger_than_memory_does_not_fit() {
 
 #[test]
 fn initramfs_larger_than_memory_is_refused() {
-    if !common::kvm_or_skip("initramfs_larger_than_memory_is_refused") {
+    if !kvm_or_skip("initramfs_larger_than_memory_is_refused") {
         return;
     }
     let dir = scratch_dir("initramfs-too-big");
     let kernel = dir.join("vmlinux");
-    std::fs::write(&kernel, common::idle_kernel()).unwrap();
+    std::fs::write(&kernel, idle_kernel()).unwrap();
     let initramfs = dir.join("initramfs.cpio");
     let file = std::fs::File::create(&initramfs).unwrap();
     file.set_len(48 << 20).unwrap(); // sparse, larger than the 32 MiB guest
@@ -196,12 +198,12 @@ fn initramfs_larger_than_memory_is_refused() {
 
 #[test]
 fn more_cpus_than_kvm_allows_is_refused() {
-    if !common::kvm_or_skip("more_cpus_than_kvm_allows_is_refused") {
+    if !kvm_or_skip("more_cpus_than_kvm_allows_is_refused") {
         return;
     }
     let dir = scratch_dir("too-many-cpus");
     let kernel = dir.join("vmlinux");
-    std::fs::write(&kernel, common::idle_kernel()).unwrap();
+    std::fs::write(&kernel, idle_kernel()).unwrap();
     let output = barge(
         &["run", "--kernel", path_str(&kernel), "--cpus", "255"],
         &[],

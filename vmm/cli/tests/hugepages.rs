@@ -1,9 +1,9 @@
 //! Huge pages that are not there: barge fails before mapping anything, with
 //! one line that says how many pages are free and how to reserve more.
 
-mod common;
-
 use std::process::Command;
+
+use guest_programs::elf::idle_kernel;
 
 fn free_pages(kib: u64) -> u64 {
     std::fs::read_to_string(format!(
@@ -19,7 +19,7 @@ fn short_huge_page_pool_is_a_one_line_error_with_the_fix() {
     // Ask for more 2 MiB pages than the pool has free, whatever this host has.
     let pages = (free_pages(2048) + 1).max(32);
     let kernel = std::env::temp_dir().join(format!("barge-hp-kernel-{}", std::process::id()));
-    std::fs::write(&kernel, common::idle_kernel()).unwrap();
+    std::fs::write(&kernel, idle_kernel()).unwrap();
     let output = Command::new(env!("CARGO_BIN_EXE_barge"))
         .args(["run", "--kernel"])
         .arg(&kernel)

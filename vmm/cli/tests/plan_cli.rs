@@ -5,10 +5,11 @@
 //! The `barge run` cases open /dev/kvm (the plan needs KVM's phys-bits) and
 //! are skipped with `BARGE_SKIP_KVM=1`.
 
-mod common;
-
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
+
+use guest_programs::elf::idle_kernel;
+use guest_programs::testing::kvm_or_skip;
 
 const H100: &str = r#"{"devices":[{"name":"h100","bars":[
     {"index":0,"size":"16M","bits":64},
@@ -161,13 +162,13 @@ fn plan_bad_input_is_one_clear_line() {
 /// A file the kernel check accepts (never run: the errors come first).
 fn fake_kernel(dir: &std::path::Path) -> PathBuf {
     let path = dir.join("kernel.elf");
-    std::fs::write(&path, common::idle_kernel()).unwrap();
+    std::fs::write(&path, idle_kernel()).unwrap();
     path
 }
 
 #[test]
 fn run_refuses_shmem_too_big_for_the_window_and_missing_huge_pages() {
-    if !common::kvm_or_skip("run_refuses_shmem_too_big_for_the_window_and_missing_huge_pages") {
+    if !kvm_or_skip("run_refuses_shmem_too_big_for_the_window_and_missing_huge_pages") {
         return;
     }
     let dir = scratch_dir("run-shmem");

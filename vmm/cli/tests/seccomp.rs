@@ -7,15 +7,16 @@
 //! `--seccomp log` let the same run finish. Needs /dev/kvm (skipped with
 //! `BARGE_SKIP_KVM=1`).
 
-mod common;
-
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
+
+use guest_programs::elf::elf64;
+use guest_programs::testing::kvm_or_skip;
 
 /// `mov dx, 0x3c0; mov al, SLP_EN | SLP_TYP(S5); out dx, al; jmp $`.
 fn poweroff_kernel() -> Vec<u8> {
     let s5 = devices::acpi::s5_write_value();
-    common::elf64(&[0x66, 0xba, 0xc0, 0x03, 0xb0, s5, 0xee, 0xeb, 0xfe], 9)
+    elf64(&[0x66, 0xba, 0xc0, 0x03, 0xb0, s5, 0xee, 0xeb, 0xfe])
 }
 
 struct Run {
@@ -88,7 +89,7 @@ fn report_exit(run: &Run) -> serde_json::Value {
 
 #[test]
 fn a_whole_run_stays_inside_the_default_filters() {
-    if !common::kvm_or_skip("a_whole_run_stays_inside_the_default_filters") {
+    if !kvm_or_skip("a_whole_run_stays_inside_the_default_filters") {
         return;
     }
     let default = run("default", &[], None);
@@ -102,7 +103,7 @@ fn a_whole_run_stays_inside_the_default_filters() {
 
 #[test]
 fn a_forbidden_call_on_a_vcpu_thread_ends_barge_with_159() {
-    if !common::kvm_or_skip("a_forbidden_call_on_a_vcpu_thread_ends_barge_with_159") {
+    if !kvm_or_skip("a_forbidden_call_on_a_vcpu_thread_ends_barge_with_159") {
         return;
     }
     let run = run("probe-vcpu", &[], Some("vcpu"));
@@ -116,7 +117,7 @@ fn a_forbidden_call_on_a_vcpu_thread_ends_barge_with_159() {
 
 #[test]
 fn a_forbidden_call_on_the_vmm_thread_ends_barge_with_159() {
-    if !common::kvm_or_skip("a_forbidden_call_on_the_vmm_thread_ends_barge_with_159") {
+    if !kvm_or_skip("a_forbidden_call_on_the_vmm_thread_ends_barge_with_159") {
         return;
     }
     let run = run("probe-vmm", &[], Some("vmm"));
@@ -132,7 +133,7 @@ fn a_forbidden_call_on_the_vmm_thread_ends_barge_with_159() {
 
 #[test]
 fn seccomp_off_and_log_let_the_probe_through() {
-    if !common::kvm_or_skip("seccomp_off_and_log_let_the_probe_through") {
+    if !kvm_or_skip("seccomp_off_and_log_let_the_probe_through") {
         return;
     }
     // Off: no filter, so no probe either.

@@ -3,11 +3,12 @@
 //! (143, 130), as shells do. Needs /dev/kvm (skipped with
 //! `BARGE_SKIP_KVM=1`).
 
-mod common;
-
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+
+use guest_programs::elf::elf64;
+use guest_programs::testing::kvm_or_skip;
 
 fn scratch_dir(test: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("barge-signals-{}-{test}", std::process::id()));
@@ -54,12 +55,12 @@ fn wait_until_vcpu0_ran(pid: i32, limit: Duration) {
 /// `signo` once it runs, and checks the status, the stderr line and the
 /// report.
 fn signal_stops_the_guest(test: &str, signo: libc::c_int, reason: &str, status: i32) {
-    if !common::kvm_or_skip(test) {
+    if !kvm_or_skip(test) {
         return;
     }
     let dir = scratch_dir(test);
     let kernel = dir.join("spin.elf");
-    std::fs::write(&kernel, common::elf64(&[0xeb, 0xfe], 2)).unwrap();
+    std::fs::write(&kernel, elf64(&[0xeb, 0xfe])).unwrap();
     let report = dir.join("report.json");
     let child = Command::new(env!("CARGO_BIN_EXE_barge"))
         .args(["run", "--kernel"])

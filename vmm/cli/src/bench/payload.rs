@@ -21,10 +21,10 @@
 //!
 //! The bench writes zeros over the window: the BAR's contents are lost.
 
-use arch::layout::{
-    ACPI_POWEROFF_VALUE, ACPI_SLEEP_CONTROL_PORT, COM1_PORT, HIMEM_START, PDPTE_START, PML4_START,
-};
-use iced_x86::code_asm::*;
+use arch::layout::{HIMEM_START, PDPTE_START, PML4_START};
+use guest_programs::asm::{acpi_poweroff, hang, put_al, put_str};
+use guest_programs::code_asm::*;
+use guest_programs::elf::elf64;
 
 /// A free page for a page-directory-pointer table when the BAR is above
 /// 512 GiB (PML4 index not 0).
@@ -36,10 +36,6 @@ const PD_BASE: u64 = 0x40_1000;
 pub const GUEST_MEMORY: u64 = 64 << 20;
 /// The largest BAR the payload maps (one PML4 entry).
 pub const MAX_BAR_SIZE: u64 = 512 << 30;
-/// Line status register offset and its "transmitter holding register
-/// empty" bit.
-const LSR_OFFSET: u16 = 5;
-const LSR_THRE: u32 = 0x20;
 /// The first device barge adds to the guest is 00:01.0.
 const CONFIG_ADDRESS_DEVICE1: u32 = 0x8000_0800;
 const PAGE_1G: u64 = 1 << 30;
@@ -160,17 +156,11 @@ pub fn payload_code(params: &PayloadParams) -> Result<Vec<u8>, PayloadError> {
     put_str(&mut a, "bench.error=no-bar-address\n")?;
 
     a.set_label(&mut power_off)?;
-    a.mov(dx, u32::from(ACPI_SLEEP_CONTROL_PORT))?;
-    a.mov(al, u32::from(ACPI_POWEROFF_VALUE))?;
-    a.out(dx, al)?;
-    let mut hang = a.create_label();
-    a.set_label(&mut hang)?;
-    a.cli()?;
-    a.hlt()?;
-    a.jmp(hang)?;
+    acpi_poweroff(&mut a)?;
+    hang(&mut a)?;
 
     // print_hex: rdi as 16 hex digits and a newline. Clobbers rax, rcx,
-    // rdx, rdi.
+    // rdx, rdi and r9 (put_al's).
     a.set_label(&mut print_hex)?;
     a.mov(ecx, 16)?;
     let mut digit = a.create_label();
@@ -204,31 +194,6 @@ fn config_read(a: &mut CodeAssembler, register: u32) -> Result<(), IcedError> {
     a.out(dx, eax)?;
     a.mov(dx, 0xcfcu32)?;
     a.in_(eax, dx)?;
-    Ok(())
-}
-
-/// Writes al to COM1 once the transmitter is free (keeps al; clobbers dx
-/// and the upper bits of rax are kept too).
-fn put_al(a: &mut CodeAssembler) -> Result<(), IcedError> {
-    let mut wait = a.create_label();
-    a.mov(r9d, eax)?;
-    a.mov(dx, u32::from(COM1_PORT + LSR_OFFSET))?;
-    a.set_label(&mut wait)?;
-    a.in_(al, dx)?;
-    a.test(al, LSR_THRE)?;
-    a.jz(wait)?;
-    a.mov(eax, r9d)?;
-    a.mov(dx, u32::from(COM1_PORT))?;
-    a.out(dx, al)?;
-    Ok(())
-}
-
-/// Writes `text` to COM1 (unrolled; clobbers rax, rdx, r9).
-fn put_str(a: &mut CodeAssembler, text: &str) -> Result<(), IcedError> {
-    for byte in text.bytes() {
-        a.mov(eax, u32::from(byte))?;
-        put_al(a)?;
-    }
     Ok(())
 }
 
@@ -418,39 +383,6 @@ fn measure(
     Ok(())
 }
 
-/// One PT_LOAD of `code` at `HIMEM_START`, entry at its start, no PVH
-/// note (barge enters it in long mode).
-pub fn elf64(code: &[u8]) -> Vec<u8> {
-    const EHDR: usize = 64;
-    const PHDR: usize = 56;
-    const CODE_OFFSET: u64 = 0x1000;
-    let mut image = vec![0u8; CODE_OFFSET as usize];
-    let e = &mut image[..EHDR];
-    e[0..4].copy_from_slice(b"\x7fELF");
-    e[4] = 2; // ELFCLASS64
-    e[5] = 1; // little endian
-    e[6] = 1; // EV_CURRENT
-    e[16..18].copy_from_slice(&2u16.to_le_bytes()); // ET_EXEC
-    e[18..20].copy_from_slice(&0x3eu16.to_le_bytes()); // EM_X86_64
-    e[20..24].copy_from_slice(&1u32.to_le_bytes());
-    e[24..32].copy_from_slice(&HIMEM_START.to_le_bytes()); // e_entry
-    e[32..40].copy_from_slice(&(EHDR as u64).to_le_bytes()); // e_phoff
-    e[52..54].copy_from_slice(&(EHDR as u16).to_le_bytes());
-    e[54..56].copy_from_slice(&(PHDR as u16).to_le_bytes());
-    e[56..58].copy_from_slice(&1u16.to_le_bytes()); // e_phnum
-    let p = &mut image[EHDR..EHDR + PHDR];
-    p[0..4].copy_from_slice(&1u32.to_le_bytes()); // PT_LOAD
-    p[4..8].copy_from_slice(&7u32.to_le_bytes()); // RWX
-    p[8..16].copy_from_slice(&CODE_OFFSET.to_le_bytes());
-    p[16..24].copy_from_slice(&HIMEM_START.to_le_bytes());
-    p[24..32].copy_from_slice(&HIMEM_START.to_le_bytes());
-    p[32..40].copy_from_slice(&(code.len() as u64).to_le_bytes());
-    p[40..48].copy_from_slice(&(code.len() as u64).to_le_bytes());
-    p[48..56].copy_from_slice(&0x1000u64.to_le_bytes());
-    image.extend_from_slice(code);
-    image
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -509,5 +441,51 @@ mod tests {
             ..params(2 << 20)
         };
         assert!(matches!(payload_code(&six), Err(PayloadError::BarIndex(6))));
+    }
+
+    /// FNV-1a over the image.
+    fn fnv1a(bytes: &[u8]) -> u64 {
+        bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
+            (hash ^ u64::from(*byte)).wrapping_mul(0x100_0000_01b3)
+        })
+    }
+
+    #[test]
+    fn payload_bytes_are_unchanged() {
+        // (bar_index, bar_size, measure, window, passes, random_reads) ->
+        // (length, FNV-1a) of payload_elf, recorded before the ELF writer
+        // and the COM1/poweroff sequences moved to guest-programs.
+        let recorded = [
+            ((0, 4096, false, 64, 1, 1), (6534, 0x89c0_7145_0886_dc77)),
+            (
+                (2, 2 << 20, true, 64 << 20, 2, 1000),
+                (8959, 0xbab2_99f9_4758_da69),
+            ),
+            (
+                (2, 8 << 30, true, 64 << 20, 2, 1000),
+                (8959, 0xf7cc_cb59_b770_44b1),
+            ),
+            (
+                (5, 512 << 30, true, 1 << 30, 3, 1 << 20),
+                (8959, 0xb962_78a7_fd62_d925),
+            ),
+            ((1, 3 << 20, true, 100, 0, 0), (8959, 0x1ce7_474d_e440_ff65)),
+            (
+                (4, 1 << 30, false, 4096, 1, 10),
+                (6534, 0xa160_4572_2019_4037),
+            ),
+        ];
+        for ((bar_index, bar_size, measure, window, passes, random_reads), expected) in recorded {
+            let params = PayloadParams {
+                bar_index,
+                bar_size,
+                measure,
+                window,
+                passes,
+                random_reads,
+            };
+            let elf = payload_elf(&params).unwrap();
+            assert_eq!((elf.len(), fnv1a(&elf)), expected, "{params:?}");
+        }
     }
 }
