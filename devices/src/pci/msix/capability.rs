@@ -4,7 +4,6 @@
 //! guest sees them after a relocation, and the writable bits of Message
 //! Control.
 
-use super::relocation::MsixPlacement;
 use super::{
     MsixError, MSIX_BIR_MASK, MSIX_CAPABILITY_SIZE, MSIX_CONTROL_ENABLE,
     MSIX_CONTROL_FUNCTION_MASK, MSIX_CONTROL_OFFSET, MSIX_CONTROL_TABLE_SIZE, MSIX_ENTRY_SIZE,
@@ -145,31 +144,6 @@ impl MsixCapability {
             }]
         } else {
             pages
-        }
-    }
-
-    /// The capability as the guest sees it after the table and PBA moved
-    /// to `relocated` (see [`MsixPlacement::Relocate`]).
-    pub fn relocated(&self, relocated: &MsixPlacement) -> Self {
-        match relocated {
-            MsixPlacement::TrapPages { .. } => *self,
-            MsixPlacement::Relocate {
-                new_bar_index,
-                pba_offset,
-                ..
-            } => Self {
-                table: BarRegion {
-                    bar: *new_bar_index,
-                    offset: 0,
-                    size: self.table.size,
-                },
-                pba: BarRegion {
-                    bar: *new_bar_index,
-                    offset: *pba_offset,
-                    size: self.pba.size,
-                },
-                ..*self
-            },
         }
     }
 
@@ -361,35 +335,5 @@ mod tests {
             cap.message_control_write(0x73, &[0x00], 0xc007),
             Some(0x0007)
         );
-    }
-
-    #[test]
-    fn overlay_shows_control_and_relocated_registers() {
-        let cap = MsixCapability::parse(&config_with_msix(0x7, 0x2000, 0x3000), 0x70).unwrap();
-        let placement = MsixPlacement::Relocate {
-            new_bar_index: 3,
-            size: 0x2000,
-            pba_offset: 0x1000,
-        };
-        let moved = cap.relocated(&placement);
-        assert_eq!(moved.table_register(), 3);
-        assert_eq!(moved.pba_register(), 0x1003);
-        assert_eq!(
-            cap.relocated(&MsixPlacement::TrapPages { ranges: vec![] }),
-            cap
-        );
-        let config = config_with_msix(0x7, 0x2000, 0x3000);
-        let mut expected = config.clone();
-        expected[0x72..0x74].copy_from_slice(&0x8007u16.to_le_bytes());
-        expected[0x74..0x78].copy_from_slice(&3u32.to_le_bytes());
-        expected[0x78..0x7c].copy_from_slice(&0x1003u32.to_le_bytes());
-        for offset in 0x68u16..0x80 {
-            for len in [1usize, 2, 4] {
-                let start = usize::from(offset);
-                let mut data = config[start..start + len].to_vec();
-                moved.overlay(offset, &mut data, 0x8007);
-                assert_eq!(data, &expected[start..start + len], "{offset:#x} {len}");
-            }
-        }
     }
 }

@@ -144,6 +144,33 @@ pub fn relocation(
     }
 }
 
+impl MsixCapability {
+    /// The capability as the guest sees it after the table and PBA moved
+    /// to `relocated` (see [`MsixPlacement::Relocate`]).
+    pub fn relocated(&self, relocated: &MsixPlacement) -> Self {
+        match relocated {
+            MsixPlacement::TrapPages { .. } => *self,
+            MsixPlacement::Relocate {
+                new_bar_index,
+                pba_offset,
+                ..
+            } => Self {
+                table: BarRegion {
+                    bar: *new_bar_index,
+                    offset: 0,
+                    size: self.table.size,
+                },
+                pba: BarRegion {
+                    bar: *new_bar_index,
+                    offset: *pba_offset,
+                    size: self.pba.size,
+                },
+                ..*self
+            },
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -289,5 +316,35 @@ mod tests {
             ..bar(0, 1 << 16, false)
         };
         assert!(relocation(&cap, &[io], RelocationPolicy::Off).is_err());
+    }
+
+    #[test]
+    fn overlay_shows_control_and_relocated_registers() {
+        let cap = MsixCapability::parse(&config_with_msix(0x7, 0x2000, 0x3000), 0x70).unwrap();
+        let placement = MsixPlacement::Relocate {
+            new_bar_index: 3,
+            size: 0x2000,
+            pba_offset: 0x1000,
+        };
+        let moved = cap.relocated(&placement);
+        assert_eq!(moved.table_register(), 3);
+        assert_eq!(moved.pba_register(), 0x1003);
+        assert_eq!(
+            cap.relocated(&MsixPlacement::TrapPages { ranges: vec![] }),
+            cap
+        );
+        let config = config_with_msix(0x7, 0x2000, 0x3000);
+        let mut expected = config.clone();
+        expected[0x72..0x74].copy_from_slice(&0x8007u16.to_le_bytes());
+        expected[0x74..0x78].copy_from_slice(&3u32.to_le_bytes());
+        expected[0x78..0x7c].copy_from_slice(&0x1003u32.to_le_bytes());
+        for offset in 0x68u16..0x80 {
+            for len in [1usize, 2, 4] {
+                let start = usize::from(offset);
+                let mut data = config[start..start + len].to_vec();
+                moved.overlay(offset, &mut data, 0x8007);
+                assert_eq!(data, &expected[start..start + len], "{offset:#x} {len}");
+            }
+        }
     }
 }
