@@ -7,6 +7,7 @@
 //! or reset return a [`PowerEvent`] for the caller to act on.
 
 pub mod acpi;
+pub mod guest_log;
 pub mod i8042;
 pub mod pci;
 pub mod shmem;

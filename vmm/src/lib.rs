@@ -228,16 +228,14 @@ impl Vm {
         let console = Arc::new(Mutex::new(sink));
         let mut first_run = None;
         let outcome = loop {
-            let boot = boot_and_run(
+            let mut boot = boot_and_run(
                 &self.config,
                 Box::new(SharedConsole(console.clone())),
                 input,
                 deadline,
             )?;
             first_run = first_run.or(boot.run.first_run);
-            let restart =
-                boot.run.cause == StopCause::Reset && self.config.on_reboot == OnReboot::Restart;
-            if restart {
+            if boot_again(&mut boot.run, self.config.on_reboot) {
                 log::info!("guest rebooted; booting again (on_reboot=restart)");
                 continue;
             }
@@ -260,6 +258,25 @@ impl Vm {
             report,
         })
     }
+}
+
+/// Whether to boot again after `run`: the guest reset, `on_reboot` is
+/// `restart` and every vCPU stopped. A vCPU that did not stop still holds
+/// the last boot's VM and devices (see [`machine::vm::BuiltVm::run`]), so
+/// that run ends instead, as a barge error.
+fn boot_again(run: &mut machine::vm::VmRun, on_reboot: OnReboot) -> bool {
+    if run.cause != StopCause::Reset || on_reboot != OnReboot::Restart {
+        return false;
+    }
+    if !run.vcpus_stopped {
+        run.cause = StopCause::Error(
+            "the guest rebooted, but a vCPU of the last boot did not stop; not booting again \
+             (on_reboot=restart)"
+                .into(),
+        );
+        return false;
+    }
+    true
 }
 
 /// Paths of files a run may create that did not exist before it.
@@ -355,6 +372,34 @@ mod tests {
             assert_eq!(exit.reason, reason);
             assert_eq!(exit.status, status);
         }
+    }
+
+    fn run_ended_by(cause: StopCause, vcpus_stopped: bool) -> machine::vm::VmRun {
+        machine::vm::VmRun {
+            cause,
+            first_run: None,
+            kvm_stats: Default::default(),
+            vcpus_stopped,
+        }
+    }
+
+    #[test]
+    fn a_reboot_boots_again_only_when_every_vcpu_stopped() {
+        let mut run = run_ended_by(StopCause::Reset, true);
+        assert!(boot_again(&mut run, OnReboot::Restart));
+        assert!(!boot_again(&mut run, OnReboot::Stop));
+        assert_eq!(run.cause, StopCause::Reset);
+        let mut run = run_ended_by(StopCause::PowerOff, true);
+        assert!(!boot_again(&mut run, OnReboot::Restart));
+        assert_eq!(run.cause, StopCause::PowerOff);
+
+        let mut stuck = run_ended_by(StopCause::Reset, false);
+        assert!(!boot_again(&mut stuck, OnReboot::Restart));
+        assert_eq!(exit_report(&stuck.cause).status, status::ERROR);
+        // Without a restart to refuse, the cause (and status) stays the guest's.
+        let mut stuck = run_ended_by(StopCause::PowerOff, false);
+        assert!(!boot_again(&mut stuck, OnReboot::Restart));
+        assert_eq!(stuck.cause, StopCause::PowerOff);
     }
 
     #[test]

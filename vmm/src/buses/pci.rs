@@ -84,7 +84,7 @@ pub fn log_event(event: SegmentEvent) {
             write.address,
             write.sizing
         ),
-        ConfigEvent::Bar(write) => log::warn!(
+        ConfigEvent::Bar(write) => devices::guest_warn!(
             "00:{device:02x}.0: the guest moved BAR {} to {:#x}, away from where barge placed it; \
              barge keeps the BAR's memory at the planned address, so the guest reaches nothing at \
              the new one",

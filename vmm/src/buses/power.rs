@@ -54,7 +54,7 @@ impl PowerSignal {
             .state
             .compare_exchange(NONE, value, Ordering::SeqCst, Ordering::SeqCst);
         if let Err(e) = self.inner.event.write(1) {
-            log::warn!("cannot signal the power request to the event loop: {e}");
+            devices::guest_warn!("cannot signal the power request to the event loop: {e}");
         }
     }
 
@@ -97,7 +97,7 @@ impl BusDevice for AcpiSleepBusDevice {
 
     fn write(&mut self, _base: u64, offset: u64, data: &[u8]) {
         if let Some(event) = self.model.write(offset, data) {
-            log::info!("guest requested {event:?} through the ACPI sleep/reset register");
+            devices::guest_info!("guest requested {event:?} through the ACPI sleep/reset register");
             self.signal.raise(event);
         }
     }
@@ -128,7 +128,7 @@ impl BusDevice for I8042BusDevice {
 
     fn write(&mut self, _base: u64, offset: u64, data: &[u8]) {
         if let Some(event) = self.model.write(offset, data) {
-            log::info!("guest requested {event:?} through the i8042 controller");
+            devices::guest_info!("guest requested {event:?} through the i8042 controller");
             self.signal.raise(event);
         }
     }

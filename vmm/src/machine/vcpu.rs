@@ -287,8 +287,12 @@ pub fn dump_registers(vcpu: &VcpuFd) -> String {
 
 /// Stops every vCPU thread: sets the stop flag (if not set), kicks each
 /// thread out of KVM_RUN until it ends, and joins it. Threads still running
-/// after `timeout` are left behind (logged); the process exit ends them.
-/// Returns whether every thread stopped.
+/// after `timeout` are left behind (logged, each by its id); the process exit
+/// ends them.
+///
+/// Returns whether every thread stopped. `false` means a vCPU may still be
+/// inside KVM_RUN, touching the VM, guest RAM and the devices' BARs: the
+/// caller must then keep all of them alive (see `BuiltVm::run`).
 pub fn stop_vcpus(threads: Vec<VcpuThread>, control: &VmControl, timeout: Duration) -> bool {
     if !control.is_stopping() {
         control.request_stop(StopCause::Error("vCPUs stopped without a cause".into()));
@@ -296,7 +300,7 @@ pub fn stop_vcpus(threads: Vec<VcpuThread>, control: &VmControl, timeout: Durati
     let deadline = Instant::now() + timeout;
     let signal = kvm::kick_signal();
     let mut pending = threads;
-    while !pending.is_empty() {
+    loop {
         let (finished, running): (Vec<_>, Vec<_>) =
             pending.into_iter().partition(|t| t.handle.is_finished());
         for thread in finished {
@@ -305,7 +309,7 @@ pub fn stop_vcpus(threads: Vec<VcpuThread>, control: &VmControl, timeout: Durati
             }
         }
         if running.is_empty() {
-            break;
+            return true;
         }
         if Instant::now() >= deadline {
             for thread in &running {
@@ -314,7 +318,7 @@ pub fn stop_vcpus(threads: Vec<VcpuThread>, control: &VmControl, timeout: Durati
                     thread.id
                 );
             }
-            break;
+            return false;
         }
         for thread in &running {
             // The thread has not been joined, so its pthread handle is valid.
@@ -325,7 +329,42 @@ pub fn stop_vcpus(threads: Vec<VcpuThread>, control: &VmControl, timeout: Durati
         std::thread::sleep(Duration::from_millis(1));
         pending = running;
     }
-    true
+}
+
+/// A stand-in for a vCPU thread that never stops, for tests without KVM.
+#[cfg(test)]
+pub(crate) mod stuck {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use super::VcpuThread;
+
+    /// Lets the stuck thread end when dropped, so a test leaves no thread
+    /// spinning behind it even when it fails.
+    #[derive(Debug)]
+    pub(crate) struct Release(Arc<AtomicBool>);
+
+    impl Drop for Release {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// A [`VcpuThread`] whose thread ignores the stop flag and every kick
+    /// (the kick interrupts its sleep, which it simply resumes) until the
+    /// returned [`Release`] is dropped: what a vCPU stuck in the kernel
+    /// looks like to [`super::stop_vcpus`].
+    pub(crate) fn thread(id: u8) -> (VcpuThread, Release) {
+        let released = Arc::new(AtomicBool::new(false));
+        let flag = released.clone();
+        let handle = std::thread::spawn(move || {
+            while !flag.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        });
+        (VcpuThread { id, handle }, Release(released))
+    }
 }
 
 #[cfg(test)]
@@ -392,11 +431,28 @@ mod tests {
         });
         control.request_stop(StopCause::PowerOff);
         let start = Instant::now();
-        assert!(stop_vcpus(
+        let all_stopped = stop_vcpus(
             vec![VcpuThread { id: 0, handle }],
             &control,
             Duration::from_secs(5),
-        ));
+        );
+        assert!(all_stopped, "the thread saw the stop flag and ended");
         assert!(start.elapsed() < Duration::from_secs(5));
+    }
+
+    #[test]
+    fn stop_vcpus_reports_a_thread_still_running_at_the_deadline() {
+        kvm::install_kick_handler().unwrap();
+        let control = VmControl::new().unwrap();
+        control.request_stop(StopCause::PowerOff);
+        // vcpu0 is released at once and ends; vcpu1 never is.
+        let (stopping, release_stopping) = stuck::thread(0);
+        drop(release_stopping);
+        let (stuck, _release) = stuck::thread(1);
+        let timeout = Duration::from_millis(50);
+        let start = Instant::now();
+        let all_stopped = stop_vcpus(vec![stopping, stuck], &control, timeout);
+        assert!(!all_stopped, "vcpu1 ignored every kick and still runs");
+        assert!(start.elapsed() >= timeout);
     }
 }

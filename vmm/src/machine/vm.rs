@@ -225,7 +225,8 @@ pub enum SerialInput {
 /// A built VM, ready to run once.
 ///
 /// Field order is drop order: the vCPU fds and the VM fd are closed before
-/// the guest memory they map is unmapped.
+/// the guest memory they map is unmapped. When a vCPU thread does not stop,
+/// nothing of it is dropped at all (see [`BuiltVm::run`]).
 #[derive(Debug)]
 pub struct BuiltVm {
     vcpus: Vec<VcpuFd>,
@@ -265,6 +266,39 @@ pub struct VmRun {
     pub first_run: Option<Instant>,
     /// KVM's statistics read just before the VM was torn down.
     pub kvm_stats: std::collections::BTreeMap<String, u64>,
+    /// Whether every vCPU thread stopped. `false`: one may still run, so the
+    /// VM, guest RAM, the BAR mappings and the devices' host resources were
+    /// kept (leaked) until the process exits.
+    pub vcpus_stopped: bool,
+}
+
+/// What became of a VM's parts after its vCPUs were told to stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Teardown {
+    /// Every vCPU stopped; the parts were dropped in their field order.
+    Dropped,
+    /// A vCPU may still run; the parts were leaked so that nothing it can
+    /// reach is closed or unmapped under it.
+    Leaked,
+}
+
+/// Drops `vm` when every vCPU thread stopped; otherwise leaks it on purpose,
+/// with one error line saying so: a vCPU still inside KVM_RUN reads and
+/// writes guest RAM and the BARs through the VM, and unmapping them under it
+/// would let it fault on (or write into) whatever the host maps there next.
+/// The process exit frees them.
+fn tear_down_or_leak<T>(vm: T, vcpus_stopped: bool) -> Teardown {
+    if vcpus_stopped {
+        drop(vm);
+        Teardown::Dropped
+    } else {
+        log::error!(
+            "a vCPU did not stop: keeping the VM, guest RAM, the devices' BAR mappings and host \
+             resources until barge exits instead of unmapping them under a vCPU that may still run"
+        );
+        std::mem::forget(vm);
+        Teardown::Leaked
+    }
 }
 
 impl BuiltVm {
@@ -312,6 +346,11 @@ impl BuiltVm {
 
     /// Runs the vCPUs until the guest powers off or resets, a vCPU fails, or
     /// `deadline` passes; then stops every vCPU and reads KVM's statistics.
+    ///
+    /// A vCPU thread that does not stop within [`VCPU_STOP_TIMEOUT`] keeps
+    /// the whole VM alive: `self` (VM fd, guest RAM, BAR mappings, device
+    /// fds, the buses) is leaked, also when a spawn error is returned, and
+    /// the run says so in [`VmRun::vcpus_stopped`].
     pub fn run(mut self, deadline: Option<Instant>) -> Result<VmRun, VmError> {
         let control =
             Arc::new(VmControl::new().map_err(|source| VmError::Thread { vcpu: 0, source })?);
@@ -346,24 +385,75 @@ impl BuiltVm {
             }
         }
         let cause = event_loop.run_until_stopped(deadline);
-        let all_stopped = vcpu::stop_vcpus(threads, &control, VCPU_STOP_TIMEOUT);
-        if let Some(e) = spawn_error {
-            return Err(e);
-        }
-        let kvm_stats = crate::machine::kvm_stats::read_vm_stats(&self.vm_fd).unwrap_or_else(|e| {
+        let vcpus_stopped = vcpu::stop_vcpus(threads, &control, VCPU_STOP_TIMEOUT);
+        let result = match spawn_error {
+            Some(e) => Err(e),
+            None => Ok(VmRun {
+                cause,
+                first_run: control.first_run(),
+                kvm_stats: self.read_kvm_stats(),
+                vcpus_stopped,
+            }),
+        };
+        // The vCPU threads that ended dropped their fds and context clones;
+        // a stuck one keeps its own (and its Arc of the buses). The buses in
+        // `self` go with the rest of it.
+        drop(ctx);
+        drop(event_loop);
+        tear_down_or_leak(self, vcpus_stopped);
+        result
+    }
+
+    fn read_kvm_stats(&self) -> std::collections::BTreeMap<String, u64> {
+        crate::machine::kvm_stats::read_vm_stats(&self.vm_fd).unwrap_or_else(|e| {
             log::warn!("{e}; the report's kvm_stats stays empty");
             Default::default()
-        });
-        let run = VmRun {
-            cause,
-            first_run: control.first_run(),
-            kvm_stats,
-        };
-        if !all_stopped {
-            // A vCPU thread may still be inside KVM_RUN: keep its VM and
-            // memory mapped until the process exits.
-            std::mem::forget(self);
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use super::*;
+    use crate::machine::vcpu::stuck;
+
+    /// Stands in for the VM's parts: records whether it was dropped.
+    struct DropObserver(Arc<AtomicBool>);
+
+    impl Drop for DropObserver {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::SeqCst);
         }
-        Ok(run)
+    }
+
+    fn observed() -> (DropObserver, Arc<AtomicBool>) {
+        let dropped = Arc::new(AtomicBool::new(false));
+        (DropObserver(dropped.clone()), dropped)
+    }
+
+    #[test]
+    fn stopped_vcpus_let_the_vm_be_torn_down() {
+        let (vm, dropped) = observed();
+        assert_eq!(tear_down_or_leak(vm, true), Teardown::Dropped);
+        assert!(dropped.load(Ordering::SeqCst));
+    }
+
+    #[test]
+    fn a_stuck_vcpu_keeps_the_vm_and_its_memory() {
+        // The stop path of `BuiltVm::run`, without KVM: a vCPU thread that
+        // ignores its kicks, then the teardown decision on the VM's parts.
+        kvm::install_kick_handler().unwrap();
+        let control = VmControl::new().unwrap();
+        control.request_stop(StopCause::PowerOff);
+        let (thread, _release) = stuck::thread(0);
+        let vcpus_stopped = vcpu::stop_vcpus(vec![thread], &control, Duration::from_millis(50));
+        let (vm, dropped) = observed();
+        assert_eq!(tear_down_or_leak(vm, vcpus_stopped), Teardown::Leaked);
+        assert!(
+            !dropped.load(Ordering::SeqCst),
+            "the VM was dropped under a running vCPU"
+        );
     }
 }

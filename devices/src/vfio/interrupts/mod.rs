@@ -120,14 +120,14 @@ impl InterruptRouter {
         let gsi = match table.set_msi(device, vector, message.address, message.data) {
             Ok(gsi) => gsi,
             Err(error) => {
-                log::warn!("interrupts: device {device:#x} vector {vector}: {error}");
+                crate::guest_warn!("interrupts: device {device:#x} vector {vector}: {error}");
                 return None;
             }
         };
         match self.kvm.set_gsi_routing(&table.routes()) {
             Ok(()) => Some(gsi),
             Err(error) => {
-                log::warn!("interrupts: KVM_SET_GSI_ROUTING failed: {error}; vector {vector} of device {device:#x} is not delivered");
+                crate::guest_warn!("interrupts: KVM_SET_GSI_ROUTING failed: {error}; vector {vector} of device {device:#x} is not delivered");
                 table.remove(device, vector);
                 None
             }
@@ -139,7 +139,7 @@ impl InterruptRouter {
         let mut table = self.table();
         if table.remove(device, vector).is_some() {
             if let Err(error) = self.kvm.set_gsi_routing(&table.routes()) {
-                log::warn!("interrupts: KVM_SET_GSI_ROUTING failed: {error}");
+                crate::guest_warn!("interrupts: KVM_SET_GSI_ROUTING failed: {error}");
             }
         }
     }
@@ -490,7 +490,7 @@ impl<B: VfioBackend> VfioInterrupts<B> {
             {
                 Ok(()) => intx.irqfd = true,
                 Err(error) => {
-                    log::warn!("interrupts: device {:#x}: cannot register the INTx irqfd on GSI {}: {error}; INTx is not delivered", self.device, intx.gsi);
+                    crate::guest_warn!("interrupts: device {:#x}: cannot register the INTx irqfd on GSI {}: {error}; INTx is not delivered", self.device, intx.gsi);
                     self.mode = InterruptMode::None;
                     return;
                 }
@@ -503,7 +503,7 @@ impl<B: VfioBackend> VfioInterrupts<B> {
         match enabled {
             Ok(()) => self.mode = InterruptMode::Intx,
             Err(error) => {
-                log::warn!(
+                crate::guest_warn!(
                     "interrupts: device {:#x}: VFIO refused INTx: {error}",
                     self.device
                 );
@@ -552,7 +552,7 @@ impl<B: VfioBackend> VfioInterrupts<B> {
                     irqfd: None,
                 }),
                 Err(error) => {
-                    log::warn!("interrupts: device {:#x}: {error}", self.device);
+                    crate::guest_warn!("interrupts: device {:#x}: {error}", self.device);
                     return None;
                 }
             }
@@ -561,7 +561,7 @@ impl<B: VfioBackend> VfioInterrupts<B> {
         match self.backend.irq_enable(index, &fds) {
             Ok(()) => Some(vectors),
             Err(error) => {
-                log::warn!(
+                crate::guest_warn!(
                     "interrupts: device {:#x}: VFIO refused {count} vectors at IRQ {index}: {error}",
                     self.device
                 );
@@ -704,7 +704,7 @@ fn sync_vector(
         return;
     };
     if !message.is_valid_x86() {
-        log::warn!(
+        crate::guest_warn!(
             "interrupts: device {device:#x} vector {route_vector:#x}: the guest programmed an \
              MSI message outside the x86 interrupt window ({message}); not delivered"
         );
@@ -734,7 +734,7 @@ fn sync_vector(
     if vector.irqfd.is_none() {
         match kvm.register_irqfd(&vector.fd, gsi, None) {
             Ok(()) => vector.irqfd = Some(gsi),
-            Err(error) => log::warn!(
+            Err(error) => crate::guest_warn!(
                 "interrupts: device {device:#x}: cannot register the irqfd of vector \
                  {route_vector:#x} on GSI {gsi}: {error}"
             ),
