@@ -10,7 +10,7 @@ use kvm_bindings::{kvm_cpuid_entry2, CpuId, KVM_CPUID_FLAG_SIGNIFCANT_INDEX};
 pub const LEAF1_ECX_HYPERVISOR: u32 = 1 << 31;
 /// Leaf 1 ECX: VMX (not offered: barge sets up no nested state).
 pub const LEAF1_ECX_VMX: u32 = 1 << 5;
-/// Leaf 1 EDX: HTT (the logical processor count in EBX[23:16] is valid).
+/// Leaf 1 EDX: HTT (the logical processor count in EBX bits 23:16 is valid).
 pub const LEAF1_EDX_HTT: u32 = 1 << 28;
 /// Leaf 0x8000_0001 ECX: SVM (not offered).
 pub const EXT1_ECX_SVM: u32 = 1 << 2;
@@ -21,7 +21,7 @@ pub const KVM_SIGNATURE_LEAF: u32 = 0x4000_0000;
 /// The KVM features leaf (the largest hypervisor leaf barge reports).
 pub const KVM_FEATURES_LEAF: u32 = 0x4000_0001;
 
-/// Topology level types in leaves 0xb/0x1f ECX[15:8].
+/// Topology level types in leaves 0xb/0x1f ECX bits 15:8.
 const LEVEL_TYPE_SMT: u32 = 1;
 const LEVEL_TYPE_CORE: u32 = 2;
 
@@ -78,14 +78,14 @@ fn set_leaf(cpuid: &mut CpuId, function: u32, index: u32, flags: u32, regs: [u32
 
 /// Patches the CPUID (from KVM_GET_SUPPORTED_CPUID) for vCPU `vcpu_id` of `cpus`.
 ///
-/// - leaf 1: EBX[31:24] = APIC id (= `vcpu_id`), EBX[23:16] = `cpus`, EDX.HTT when
+/// - leaf 1: EBX bits 31:24 = APIC id (= `vcpu_id`), EBX bits 23:16 = `cpus`, EDX.HTT when
 ///   `cpus` > 1, ECX.hypervisor set, ECX.VMX cleared;
-/// - leaf 4: EAX[31:26] = cores − 1; caches of level 3 are shared by all cores, lower
+/// - leaf 4: EAX bits 31:26 = cores − 1; caches of level 3 are shared by all cores, lower
 ///   levels by one thread;
 /// - leaves 0xb and 0x1f (0x1f only when KVM lists it): SMT level of 1 thread, core level
 ///   of `cpus` cores, EDX = x2APIC id;
 /// - leaf 0x4000_0000: "KVMKVMKVM", max leaf 0x4000_0001;
-/// - leaf 0x8000_0001: SVM cleared; on AMD, CmpLegacy and 0x8000_0008 ECX[7:0] = cores − 1.
+/// - leaf 0x8000_0001: SVM cleared; on AMD, CmpLegacy and 0x8000_0008 ECX bits 7:0 = cores − 1.
 ///
 /// `cpus` of 0 is treated as 1.
 pub fn patch_cpuid(cpuid: &mut CpuId, vcpu_id: u8, cpus: u8) {

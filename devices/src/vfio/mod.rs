@@ -5,7 +5,7 @@
 //!
 //! 1. A backend opens the host device: [`host::HostVfioDevice`] over
 //!    vfio-ioctls (legacy container/group, or cdev + iommufd), or
-//!    [`fake::FakeVfioBackend`] in tests.
+//!    `fake::FakeVfioBackend` (the `fake` feature) in tests.
 //! 2. [`VfioProbe::read`] reads the device's region info and config space:
 //!    BAR sizes and flags, sparse-mmap areas, the MSI-X table and PBA, and
 //!    which capabilities to mask. [`VfioProbe::device_input`] turns that into
@@ -98,7 +98,7 @@ impl RegionInfo {
 }
 
 /// The VFIO device operations the passthrough model needs. Implemented by
-/// [`host::HostVfioDevice`] and, in tests, [`fake::FakeVfioBackend`].
+/// [`host::HostVfioDevice`] and, in tests, `fake::FakeVfioBackend` (the `fake` feature).
 ///
 /// Reads that fail leave `data` as it was: callers fill it with all-ones
 /// first, so a failed read looks like a device that did not answer.
