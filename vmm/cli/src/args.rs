@@ -12,11 +12,12 @@ use std::path::PathBuf;
 use clap::error::ErrorKind;
 use clap::{Args, CommandFactory, Parser, Subcommand};
 
-use crate::plan::PlanRequest;
 use vmm::config::{
     parse_cpus, DeviceConfig, MemoryConfig, OnReboot, SeccompMode, SerialConfig, ShmemConfig,
     VfioBackend, VfioConfig, VmConfig,
 };
+
+use crate::plan::PlanRequest;
 
 const ABOUT: &str =
     "barge: a small KVM virtual machine monitor that maps PCI BARs with the largest pages";

@@ -36,11 +36,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-
-use faults::{FaultCounts, FaultProbe};
-use payload::PayloadParams;
 use vmm::config::{BarAlign, DeviceConfig, SerialConfig, ShmemConfig, VfioConfig, VmConfig};
 use vmm::report::{BarReport, PageCountsReport};
+
+use self::faults::{FaultCounts, FaultProbe};
+use self::payload::PayloadParams;
 
 /// The memory BAR of the shared memory device.
 pub const SHMEM_MEMORY_BAR: u8 = 2;

@@ -4,9 +4,11 @@
 
 use std::fmt::Write;
 
+use resources::placement::format_size;
+use vmm::report::PageCountsReport;
+
 use super::faults::{self, FaultCounts};
 use super::{BenchMode, BenchResult, ModeResult, Stat, METRICS};
-use vmm::report::PageCountsReport;
 
 /// A number with about three significant digits.
 pub fn format_value(v: f64) -> String {
@@ -57,11 +59,6 @@ pub fn describe_pages(pages: Option<&PageCountsReport>) -> String {
     }
 }
 
-/// `1 GiB`, `64 MiB`, ...
-pub fn format_bytes(bytes: u64) -> String {
-    resources::placement::format_size(bytes)
-}
-
 fn first_sample_text(mode: &ModeResult, f: impl Fn(&super::Sample) -> String) -> String {
     let texts: Vec<String> = mode.samples.iter().map(&f).collect();
     match texts.first() {
@@ -90,7 +87,7 @@ pub fn table(result: &BenchResult) -> String {
         "barge bench: {} BAR {} ({}), {} repetition{}, TSC {} kHz",
         result.device,
         result.bar,
-        format_bytes(result.bar_size),
+        format_size(result.bar_size),
         result.reps,
         if result.reps == 1 { "" } else { "s" },
         result.tsc_khz
@@ -99,7 +96,7 @@ pub fn table(result: &BenchResult) -> String {
     let _ = writeln!(
         out,
         "guest: BAR mapped with 1 GiB guest pages; window {} x {} passes; {} random reads",
-        format_bytes(result.window),
+        format_size(result.window),
         result.passes,
         result.random_reads
     );
@@ -279,7 +276,7 @@ pub fn svg(result: &BenchResult) -> String {
             "barge bench: {} BAR {} ({}), median of {} (bars), min..max (lines)",
             result.device,
             result.bar,
-            format_bytes(result.bar_size),
+            format_size(result.bar_size),
             result.reps
         ))
     );
