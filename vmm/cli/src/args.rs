@@ -11,7 +11,6 @@ use std::path::PathBuf;
 
 use clap::error::ErrorKind;
 use clap::{Args, CommandFactory, Parser, Subcommand};
-
 use vmm::config::{
     parse_cpus, DeviceConfig, MemoryConfig, OnReboot, SeccompMode, SerialConfig, ShmemConfig,
     VfioBackend, VfioConfig, VmConfig,
