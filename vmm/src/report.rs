@@ -180,9 +180,10 @@ pub struct BarReport {
     pub mapped: Option<PageCountsReport>,
     /// Memslots the BAR has (one per mmap-able area).
     pub slots: u32,
-    /// KVM_SET_USER_MEMORY_REGION calls for this BAR over the whole run:
-    /// equal to `slots` (1 for a BAR in one piece) when nothing was torn
-    /// down and re-created.
+    /// KVM_SET_USER_MEMORY_REGION calls barge issued for this BAR's slots
+    /// over the whole run (sets, resizes and deletes, counted where the
+    /// ioctl is issued): equal to `slots` (1 for a BAR in one piece) when
+    /// nothing was torn down and re-created.
     pub slot_updates: u32,
     /// `mapped` equals `expected`.
     pub huge_ok: bool,

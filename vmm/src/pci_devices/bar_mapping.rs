@@ -11,8 +11,10 @@
 //!    [`SlotAllocator`] that starts after RAM's). That is the only place BAR
 //!    memslots are set, and nothing ever deletes or moves them while the VM
 //!    lives: guest BAR sizing and decode toggles are only logged
-//!    (`pci::log_event`). [`MappedBar::slot_updates`] counts the set
-//!    operations so the report shows it.
+//!    (`pci::log_event`). Each set goes through `kvm::map_guest_memory`,
+//!    which counts the ioctl for its slot in the VM's [`MemslotLog`]; the
+//!    report's `slot_updates` is that count over the BAR's slots
+//!    ([`slot_updates`]), so a slot torn down and set again shows.
 //! 2. [`BarProver::prove`] (after the vCPUs exist, before the guest runs)
 //!    reads KVM's stats, KVM_PRE_FAULT_MEMORY's every area, reads the stats
 //!    again: the change of `pages_4k`/`pages_2m`/`pages_1g` is what KVM
@@ -31,7 +33,7 @@ use std::time::Instant;
 use kvm_ioctls::VmFd;
 use resources::placement::{area_pages, BarPlacement, PageCounts, PageSize};
 
-use crate::machine::kvm::{self, KvmError};
+use crate::machine::kvm::{self, KvmError, MemslotLog};
 use crate::machine::kvm_stats::KvmStatsFd;
 use crate::machine::mapping::{AlignedMapping, MappingError};
 use crate::machine::prefault::{self, PreFaultError};
@@ -115,8 +117,6 @@ pub struct MappedBar {
     pub mapping: Option<AlignedMapping>,
     /// Its memslots, by offset.
     pub areas: Vec<MappedArea>,
-    /// KVM_SET_USER_MEMORY_REGION calls made for this BAR.
-    pub slot_updates: u32,
     /// Device-specific likely causes of a shortfall (see the module docs).
     pub causes: Vec<String>,
 }
@@ -129,7 +129,6 @@ impl MappedBar {
             placement: placement.clone(),
             mapping: None,
             areas: Vec::new(),
-            slot_updates: 0,
             causes: Vec::new(),
         }
     }
@@ -137,6 +136,11 @@ impl MappedBar {
     /// The host address of the BAR's start (0 when trapped).
     pub fn hva(&self) -> u64 {
         self.mapping.as_ref().map_or(0, AlignedMapping::addr)
+    }
+
+    /// The memslot numbers of its areas.
+    pub fn slots(&self) -> Vec<u32> {
+        self.areas.iter().map(|area| area.slot).collect()
     }
 
     /// Adds a likely cause for getting smaller pages than expected, shown
@@ -148,13 +152,14 @@ impl MappedBar {
 
 /// Maps `placement`'s areas of `fd` (the BAR's data starts at
 /// `region_offset` in `fd`: 0 for a memfd, the VFIO region's offset for a
-/// VFIO device) and registers one memslot per area. A BAR without areas
-/// (trapped) maps nothing. On error the host mapping is unmapped; memslots
-/// of earlier areas stay registered until the VM fd closes (the build fails
-/// and the guest never runs; KVM follows the unmap through its MMU
-/// notifier).
+/// VFIO device) and registers one memslot per area, counting each set in
+/// `memslots`. A BAR without areas (trapped) maps nothing. On error the
+/// host mapping is unmapped; memslots of earlier areas stay registered until
+/// the VM fd closes (the build fails and the guest never runs; KVM follows
+/// the unmap through its MMU notifier).
 pub fn map_bar_areas(
     vm: &VmFd,
+    memslots: &MemslotLog,
     fd: BorrowedFd<'_>,
     region_offset: u64,
     device: &str,
@@ -190,7 +195,6 @@ pub fn map_bar_areas(
         placement: placement.clone(),
         mapping: None,
         areas: Vec::new(),
-        slot_updates: 0,
         causes: Vec::new(),
     };
     for area in &placement.areas {
@@ -201,18 +205,39 @@ pub fn map_bar_areas(
             size: area.size,
             hva: mapping.addr() + area.hva_offset,
         };
-        bar.slot_updates += 1;
-        kvm::map_guest_memory(vm, mapped.slot, mapped.gpa, mapped.size, mapped.hva).map_err(
-            |source| BarMappingError::Slot {
-                device: device.to_string(),
-                index: placement.index,
-                source,
-            },
-        )?;
+        // SAFETY: `mapped.hva..+mapped.size` lies inside `mapping`, the
+        // shared mapping of this area of `fd` made above. `mapping` moves
+        // into the returned `MappedBar`, which the builder keeps (in the
+        // `BuiltVm`'s devices, dropped after its VM fd) and which never
+        // unmaps or remaps it while alive. If a later area fails, `mapping`
+        // is unmapped while this slot is still registered, but then the
+        // build fails before any vCPU runs and the VM fd closes.
+        unsafe {
+            kvm::map_guest_memory(
+                vm,
+                memslots,
+                mapped.slot,
+                mapped.gpa,
+                mapped.size,
+                mapped.hva,
+            )
+        }
+        .map_err(|source| BarMappingError::Slot {
+            device: device.to_string(),
+            index: placement.index,
+            source,
+        })?;
         bar.areas.push(mapped);
     }
     bar.mapping = Some(mapping);
     Ok(bar)
+}
+
+/// KVM_SET_USER_MEMORY_REGION calls `memslots` saw for `bar`'s slots: one
+/// per area when each slot was set once and never torn down (0 when
+/// trapped).
+pub fn slot_updates(bar: &MappedBar, memslots: &MemslotLog) -> u32 {
+    memslots.updates_of(bar.slots())
 }
 
 /// The best page counts of a placement without any `bar-align` cap: every
@@ -260,9 +285,11 @@ impl PrefaultSupport {
     }
 }
 
-/// Proves BARs through one vCPU and the VM's stats fd.
+/// Proves BARs through one vCPU and the VM's stats fd, and reads their
+/// memslot updates from the VM's [`MemslotLog`].
 pub struct BarProver<'a, V: AsRawFd> {
     vcpu: &'a V,
+    memslots: &'a MemslotLog,
     stats: Option<KvmStatsFd>,
     support: PrefaultSupport,
     said_unsupported: bool,
@@ -289,11 +316,18 @@ pub fn page_delta(
 }
 
 impl<'a, V: AsRawFd> BarProver<'a, V> {
-    /// A prover using `vcpu` (any vCPU of the VM, created and configured)
-    /// and the VM's statistics (`None` when they cannot be opened).
-    pub fn new(vcpu: &'a V, stats: Option<KvmStatsFd>, support: PrefaultSupport) -> Self {
+    /// A prover using `vcpu` (any vCPU of the VM, created and configured),
+    /// the VM's memslot log and its statistics (`None` when they cannot be
+    /// opened).
+    pub fn new(
+        vcpu: &'a V,
+        memslots: &'a MemslotLog,
+        stats: Option<KvmStatsFd>,
+        support: PrefaultSupport,
+    ) -> Self {
         Self {
             vcpu,
+            memslots,
             stats,
             support,
             said_unsupported: false,
@@ -323,7 +357,7 @@ impl<'a, V: AsRawFd> BarProver<'a, V> {
             expected,
             mapped: None,
             slots: bar.areas.len() as u32,
-            slot_updates: bar.slot_updates,
+            slot_updates: slot_updates(bar, self.memslots),
             huge_ok: false,
             prefault_ms: None,
             warning: None,
@@ -441,7 +475,18 @@ pub fn shortfall_warning(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use resources::placement::{plan, BarInput, BarWidth, DeviceInput, Windows};
+    use std::os::fd::{AsFd, FromRawFd};
+
+    use resources::placement::{plan, BarInput, BarRange, BarWidth, DeviceInput, Windows};
+
+    /// A vCPU stand-in for proving without pre-faulting.
+    struct NoFd;
+
+    impl AsRawFd for NoFd {
+        fn as_raw_fd(&self) -> std::os::fd::RawFd {
+            -1
+        }
+    }
 
     fn placement(size: u64, cap: Option<PageSize>) -> BarPlacement {
         let ram = resources::ram_regions(512 << 20).unwrap();
@@ -513,7 +558,6 @@ mod tests {
             .collect();
         MappedBar {
             areas,
-            slot_updates: 1,
             ..MappedBar::trapped("shmem0", &placement)
         }
     }
@@ -563,14 +607,10 @@ mod tests {
 
     #[test]
     fn without_prefault_a_mapped_bar_is_reported_unmeasured() {
-        struct NoFd;
-        impl AsRawFd for NoFd {
-            fn as_raw_fd(&self) -> std::os::fd::RawFd {
-                -1
-            }
-        }
         let bar = mapped_bar(placement(4 << 20, None));
-        let mut prover = BarProver::new(&NoFd, None, PrefaultSupport::Available).prefault(false);
+        let memslots = MemslotLog::new();
+        let mut prover =
+            BarProver::new(&NoFd, &memslots, None, PrefaultSupport::Available).prefault(false);
         let report = prover.prove(&bar);
         assert!(!report.trapped);
         assert_eq!((report.mapped, report.prefault_ms), (None, None));
@@ -579,12 +619,6 @@ mod tests {
 
     #[test]
     fn trapped_bars_report_nothing_to_map_and_are_ok() {
-        struct NoFd;
-        impl AsRawFd for NoFd {
-            fn as_raw_fd(&self) -> std::os::fd::RawFd {
-                -1
-            }
-        }
         let ram = resources::ram_regions(512 << 20).unwrap();
         let windows = Windows::new(&ram, 46).unwrap();
         let device = DeviceInput {
@@ -595,12 +629,97 @@ mod tests {
         let placement = plan(&[device], &windows).unwrap().devices[0].bars[0].clone();
         assert!(placement.trap);
         let bar = MappedBar::trapped("shmem0", &placement);
-        let mut prover = BarProver::new(&NoFd, None, PrefaultSupport::Missing);
+        let memslots = MemslotLog::new();
+        let mut prover = BarProver::new(&NoFd, &memslots, None, PrefaultSupport::Missing);
         let report = prover.prove(&bar);
         assert!(report.trapped);
         assert!(report.huge_ok);
         assert_eq!(report.mapped, Some(PageCountsReport::default()));
         assert_eq!((report.slots, report.slot_updates, report.hva), (0, 0, 0));
         assert_eq!(report.gpa, placement.gpa);
+    }
+
+    fn memfd(len: u64) -> std::fs::File {
+        // SAFETY: memfd_create with a valid NUL-terminated name; the result
+        // is checked before use.
+        let fd =
+            unsafe { libc::memfd_create(c"barge-bar-mapping-test".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+        // SAFETY: `fd` was just created and nothing else owns it.
+        let file = unsafe { std::fs::File::from_raw_fd(fd) };
+        file.set_len(len).unwrap();
+        file
+    }
+
+    /// Needs /dev/kvm: `map_bar_areas` sets each area's slot exactly once,
+    /// and any later set or delete of one of the BAR's slots through
+    /// `kvm::map_guest_memory` shows in the BAR's `slot_updates`.
+    #[test]
+    fn slot_updates_count_every_set_of_the_bars_slots() {
+        let vm = match kvm_ioctls::Kvm::new().and_then(|kvm| kvm.create_vm()) {
+            Ok(vm) => vm,
+            Err(e) => {
+                eprintln!("skipping: /dev/kvm is not usable here ({e})");
+                return;
+            }
+        };
+        // A 4 MiB BAR with two mmap-able areas: [0, 1 MiB) and [2, 4 MiB).
+        let ram = resources::ram_regions(512 << 20).unwrap();
+        let windows = Windows::new(&ram, 46).unwrap();
+        let bar_input = BarInput {
+            areas: Some(vec![
+                BarRange::new(0, 1 << 20),
+                BarRange::new(2 << 20, 2 << 20),
+            ]),
+            ..BarInput::new(2, 4 << 20, BarWidth::Bits64, true)
+        };
+        let device = DeviceInput {
+            name: "shmem0".into(),
+            bars: vec![bar_input],
+            align_cap: None,
+        };
+        let placement = plan(&[device], &windows).unwrap().devices[0].bars[0].clone();
+        assert_eq!(placement.areas.len(), 2);
+        let file = memfd(4 << 20);
+        let memslots = MemslotLog::new();
+        let mut slots = SlotAllocator::new(1);
+        let bar = map_bar_areas(
+            &vm,
+            &memslots,
+            file.as_fd(),
+            0,
+            "shmem0",
+            &placement,
+            &mut slots,
+        )
+        .expect("map the BAR");
+        let prove = |bar: &MappedBar| {
+            BarProver::new(&NoFd, &memslots, None, PrefaultSupport::Available)
+                .prefault(false)
+                .prove(bar)
+        };
+        assert_eq!(bar.slots(), vec![1, 2]);
+        let report = prove(&bar);
+        assert_eq!(
+            (report.slots, report.slot_updates),
+            (2, 2),
+            "one set per area"
+        );
+
+        // Tear the first area's slot down and set it again (what a VMM that
+        // follows the guest's BAR decode toggles does): both calls count.
+        let area = bar.areas[0];
+        // SAFETY: a delete (size 0) points KVM at no memory.
+        unsafe { kvm::map_guest_memory(&vm, &memslots, area.slot, area.gpa, 0, area.hva) }
+            .expect("delete the slot");
+        assert_eq!(prove(&bar).slot_updates, 3);
+        // SAFETY: `area.hva..+area.size` is inside `bar`'s mapping, which
+        // stays mapped until after `vm` is dropped below; the VM has no
+        // vCPU, so nothing accesses the slot anyway.
+        unsafe { kvm::map_guest_memory(&vm, &memslots, area.slot, area.gpa, area.size, area.hva) }
+            .expect("set the slot again");
+        assert_eq!(prove(&bar).slot_updates, 4);
+        assert_eq!((memslots.updates(1), memslots.updates(2)), (3, 1));
+        drop(vm);
     }
 }
