@@ -20,11 +20,16 @@
 //!    again: the change of `pages_4k`/`pages_2m`/`pages_1g` is what KVM
 //!    mapped the BAR with. Without the ioctl (Linux < 6.10, no TDP) it says
 //!    so once and reports `mapped: null`.
-//! 3. When the BAR got less than its best, [`BarProver::prove`] puts the
-//!    likely causes in the report's `warning` and prints it on stderr:
-//!    `bar-align` (on purpose), then the device's own causes
+//! 3. The report's `huge_ok` says KVM mapped what was `planned`
+//!    ([`compare_with_plan`]). When it mapped other pages,
+//!    [`BarProver::prove`] puts the likely causes in the report's `warning`
+//!    and prints it on stderr: the device's own causes
 //!    ([`MappedBar::add_cause`]: 4 KiB host pages behind a memfd, a
-//!    misaligned host resource, ...), else a generic list.
+//!    misaligned host resource, ...), else a generic list. A BAR that
+//!    `bar-align` caps on purpose plans smaller pages than its
+//!    `best_possible`; when it gets its plan it is `huge_ok`, and `warning`
+//!    only notes, as information (logged, not printed as a warning), what
+//!    the cap costs.
 
 use std::collections::BTreeMap;
 use std::os::fd::{AsRawFd, BorrowedFd};
@@ -143,7 +148,7 @@ impl MappedBar {
         self.areas.iter().map(|area| area.slot).collect()
     }
 
-    /// Adds a likely cause for getting smaller pages than expected, shown
+    /// Adds a likely cause for getting other pages than planned, shown
     /// only when that happens.
     pub fn add_cause(&mut self, cause: impl Into<String>) {
         self.causes.push(cause.into());
@@ -240,8 +245,9 @@ pub fn slot_updates(bar: &MappedBar, memslots: &MemslotLog) -> u32 {
     memslots.updates_of(bar.slots())
 }
 
-/// The best page counts of a placement without any `bar-align` cap: every
-/// area tiled with pages up to `min(reservation, 1 GiB)`.
+/// The best page counts of a placement without any `bar-align` cap (the
+/// report's `best_possible`): every area tiled with pages up to
+/// `min(reservation, 1 GiB)`.
 pub fn uncapped_counts(placement: &BarPlacement) -> PageCounts {
     let limit = placement.reserved.min(LARGEST_PAGE);
     let mut total = PageCounts::default();
@@ -254,7 +260,7 @@ pub fn uncapped_counts(placement: &BarPlacement) -> PageCounts {
     total
 }
 
-/// The plan's page counts (with its cap).
+/// The plan's page counts, with its cap (the report's `planned`).
 pub fn planned_counts(placement: &BarPlacement) -> PageCounts {
     let mut total = PageCounts::default();
     for area in &placement.areas {
@@ -344,37 +350,13 @@ impl<'a, V: AsRawFd> BarProver<'a, V> {
 
     /// Pre-faults `bar` and reports it (see the module docs).
     pub fn prove(&mut self, bar: &MappedBar) -> BarReport {
-        let placement = &bar.placement;
-        let expected: PageCountsReport = uncapped_counts(placement).into();
-        let mut report = BarReport {
-            index: placement.index,
-            size: placement.size,
-            gpa: placement.gpa,
-            hva: bar.hva(),
-            trapped: bar.areas.is_empty(),
-            planned_page_size: placement.page_size.map_or(0, PageSize::bytes),
-            planned: planned_counts(placement).into(),
-            expected,
-            mapped: None,
-            slots: bar.areas.len() as u32,
-            slot_updates: slot_updates(bar, self.memslots),
-            huge_ok: false,
-            prefault_ms: None,
-            warning: None,
+        let mut prefault_ms = None;
+        let mapped = if bar.areas.is_empty() {
+            None
+        } else {
+            self.measure(bar, &mut prefault_ms)
         };
-        if report.trapped {
-            report.mapped = Some(PageCountsReport::default());
-            report.huge_ok = true;
-            return report;
-        }
-        report.mapped = self.measure(bar, &mut report.prefault_ms);
-        report.huge_ok = report.mapped == Some(expected);
-        if let Some(mapped) = report.mapped.filter(|_| !report.huge_ok) {
-            let warning = shortfall_warning(bar, &mapped, &expected);
-            eprintln!("barge: warning: {warning}");
-            report.warning = Some(warning);
-        }
-        report
+        bar_report(bar, slot_updates(bar, self.memslots), mapped, prefault_ms)
     }
 
     fn measure(
@@ -430,25 +412,141 @@ fn describe(counts: &PageCountsReport) -> String {
     )
 }
 
-/// The warning for a BAR that got other pages than expected, with the
-/// likely causes (see the module docs).
+/// The report of `bar`, whose slots saw `slot_updates` sets, once KVM
+/// mapped `mapped` for it (`None`: not measured) in `prefault_ms`:
+/// `huge_ok` when it got what was planned, and the `warning` (printed on
+/// stderr) or bar-align note ([`compare_with_plan`]). A trapped BAR maps
+/// nothing and is `huge_ok`.
+pub fn bar_report(
+    bar: &MappedBar,
+    slot_updates: u32,
+    mapped: Option<PageCountsReport>,
+    prefault_ms: Option<f64>,
+) -> BarReport {
+    let placement = &bar.placement;
+    let planned: PageCountsReport = planned_counts(placement).into();
+    let best_possible: PageCountsReport = uncapped_counts(placement).into();
+    let mut report = BarReport {
+        index: placement.index,
+        size: placement.size,
+        gpa: placement.gpa,
+        hva: bar.hva(),
+        trapped: bar.areas.is_empty(),
+        planned_page_size: placement.page_size.map_or(0, PageSize::bytes),
+        planned,
+        best_possible,
+        mapped,
+        slots: bar.areas.len() as u32,
+        slot_updates,
+        huge_ok: false,
+        prefault_ms,
+        warning: None,
+    };
+    if report.trapped {
+        report.mapped = Some(PageCountsReport::default());
+        report.huge_ok = true;
+        return report;
+    }
+    let Some(mapped) = mapped else {
+        return report;
+    };
+    match compare_with_plan(bar, &mapped, &planned, &best_possible) {
+        PlanComparison::AsPlanned => report.huge_ok = true,
+        PlanComparison::AsPlannedBelowBest { note } => {
+            log::info!("{note}");
+            report.huge_ok = true;
+            report.warning = Some(note);
+        }
+        PlanComparison::OtherThanPlanned { warning } => {
+            eprintln!("barge: warning: {warning}");
+            report.warning = Some(warning);
+        }
+    }
+    report
+}
+
+/// How the pages KVM mapped for a BAR compare with its plan.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PlanComparison {
+    /// KVM mapped what was planned, and the plan is the best possible.
+    AsPlanned,
+    /// KVM mapped what was planned, which is less than `best_possible`
+    /// because `bar-align` caps the BAR on purpose.
+    AsPlannedBelowBest {
+        /// What the cap costs, as information ([`bar_align_note`]).
+        note: String,
+    },
+    /// KVM mapped other pages than planned.
+    OtherThanPlanned {
+        /// The likely causes ([`shortfall_warning`]).
+        warning: String,
+    },
+}
+
+/// Compares `mapped` with the BAR's `planned` pages (see the module docs).
+pub fn compare_with_plan(
+    bar: &MappedBar,
+    mapped: &PageCountsReport,
+    planned: &PageCountsReport,
+    best_possible: &PageCountsReport,
+) -> PlanComparison {
+    if mapped != planned {
+        return PlanComparison::OtherThanPlanned {
+            warning: shortfall_warning(bar, mapped, planned, best_possible),
+        };
+    }
+    match bar_align_note(bar, planned, best_possible) {
+        Some(note) => PlanComparison::AsPlannedBelowBest { note },
+        None => PlanComparison::AsPlanned,
+    }
+}
+
+/// What `bar-align` costs a BAR that got its plan: the cap and the
+/// `best_possible` pages without it. `None` when the plan is the best.
+pub fn bar_align_note(
+    bar: &MappedBar,
+    planned: &PageCountsReport,
+    best_possible: &PageCountsReport,
+) -> Option<String> {
+    let cap = bar_align_cap(bar, planned, best_possible)?;
+    Some(format!(
+        "BAR {} of {} got {} as planned: {cap}; {} was possible without it",
+        bar.placement.index,
+        bar.device,
+        describe(planned),
+        describe(best_possible),
+    ))
+}
+
+/// The `bar-align` cap, described, when it makes `planned` less than
+/// `best_possible`.
+fn bar_align_cap(
+    bar: &MappedBar,
+    planned: &PageCountsReport,
+    best_possible: &PageCountsReport,
+) -> Option<String> {
+    let cap = bar
+        .placement
+        .align_cap
+        .filter(|_| planned != best_possible)?;
+    Some(format!(
+        "bar-align={} caps this BAR at {} pages on purpose (comparison mode)",
+        cap.name().to_lowercase(),
+        cap.name()
+    ))
+}
+
+/// The warning for a BAR that got other pages than `planned`, with the
+/// likely causes (see the module docs), and what `bar-align` costs when it
+/// caps the plan.
 pub fn shortfall_warning(
     bar: &MappedBar,
     mapped: &PageCountsReport,
-    expected: &PageCountsReport,
+    planned: &PageCountsReport,
+    best_possible: &PageCountsReport,
 ) -> String {
     let placement = &bar.placement;
-    let mut causes = Vec::new();
-    if let Some(cap) = placement.align_cap {
-        if cap.bytes() < placement.reserved.min(LARGEST_PAGE) {
-            causes.push(format!(
-                "bar-align={} caps this BAR at {} pages on purpose (comparison mode)",
-                cap.name().to_lowercase(),
-                cap.name()
-            ));
-        }
-    }
-    causes.extend(bar.causes.iter().cloned());
+    let mut causes = bar.causes.clone();
     if causes.is_empty() {
         causes.push(
             "the host kernel cannot map this memory with huge pages (VFIO needs huge pfnmap \
@@ -462,12 +560,20 @@ pub fn shortfall_warning(
     } else {
         ""
     };
+    let capped = bar_align_cap(bar, planned, best_possible)
+        .map(|cap| {
+            format!(
+                ". Also, {cap}; {} was possible without it",
+                describe(best_possible)
+            )
+        })
+        .unwrap_or_default();
     format!(
-        "BAR {} of {} got {}{accounted} where {} was possible; likely cause: {}",
+        "BAR {} of {} got {}{accounted} where {} was planned; likely cause: {}{capped}",
         placement.index,
         bar.device,
         describe(mapped),
-        describe(expected),
+        describe(planned),
         causes.join("; or ")
     )
 }
@@ -562,47 +668,135 @@ mod tests {
         }
     }
 
+    fn counts(placement: &BarPlacement) -> (PageCountsReport, PageCountsReport) {
+        (
+            planned_counts(placement).into(),
+            uncapped_counts(placement).into(),
+        )
+    }
+
     #[test]
-    fn warnings_name_bar_align_then_device_causes_then_the_generic_list() {
+    fn a_bar_that_got_its_plan_is_as_planned_and_a_bar_align_cap_only_noted() {
+        let whole = mapped_bar(placement(8 << 30, None));
+        let (planned, best_possible) = counts(&whole.placement);
+        assert_eq!(planned, best_possible);
+        assert_eq!(
+            compare_with_plan(&whole, &planned, &planned, &best_possible),
+            PlanComparison::AsPlanned
+        );
+
         let capped = mapped_bar(placement(8 << 30, Some(PageSize::Size4K)));
+        let (planned, best_possible) = counts(&capped.placement);
         let mapped = PageCountsReport {
             pages_4k: 2 << 20,
             ..Default::default()
         };
-        let expected = uncapped_counts(&capped.placement).into();
-        let warning = shortfall_warning(&capped, &mapped, &expected);
+        assert_eq!(mapped, planned);
+        let PlanComparison::AsPlannedBelowBest { note } =
+            compare_with_plan(&capped, &mapped, &planned, &best_possible)
+        else {
+            panic!("a capped BAR that got its plan is as planned, with a note");
+        };
+        assert!(note.contains("BAR 2 of shmem0 got 2097152 x 4K"), "{note}");
         assert!(
-            warning.contains("BAR 2 of shmem0 got 2097152 x 4K"),
-            "{warning}"
+            note.contains("0 x 4K, 0 x 2M, 8 x 1G was possible"),
+            "{note}"
         );
-        assert!(
-            warning.contains("0 x 4K, 0 x 2M, 8 x 1G was possible"),
-            "{warning}"
-        );
-        assert!(warning.contains("bar-align=4k caps this BAR"), "{warning}");
+        assert!(note.contains("bar-align=4k caps this BAR"), "{note}");
+    }
 
+    #[test]
+    fn huge_ok_means_got_what_was_planned_and_keeps_the_bar_align_note() {
+        // bar-align=4k on an 8 GiB BAR, mapped with the planned 4K pages.
+        let capped = mapped_bar(placement(8 << 30, Some(PageSize::Size4K)));
+        let planned: PageCountsReport = planned_counts(&capped.placement).into();
+        let report = bar_report(&capped, 1, Some(planned), Some(1.0));
+        assert!(report.huge_ok, "{report:?}");
+        assert_eq!(report.planned.pages_4k, 2 << 20);
+        assert_eq!(report.best_possible.pages_1g, 8);
+        let note = report.warning.unwrap_or_default();
+        assert!(
+            note.contains("as planned: bar-align=4k caps this BAR"),
+            "{note}"
+        );
+
+        // The same BAR short of its plan.
+        let fewer = PageCountsReport {
+            pages_4k: 3,
+            ..Default::default()
+        };
+        let report = bar_report(&capped, 1, Some(fewer), Some(1.0));
+        assert!(!report.huge_ok, "{report:?}");
+        let warning = report.warning.unwrap_or_default();
+        assert!(warning.contains("not every page was mapped"), "{warning}");
+
+        // No cap: the plan is the best; 2M pages as planned, no note.
+        let whole = mapped_bar(placement(4 << 20, None));
+        let planned: PageCountsReport = planned_counts(&whole.placement).into();
+        let report = bar_report(&whole, 1, Some(planned), Some(1.0));
+        assert!(report.huge_ok && report.warning.is_none(), "{report:?}");
+        assert_eq!(report.planned, report.best_possible);
+        // Not measured: not known to be ok.
+        let report = bar_report(&whole, 1, None, None);
+        assert!(!report.huge_ok && report.warning.is_none(), "{report:?}");
+    }
+
+    #[test]
+    fn warnings_name_device_causes_then_the_generic_list_and_any_bar_align_cap() {
         let mut memfd = mapped_bar(placement(4 << 20, None));
         memfd.add_cause("shmem is backed by 4 KiB pages");
-        let expected = uncapped_counts(&memfd.placement).into();
+        let (planned, best_possible) = counts(&memfd.placement);
         let mapped = PageCountsReport {
             pages_4k: 1024,
             ..Default::default()
         };
-        let warning = shortfall_warning(&memfd, &mapped, &expected);
+        let PlanComparison::OtherThanPlanned { warning } =
+            compare_with_plan(&memfd, &mapped, &planned, &best_possible)
+        else {
+            panic!("4K pages where 2M were planned is a shortfall");
+        };
+        assert!(
+            warning
+                .contains("got 1024 x 4K, 0 x 2M, 0 x 1G where 0 x 4K, 2 x 2M, 0 x 1G was planned"),
+            "{warning}"
+        );
         assert!(
             warning.contains("likely cause: shmem is backed by 4 KiB pages"),
             "{warning}"
         );
         assert!(!warning.contains("not every page"), "{warning}");
+        assert!(!warning.contains("bar-align"), "{warning}");
 
         let vfio = mapped_bar(placement(4 << 20, None));
         let partial = PageCountsReport {
             pages_4k: 3,
             ..Default::default()
         };
-        let warning = shortfall_warning(&vfio, &partial, &expected);
+        let warning = shortfall_warning(&vfio, &partial, &planned, &best_possible);
         assert!(warning.contains("huge pfnmap"), "{warning}");
         assert!(warning.contains("not every page was mapped"), "{warning}");
+
+        // Capped at 2M but mapped with 4K: short of the plan, and the
+        // warning still says what the cap costs.
+        let capped = mapped_bar(placement(8 << 30, Some(PageSize::Size2M)));
+        let (planned, best_possible) = counts(&capped.placement);
+        let mapped = PageCountsReport {
+            pages_4k: 2 << 20,
+            ..Default::default()
+        };
+        let warning = shortfall_warning(&capped, &mapped, &planned, &best_possible);
+        assert!(
+            warning.contains("where 0 x 4K, 4096 x 2M, 0 x 1G was planned"),
+            "{warning}"
+        );
+        assert!(warning.contains("huge pfnmap"), "{warning}");
+        assert!(
+            warning.contains(
+                "bar-align=2m caps this BAR at 2M pages on purpose (comparison mode); \
+                 0 x 4K, 0 x 2M, 8 x 1G was possible without it"
+            ),
+            "{warning}"
+        );
     }
 
     #[test]
