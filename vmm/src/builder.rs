@@ -16,11 +16,11 @@ use crate::buses::power::{AcpiSleepBusDevice, I8042BusDevice, PowerSignal};
 use crate::buses::serial::{IrqFdTrigger, SerialDevice, SerialOutput};
 use crate::config::{ConfigError, VmConfig};
 use crate::loader::{self, LoadError};
-use crate::machine::kvm::{self, KvmError};
+use crate::machine::kvm::{self, KvmError, MemslotLog};
 use crate::machine::kvm_stats::KvmStatsFd;
 use crate::machine::memory::{self, MemoryError};
 use crate::machine::vm::{self, BuiltVm, LiveDevice, SerialInput, VmError, VmRun};
-use crate::pci_devices::bar_mapping::{BarProver, PrefaultSupport, SlotAllocator};
+use crate::pci_devices::bar_mapping::{BarProver, MappedBar, PrefaultSupport, SlotAllocator};
 use crate::pci_devices::open;
 use crate::pci_devices::setup::{AttachContext, DeviceSetupError};
 use crate::report::{self, DeviceReport, DmaReport, MemoryRegionReport, ReportError};
@@ -124,7 +124,9 @@ pub fn boot_and_run(
     let plan = resources::plan(&inputs, &windows)?;
 
     let ram = memory::create_guest_memory(&ram_layout, &config.memory)?;
-    vm::map_ram(&vm_fd, &ram)?;
+    // Every memslot set goes through this log; the report reads it.
+    let memslots = MemslotLog::new();
+    vm::map_ram(&vm_fd, &memslots, &ram)?;
     let mut slots = SlotAllocator::new(ram.regions.len() as u32);
     let mut attached = Vec::with_capacity(setups.len());
     for (setup, device_plan) in setups.into_iter().zip(&plan.devices) {
@@ -134,6 +136,7 @@ pub fn boot_and_run(
             vm: &vm_fd,
             ram: &ram,
             slots: &mut slots,
+            memslots: &memslots,
         };
         let device = setup
             .attach(device_plan, &mut ctx)
@@ -219,17 +222,28 @@ pub fn boot_and_run(
         let stats = KvmStatsFd::open(&vm_fd)
             .map_err(|e| log::warn!("{e}; BAR mappings are not measured"))
             .ok();
-        let mut prover = BarProver::new(vcpu, stats, support).prefault(config.prefault_bars);
+        let mut prover =
+            BarProver::new(vcpu, &memslots, stats, support).prefault(config.prefault_bars);
         for (report, device) in device_reports.iter_mut().zip(&live) {
             report.bars = device.bars.iter().map(|bar| prover.prove(bar)).collect();
         }
     }
 
     let memory = ram.region_reports();
+    let bar_slots: Vec<Vec<Vec<u32>>> = live
+        .iter()
+        .map(|device| device.bars.iter().map(MappedBar::slots).collect())
+        .collect();
     let built = BuiltVm::new(vm_fd, ram, vcpus, buses, serial, input, power)
         .with_devices(live)
         .with_seccomp(seccomp);
     let run = built.run(deadline)?;
+    // `slot_updates` covers the whole run: read the log again now it is over.
+    for (report, slots) in device_reports.iter_mut().zip(&bar_slots) {
+        for (bar, slots) in report.bars.iter_mut().zip(slots) {
+            bar.slot_updates = memslots.updates_of(slots.iter().copied());
+        }
+    }
     Ok(BootOutcome {
         run,
         memory,

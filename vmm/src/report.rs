@@ -15,7 +15,7 @@
 //!         { "index": 2, "size": 8589934592, "gpa": 68719476736, "hva": 140668768403456,
 //!           "trapped": false, "planned_page_size": 1073741824,
 //!           "planned":  { "pages_4k": 0, "pages_2m": 0, "pages_1g": 8 },
-//!           "expected": { "pages_4k": 0, "pages_2m": 0, "pages_1g": 8 },
+//!           "best_possible": { "pages_4k": 0, "pages_2m": 0, "pages_1g": 8 },
 //!           "mapped":   { "pages_4k": 0, "pages_2m": 0, "pages_1g": 8 },
 //!           "slots": 1, "slot_updates": 1, "huge_ok": true, "prefault_ms": 0.4 } ] }
 //!   ]
@@ -25,6 +25,9 @@
 //! `mapped` is measured, not inferred: after the memslots exist and before
 //! the guest runs, barge pre-faults each BAR with KVM_PRE_FAULT_MEMORY and
 //! takes the change of KVM's `pages_*` counters (see `bar_mapping`).
+//! `huge_ok` says it equals `planned`; `best_possible` is what the BAR's
+//! placement would allow without a `bar-align` cap (larger than `planned`
+//! only for a BAR capped on purpose).
 //!
 //! Addresses and sizes are integers (bytes). `kvm_stats` holds KVM's own VM
 //! counters by their KVM names (see `kvm_stats`).
@@ -170,25 +173,31 @@ pub struct BarReport {
     pub trapped: bool,
     /// The largest page the plan allows (bytes); 0 when trapped.
     pub planned_page_size: u64,
-    /// The plan's page counts (with any bar-align cap).
+    /// The plan's page counts (with any bar-align cap): what `huge_ok`
+    /// compares against.
     pub planned: PageCountsReport,
-    /// The best page counts for this BAR's placement without a cap: what
-    /// `huge_ok` compares against.
-    pub expected: PageCountsReport,
+    /// The best page counts this BAR's placement allows without a
+    /// bar-align cap: equal to `planned` unless bar-align caps the BAR on
+    /// purpose.
+    pub best_possible: PageCountsReport,
     /// What KVM mapped when barge pre-faulted the BAR (the change of KVM's
     /// pages_4k/2m/1g counters); `null` when it could not pre-fault.
     pub mapped: Option<PageCountsReport>,
     /// Memslots the BAR has (one per mmap-able area).
     pub slots: u32,
-    /// KVM_SET_USER_MEMORY_REGION calls for this BAR over the whole run:
-    /// equal to `slots` (1 for a BAR in one piece) when nothing was torn
-    /// down and re-created.
+    /// KVM_SET_USER_MEMORY_REGION calls barge issued for this BAR's slots
+    /// over the whole run (sets, resizes and deletes, counted where the
+    /// ioctl is issued): equal to `slots` (1 for a BAR in one piece) when
+    /// nothing was torn down and re-created.
     pub slot_updates: u32,
-    /// `mapped` equals `expected`.
+    /// KVM got what was planned: `mapped` equals `planned` (false when
+    /// `mapped` is null).
     pub huge_ok: bool,
     /// How long the pre-fault took, in milliseconds.
     pub prefault_ms: Option<f64>,
-    /// Why the BAR got less than expected, when it did (also on stderr).
+    /// When `mapped` differs from `planned`, why (also on stderr). For a
+    /// BAR that got its plan while bar-align caps it below
+    /// `best_possible`, a note saying so (information, not a shortfall).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub warning: Option<String>,
 }
@@ -288,7 +297,7 @@ mod tests {
                         pages_1g: 8,
                         ..Default::default()
                     },
-                    expected: PageCountsReport {
+                    best_possible: PageCountsReport {
                         pages_1g: 8,
                         ..Default::default()
                     },
@@ -335,6 +344,9 @@ mod tests {
         assert_eq!(bar["planned_page_size"], 1 << 30);
         assert_eq!(bar["mapped"]["pages_1g"], 8);
         assert_eq!(bar["mapped"]["pages_4k"], 0);
+        assert_eq!(bar["planned"]["pages_1g"], 8);
+        assert_eq!(bar["best_possible"]["pages_1g"], 8);
+        assert!(bar.get("expected").is_none());
         assert_eq!(bar["slot_updates"], 1);
         assert_eq!(bar["huge_ok"], true);
         assert!(bar.get("warning").is_none());

@@ -1,9 +1,15 @@
 //! Thin wrappers around the few KVM operations that need `unsafe` or extra
 //! error context, so the logic above them stays safe.
+//!
+//! Every KVM_SET_USER_MEMORY_REGION barge issues goes through
+//! [`map_guest_memory`], which counts it in a [`MemslotLog`] by slot: the
+//! report's `slot_updates` is that count, a fact about ioctls issued.
 
+use std::collections::BTreeMap;
 use std::ffi::CString;
 use std::io;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use kvm_bindings::{kvm_userspace_memory_region, KVM_INTERNAL_ERROR_EMULATION};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
@@ -75,13 +81,65 @@ pub fn open_kvm() -> Result<Kvm, KvmError> {
     })
 }
 
-/// Maps `size` bytes of host memory at `host_addr` as guest RAM at `gpa`.
+/// How many times barge issued KVM_SET_USER_MEMORY_REGION for each memslot:
+/// sets, moves and deletes alike, whether KVM accepted them or not. Only
+/// [`map_guest_memory`] adds to it, once per ioctl, so a slot that is torn
+/// down and set again shows up here however the code above got there.
+/// Clones share one log (the builder keeps one to read after the run).
+#[derive(Debug, Clone, Default)]
+pub struct MemslotLog {
+    issued: Arc<Mutex<BTreeMap<u32, u32>>>,
+}
+
+impl MemslotLog {
+    /// An empty log.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// KVM_SET_USER_MEMORY_REGION calls issued for `slot` so far.
+    pub fn updates(&self, slot: u32) -> u32 {
+        self.lock().get(&slot).copied().unwrap_or(0)
+    }
+
+    /// The calls issued for all of `slots` together (the slots of one BAR).
+    pub fn updates_of(&self, slots: impl IntoIterator<Item = u32>) -> u32 {
+        let issued = self.lock();
+        slots
+            .into_iter()
+            .map(|slot| issued.get(&slot).copied().unwrap_or(0))
+            .fold(0, u32::saturating_add)
+    }
+
+    fn record(&self, slot: u32) {
+        let mut issued = self.lock();
+        let count = issued.entry(slot).or_default();
+        *count = count.saturating_add(1);
+    }
+
+    fn lock(&self) -> MutexGuard<'_, BTreeMap<u32, u32>> {
+        // Plain counters: a panic elsewhere cannot leave them inconsistent.
+        self.issued.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Sets memslot `slot` to map `size` bytes of host memory at `host_addr` at
+/// guest physical address `gpa` (KVM_SET_USER_MEMORY_REGION; a `size` of 0
+/// deletes the slot), and counts the call in `memslots`. Used for guest RAM
+/// (`vm::map_ram`) and for BAR mappings (`bar_mapping::map_bar_areas`).
 ///
-/// The caller guarantees (and `vm.rs` upholds by keeping the guest memory
-/// object alive as long as the `VmFd`, dropping the `VmFd` first) that the
-/// host range stays mapped for as long as the VM can access it.
-pub fn map_guest_memory(
+/// # Safety
+///
+/// Unless `size` is 0, `host_addr..host_addr + size` must be memory barge
+/// mapped for this guest range (guest RAM, or a BAR's mapping of its device
+/// or memfd), and the caller must keep it mapped, and must not unmap or
+/// replace it, for as long as the slot exists and the VM can access it
+/// (while a vCPU may run or KVM may touch guest memory on the VM's behalf,
+/// e.g. KVM_PRE_FAULT_MEMORY). Otherwise the guest reads and writes
+/// whatever the process maps at that address next.
+pub unsafe fn map_guest_memory(
     vm: &VmFd,
+    memslots: &MemslotLog,
     slot: u32,
     gpa: u64,
     size: u64,
@@ -94,10 +152,11 @@ pub fn map_guest_memory(
         memory_size: size,
         userspace_addr: host_addr,
     };
-    // SAFETY: `host_addr..host_addr + size` is a live mapping owned by the
-    // VM's guest memory object, which outlives every use of this slot (the
-    // VmFd is dropped before the memory; see `vm.rs`). KVM only accesses it
-    // on the guest's behalf.
+    memslots.record(slot);
+    // SAFETY: the caller guarantees (this function's contract) that
+    // `host_addr..host_addr + size` stays mapped to this guest range for as
+    // long as the slot exists and the VM can access it; a delete (`size`
+    // 0) points KVM at no memory. KVM only accesses it on the guest's behalf.
     unsafe { vm.set_user_memory_region(region) }.map_err(|e| KvmError::MemorySlot {
         slot,
         gpa,
@@ -142,4 +201,60 @@ pub fn install_kick_handler() -> io::Result<()> {
         register_signal_handler(kick_signal(), kick_handler).map_err(|e| e.errno())
     });
     result.map_err(io::Error::from_raw_os_error)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::{GuestAddress, GuestMemoryBackend};
+
+    use crate::config::MemoryConfig;
+    use crate::machine::memory;
+
+    #[test]
+    fn the_log_counts_calls_by_slot_and_clones_share_it() {
+        let log = MemslotLog::new();
+        let shared = log.clone();
+        log.record(3);
+        shared.record(3);
+        shared.record(4);
+        assert_eq!((log.updates(3), log.updates(4), log.updates(5)), (2, 1, 0));
+        assert_eq!(log.updates_of([3, 4, 5]), 3);
+        assert_eq!(shared.updates_of([]), 0);
+    }
+
+    /// Needs /dev/kvm: every KVM_SET_USER_MEMORY_REGION the wrapper issues
+    /// is counted for its slot, a repeated set, a delete and a refused set
+    /// alike.
+    #[test]
+    fn every_set_and_delete_of_a_slot_is_counted() {
+        // Declared before the VM, so the VM (and its slot) goes first.
+        let ram = memory::create_guest_memory(&[(0, 2 << 20)], &MemoryConfig::default())
+            .expect("anonymous guest memory");
+        let vm = match Kvm::new().and_then(|kvm| kvm.create_vm()) {
+            Ok(vm) => vm,
+            Err(e) => {
+                eprintln!("skipping: /dev/kvm is not usable here ({e})");
+                return;
+            }
+        };
+        let host = ram.memory.get_host_address(GuestAddress(0)).unwrap() as u64;
+        let log = MemslotLog::new();
+        let set = |gpa: u64, size: u64| {
+            // SAFETY: `ram` maps `host..host + 2 MiB` for the whole test and
+            // is dropped after `vm`; the VM has no vCPU, so nothing accesses
+            // the slot anyway.
+            unsafe { map_guest_memory(&vm, &log, 0, gpa, size, host) }
+        };
+        set(0, 2 << 20).expect("set slot 0");
+        assert_eq!(log.updates(0), 1);
+        set(0, 2 << 20).expect("set slot 0 again");
+        set(0, 0).expect("delete slot 0");
+        assert_eq!(log.updates(0), 3);
+        // KVM refuses a GPA that is not page aligned: issued all the same.
+        let err = set(0x123, 2 << 20).unwrap_err().to_string();
+        assert!(err.contains("slot 0 (0x123+0x200000)"), "{err}");
+        assert_eq!(log.updates(0), 4);
+        assert_eq!(log.updates(1), 0);
+    }
 }

@@ -14,7 +14,7 @@ use crate::buses::bus::Buses;
 use crate::buses::power::PowerSignal;
 use crate::buses::serial::SerialDevice;
 use crate::event_loop::{EventLoop, EventLoopError};
-use crate::machine::kvm::{self, KvmError};
+use crate::machine::kvm::{self, KvmError, MemslotLog};
 use crate::machine::memory::GuestRam;
 use crate::machine::vcpu::{self, StopCause, VcpuContext, VmControl};
 use crate::seccomp::VmFilters;
@@ -118,8 +118,9 @@ pub fn create_vm(kvm: &Kvm) -> Result<VmFd, VmError> {
     Ok(vm)
 }
 
-/// Gives every RAM region its own memslot, in address order.
-pub fn map_ram(vm: &VmFd, ram: &GuestRam) -> Result<(), VmError> {
+/// Gives every RAM region its own memslot, in address order (slots 0 on),
+/// counting each set in `memslots`. Keep `ram` alive until `vm` is dropped.
+pub fn map_ram(vm: &VmFd, memslots: &MemslotLog, ram: &GuestRam) -> Result<(), VmError> {
     for (slot, region) in ram.memory.iter().enumerate() {
         let host_addr = ram
             .memory
@@ -132,13 +133,21 @@ pub fn map_ram(vm: &VmFd, ram: &GuestRam) -> Result<(), VmError> {
                     source: std::io::Error::other(e.to_string()),
                 })
             })?;
-        kvm::map_guest_memory(
-            vm,
-            slot as u32,
-            region.start_addr().raw_value(),
-            region.len(),
-            host_addr as u64,
-        )?;
+        // SAFETY: `host_addr..+region.len()` is the host mapping of this
+        // RAM region, owned by `ram.memory`. The builder moves `ram` into
+        // `BuiltVm`, whose `vm_fd` field is declared (and so dropped)
+        // before `ram`, and nothing unmaps or remaps guest RAM while it
+        // lives; on a failed build no vCPU has run and none will.
+        unsafe {
+            kvm::map_guest_memory(
+                vm,
+                memslots,
+                slot as u32,
+                region.start_addr().raw_value(),
+                region.len(),
+                host_addr as u64,
+            )
+        }?;
     }
     Ok(())
 }

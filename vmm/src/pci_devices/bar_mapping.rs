@@ -11,18 +11,25 @@
 //!    [`SlotAllocator`] that starts after RAM's). That is the only place BAR
 //!    memslots are set, and nothing ever deletes or moves them while the VM
 //!    lives: guest BAR sizing and decode toggles are only logged
-//!    (`pci::log_event`). [`MappedBar::slot_updates`] counts the set
-//!    operations so the report shows it.
+//!    (`pci::log_event`). Each set goes through `kvm::map_guest_memory`,
+//!    which counts the ioctl for its slot in the VM's [`MemslotLog`]; the
+//!    report's `slot_updates` is that count over the BAR's slots
+//!    ([`slot_updates`]), so a slot torn down and set again shows.
 //! 2. [`BarProver::prove`] (after the vCPUs exist, before the guest runs)
 //!    reads KVM's stats, KVM_PRE_FAULT_MEMORY's every area, reads the stats
 //!    again: the change of `pages_4k`/`pages_2m`/`pages_1g` is what KVM
 //!    mapped the BAR with. Without the ioctl (Linux < 6.10, no TDP) it says
 //!    so once and reports `mapped: null`.
-//! 3. When the BAR got less than its best, [`BarProver::prove`] puts the
-//!    likely causes in the report's `warning` and prints it on stderr:
-//!    `bar-align` (on purpose), then the device's own causes
+//! 3. The report's `huge_ok` says KVM mapped what was `planned`
+//!    ([`compare_with_plan`]). When it mapped other pages,
+//!    [`BarProver::prove`] puts the likely causes in the report's `warning`
+//!    and prints it on stderr: the device's own causes
 //!    ([`MappedBar::add_cause`]: 4 KiB host pages behind a memfd, a
-//!    misaligned host resource, ...), else a generic list.
+//!    misaligned host resource, ...), else a generic list. A BAR that
+//!    `bar-align` caps on purpose plans smaller pages than its
+//!    `best_possible`; when it gets its plan it is `huge_ok`, and `warning`
+//!    only notes, as information (logged, not printed as a warning), what
+//!    the cap costs.
 
 use std::collections::BTreeMap;
 use std::os::fd::{AsRawFd, BorrowedFd};
@@ -31,7 +38,7 @@ use std::time::Instant;
 use kvm_ioctls::VmFd;
 use resources::placement::{area_pages, BarPlacement, PageCounts, PageSize};
 
-use crate::machine::kvm::{self, KvmError};
+use crate::machine::kvm::{self, KvmError, MemslotLog};
 use crate::machine::kvm_stats::KvmStatsFd;
 use crate::machine::mapping::{AlignedMapping, MappingError};
 use crate::machine::prefault::{self, PreFaultError};
@@ -115,8 +122,6 @@ pub struct MappedBar {
     pub mapping: Option<AlignedMapping>,
     /// Its memslots, by offset.
     pub areas: Vec<MappedArea>,
-    /// KVM_SET_USER_MEMORY_REGION calls made for this BAR.
-    pub slot_updates: u32,
     /// Device-specific likely causes of a shortfall (see the module docs).
     pub causes: Vec<String>,
 }
@@ -129,7 +134,6 @@ impl MappedBar {
             placement: placement.clone(),
             mapping: None,
             areas: Vec::new(),
-            slot_updates: 0,
             causes: Vec::new(),
         }
     }
@@ -139,7 +143,12 @@ impl MappedBar {
         self.mapping.as_ref().map_or(0, AlignedMapping::addr)
     }
 
-    /// Adds a likely cause for getting smaller pages than expected, shown
+    /// The memslot numbers of its areas.
+    pub fn slots(&self) -> Vec<u32> {
+        self.areas.iter().map(|area| area.slot).collect()
+    }
+
+    /// Adds a likely cause for getting other pages than planned, shown
     /// only when that happens.
     pub fn add_cause(&mut self, cause: impl Into<String>) {
         self.causes.push(cause.into());
@@ -148,13 +157,14 @@ impl MappedBar {
 
 /// Maps `placement`'s areas of `fd` (the BAR's data starts at
 /// `region_offset` in `fd`: 0 for a memfd, the VFIO region's offset for a
-/// VFIO device) and registers one memslot per area. A BAR without areas
-/// (trapped) maps nothing. On error the host mapping is unmapped; memslots
-/// of earlier areas stay registered until the VM fd closes (the build fails
-/// and the guest never runs; KVM follows the unmap through its MMU
-/// notifier).
+/// VFIO device) and registers one memslot per area, counting each set in
+/// `memslots`. A BAR without areas (trapped) maps nothing. On error the
+/// host mapping is unmapped; memslots of earlier areas stay registered until
+/// the VM fd closes (the build fails and the guest never runs; KVM follows
+/// the unmap through its MMU notifier).
 pub fn map_bar_areas(
     vm: &VmFd,
+    memslots: &MemslotLog,
     fd: BorrowedFd<'_>,
     region_offset: u64,
     device: &str,
@@ -190,7 +200,6 @@ pub fn map_bar_areas(
         placement: placement.clone(),
         mapping: None,
         areas: Vec::new(),
-        slot_updates: 0,
         causes: Vec::new(),
     };
     for area in &placement.areas {
@@ -201,22 +210,44 @@ pub fn map_bar_areas(
             size: area.size,
             hva: mapping.addr() + area.hva_offset,
         };
-        bar.slot_updates += 1;
-        kvm::map_guest_memory(vm, mapped.slot, mapped.gpa, mapped.size, mapped.hva).map_err(
-            |source| BarMappingError::Slot {
-                device: device.to_string(),
-                index: placement.index,
-                source,
-            },
-        )?;
+        // SAFETY: `mapped.hva..+mapped.size` lies inside `mapping`, the
+        // shared mapping of this area of `fd` made above. `mapping` moves
+        // into the returned `MappedBar`, which the builder keeps (in the
+        // `BuiltVm`'s devices, dropped after its VM fd) and which never
+        // unmaps or remaps it while alive. If a later area fails, `mapping`
+        // is unmapped while this slot is still registered, but then the
+        // build fails before any vCPU runs and the VM fd closes.
+        unsafe {
+            kvm::map_guest_memory(
+                vm,
+                memslots,
+                mapped.slot,
+                mapped.gpa,
+                mapped.size,
+                mapped.hva,
+            )
+        }
+        .map_err(|source| BarMappingError::Slot {
+            device: device.to_string(),
+            index: placement.index,
+            source,
+        })?;
         bar.areas.push(mapped);
     }
     bar.mapping = Some(mapping);
     Ok(bar)
 }
 
-/// The best page counts of a placement without any `bar-align` cap: every
-/// area tiled with pages up to `min(reservation, 1 GiB)`.
+/// KVM_SET_USER_MEMORY_REGION calls `memslots` saw for `bar`'s slots: one
+/// per area when each slot was set once and never torn down (0 when
+/// trapped).
+pub fn slot_updates(bar: &MappedBar, memslots: &MemslotLog) -> u32 {
+    memslots.updates_of(bar.slots())
+}
+
+/// The best page counts of a placement without any `bar-align` cap (the
+/// report's `best_possible`): every area tiled with pages up to
+/// `min(reservation, 1 GiB)`.
 pub fn uncapped_counts(placement: &BarPlacement) -> PageCounts {
     let limit = placement.reserved.min(LARGEST_PAGE);
     let mut total = PageCounts::default();
@@ -229,7 +260,7 @@ pub fn uncapped_counts(placement: &BarPlacement) -> PageCounts {
     total
 }
 
-/// The plan's page counts (with its cap).
+/// The plan's page counts, with its cap (the report's `planned`).
 pub fn planned_counts(placement: &BarPlacement) -> PageCounts {
     let mut total = PageCounts::default();
     for area in &placement.areas {
@@ -260,9 +291,11 @@ impl PrefaultSupport {
     }
 }
 
-/// Proves BARs through one vCPU and the VM's stats fd.
+/// Proves BARs through one vCPU and the VM's stats fd, and reads their
+/// memslot updates from the VM's [`MemslotLog`].
 pub struct BarProver<'a, V: AsRawFd> {
     vcpu: &'a V,
+    memslots: &'a MemslotLog,
     stats: Option<KvmStatsFd>,
     support: PrefaultSupport,
     said_unsupported: bool,
@@ -289,11 +322,18 @@ pub fn page_delta(
 }
 
 impl<'a, V: AsRawFd> BarProver<'a, V> {
-    /// A prover using `vcpu` (any vCPU of the VM, created and configured)
-    /// and the VM's statistics (`None` when they cannot be opened).
-    pub fn new(vcpu: &'a V, stats: Option<KvmStatsFd>, support: PrefaultSupport) -> Self {
+    /// A prover using `vcpu` (any vCPU of the VM, created and configured),
+    /// the VM's memslot log and its statistics (`None` when they cannot be
+    /// opened).
+    pub fn new(
+        vcpu: &'a V,
+        memslots: &'a MemslotLog,
+        stats: Option<KvmStatsFd>,
+        support: PrefaultSupport,
+    ) -> Self {
         Self {
             vcpu,
+            memslots,
             stats,
             support,
             said_unsupported: false,
@@ -310,37 +350,13 @@ impl<'a, V: AsRawFd> BarProver<'a, V> {
 
     /// Pre-faults `bar` and reports it (see the module docs).
     pub fn prove(&mut self, bar: &MappedBar) -> BarReport {
-        let placement = &bar.placement;
-        let expected: PageCountsReport = uncapped_counts(placement).into();
-        let mut report = BarReport {
-            index: placement.index,
-            size: placement.size,
-            gpa: placement.gpa,
-            hva: bar.hva(),
-            trapped: bar.areas.is_empty(),
-            planned_page_size: placement.page_size.map_or(0, PageSize::bytes),
-            planned: planned_counts(placement).into(),
-            expected,
-            mapped: None,
-            slots: bar.areas.len() as u32,
-            slot_updates: bar.slot_updates,
-            huge_ok: false,
-            prefault_ms: None,
-            warning: None,
+        let mut prefault_ms = None;
+        let mapped = if bar.areas.is_empty() {
+            None
+        } else {
+            self.measure(bar, &mut prefault_ms)
         };
-        if report.trapped {
-            report.mapped = Some(PageCountsReport::default());
-            report.huge_ok = true;
-            return report;
-        }
-        report.mapped = self.measure(bar, &mut report.prefault_ms);
-        report.huge_ok = report.mapped == Some(expected);
-        if let Some(mapped) = report.mapped.filter(|_| !report.huge_ok) {
-            let warning = shortfall_warning(bar, &mapped, &expected);
-            eprintln!("barge: warning: {warning}");
-            report.warning = Some(warning);
-        }
-        report
+        bar_report(bar, slot_updates(bar, self.memslots), mapped, prefault_ms)
     }
 
     fn measure(
@@ -396,25 +412,141 @@ fn describe(counts: &PageCountsReport) -> String {
     )
 }
 
-/// The warning for a BAR that got other pages than expected, with the
-/// likely causes (see the module docs).
+/// The report of `bar`, whose slots saw `slot_updates` sets, once KVM
+/// mapped `mapped` for it (`None`: not measured) in `prefault_ms`:
+/// `huge_ok` when it got what was planned, and the `warning` (printed on
+/// stderr) or bar-align note ([`compare_with_plan`]). A trapped BAR maps
+/// nothing and is `huge_ok`.
+pub fn bar_report(
+    bar: &MappedBar,
+    slot_updates: u32,
+    mapped: Option<PageCountsReport>,
+    prefault_ms: Option<f64>,
+) -> BarReport {
+    let placement = &bar.placement;
+    let planned: PageCountsReport = planned_counts(placement).into();
+    let best_possible: PageCountsReport = uncapped_counts(placement).into();
+    let mut report = BarReport {
+        index: placement.index,
+        size: placement.size,
+        gpa: placement.gpa,
+        hva: bar.hva(),
+        trapped: bar.areas.is_empty(),
+        planned_page_size: placement.page_size.map_or(0, PageSize::bytes),
+        planned,
+        best_possible,
+        mapped,
+        slots: bar.areas.len() as u32,
+        slot_updates,
+        huge_ok: false,
+        prefault_ms,
+        warning: None,
+    };
+    if report.trapped {
+        report.mapped = Some(PageCountsReport::default());
+        report.huge_ok = true;
+        return report;
+    }
+    let Some(mapped) = mapped else {
+        return report;
+    };
+    match compare_with_plan(bar, &mapped, &planned, &best_possible) {
+        PlanComparison::AsPlanned => report.huge_ok = true,
+        PlanComparison::AsPlannedBelowBest { note } => {
+            log::info!("{note}");
+            report.huge_ok = true;
+            report.warning = Some(note);
+        }
+        PlanComparison::OtherThanPlanned { warning } => {
+            eprintln!("barge: warning: {warning}");
+            report.warning = Some(warning);
+        }
+    }
+    report
+}
+
+/// How the pages KVM mapped for a BAR compare with its plan.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PlanComparison {
+    /// KVM mapped what was planned, and the plan is the best possible.
+    AsPlanned,
+    /// KVM mapped what was planned, which is less than `best_possible`
+    /// because `bar-align` caps the BAR on purpose.
+    AsPlannedBelowBest {
+        /// What the cap costs, as information ([`bar_align_note`]).
+        note: String,
+    },
+    /// KVM mapped other pages than planned.
+    OtherThanPlanned {
+        /// The likely causes ([`shortfall_warning`]).
+        warning: String,
+    },
+}
+
+/// Compares `mapped` with the BAR's `planned` pages (see the module docs).
+pub fn compare_with_plan(
+    bar: &MappedBar,
+    mapped: &PageCountsReport,
+    planned: &PageCountsReport,
+    best_possible: &PageCountsReport,
+) -> PlanComparison {
+    if mapped != planned {
+        return PlanComparison::OtherThanPlanned {
+            warning: shortfall_warning(bar, mapped, planned, best_possible),
+        };
+    }
+    match bar_align_note(bar, planned, best_possible) {
+        Some(note) => PlanComparison::AsPlannedBelowBest { note },
+        None => PlanComparison::AsPlanned,
+    }
+}
+
+/// What `bar-align` costs a BAR that got its plan: the cap and the
+/// `best_possible` pages without it. `None` when the plan is the best.
+pub fn bar_align_note(
+    bar: &MappedBar,
+    planned: &PageCountsReport,
+    best_possible: &PageCountsReport,
+) -> Option<String> {
+    let cap = bar_align_cap(bar, planned, best_possible)?;
+    Some(format!(
+        "BAR {} of {} got {} as planned: {cap}; {} was possible without it",
+        bar.placement.index,
+        bar.device,
+        describe(planned),
+        describe(best_possible),
+    ))
+}
+
+/// The `bar-align` cap, described, when it makes `planned` less than
+/// `best_possible`.
+fn bar_align_cap(
+    bar: &MappedBar,
+    planned: &PageCountsReport,
+    best_possible: &PageCountsReport,
+) -> Option<String> {
+    let cap = bar
+        .placement
+        .align_cap
+        .filter(|_| planned != best_possible)?;
+    Some(format!(
+        "bar-align={} caps this BAR at {} pages on purpose (comparison mode)",
+        cap.name().to_lowercase(),
+        cap.name()
+    ))
+}
+
+/// The warning for a BAR that got other pages than `planned`, with the
+/// likely causes (see the module docs), and what `bar-align` costs when it
+/// caps the plan.
 pub fn shortfall_warning(
     bar: &MappedBar,
     mapped: &PageCountsReport,
-    expected: &PageCountsReport,
+    planned: &PageCountsReport,
+    best_possible: &PageCountsReport,
 ) -> String {
     let placement = &bar.placement;
-    let mut causes = Vec::new();
-    if let Some(cap) = placement.align_cap {
-        if cap.bytes() < placement.reserved.min(LARGEST_PAGE) {
-            causes.push(format!(
-                "bar-align={} caps this BAR at {} pages on purpose (comparison mode)",
-                cap.name().to_lowercase(),
-                cap.name()
-            ));
-        }
-    }
-    causes.extend(bar.causes.iter().cloned());
+    let mut causes = bar.causes.clone();
     if causes.is_empty() {
         causes.push(
             "the host kernel cannot map this memory with huge pages (VFIO needs huge pfnmap \
@@ -428,12 +560,20 @@ pub fn shortfall_warning(
     } else {
         ""
     };
+    let capped = bar_align_cap(bar, planned, best_possible)
+        .map(|cap| {
+            format!(
+                ". Also, {cap}; {} was possible without it",
+                describe(best_possible)
+            )
+        })
+        .unwrap_or_default();
     format!(
-        "BAR {} of {} got {}{accounted} where {} was possible; likely cause: {}",
+        "BAR {} of {} got {}{accounted} where {} was planned; likely cause: {}{capped}",
         placement.index,
         bar.device,
         describe(mapped),
-        describe(expected),
+        describe(planned),
         causes.join("; or ")
     )
 }
@@ -441,7 +581,18 @@ pub fn shortfall_warning(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use resources::placement::{plan, BarInput, BarWidth, DeviceInput, Windows};
+    use std::os::fd::{AsFd, FromRawFd};
+
+    use resources::placement::{plan, BarInput, BarRange, BarWidth, DeviceInput, Windows};
+
+    /// A vCPU stand-in for proving without pre-faulting.
+    struct NoFd;
+
+    impl AsRawFd for NoFd {
+        fn as_raw_fd(&self) -> std::os::fd::RawFd {
+            -1
+        }
+    }
 
     fn placement(size: u64, cap: Option<PageSize>) -> BarPlacement {
         let ram = resources::ram_regions(512 << 20).unwrap();
@@ -513,64 +664,147 @@ mod tests {
             .collect();
         MappedBar {
             areas,
-            slot_updates: 1,
             ..MappedBar::trapped("shmem0", &placement)
         }
     }
 
+    fn counts(placement: &BarPlacement) -> (PageCountsReport, PageCountsReport) {
+        (
+            planned_counts(placement).into(),
+            uncapped_counts(placement).into(),
+        )
+    }
+
     #[test]
-    fn warnings_name_bar_align_then_device_causes_then_the_generic_list() {
+    fn a_bar_that_got_its_plan_is_as_planned_and_a_bar_align_cap_only_noted() {
+        let whole = mapped_bar(placement(8 << 30, None));
+        let (planned, best_possible) = counts(&whole.placement);
+        assert_eq!(planned, best_possible);
+        assert_eq!(
+            compare_with_plan(&whole, &planned, &planned, &best_possible),
+            PlanComparison::AsPlanned
+        );
+
         let capped = mapped_bar(placement(8 << 30, Some(PageSize::Size4K)));
+        let (planned, best_possible) = counts(&capped.placement);
         let mapped = PageCountsReport {
             pages_4k: 2 << 20,
             ..Default::default()
         };
-        let expected = uncapped_counts(&capped.placement).into();
-        let warning = shortfall_warning(&capped, &mapped, &expected);
+        assert_eq!(mapped, planned);
+        let PlanComparison::AsPlannedBelowBest { note } =
+            compare_with_plan(&capped, &mapped, &planned, &best_possible)
+        else {
+            panic!("a capped BAR that got its plan is as planned, with a note");
+        };
+        assert!(note.contains("BAR 2 of shmem0 got 2097152 x 4K"), "{note}");
         assert!(
-            warning.contains("BAR 2 of shmem0 got 2097152 x 4K"),
-            "{warning}"
+            note.contains("0 x 4K, 0 x 2M, 8 x 1G was possible"),
+            "{note}"
         );
-        assert!(
-            warning.contains("0 x 4K, 0 x 2M, 8 x 1G was possible"),
-            "{warning}"
-        );
-        assert!(warning.contains("bar-align=4k caps this BAR"), "{warning}");
+        assert!(note.contains("bar-align=4k caps this BAR"), "{note}");
+    }
 
+    #[test]
+    fn huge_ok_means_got_what_was_planned_and_keeps_the_bar_align_note() {
+        // bar-align=4k on an 8 GiB BAR, mapped with the planned 4K pages.
+        let capped = mapped_bar(placement(8 << 30, Some(PageSize::Size4K)));
+        let planned: PageCountsReport = planned_counts(&capped.placement).into();
+        let report = bar_report(&capped, 1, Some(planned), Some(1.0));
+        assert!(report.huge_ok, "{report:?}");
+        assert_eq!(report.planned.pages_4k, 2 << 20);
+        assert_eq!(report.best_possible.pages_1g, 8);
+        let note = report.warning.unwrap_or_default();
+        assert!(
+            note.contains("as planned: bar-align=4k caps this BAR"),
+            "{note}"
+        );
+
+        // The same BAR short of its plan.
+        let fewer = PageCountsReport {
+            pages_4k: 3,
+            ..Default::default()
+        };
+        let report = bar_report(&capped, 1, Some(fewer), Some(1.0));
+        assert!(!report.huge_ok, "{report:?}");
+        let warning = report.warning.unwrap_or_default();
+        assert!(warning.contains("not every page was mapped"), "{warning}");
+
+        // No cap: the plan is the best; 2M pages as planned, no note.
+        let whole = mapped_bar(placement(4 << 20, None));
+        let planned: PageCountsReport = planned_counts(&whole.placement).into();
+        let report = bar_report(&whole, 1, Some(planned), Some(1.0));
+        assert!(report.huge_ok && report.warning.is_none(), "{report:?}");
+        assert_eq!(report.planned, report.best_possible);
+        // Not measured: not known to be ok.
+        let report = bar_report(&whole, 1, None, None);
+        assert!(!report.huge_ok && report.warning.is_none(), "{report:?}");
+    }
+
+    #[test]
+    fn warnings_name_device_causes_then_the_generic_list_and_any_bar_align_cap() {
         let mut memfd = mapped_bar(placement(4 << 20, None));
         memfd.add_cause("shmem is backed by 4 KiB pages");
-        let expected = uncapped_counts(&memfd.placement).into();
+        let (planned, best_possible) = counts(&memfd.placement);
         let mapped = PageCountsReport {
             pages_4k: 1024,
             ..Default::default()
         };
-        let warning = shortfall_warning(&memfd, &mapped, &expected);
+        let PlanComparison::OtherThanPlanned { warning } =
+            compare_with_plan(&memfd, &mapped, &planned, &best_possible)
+        else {
+            panic!("4K pages where 2M were planned is a shortfall");
+        };
+        assert!(
+            warning
+                .contains("got 1024 x 4K, 0 x 2M, 0 x 1G where 0 x 4K, 2 x 2M, 0 x 1G was planned"),
+            "{warning}"
+        );
         assert!(
             warning.contains("likely cause: shmem is backed by 4 KiB pages"),
             "{warning}"
         );
         assert!(!warning.contains("not every page"), "{warning}");
+        assert!(!warning.contains("bar-align"), "{warning}");
 
         let vfio = mapped_bar(placement(4 << 20, None));
         let partial = PageCountsReport {
             pages_4k: 3,
             ..Default::default()
         };
-        let warning = shortfall_warning(&vfio, &partial, &expected);
+        let warning = shortfall_warning(&vfio, &partial, &planned, &best_possible);
         assert!(warning.contains("huge pfnmap"), "{warning}");
         assert!(warning.contains("not every page was mapped"), "{warning}");
+
+        // Capped at 2M but mapped with 4K: short of the plan, and the
+        // warning still says what the cap costs.
+        let capped = mapped_bar(placement(8 << 30, Some(PageSize::Size2M)));
+        let (planned, best_possible) = counts(&capped.placement);
+        let mapped = PageCountsReport {
+            pages_4k: 2 << 20,
+            ..Default::default()
+        };
+        let warning = shortfall_warning(&capped, &mapped, &planned, &best_possible);
+        assert!(
+            warning.contains("where 0 x 4K, 4096 x 2M, 0 x 1G was planned"),
+            "{warning}"
+        );
+        assert!(warning.contains("huge pfnmap"), "{warning}");
+        assert!(
+            warning.contains(
+                "bar-align=2m caps this BAR at 2M pages on purpose (comparison mode); \
+                 0 x 4K, 0 x 2M, 8 x 1G was possible without it"
+            ),
+            "{warning}"
+        );
     }
 
     #[test]
     fn without_prefault_a_mapped_bar_is_reported_unmeasured() {
-        struct NoFd;
-        impl AsRawFd for NoFd {
-            fn as_raw_fd(&self) -> std::os::fd::RawFd {
-                -1
-            }
-        }
         let bar = mapped_bar(placement(4 << 20, None));
-        let mut prover = BarProver::new(&NoFd, None, PrefaultSupport::Available).prefault(false);
+        let memslots = MemslotLog::new();
+        let mut prover =
+            BarProver::new(&NoFd, &memslots, None, PrefaultSupport::Available).prefault(false);
         let report = prover.prove(&bar);
         assert!(!report.trapped);
         assert_eq!((report.mapped, report.prefault_ms), (None, None));
@@ -579,12 +813,6 @@ mod tests {
 
     #[test]
     fn trapped_bars_report_nothing_to_map_and_are_ok() {
-        struct NoFd;
-        impl AsRawFd for NoFd {
-            fn as_raw_fd(&self) -> std::os::fd::RawFd {
-                -1
-            }
-        }
         let ram = resources::ram_regions(512 << 20).unwrap();
         let windows = Windows::new(&ram, 46).unwrap();
         let device = DeviceInput {
@@ -595,12 +823,97 @@ mod tests {
         let placement = plan(&[device], &windows).unwrap().devices[0].bars[0].clone();
         assert!(placement.trap);
         let bar = MappedBar::trapped("shmem0", &placement);
-        let mut prover = BarProver::new(&NoFd, None, PrefaultSupport::Missing);
+        let memslots = MemslotLog::new();
+        let mut prover = BarProver::new(&NoFd, &memslots, None, PrefaultSupport::Missing);
         let report = prover.prove(&bar);
         assert!(report.trapped);
         assert!(report.huge_ok);
         assert_eq!(report.mapped, Some(PageCountsReport::default()));
         assert_eq!((report.slots, report.slot_updates, report.hva), (0, 0, 0));
         assert_eq!(report.gpa, placement.gpa);
+    }
+
+    fn memfd(len: u64) -> std::fs::File {
+        // SAFETY: memfd_create with a valid NUL-terminated name; the result
+        // is checked before use.
+        let fd =
+            unsafe { libc::memfd_create(c"barge-bar-mapping-test".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+        // SAFETY: `fd` was just created and nothing else owns it.
+        let file = unsafe { std::fs::File::from_raw_fd(fd) };
+        file.set_len(len).unwrap();
+        file
+    }
+
+    /// Needs /dev/kvm: `map_bar_areas` sets each area's slot exactly once,
+    /// and any later set or delete of one of the BAR's slots through
+    /// `kvm::map_guest_memory` shows in the BAR's `slot_updates`.
+    #[test]
+    fn slot_updates_count_every_set_of_the_bars_slots() {
+        let vm = match kvm_ioctls::Kvm::new().and_then(|kvm| kvm.create_vm()) {
+            Ok(vm) => vm,
+            Err(e) => {
+                eprintln!("skipping: /dev/kvm is not usable here ({e})");
+                return;
+            }
+        };
+        // A 4 MiB BAR with two mmap-able areas: [0, 1 MiB) and [2, 4 MiB).
+        let ram = resources::ram_regions(512 << 20).unwrap();
+        let windows = Windows::new(&ram, 46).unwrap();
+        let bar_input = BarInput {
+            areas: Some(vec![
+                BarRange::new(0, 1 << 20),
+                BarRange::new(2 << 20, 2 << 20),
+            ]),
+            ..BarInput::new(2, 4 << 20, BarWidth::Bits64, true)
+        };
+        let device = DeviceInput {
+            name: "shmem0".into(),
+            bars: vec![bar_input],
+            align_cap: None,
+        };
+        let placement = plan(&[device], &windows).unwrap().devices[0].bars[0].clone();
+        assert_eq!(placement.areas.len(), 2);
+        let file = memfd(4 << 20);
+        let memslots = MemslotLog::new();
+        let mut slots = SlotAllocator::new(1);
+        let bar = map_bar_areas(
+            &vm,
+            &memslots,
+            file.as_fd(),
+            0,
+            "shmem0",
+            &placement,
+            &mut slots,
+        )
+        .expect("map the BAR");
+        let prove = |bar: &MappedBar| {
+            BarProver::new(&NoFd, &memslots, None, PrefaultSupport::Available)
+                .prefault(false)
+                .prove(bar)
+        };
+        assert_eq!(bar.slots(), vec![1, 2]);
+        let report = prove(&bar);
+        assert_eq!(
+            (report.slots, report.slot_updates),
+            (2, 2),
+            "one set per area"
+        );
+
+        // Tear the first area's slot down and set it again (what a VMM that
+        // follows the guest's BAR decode toggles does): both calls count.
+        let area = bar.areas[0];
+        // SAFETY: a delete (size 0) points KVM at no memory.
+        unsafe { kvm::map_guest_memory(&vm, &memslots, area.slot, area.gpa, 0, area.hva) }
+            .expect("delete the slot");
+        assert_eq!(prove(&bar).slot_updates, 3);
+        // SAFETY: `area.hva..+area.size` is inside `bar`'s mapping, which
+        // stays mapped until after `vm` is dropped below; the VM has no
+        // vCPU, so nothing accesses the slot anyway.
+        unsafe { kvm::map_guest_memory(&vm, &memslots, area.slot, area.gpa, area.size, area.hva) }
+            .expect("set the slot again");
+        assert_eq!(prove(&bar).slot_updates, 4);
+        assert_eq!((memslots.updates(1), memslots.updates(2)), (3, 1));
+        drop(vm);
     }
 }

@@ -15,7 +15,7 @@
 //!    devices together (`resources::placement::plan`) in the VM's windows.
 //! 3. **Attach**: [`PciDeviceSetup::attach`] gets the device's
 //!    `DevicePlan` and an [`AttachContext`] (the VM fd, guest RAM, the memslot
-//!    allocator). For each memory-backed BAR it calls
+//!    allocator and log). For each memory-backed BAR it calls
 //!    [`AttachContext::map_bar`] with the fd and offset of the BAR's data: that
 //!    maps the plan's areas at the plan's HVA rule and registers one memslot
 //!    per area, once (`bar_mapping`). Trapped BARs become
@@ -42,6 +42,7 @@ use kvm_ioctls::VmFd;
 use resources::placement::{BarPlacement, DeviceInput, DevicePlan};
 
 use crate::buses::bus::SharedBusDevice;
+use crate::machine::kvm::MemslotLog;
 use crate::machine::memory::GuestRam;
 use crate::pci_devices::bar_mapping::{map_bar_areas, BarMappingError, MappedBar, SlotAllocator};
 use crate::report::DmaReport;
@@ -78,6 +79,8 @@ pub struct AttachContext<'a> {
     pub ram: &'a GuestRam,
     /// Memslot numbers after RAM's.
     pub slots: &'a mut SlotAllocator,
+    /// Counts every KVM_SET_USER_MEMORY_REGION, for the report.
+    pub memslots: &'a MemslotLog,
 }
 
 impl AttachContext<'_> {
@@ -91,7 +94,15 @@ impl AttachContext<'_> {
         device: &str,
         placement: &BarPlacement,
     ) -> Result<MappedBar, BarMappingError> {
-        map_bar_areas(self.vm, fd, region_offset, device, placement, self.slots)
+        map_bar_areas(
+            self.vm,
+            self.memslots,
+            fd,
+            region_offset,
+            device,
+            placement,
+            self.slots,
+        )
     }
 }
 
