@@ -175,8 +175,8 @@ pub fn map_bar_areas(
         fd,
         region_offset,
         len,
-        placement.hva_modulus,
-        placement.hva_phase,
+        placement.hva_modulus(),
+        placement.hva_phase(),
         &areas,
     )
     .map_err(|source| BarMappingError::Map {
@@ -199,7 +199,7 @@ pub fn map_bar_areas(
             offset: area.offset,
             gpa: area.gpa,
             size: area.size,
-            hva: mapping.addr() + area.hva_offset,
+            hva: mapping.addr() + area.hva_offset(),
         };
         bar.slot_updates += 1;
         kvm::map_guest_memory(vm, mapped.slot, mapped.gpa, mapped.size, mapped.hva).map_err(
@@ -218,7 +218,7 @@ pub fn map_bar_areas(
 /// The best page counts of a placement without any `bar-align` cap: every
 /// area tiled with pages up to `min(reservation, 1 GiB)`.
 pub fn uncapped_counts(placement: &BarPlacement) -> PageCounts {
-    let limit = placement.reserved.min(LARGEST_PAGE);
+    let limit = placement.reserved().min(LARGEST_PAGE);
     let mut total = PageCounts::default();
     for area in &placement.areas {
         let (_, counts) = area_pages(area.gpa, area.size, limit);
@@ -318,7 +318,7 @@ impl<'a, V: AsRawFd> BarProver<'a, V> {
             gpa: placement.gpa,
             hva: bar.hva(),
             trapped: bar.areas.is_empty(),
-            planned_page_size: placement.page_size.map_or(0, PageSize::bytes),
+            planned_page_size: placement.page_size().map_or(0, PageSize::bytes),
             planned: planned_counts(placement).into(),
             expected,
             mapped: None,
@@ -405,8 +405,8 @@ pub fn shortfall_warning(
 ) -> String {
     let placement = &bar.placement;
     let mut causes = Vec::new();
-    if let Some(cap) = placement.align_cap {
-        if cap.bytes() < placement.reserved.min(LARGEST_PAGE) {
+    if let Some(cap) = placement.effective_align_cap() {
+        if cap.bytes() < placement.reserved().min(LARGEST_PAGE) {
             causes.push(format!(
                 "bar-align={} caps this BAR at {} pages on purpose (comparison mode)",
                 cap.name().to_lowercase(),
@@ -593,7 +593,7 @@ mod tests {
             align_cap: None,
         };
         let placement = plan(&[device], &windows).unwrap().devices[0].bars[0].clone();
-        assert!(placement.trap);
+        assert!(placement.trapped());
         let bar = MappedBar::trapped("shmem0", &placement);
         let mut prover = BarProver::new(&NoFd, None, PrefaultSupport::Missing);
         let report = prover.prove(&bar);
