@@ -13,7 +13,7 @@
 //! The model is the configuration space only: an [`EmulatedEndpoint`] whose
 //! BARs hold the planned addresses (a guest cannot move them).
 
-use crate::pci::bar::{BarError, BarKind, BarSpec, EmulatedBars};
+use crate::pci::bar::{BarError, BarKind, EmulatedBars, PlannedBar};
 use crate::pci::config::{ConfigSpace, Type0Identity};
 use crate::pci::endpoint::EmulatedEndpoint;
 use crate::pci::{ConfigEvent, PciConfigAccess};
@@ -57,7 +57,7 @@ impl ShmemDevice {
     /// plan is not a valid BAR layout (misaligned, BAR0 above 4 GiB).
     pub fn new(registers_gpa: u64, memory_gpa: u64, memory_size: u64) -> Result<Self, BarError> {
         let bars = EmulatedBars::new(&[
-            BarSpec {
+            PlannedBar {
                 index: REGISTERS_BAR,
                 kind: BarKind::Memory32 {
                     prefetchable: false,
@@ -65,7 +65,7 @@ impl ShmemDevice {
                 size: REGISTERS_SIZE,
                 gpa: registers_gpa,
             },
-            BarSpec {
+            PlannedBar {
                 index: MEMORY_BAR,
                 kind: BarKind::Memory64 { prefetchable: true },
                 size: memory_size,

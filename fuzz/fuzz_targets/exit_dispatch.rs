@@ -18,7 +18,7 @@ use arch::layout::{
     PCI_CONFIG_PORT,
 };
 use barge_fuzz::accesses;
-use devices::pci::bar::{BarKind, BarSpec, EmulatedBars};
+use devices::pci::bar::{BarKind, EmulatedBars, PlannedBar};
 use devices::pci::config::ConfigSpace;
 use devices::pci::segment::PciSegment;
 use devices::pci::EmulatedEndpoint;
@@ -70,7 +70,7 @@ fn buses(power: &PowerSignal) -> Buses {
         .expect("i8042");
     let mut segment = PciSegment::with_host_bridge();
     let config = ConfigSpace::type0(&devices::shmem::SHMEM_IDENTITY);
-    let bars = EmulatedBars::new(&[BarSpec {
+    let bars = EmulatedBars::new(&[PlannedBar {
         index: 2,
         kind: BarKind::Memory64 { prefetchable: true },
         size: 1 << 30,

@@ -7,7 +7,7 @@
 #![no_main]
 
 use barge_fuzz::accesses;
-use devices::pci::bar::{BarKind, BarSpec, EmulatedBars};
+use devices::pci::bar::{BarKind, EmulatedBars, PlannedBar};
 use devices::pci::config::{ConfigSpace, Type0Identity};
 use devices::pci::segment::PciSegment;
 use devices::pci::EmulatedEndpoint;
@@ -28,7 +28,7 @@ fn segment() -> PciSegment {
         subsystem_id: 0x1100,
     });
     let bars = EmulatedBars::new(&[
-        BarSpec {
+        PlannedBar {
             index: 0,
             kind: BarKind::Memory32 {
                 prefetchable: false,
@@ -36,13 +36,13 @@ fn segment() -> PciSegment {
             size: 4096,
             gpa: 0xc000_0000,
         },
-        BarSpec {
+        PlannedBar {
             index: 2,
             kind: BarKind::Memory64 { prefetchable: true },
             size: 1 << 30,
             gpa: 1 << 36,
         },
-        BarSpec {
+        PlannedBar {
             index: 4,
             kind: BarKind::Io,
             size: 0x20,

@@ -143,20 +143,23 @@ fn check_bar(
         (bar.index, bar.size, bar.width),
         (input.index, input.size, input.width)
     );
-    assert!(bar.reserved.is_power_of_two());
-    assert!(bar.reserved >= min_reserve && bar.reserved / 2 < min_reserve);
-    assert_eq!(bar.gpa % bar.reserved, 0, "natural alignment");
+    assert!(bar.reserved().is_power_of_two());
+    assert!(bar.reserved() >= min_reserve && bar.reserved() / 2 < min_reserve);
+    assert_eq!(bar.gpa % bar.reserved(), 0, "natural alignment");
     let window = windows.for_width(bar.width);
-    assert_eq!(bar.window, window.kind);
-    assert!(window.contains(bar.gpa, bar.reserved), "inside its window");
+    assert_eq!(bar.window(), window.kind);
+    assert!(
+        window.contains(bar.gpa, bar.reserved()),
+        "inside its window"
+    );
 
     // HVA rule.
-    let natural = bar.reserved.min(GIB);
+    let natural = bar.reserved().min(GIB);
     let expected_align = cap.map_or(natural, |c| natural.min(c.bytes()));
     assert_eq!(bar.hva_align, expected_align);
     assert!(bar.hva_align >= PAGE && bar.hva_align <= GIB);
     let hva_base = bar.hva_base_at_or_above(hint).unwrap();
-    assert!(hva_base >= hint && hva_base - hint < bar.hva_modulus);
+    assert!(hva_base >= hint && hva_base - hint < bar.hva_modulus());
     assert!(bar.hva_base_fits(hva_base));
     let delta = |gpa: u64, hva: u64| (i128::from(gpa) - i128::from(hva)).rem_euclid(1 << 62) as u64;
     assert_eq!(
@@ -164,8 +167,8 @@ fn check_bar(
         0,
         "GPA ≡ HVA mod hva_align"
     );
-    if bar.hva_phase != 0 {
-        assert_eq!(bar.hva_modulus, 2 * bar.hva_align);
+    if bar.hva_phase() != 0 {
+        assert_eq!(bar.hva_modulus(), 2 * bar.hva_align);
         assert_ne!(
             delta(bar.gpa, hva_base) % (2 * bar.hva_align),
             0,
@@ -183,10 +186,10 @@ fn check_bar(
         assert!(area.size > 0 && area.offset % PAGE == 0 && area.size % PAGE == 0);
         assert!(area.offset + area.size <= bar.size);
         assert_eq!(area.gpa, bar.gpa + area.offset);
-        assert_eq!(area.hva_offset, area.offset);
+        assert_eq!(area.hva_offset(), area.offset);
         let page = area.page_size.bytes();
         assert!(page <= bar.hva_align);
-        let hva = hva_base + area.hva_offset;
+        let hva = hva_base + area.hva_offset();
         assert_eq!(
             delta(area.gpa, hva) % page,
             0,
@@ -221,7 +224,7 @@ fn check_bar(
         .areas
         .iter()
         .map(|a| BarRange::new(a.offset, a.size))
-        .chain(bar.traps.iter().copied())
+        .chain(bar.traps().iter().copied())
         .collect();
     pieces.sort();
     let mut cursor = 0;
@@ -233,10 +236,10 @@ fn check_bar(
         cursor = piece.end();
     }
     assert_eq!(cursor, bar.size);
-    assert_eq!(bar.trap, bar.areas.is_empty());
-    assert_eq!(bar.page_size, bar.areas.iter().map(|a| a.page_size).max());
+    assert_eq!(bar.trapped(), bar.areas.is_empty());
+    assert_eq!(bar.page_size(), bar.areas.iter().map(|a| a.page_size).max());
     if bar.size < PAGE {
-        assert!(bar.trap);
+        assert!(bar.trapped());
     }
 }
 
@@ -274,8 +277,8 @@ proptest! {
                 for (i, a) in bars.iter().enumerate() {
                     for b in &bars[i + 1..] {
                         prop_assert!(
-                            a.gpa + a.reserved <= b.gpa || b.gpa + b.reserved <= a.gpa,
-                            "overlap {:#x}+{:#x} and {:#x}+{:#x}", a.gpa, a.reserved, b.gpa, b.reserved
+                            a.gpa + a.reserved() <= b.gpa || b.gpa + b.reserved() <= a.gpa,
+                            "overlap {:#x}+{:#x} and {:#x}+{:#x}", a.gpa, a.reserved(), b.gpa, b.reserved()
                         );
                     }
                 }
@@ -444,6 +447,6 @@ fn h100_spec_plans_with_1g_pages_for_bar1() {
     println!("{}", serde_json::to_string(&result).unwrap());
     let bar1 = &result.devices[0].bars[1];
     assert_eq!(bar1.gpa % (128 * GIB), 0);
-    assert_eq!(bar1.page_size, Some(PageSize::Size1G));
+    assert_eq!(bar1.page_size(), Some(PageSize::Size1G));
     assert_eq!(bar1.areas[0].pages.pages_1g, 128);
 }

@@ -95,9 +95,19 @@ fn prefetch_flag(prefetchable: bool) -> u32 {
     }
 }
 
-/// One planned BAR: where the placement plan put it.
+/// One BAR as the config-space model sees it: its index, what it decodes
+/// ([`BarKind`]), its size and its address (the guest physical address the
+/// placement plan gave a memory BAR, or the port of an I/O BAR).
+/// [`EmulatedBars`] resets its registers to these.
+///
+/// Not the plan's own record of the BAR: that is
+/// [`resources::placement::BarPlacement`], the planner's output for a memory
+/// BAR (reservation, HVA alignment, mmap-able areas, trapped ranges, page
+/// sizes), of which only the index and GPA come here. The kind comes from the
+/// device, and I/O BARs are not in the plan at all (their port is given
+/// separately).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct BarSpec {
+pub struct PlannedBar {
     /// BAR index 0..=5 (a 64-bit BAR also takes `index + 1`).
     pub index: u8,
     /// What the BAR decodes.
@@ -207,7 +217,7 @@ enum Register {
 
 #[derive(Debug, Clone, Copy)]
 struct Bar {
-    spec: BarSpec,
+    spec: PlannedBar,
     /// Rounded size (power of two).
     size: u64,
     /// The address as the guest programmed it (bits below `size` clear).
@@ -243,7 +253,7 @@ pub struct EmulatedBars {
 
 impl EmulatedBars {
     /// BARs at their planned addresses; slots no spec names are unimplemented.
-    pub fn new(specs: &[BarSpec]) -> Result<Self, BarError> {
+    pub fn new(specs: &[PlannedBar]) -> Result<Self, BarError> {
         let mut registers = [Register::Unused; BAR_COUNT];
         let mut bars = Vec::with_capacity(specs.len());
         for spec in specs {
@@ -359,7 +369,7 @@ impl EmulatedBars {
     }
 
     /// The planned BARs, in the order given.
-    pub fn specs(&self) -> impl Iterator<Item = &BarSpec> {
+    pub fn specs(&self) -> impl Iterator<Item = &PlannedBar> {
         self.bars.iter().map(|bar| &bar.spec)
     }
 
@@ -526,7 +536,7 @@ mod tests {
 
     fn h100_like() -> EmulatedBars {
         EmulatedBars::new(&[
-            BarSpec {
+            PlannedBar {
                 index: 0,
                 kind: BarKind::Memory64 {
                     prefetchable: false,
@@ -534,13 +544,13 @@ mod tests {
                 size: 16 << 20,
                 gpa: 0xe000_0000,
             },
-            BarSpec {
+            PlannedBar {
                 index: 2,
                 kind: BarKind::Memory64 { prefetchable: true },
                 size: 128 * GIB,
                 gpa: 128 * GIB * 3,
             },
-            BarSpec {
+            PlannedBar {
                 index: 4,
                 kind: BarKind::Memory64 { prefetchable: true },
                 size: 32 << 20,
@@ -622,19 +632,19 @@ mod tests {
     #[test]
     fn bar_32bit_and_io_sizing() {
         let mut bars = EmulatedBars::new(&[
-            BarSpec {
+            PlannedBar {
                 index: 0,
                 kind: BarKind::Io,
                 size: 0x20,
                 gpa: 0xc000,
             },
-            BarSpec {
+            PlannedBar {
                 index: 1,
                 kind: BarKind::Memory32 { prefetchable: true },
                 size: 256,
                 gpa: 0xfebf_f000,
             },
-            BarSpec {
+            PlannedBar {
                 index: 3,
                 kind: BarKind::Memory32 {
                     prefetchable: false,
@@ -765,7 +775,7 @@ mod tests {
     #[test]
     fn sizes_round_up_to_a_power_of_two_and_the_minimum() {
         let bars = EmulatedBars::new(&[
-            BarSpec {
+            PlannedBar {
                 index: 0,
                 kind: BarKind::Memory32 {
                     prefetchable: false,
@@ -773,7 +783,7 @@ mod tests {
                 size: 3000,
                 gpa: 0x1000,
             },
-            BarSpec {
+            PlannedBar {
                 index: 1,
                 kind: BarKind::Memory32 {
                     prefetchable: false,
@@ -781,7 +791,7 @@ mod tests {
                 size: 1,
                 gpa: 0x10,
             },
-            BarSpec {
+            PlannedBar {
                 index: 2,
                 kind: BarKind::Io,
                 size: 1,
@@ -801,7 +811,7 @@ mod tests {
         let mem32 = BarKind::Memory32 {
             prefetchable: false,
         };
-        let spec = |index, kind, size, gpa| BarSpec {
+        let spec = |index, kind, size, gpa| PlannedBar {
             index,
             kind,
             size,

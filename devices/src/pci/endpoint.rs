@@ -68,12 +68,12 @@ impl PciConfigAccess for EmulatedEndpoint {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pci::bar::{BarKind, BarSpec, BarWrite};
+    use crate::pci::bar::{BarKind, BarWrite, PlannedBar};
     use crate::pci::{COMMAND_MEMORY_SPACE, COMMAND_OFFSET};
 
     fn ivshmem_like() -> EmulatedEndpoint {
         let config = ConfigSpace::type0(&crate::shmem::SHMEM_IDENTITY);
-        let bars = EmulatedBars::new(&[BarSpec {
+        let bars = EmulatedBars::new(&[PlannedBar {
             index: 2,
             kind: BarKind::Memory64 { prefetchable: true },
             size: 8 << 30,

@@ -30,7 +30,7 @@ pub mod host_bridge;
 pub mod segment;
 
 pub use address::PciConfigAddress;
-pub use bar::{BarKind, BarSpec, BarWrite, EmulatedBars};
+pub use bar::{BarKind, BarWrite, EmulatedBars, PlannedBar};
 pub use config::ConfigSpace;
 pub use endpoint::EmulatedEndpoint;
 pub use host_bridge::HostBridge;

@@ -236,7 +236,7 @@ mod tests {
 
     use super::*;
     use crate::pci::address::{ecam_offset, encode_config_address};
-    use crate::pci::bar::{BarKind, BarSpec, BarWrite, EmulatedBars};
+    use crate::pci::bar::{BarKind, BarWrite, EmulatedBars, PlannedBar};
     use crate::pci::config::ConfigSpace;
     use crate::pci::endpoint::EmulatedEndpoint;
     use crate::pci::COMMAND_OFFSET;
@@ -281,7 +281,7 @@ mod tests {
 
     fn endpoint() -> BoxedPciDevice {
         let config = ConfigSpace::type0(&crate::shmem::SHMEM_IDENTITY);
-        let bars = EmulatedBars::new(&[BarSpec {
+        let bars = EmulatedBars::new(&[PlannedBar {
             index: 2,
             kind: BarKind::Memory64 { prefetchable: true },
             size: 1 << 30,

@@ -37,7 +37,7 @@ use super::interrupts::VfioInterrupts;
 
 use super::probe::VfioProbe;
 use super::VfioBackend;
-use crate::pci::bar::{BarError, BarKind, BarSpec, EmulatedBars, BAR_COUNT};
+use crate::pci::bar::{BarError, BarKind, EmulatedBars, PlannedBar, BAR_COUNT};
 use crate::pci::caps::MaskPlan;
 use crate::pci::config::{
     CACHE_LINE_SIZE_OFFSET, COMMAND_WRITABLE_BITS, CONFIG_SPACE_SIZE, INTERRUPT_LINE_OFFSET,
@@ -229,7 +229,7 @@ impl<B: VfioBackend> VfioPciDevice<B> {
                     actual: bar.size(),
                 });
             }
-            specs.push(BarSpec {
+            specs.push(PlannedBar {
                 index,
                 kind: bar.kind,
                 size: bar.size(),
@@ -242,7 +242,7 @@ impl<B: VfioBackend> VfioPciDevice<B> {
                 .bar(*index)
                 .filter(|bar| bar.kind == BarKind::Io)
                 .ok_or(VfioDeviceError::UnknownBar { index: *index })?;
-            specs.push(BarSpec {
+            specs.push(PlannedBar {
                 index: *index,
                 kind: BarKind::Io,
                 size: bar.size(),

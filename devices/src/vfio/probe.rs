@@ -288,12 +288,12 @@ mod tests {
         let plan = resources::plan(&[input], &windows).unwrap();
         let bar0 = &plan.devices[0].bars[0];
         assert!(bar0
-            .traps
+            .traps()
             .iter()
             .any(|trap| trap.offset <= 0xb9_0000 && trap.end() >= 0xb9_1000));
         let bar1 = &plan.devices[0].bars[1];
         assert_eq!(bar1.gpa % (128 * GIB), 0);
-        assert_eq!(bar1.page_size, Some(PageSize::Size1G));
+        assert_eq!(bar1.page_size(), Some(PageSize::Size1G));
     }
 
     #[test]

@@ -21,12 +21,15 @@
 //!   first-fit, so power-of-two reservations pack without alignment waste and the result is
 //!   deterministic.
 //! - **Sub-page BARs** (smaller than 4 KiB, e.g. ivshmem's 256-byte BAR0) still get their own
-//!   naturally aligned 4 KiB reservation, but no memslot: they are marked `trap` and emulated
-//!   by reads/writes through VFIO. A memslot must be page-sized and page-aligned.
+//!   naturally aligned 4 KiB reservation, but no memslot: they have no areas, so they are
+//!   trapped ([`BarPlacement::trapped`], `trap` in the JSON) and emulated by reads/writes
+//!   through VFIO. A memslot must be page-sized and page-aligned.
 //! - **HVA alignment.** The mapper reserves the BAR's host virtual range at a base that
 //!   satisfies `hva_base % hva_modulus == hva_phase`. Without a cap:
 //!   `hva_align = min(reservation, 1 GiB)`, `hva_modulus = hva_align`, `hva_phase = 0`, so
 //!   GPA ≡ HVA (mod hva_align) and 1 GiB pages are possible wherever the BAR has them.
+//!   The plan stores `hva_align`; [`BarPlacement::hva_modulus`] and
+//!   [`BarPlacement::hva_phase`] follow from it and the reservation.
 //! - **bar-align caps** (`align_cap = Some(c)`, c < the natural `hva_align`):
 //!   `hva_align = c`, `hva_modulus = 2c`, `hva_phase = c`. The GPA stays naturally aligned
 //!   (PCI demands it; it is a multiple of `2c`), so HVA − GPA ≡ c (mod 2c): GPA ≡ HVA modulo

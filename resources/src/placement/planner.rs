@@ -9,9 +9,9 @@ use std::collections::HashSet;
 use vm_allocator::{AddressAllocator, AllocPolicy};
 
 use super::types::{
-    AreaPlacement, BarInput, BarPlacement, BarRange, BarWidth, DeviceInput, DevicePlan, PageCounts,
-    PageSize, PlacementError, Plan, Window, WindowKind, Windows, HOST_PAGE_SIZE, MAX_BAR_INDEX,
-    MAX_BAR_SIZE, SIZE_1G,
+    reservation, AreaPlacement, BarInput, BarPlacement, BarRange, BarWidth, DeviceInput,
+    DevicePlan, PageCounts, PageSize, PlacementError, Plan, Window, Windows, HOST_PAGE_SIZE,
+    MAX_BAR_INDEX, MAX_BAR_SIZE, SIZE_1G,
 };
 
 /// A validated BAR waiting for its address.
@@ -74,7 +74,7 @@ pub fn plan(devices: &[DeviceInput], windows: &Windows) -> Result<Plan, Placemen
                 source,
             },
         })?;
-        placed[p.device_index].push(place_bar(&p, window.kind, gpa));
+        placed[p.device_index].push(place_bar(&p, gpa));
     }
 
     let devices = devices
@@ -155,7 +155,7 @@ fn prepare_bar<'a>(
             size: bar.size,
         });
     }
-    let reserved = bar.size.max(HOST_PAGE_SIZE).next_power_of_two();
+    let reserved = reservation(bar.size);
     let outside = |what: &'static str, range: &BarRange| PlacementError::OutsideBar {
         device: name(),
         index: bar.index,
@@ -253,34 +253,16 @@ fn subtract(areas: &[BarRange], hole: BarRange) -> Vec<BarRange> {
     out
 }
 
-/// Everything in `[0, size)` not covered by `areas` (sorted, disjoint).
-fn complement(areas: &[BarRange], size: u64) -> Vec<BarRange> {
-    let mut traps = Vec::new();
-    let mut cursor = 0;
-    for area in areas {
-        if area.offset > cursor {
-            traps.push(BarRange::new(cursor, area.offset - cursor));
-        }
-        cursor = cursor.max(area.end());
-    }
-    if cursor < size {
-        traps.push(BarRange::new(cursor, size - cursor));
-    }
-    traps
-}
-
-fn place_bar(p: &PreparedBar<'_>, window: WindowKind, gpa: u64) -> BarPlacement {
+/// The BAR at `gpa`: its HVA alignment (the natural `min(reserved, 1 GiB)`, or the device's
+/// `bar-align` cap where that is smaller) and the pages of each area under it. The
+/// window, HVA modulus and phase, page size, trap flag and trapped ranges follow from these
+/// (the `BarPlacement` methods).
+fn place_bar(p: &PreparedBar<'_>, gpa: u64) -> BarPlacement {
     let natural = p.reserved.min(SIZE_1G);
     let hva_align = p
         .device
         .align_cap
         .map_or(natural, |cap| natural.min(cap.bytes()));
-    let capped = hva_align < natural;
-    let (hva_modulus, hva_phase) = if capped {
-        (2 * hva_align, hva_align)
-    } else {
-        (hva_align, 0)
-    };
 
     let areas: Vec<AreaPlacement> = p
         .areas
@@ -292,28 +274,18 @@ fn place_bar(p: &PreparedBar<'_>, window: WindowKind, gpa: u64) -> BarPlacement 
                 offset: area.offset,
                 size: area.size,
                 gpa: area_gpa,
-                hva_offset: area.offset,
                 page_size,
                 pages,
             }
         })
         .collect();
-    let page_size = areas.iter().map(|a| a.page_size).max();
     BarPlacement {
         index: p.bar.index,
         size: p.bar.size,
         width: p.bar.width,
         prefetchable: p.bar.prefetchable,
-        window,
         gpa,
-        reserved: p.reserved,
         hva_align,
-        hva_modulus,
-        hva_phase,
-        align_cap: p.device.align_cap,
-        page_size,
-        trap: areas.is_empty(),
-        traps: complement(&p.areas, p.bar.size),
         areas,
         msix_table_pages: p.msix_table_pages,
         msix_pba_pages: p.msix_pba_pages,
@@ -377,6 +349,7 @@ mod tests {
     use super::*;
     use crate::placement::fixtures::{device, h100, ivshmem, windows, GIB, KIB, MIB};
     use crate::placement::render::render_table;
+    use crate::placement::types::WindowKind;
 
     #[test]
     fn h100_gets_natural_alignment_and_1g_pages_for_bar1() {
@@ -386,19 +359,19 @@ mod tests {
         assert_eq!(bars.iter().map(|b| b.index).collect::<Vec<_>>(), [0, 1, 3]);
         for bar in bars {
             assert_eq!(bar.gpa % bar.size, 0, "BAR {}", bar.index);
-            assert!(w.mmio64.contains(bar.gpa, bar.reserved));
+            assert!(w.mmio64.contains(bar.gpa, bar.reserved()));
             assert_eq!(bar.areas.len(), 1);
-            assert!(bar.traps.is_empty());
+            assert!(bar.traps().is_empty());
         }
         let bar1 = &bars[1];
         assert_eq!(bar1.gpa, 128 * GIB, "first 128 GiB boundary above RAM");
-        assert_eq!(bar1.page_size, Some(PageSize::Size1G));
+        assert_eq!(bar1.page_size(), Some(PageSize::Size1G));
         assert_eq!(bar1.hva_align, GIB);
-        assert_eq!((bar1.hva_modulus, bar1.hva_phase), (GIB, 0));
+        assert_eq!((bar1.hva_modulus(), bar1.hva_phase()), (GIB, 0));
         assert_eq!(bar1.areas[0].pages.pages_1g, 128);
-        assert_eq!(bars[0].page_size, Some(PageSize::Size2M));
+        assert_eq!(bars[0].page_size(), Some(PageSize::Size2M));
         assert_eq!(bars[0].hva_align, 16 * MIB);
-        assert_eq!(bars[2].page_size, Some(PageSize::Size2M));
+        assert_eq!(bars[2].page_size(), Some(PageSize::Size2M));
         // Smaller BARs fill the gap below the 128 GiB boundary, largest first.
         assert_eq!(bars[2].gpa, 9 * GIB);
         assert_eq!(bars[0].gpa, 9 * GIB + 32 * MIB);
@@ -408,16 +381,16 @@ mod tests {
     fn ivshmem_bar0_is_trapped_on_its_own_page_and_bar2_gets_1g_pages() {
         let plan = plan(&[ivshmem()], &windows(GIB, 40)).unwrap();
         let bar0 = &plan.devices[0].bars[0];
-        assert!(bar0.trap);
+        assert!(bar0.trapped());
         assert!(bar0.areas.is_empty());
-        assert_eq!(bar0.page_size, None);
-        assert_eq!(bar0.reserved, 4 * KIB);
+        assert_eq!(bar0.page_size(), None);
+        assert_eq!(bar0.reserved(), 4 * KIB);
         assert_eq!(bar0.gpa % (4 * KIB), 0);
-        assert_eq!(bar0.window, WindowKind::Mmio32);
-        assert_eq!(bar0.traps, vec![BarRange::new(0, 256)]);
+        assert_eq!(bar0.window(), WindowKind::Mmio32);
+        assert_eq!(bar0.traps(), vec![BarRange::new(0, 256)]);
         let bar2 = &plan.devices[0].bars[1];
-        assert!(!bar2.trap);
-        assert_eq!(bar2.page_size, Some(PageSize::Size1G));
+        assert!(!bar2.trapped());
+        assert_eq!(bar2.page_size(), Some(PageSize::Size1G));
         assert_eq!(bar2.areas[0].pages.pages_1g, 8);
         assert_eq!(bar2.gpa % (8 * GIB), 0);
     }
@@ -430,7 +403,7 @@ mod tests {
         let plan = plan(&[device("nic", vec![bar])], &windows(GIB, 40)).unwrap();
         let bar = &plan.devices[0].bars[0];
         assert_eq!(bar.msix_table_pages, Some(BarRange::new(0, 4 * KIB)));
-        assert_eq!(bar.traps, vec![BarRange::new(0, 4 * KIB)]);
+        assert_eq!(bar.traps(), vec![BarRange::new(0, 4 * KIB)]);
         assert_eq!(bar.areas.len(), 1);
         let area = &bar.areas[0];
         assert_eq!((area.offset, area.size), (4 * KIB, 2 * GIB - 4 * KIB));
@@ -462,7 +435,7 @@ mod tests {
         assert_eq!(bar.areas[1].gpa, bar.gpa + GIB);
         assert_eq!(bar.areas[1].page_size, PageSize::Size1G);
         assert_eq!(bar.areas[1].pages.pages_1g, 3);
-        assert_eq!(bar.traps, vec![BarRange::new(64 * KIB, GIB - 64 * KIB)]);
+        assert_eq!(bar.traps(), vec![BarRange::new(64 * KIB, GIB - 64 * KIB)]);
         assert!(render_table(&plan).contains("not mmap-able"));
     }
 
@@ -477,8 +450,8 @@ mod tests {
         let bar = &plan.devices[0].bars[0];
         assert_eq!(bar.gpa % (2 * GIB), 0, "the GPA stays naturally aligned");
         assert_eq!(bar.hva_align, 2 * MIB);
-        assert_eq!((bar.hva_modulus, bar.hva_phase), (4 * MIB, 2 * MIB));
-        assert_eq!(bar.page_size, Some(PageSize::Size2M));
+        assert_eq!((bar.hva_modulus(), bar.hva_phase()), (4 * MIB, 2 * MIB));
+        assert_eq!(bar.page_size(), Some(PageSize::Size2M));
         assert_eq!(bar.areas[0].pages.pages_2m, 1024);
         assert_eq!(bar.areas[0].pages.pages_1g, 0);
         let hva = bar.hva_base_at_or_above(0x7f00_0000_0000).unwrap();
@@ -498,10 +471,10 @@ mod tests {
         let plan = plan(&[dev], &windows(GIB, 40)).unwrap();
         let bar = &plan.devices[0].bars[0];
         assert_eq!(
-            (bar.hva_align, bar.hva_modulus, bar.hva_phase),
+            (bar.hva_align, bar.hva_modulus(), bar.hva_phase()),
             (4 * KIB, 8 * KIB, 4 * KIB)
         );
-        assert_eq!(bar.page_size, Some(PageSize::Size4K));
+        assert_eq!(bar.page_size(), Some(PageSize::Size4K));
         assert_eq!(bar.areas[0].pages.pages_4k, 2 * GIB / (4 * KIB));
     }
 
@@ -512,8 +485,8 @@ mod tests {
         let capped = plan(&[dev], &windows(GIB, 46)).unwrap();
         let auto = plan(&[h100("gpu")], &windows(GIB, 46)).unwrap();
         for (c, a) in capped.devices[0].bars.iter().zip(&auto.devices[0].bars) {
-            assert_eq!((c.gpa, c.hva_align, c.hva_phase), (a.gpa, a.hva_align, 0));
-            assert_eq!(c.page_size, a.page_size);
+            assert_eq!((c.gpa, c.hva_align, c.hva_phase()), (a.gpa, a.hva_align, 0));
+            assert_eq!(c.page_size(), a.page_size());
         }
     }
 
@@ -582,12 +555,12 @@ mod tests {
         let small = BarInput::new(2, 5000, BarWidth::Bits64, false);
         let plan = plan(&[device("odd", vec![bar, small])], &windows(GIB, 40)).unwrap();
         let bar = &plan.devices[0].bars[0];
-        assert_eq!(bar.reserved, 4 * GIB);
+        assert_eq!(bar.reserved(), 4 * GIB);
         assert_eq!(bar.gpa % (4 * GIB), 0);
         assert_eq!(bar.areas[0].size, 3 * GIB);
-        assert_eq!(bar.traps, vec![BarRange::new(3 * GIB, 100)]);
+        assert_eq!(bar.traps(), vec![BarRange::new(3 * GIB, 100)]);
         let small = &plan.devices[0].bars[1];
-        assert_eq!(small.reserved, 8 * KIB);
+        assert_eq!(small.reserved(), 8 * KIB);
         assert_eq!(small.areas[0].size, 4 * KIB);
         assert!(render_table(&plan).contains("sub-page tail"));
     }

@@ -42,11 +42,11 @@ pub fn render_table(plan: &Plan) -> String {
                 bar.width,
                 if bar.prefetchable { " pref" } else { "" }
             );
-            let range = format!("{:#018x}-{:#018x}", bar.gpa, bar.gpa + bar.reserved - 1);
-            let page = bar.page_size.map_or("trap", PageSize::name);
+            let range = format!("{:#018x}-{:#018x}", bar.gpa, bar.gpa + bar.reserved() - 1);
+            let page = bar.page_size().map_or("trap", PageSize::name);
             let mut align = format_size(bar.hva_align);
-            if bar.hva_phase != 0 {
-                align = format!("{align}+{}", format_size(bar.hva_phase));
+            if bar.hva_phase() != 0 {
+                align = format!("{align}+{}", format_size(bar.hva_phase()));
             }
             let _ = writeln!(
                 out,
@@ -54,7 +54,7 @@ pub fn render_table(plan: &Plan) -> String {
                 bar.index,
                 format_size(bar.size),
                 kind,
-                bar.window,
+                bar.window(),
                 range,
                 align,
                 page
@@ -70,7 +70,7 @@ pub fn render_table(plan: &Plan) -> String {
                     describe_pages(&area.pages)
                 );
             }
-            for trap in &bar.traps {
+            for trap in &bar.traps() {
                 let why = trap_reason(bar, trap);
                 let _ = writeln!(
                     out,

@@ -3,12 +3,16 @@
 //! [`AreaPlacement`], [`PageCounts`]), page sizes and widths, and [`PlacementError`].
 //!
 //! Data and small accessors only: the rules that turn inputs into a [`Plan`] are in
-//! `planner.rs`, its text form in `render.rs`.
+//! `planner.rs`, its text form in `render.rs`. A [`BarPlacement`] stores what the planner
+//! decided (the GPA, the HVA alignment, the mmap-able areas, the MSI-X pages) and derives
+//! the rest with methods; its JSON form, the one `barge plan --json` prints, includes the
+//! derived values and the device's `bar-align` cap on every BAR.
 
 use std::fmt;
 use std::str::FromStr;
 
 use arch::layout::{PCI_MMIO32_SIZE, PCI_MMIO32_START};
+use serde::ser::SerializeStruct;
 use serde::{Serialize, Serializer};
 
 use super::render::format_size;
@@ -222,6 +226,15 @@ pub enum WindowKind {
 }
 
 impl WindowKind {
+    /// The window a BAR of this width goes into: MMIO32 for 32-bit BARs, MMIO64 for
+    /// 64-bit ones.
+    pub const fn for_width(width: BarWidth) -> WindowKind {
+        match width {
+            BarWidth::Bits32 => WindowKind::Mmio32,
+            BarWidth::Bits64 => WindowKind::Mmio64,
+        }
+    }
+
     /// What to do when a BAR does not fit.
     pub const fn exhausted_hint(self) -> &'static str {
         match self {
@@ -309,11 +322,11 @@ impl Windows {
         })
     }
 
-    /// The window a BAR of this width goes into.
+    /// The window a BAR of this width goes into ([`WindowKind::for_width`]).
     pub fn for_width(&self, width: BarWidth) -> &Window {
-        match width {
-            BarWidth::Bits32 => &self.mmio32,
-            BarWidth::Bits64 => &self.mmio64,
+        match WindowKind::for_width(width) {
+            WindowKind::Mmio32 => &self.mmio32,
+            WindowKind::Mmio64 => &self.mmio64,
         }
     }
 }
@@ -348,8 +361,14 @@ impl PageCounts {
     }
 }
 
+/// Bytes a BAR of `size` bytes reserves in its window, also its GPA alignment:
+/// `pow2ceil(max(size, 4 KiB))` (`size` at most [`MAX_BAR_SIZE`]).
+pub(super) fn reservation(size: u64) -> u64 {
+    size.max(HOST_PAGE_SIZE).next_power_of_two()
+}
+
 /// One mmap-able area of a BAR: one memslot.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AreaPlacement {
     /// Offset inside the BAR (multiple of 4 KiB).
     pub offset: u64,
@@ -357,51 +376,60 @@ pub struct AreaPlacement {
     pub size: u64,
     /// Guest physical address: the BAR's GPA + `offset`.
     pub gpa: u64,
-    /// Offset from the BAR's HVA base (equals `offset`: areas keep their place).
-    pub hva_offset: u64,
     /// The largest page KVM can use for any part of the area (see the module docs).
     pub page_size: PageSize,
     /// The area tiled with the largest pages possible.
     pub pages: PageCounts,
 }
 
+impl AreaPlacement {
+    /// Offset from the BAR's HVA base: always `offset`, because areas keep their place
+    /// inside the BAR's host mapping as they do inside the BAR.
+    pub const fn hva_offset(&self) -> u64 {
+        self.offset
+    }
+}
+
+/// Serialized with `hva_offset` after `gpa`.
+impl Serialize for AreaPlacement {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut area = serializer.serialize_struct("AreaPlacement", 6)?;
+        area.serialize_field("offset", &self.offset)?;
+        area.serialize_field("size", &self.size)?;
+        area.serialize_field("gpa", &self.gpa)?;
+        area.serialize_field("hva_offset", &self.hva_offset())?;
+        area.serialize_field("page_size", &self.page_size)?;
+        area.serialize_field("pages", &self.pages)?;
+        area.end()
+    }
+}
+
 /// Where one BAR goes and what it can get.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+///
+/// The fields are what the planner was given (index, size, width, prefetchable) and what
+/// it decided (GPA, HVA alignment, areas, MSI-X pages); everything that follows from them
+/// is a method: the window ([`Self::window`]), the reservation ([`Self::reserved`]), the HVA
+/// rule ([`Self::hva_modulus`], [`Self::hva_phase`], [`Self::effective_align_cap`]), the
+/// largest page ([`Self::page_size`]), whether the BAR traps entirely ([`Self::trapped`])
+/// and its trapped ranges ([`Self::traps`]). The device's `bar-align` cap itself is in
+/// [`DevicePlan::align_cap`]; what it does to this BAR is in `hva_align`.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BarPlacement {
     /// BAR index.
     pub index: u8,
     /// BAR size in bytes, as given.
     pub size: u64,
-    /// 32 or 64 (serialized as `bits`).
-    #[serde(rename = "bits")]
+    /// 32 or 64 (`bits` in the JSON).
     pub width: BarWidth,
     /// Prefetchable.
     pub prefetchable: bool,
-    /// The window it was allocated in.
-    pub window: WindowKind,
-    /// Guest physical address, a multiple of `reserved`.
+    /// Guest physical address, a multiple of [`Self::reserved`].
     pub gpa: u64,
-    /// Bytes reserved in the window: `pow2ceil(max(size, 4 KiB))`.
-    pub reserved: u64,
-    /// GPA ≡ HVA modulo this (a power of two, at least 4 KiB, at most 1 GiB).
+    /// GPA ≡ HVA modulo this (a power of two, at least 4 KiB, at most 1 GiB): the natural
+    /// `min(reserved, 1 GiB)`, or the device's `bar-align` cap where that is smaller.
     pub hva_align: u64,
-    /// The HVA base must satisfy `hva_base % hva_modulus == hva_phase`.
-    pub hva_modulus: u64,
-    /// See `hva_modulus`: 0 normally, `hva_align` when `align_cap` pushes the HVA off the
-    /// larger boundary.
-    pub hva_phase: u64,
-    /// The device's `bar-align` cap, if any.
-    pub align_cap: Option<PageSize>,
-    /// Largest page of any area; `None` (serialized as 0) when the BAR is trapped.
-    #[serde(serialize_with = "serialize_optional_page_size")]
-    pub page_size: Option<PageSize>,
-    /// No memslot at all: every access is emulated through VFIO (sub-page BAR, or nothing
-    /// mmap-able).
-    pub trap: bool,
     /// mmap-able areas, by offset.
     pub areas: Vec<AreaPlacement>,
-    /// Ranges that must trap (everything not in `areas`), by offset, merged.
-    pub traps: Vec<BarRange>,
     /// The 4 KiB pages holding the MSI-X table, if it is in this BAR.
     pub msix_table_pages: Option<BarRange>,
     /// The 4 KiB pages holding the MSI-X PBA, if it is in this BAR.
@@ -409,18 +437,142 @@ pub struct BarPlacement {
 }
 
 impl BarPlacement {
+    /// The window it was allocated in (the one for its width).
+    pub const fn window(&self) -> WindowKind {
+        WindowKind::for_width(self.width)
+    }
+
+    /// Bytes reserved in the window: `pow2ceil(max(size, 4 KiB))`, also the GPA's alignment.
+    pub fn reserved(&self) -> u64 {
+        reservation(self.size)
+    }
+
+    /// Whether a `bar-align` cap limits this BAR: `hva_align` is below the natural
+    /// `min(reserved, 1 GiB)`.
+    fn capped(&self) -> bool {
+        self.hva_align < self.reserved().min(SIZE_1G)
+    }
+
+    /// The `bar-align` cap that limits this BAR, as a page size (equal to `hva_align`);
+    /// `None` when the BAR keeps its natural alignment `min(reserved, 1 GiB)` (no cap, or a
+    /// cap at least that large).
+    pub fn effective_align_cap(&self) -> Option<PageSize> {
+        if self.capped() {
+            PageSize::from_bytes(self.hva_align)
+        } else {
+            None
+        }
+    }
+
+    /// The HVA base must satisfy `hva_base % hva_modulus == hva_phase`: `hva_align`
+    /// normally, `2 × hva_align` when a `bar-align` cap limits the BAR.
+    pub fn hva_modulus(&self) -> u64 {
+        if self.capped() {
+            2 * self.hva_align
+        } else {
+            self.hva_align
+        }
+    }
+
+    /// See [`Self::hva_modulus`]: 0 normally, `hva_align` when a `bar-align` cap limits the
+    /// BAR, which puts the HVA off the larger boundary (see the module docs).
+    pub fn hva_phase(&self) -> u64 {
+        if self.capped() {
+            self.hva_align
+        } else {
+            0
+        }
+    }
+
+    /// Largest page of any area; `None` when the BAR is trapped.
+    pub fn page_size(&self) -> Option<PageSize> {
+        self.areas.iter().map(|area| area.page_size).max()
+    }
+
+    /// No memslot at all: every access is emulated through VFIO (sub-page BAR, or nothing
+    /// mmap-able). True exactly when the BAR has no areas.
+    pub fn trapped(&self) -> bool {
+        self.areas.is_empty()
+    }
+
+    /// Ranges that must trap: everything of `[0, size)` not in `areas`, by offset, merged.
+    pub fn traps(&self) -> Vec<BarRange> {
+        let mut traps = Vec::new();
+        let mut cursor = 0;
+        for area in &self.areas {
+            if area.offset > cursor {
+                traps.push(BarRange::new(cursor, area.offset - cursor));
+            }
+            cursor = cursor.max(area.offset.saturating_add(area.size));
+        }
+        if cursor < self.size {
+            traps.push(BarRange::new(cursor, self.size - cursor));
+        }
+        traps
+    }
+
     /// Whether `hva_base` is a base address the mapper may use for this BAR.
     pub fn hva_base_fits(&self, hva_base: u64) -> bool {
-        hva_base % self.hva_modulus == self.hva_phase
+        hva_base % self.hva_modulus() == self.hva_phase()
     }
 
     /// The lowest suitable HVA base at or above `hint` (None on overflow).
     pub fn hva_base_at_or_above(&self, hint: u64) -> Option<u64> {
-        let base = hint.checked_next_multiple_of(self.hva_modulus)?;
-        let candidate = base.checked_add(self.hva_phase)?;
-        match candidate.checked_sub(self.hva_modulus) {
+        let modulus = self.hva_modulus();
+        let base = hint.checked_next_multiple_of(modulus)?;
+        let candidate = base.checked_add(self.hva_phase())?;
+        match candidate.checked_sub(modulus) {
             Some(lower) if lower >= hint => Some(lower),
             _ => Some(candidate),
+        }
+    }
+}
+
+/// The JSON form of a [`BarPlacement`]: its fields and derived values, and the device's
+/// `bar-align` cap (`align_cap`), in the order `barge plan --json` has always printed them.
+#[derive(Serialize)]
+struct BarPlacementJson<'a> {
+    index: u8,
+    size: u64,
+    bits: BarWidth,
+    prefetchable: bool,
+    window: WindowKind,
+    gpa: u64,
+    reserved: u64,
+    hva_align: u64,
+    hva_modulus: u64,
+    hva_phase: u64,
+    align_cap: Option<PageSize>,
+    /// `None` serialized as 0.
+    #[serde(serialize_with = "serialize_optional_page_size")]
+    page_size: Option<PageSize>,
+    trap: bool,
+    areas: &'a [AreaPlacement],
+    traps: Vec<BarRange>,
+    msix_table_pages: Option<BarRange>,
+    msix_pba_pages: Option<BarRange>,
+}
+
+impl<'a> BarPlacementJson<'a> {
+    fn new(bar: &'a BarPlacement, align_cap: Option<PageSize>) -> Self {
+        BarPlacementJson {
+            index: bar.index,
+            size: bar.size,
+            bits: bar.width,
+            prefetchable: bar.prefetchable,
+            window: bar.window(),
+            gpa: bar.gpa,
+            reserved: bar.reserved(),
+            hva_align: bar.hva_align,
+            hva_modulus: bar.hva_modulus(),
+            hva_phase: bar.hva_phase(),
+            align_cap,
+            page_size: bar.page_size(),
+            trap: bar.trapped(),
+            areas: &bar.areas,
+            traps: bar.traps(),
+            msix_table_pages: bar.msix_table_pages,
+            msix_pba_pages: bar.msix_pba_pages,
         }
     }
 }
@@ -433,7 +585,7 @@ fn serialize_optional_page_size<S: Serializer>(
 }
 
 /// The BARs of one device, by index.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DevicePlan {
     /// The device's name.
     pub name: String,
@@ -441,6 +593,23 @@ pub struct DevicePlan {
     pub align_cap: Option<PageSize>,
     /// Its BARs, by index.
     pub bars: Vec<BarPlacement>,
+}
+
+/// Serialized as `name`, `align_cap` and `bars`, each BAR in its JSON form with
+/// `align_cap` repeated in it.
+impl Serialize for DevicePlan {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let bars: Vec<BarPlacementJson<'_>> = self
+            .bars
+            .iter()
+            .map(|bar| BarPlacementJson::new(bar, self.align_cap))
+            .collect();
+        let mut device = serializer.serialize_struct("DevicePlan", 3)?;
+        device.serialize_field("name", &self.name)?;
+        device.serialize_field("align_cap", &self.align_cap)?;
+        device.serialize_field("bars", &bars)?;
+        device.end()
+    }
 }
 
 /// The placement of every device, in input order.
@@ -629,6 +798,30 @@ mod tests {
             assert!(bar["areas"][0][key].is_u64(), "{key} in {bar}");
         }
         assert_eq!(json["devices"][0]["bars"][0]["page_size"], 0);
+    }
+
+    #[test]
+    fn json_keeps_the_derived_values_and_the_cap_on_every_bar_in_order() {
+        let mut shmem = ivshmem();
+        shmem.align_cap = Some(PageSize::Size2M);
+        let plan = plan(&[shmem], &windows(GIB, 40)).unwrap();
+        let json = serde_json::to_string(&plan).unwrap();
+        let (bar0, bar2) = (&plan.devices[0].bars[0], &plan.devices[0].bars[1]);
+        let expected = [
+            format!(
+                r#"{{"name":"shmem0","align_cap":2097152,"bars":[{{"index":0,"size":256,"bits":32,"prefetchable":false,"window":"mmio32","gpa":{},"reserved":4096,"#,
+                bar0.gpa
+            ),
+            r#""hva_align":4096,"hva_modulus":4096,"hva_phase":0,"align_cap":2097152,"page_size":0,"trap":true,"areas":[],"traps":[{"offset":0,"size":256}],"msix_table_pages":null,"msix_pba_pages":null}"#.to_string(),
+            r#""hva_align":2097152,"hva_modulus":4194304,"hva_phase":2097152,"align_cap":2097152,"page_size":2097152,"trap":false,"#.to_string(),
+            format!(
+                r#""areas":[{{"offset":0,"size":8589934592,"gpa":{},"hva_offset":0,"page_size":2097152,"pages":{{"pages_4k":0,"pages_2m":4096,"pages_1g":0}}}}],"traps":[]"#,
+                bar2.gpa
+            ),
+        ];
+        for part in &expected {
+            assert!(json.contains(part.as_str()), "{part} missing in {json}");
+        }
     }
 
     #[test]

@@ -185,8 +185,8 @@ pub fn map_bar_areas(
         fd,
         region_offset,
         len,
-        placement.hva_modulus,
-        placement.hva_phase,
+        placement.hva_modulus(),
+        placement.hva_phase(),
         &areas,
     )
     .map_err(|source| BarMappingError::Map {
@@ -208,7 +208,7 @@ pub fn map_bar_areas(
             offset: area.offset,
             gpa: area.gpa,
             size: area.size,
-            hva: mapping.addr() + area.hva_offset,
+            hva: mapping.addr() + area.hva_offset(),
         };
         // SAFETY: `mapped.hva..+mapped.size` lies inside `mapping`, the
         // shared mapping of this area of `fd` made above. `mapping` moves
@@ -249,7 +249,7 @@ pub fn slot_updates(bar: &MappedBar, memslots: &MemslotLog) -> u32 {
 /// report's `best_possible`): every area tiled with pages up to
 /// `min(reservation, 1 GiB)`.
 pub fn uncapped_counts(placement: &BarPlacement) -> PageCounts {
-    let limit = placement.reserved.min(LARGEST_PAGE);
+    let limit = placement.reserved().min(LARGEST_PAGE);
     let mut total = PageCounts::default();
     for area in &placement.areas {
         let (_, counts) = area_pages(area.gpa, area.size, limit);
@@ -432,7 +432,7 @@ pub fn bar_report(
         gpa: placement.gpa,
         hva: bar.hva(),
         trapped: bar.areas.is_empty(),
-        planned_page_size: placement.page_size.map_or(0, PageSize::bytes),
+        planned_page_size: placement.page_size().map_or(0, PageSize::bytes),
         planned,
         best_possible,
         mapped,
@@ -527,7 +527,7 @@ fn bar_align_cap(
 ) -> Option<String> {
     let cap = bar
         .placement
-        .align_cap
+        .effective_align_cap()
         .filter(|_| planned != best_possible)?;
     Some(format!(
         "bar-align={} caps this BAR at {} pages on purpose (comparison mode)",
@@ -821,7 +821,7 @@ mod tests {
             align_cap: None,
         };
         let placement = plan(&[device], &windows).unwrap().devices[0].bars[0].clone();
-        assert!(placement.trap);
+        assert!(placement.trapped());
         let bar = MappedBar::trapped("shmem0", &placement);
         let memslots = MemslotLog::new();
         let mut prover = BarProver::new(&NoFd, &memslots, None, PrefaultSupport::Missing);

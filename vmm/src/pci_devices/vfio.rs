@@ -256,7 +256,7 @@ impl<B: VfioBackend + 'static> VfioPassthrough<B> {
             let Some(probed) = self.probe.bar(placement.index) else {
                 continue;
             };
-            for trap in &placement.traps {
+            for trap in &placement.traps() {
                 let gpa = placement.gpa + trap.offset;
                 buses
                     .mmio
@@ -405,7 +405,7 @@ pub fn host_bar_causes(bdf: &str, placement: &BarPlacement, sysfs: &Path) -> Vec
     let Some(host) = device.bars.iter().find(|bar| bar.index == placement.index) else {
         return Vec::new();
     };
-    let Some(planned) = placement.page_size else {
+    let Some(planned) = placement.page_size() else {
         return Vec::new();
     };
     match host.host_alignment() {
@@ -718,7 +718,7 @@ impl PciDeviceSetup for VfioSetup {
             let Some(probed) = probe.bar(placement.index) else {
                 continue;
             };
-            for trap in &placement.traps {
+            for trap in &placement.traps() {
                 let handler: SharedBusDevice = Arc::new(Mutex::new(VfioBarTrap {
                     access: access.clone(),
                     bar: placement.index,
@@ -966,12 +966,12 @@ mod tests {
         let bar = bar(attached, index);
         let placement = &bar.placement;
         let area = &placement.areas[area];
-        let phase = (placement.hva_phase + area.hva_offset) % placement.hva_modulus;
+        let phase = (placement.hva_phase() + area.hva_offset()) % placement.hva_modulus();
         let mapping = AlignedMapping::map_shared(
             attached.device_fd(),
             bar.region_offset + area.offset,
             area.size,
-            placement.hva_modulus,
+            placement.hva_modulus(),
             phase,
         )
         .unwrap();
@@ -1035,7 +1035,7 @@ mod tests {
             size: 4096
         }));
         // BAR4 (256 bytes) is trapped entirely.
-        assert!(bar4.trap && bar4.areas.is_empty());
+        assert!(bar4.trapped() && bar4.areas.is_empty());
         assert!(attached.traps.contains(&TrappedRange {
             bar: 4,
             gpa: bar4.gpa,
@@ -1192,11 +1192,11 @@ mod tests {
         std::fs::write(dir.join("resource"), resource).unwrap();
         let (_fake, attached, _buses, _segment) = attach(small_device(b""), None);
         let mut placement = bar(&attached, 2).placement.clone();
-        placement.page_size = Some(PageSize::Size1G);
+        placement.areas[0].page_size = PageSize::Size1G;
         let causes = host_bar_causes("0000:41:00.0", &placement, &root);
         assert_eq!(causes.len(), 1);
         assert!(causes[0].contains("0x380000200000"), "{causes:?}");
-        placement.page_size = Some(PageSize::Size2M);
+        placement.areas[0].page_size = PageSize::Size2M;
         assert!(host_bar_causes("0000:41:00.0", &placement, &root).is_empty());
         assert!(host_bar_causes("0000:42:00.0", &placement, &root).is_empty());
         std::fs::remove_dir_all(&root).unwrap();
