@@ -14,6 +14,7 @@
 pub mod gsi;
 pub mod placement;
 pub mod ram;
+pub mod size;
 pub mod spec;
 pub mod sysfs;
 

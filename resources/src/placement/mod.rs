@@ -59,7 +59,7 @@
 //!
 //! - `types.rs`: the inputs, windows, outputs and errors.
 //! - `planner.rs`: [`plan`] and its helpers, and [`area_pages`].
-//! - `render.rs`: [`render_table`] and [`format_size`].
+//! - `render.rs`: [`render_table`].
 
 mod planner;
 mod render;
@@ -69,7 +69,9 @@ mod types;
 mod fixtures;
 
 pub use planner::{area_pages, plan};
-pub use render::{format_size, render_table};
+pub use render::render_table;
+
+pub use crate::size::format_size;
 pub use types::{
     AreaPlacement, BarInput, BarPlacement, BarRange, BarWidth, DeviceInput, DevicePlan, PageCounts,
     PageSize, ParsePageSizeError, PlacementError, Plan, Window, WindowKind, Windows,

@@ -1,26 +1,10 @@
 //! The text form of a [`Plan`]: the table `barge plan` prints ([`render_table`]: per
-//! device one line per BAR, then its areas and trapped ranges with the reason each traps),
-//! and [`format_size`], the binary-unit sizes the table and the planner's errors use.
+//! device one line per BAR, then its areas and trapped ranges with the reason each traps).
 
 use std::fmt::Write as _;
 
 use super::types::{BarPlacement, BarRange, PageCounts, PageSize, Plan, HOST_PAGE_SIZE};
-
-/// `bytes` with a binary unit: exact (`128 GiB`, `256 B`) when it divides, else two
-/// decimals (`1.50 KiB`).
-pub fn format_size(bytes: u64) -> String {
-    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
-    let mut unit = 0;
-    while unit + 1 < UNITS.len() && bytes >> (10 * (unit + 1)) > 0 {
-        unit += 1;
-    }
-    let scale = 1u64 << (10 * unit);
-    if bytes % scale == 0 {
-        format!("{} {}", bytes / scale, UNITS[unit])
-    } else {
-        format!("{:.2} {}", bytes as f64 / scale as f64, UNITS[unit])
-    }
-}
+use crate::size::format_size;
 
 /// A human-readable table of the plan: per device, one line per BAR and one per area and
 /// trapped range, sizes with units, addresses in hex.
@@ -130,13 +114,5 @@ mod tests {
         assert!(table.contains("128 GiB"), "{table}");
         assert!(table.contains("0x0000002000000000"), "{table}");
         assert!(table.contains("128 x 1G"), "{table}");
-    }
-
-    #[test]
-    fn format_size_is_exact_when_it_can_be() {
-        assert_eq!(format_size(256), "256 B");
-        assert_eq!(format_size(128 * GIB), "128 GiB");
-        assert_eq!(format_size(1536), "1.50 KiB");
-        assert_eq!(format_size(0), "0 B");
     }
 }

@@ -15,8 +15,8 @@ use arch::layout::{PCI_MMIO32_SIZE, PCI_MMIO32_START};
 use serde::ser::SerializeStruct;
 use serde::{Serialize, Serializer};
 
-use super::render::format_size;
 use crate::ram::{mmio64_window_start, RamRegion};
+use crate::size::format_size;
 
 /// Host base page size; mmap-able areas and trap rounding use it.
 pub const HOST_PAGE_SIZE: u64 = 4096;
