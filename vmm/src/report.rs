@@ -195,11 +195,14 @@ pub struct BarReport {
     pub huge_ok: bool,
     /// How long the pre-fault took, in milliseconds.
     pub prefault_ms: Option<f64>,
-    /// When `mapped` differs from `planned`, why (also on stderr). For a
-    /// BAR that got its plan while bar-align caps it below
-    /// `best_possible`, a note saying so (information, not a shortfall).
+    /// When `mapped` differs from `planned`, why (also on stderr).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub warning: Option<String>,
+    /// For a BAR that got its plan while `bar-align` caps it below
+    /// `best_possible`: what the cap costs (information, not a shortfall;
+    /// also in the log at info level).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
 }
 
 impl Report {

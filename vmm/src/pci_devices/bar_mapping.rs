@@ -441,6 +441,7 @@ pub fn bar_report(
         huge_ok: false,
         prefault_ms,
         warning: None,
+        note: None,
     };
     if report.trapped {
         report.mapped = Some(PageCountsReport::default());
@@ -455,7 +456,7 @@ pub fn bar_report(
         PlanComparison::AsPlannedBelowBest { note } => {
             log::info!("{note}");
             report.huge_ok = true;
-            report.warning = Some(note);
+            report.note = Some(note);
         }
         PlanComparison::OtherThanPlanned { warning } => {
             eprintln!("barge: warning: {warning}");
@@ -714,7 +715,8 @@ mod tests {
         assert!(report.huge_ok, "{report:?}");
         assert_eq!(report.planned.pages_4k, 2 << 20);
         assert_eq!(report.best_possible.pages_1g, 8);
-        let note = report.warning.unwrap_or_default();
+        assert!(report.warning.is_none(), "{report:?}");
+        let note = report.note.unwrap_or_default();
         assert!(
             note.contains("as planned: bar-align=4k caps this BAR"),
             "{note}"
@@ -734,7 +736,10 @@ mod tests {
         let whole = mapped_bar(placement(4 << 20, None));
         let planned: PageCountsReport = planned_counts(&whole.placement).into();
         let report = bar_report(&whole, 1, Some(planned), Some(1.0));
-        assert!(report.huge_ok && report.warning.is_none(), "{report:?}");
+        assert!(
+            report.huge_ok && report.warning.is_none() && report.note.is_none(),
+            "{report:?}"
+        );
         assert_eq!(report.planned, report.best_possible);
         // Not measured: not known to be ok.
         let report = bar_report(&whole, 1, None, None);
