@@ -179,7 +179,6 @@ pub enum AcpiError {
         table: String,
         /// Guest physical address.
         addr: u64,
-        /// What vm-memory said.
         source: GuestMemoryError,
     },
 }

@@ -44,7 +44,6 @@ pub enum GdtError {
         what: &'static str,
         /// Guest physical address.
         addr: u64,
-        /// What vm-memory said.
         source: GuestMemoryError,
     },
 }

@@ -125,10 +125,7 @@ pub enum BootError {
     },
     /// NUL inside the command line.
     #[error("kernel command line contains a NUL byte at offset {offset}; remove it")]
-    CmdlineHasNul {
-        /// Where.
-        offset: usize,
-    },
+    CmdlineHasNul { offset: usize },
     /// Command line write failure.
     #[error("cannot write the kernel command line at {CMDLINE_START:#x}: {0}; give the VM RAM starting at address 0")]
     CmdlineWrite(#[source] GuestMemoryError),

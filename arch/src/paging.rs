@@ -17,7 +17,6 @@ pub enum PagingError {
     Write {
         /// Guest physical address of the table.
         addr: u64,
-        /// What vm-memory said.
         source: GuestMemoryError,
     },
 }

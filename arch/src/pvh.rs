@@ -40,7 +40,6 @@ pub enum PvhError {
     Write {
         /// Guest physical address.
         addr: u64,
-        /// What vm-memory said.
         source: GuestMemoryError,
     },
 }

@@ -43,36 +43,19 @@ const PIC_PINS: u32 = 8;
 pub enum GsiError {
     /// The limit leaves no GSI for MSI.
     #[error("GSI limit {limit} leaves no GSI above the IOAPIC's 24 pins; use a limit above 24 (KVM: 1024 or 4096)")]
-    LimitTooSmall {
-        /// The limit given.
-        limit: u32,
-    },
+    LimitTooSmall { limit: u32 },
     /// Every GSI from 24 to the limit is in use.
     #[error("all GSIs from 24 to {limit} are in use; give the guest fewer MSI/MSI-X vectors or raise the limit")]
-    Exhausted {
-        /// The limit.
-        limit: u32,
-    },
+    Exhausted { limit: u32 },
     /// Freeing a GSI that is not allocated (or is a legacy one).
     #[error("GSI {gsi} is not allocated; free only GSIs the allocator handed out")]
-    NotAllocated {
-        /// The GSI.
-        gsi: u32,
-    },
+    NotAllocated { gsi: u32 },
     /// An irqchip route to a pin the chip does not have.
     #[error("irqchip {chip} has no pin {pin}; the IOAPIC has pins 0..24")]
-    PinOutOfRange {
-        /// The chip.
-        chip: u32,
-        /// The pin.
-        pin: u32,
-    },
+    PinOutOfRange { chip: u32, pin: u32 },
     /// An irqchip route for a device to a chip other than the IOAPIC.
     #[error("device interrupts route only to the IOAPIC (chip 2), not chip {chip}")]
-    UnsupportedChip {
-        /// The chip.
-        chip: u32,
-    },
+    UnsupportedChip { chip: u32 },
 }
 
 /// Hands out GSIs from 24 up to a limit (exclusive), lowest free first.
@@ -150,17 +133,11 @@ impl GsiAllocator {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum RouteKind {
     /// An MSI message (KVM injects it as the device's memory write would).
-    Msi {
-        /// The message address.
-        address: u64,
-        /// The message data.
-        data: u32,
-    },
+    Msi { address: u64, data: u32 },
     /// A pin of an in-kernel interrupt controller.
     Irqchip {
         /// [`IRQCHIP_PIC_MASTER`], [`IRQCHIP_PIC_SLAVE`] or [`IRQCHIP_IOAPIC`].
         chip: u32,
-        /// The pin.
         pin: u32,
     },
 }
@@ -169,9 +146,7 @@ pub enum RouteKind {
 /// GSIs 0..16 go to a PIC and the IOAPIC).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Route {
-    /// The GSI.
     pub gsi: u32,
-    /// Where it goes.
     pub kind: RouteKind,
 }
 
@@ -179,9 +154,7 @@ pub struct Route {
 /// address) and a vector (MSI/MSI-X vector number; 0 for INTx).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct InterruptSource {
-    /// The device.
     pub device: u32,
-    /// The vector.
     pub vector: u16,
 }
 

@@ -30,9 +30,7 @@ pub enum SpecError {
     /// The spec file cannot be read.
     #[error("cannot read the plan spec {}: {source}", path.display())]
     Read {
-        /// The file.
         path: PathBuf,
-        /// The I/O error.
         source: std::io::Error,
     },
     /// Not valid JSON, an unknown or missing field, or a bad value.

@@ -41,7 +41,6 @@ pub enum SysfsError {
     /// No such directory under sysfs.
     #[error("no PCI device {bdf} ({} does not exist): list devices with `lspci -D`", path.display())]
     NoSuchDevice {
-        /// The device.
         bdf: String,
         /// The directory looked for.
         path: PathBuf,
@@ -49,9 +48,7 @@ pub enum SysfsError {
     /// A sysfs file cannot be read.
     #[error("cannot read {}: {source}", path.display())]
     Read {
-        /// The file.
         path: PathBuf,
-        /// The I/O error.
         source: std::io::Error,
     },
     /// A line of `resource` that is not three hex numbers.
@@ -61,7 +58,6 @@ pub enum SysfsError {
     BadResourceLine {
         /// 1-based line number.
         line_number: usize,
-        /// The line.
         line: String,
     },
 }

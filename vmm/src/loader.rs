@@ -38,12 +38,7 @@ pub enum LoadError {
     KernelMissing(PathBuf),
     /// The kernel cannot be opened or read.
     #[error("kernel {path}: cannot read it: {source}")]
-    KernelUnreadable {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        source: io::Error,
-    },
+    KernelUnreadable { path: PathBuf, source: io::Error },
     /// The kernel is neither a bzImage nor an ELF.
     #[error("kernel {0}: not a bzImage or ELF vmlinux")]
     KernelGarbage(PathBuf),
@@ -53,17 +48,14 @@ pub enum LoadError {
          which is not all RAM; give the VM more memory (--memory size=...)"
     )]
     KernelTooBig {
-        /// The file.
         path: PathBuf,
         /// Bytes needed.
         needs: u64,
-        /// Where.
         at: u64,
     },
     /// linux-loader rejected the kernel.
     #[error("kernel {path}: {source}")]
     KernelLoad {
-        /// The file.
         path: PathBuf,
         /// linux-loader's complaint.
         source: loader::Error,
@@ -73,16 +65,10 @@ pub enum LoadError {
     InitramfsMissing(PathBuf),
     /// The initramfs cannot be opened or read.
     #[error("initramfs {path}: cannot read it: {source}")]
-    InitramfsUnreadable {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        source: io::Error,
-    },
+    InitramfsUnreadable { path: PathBuf, source: io::Error },
     /// The initramfs does not fit in the RAM left for it.
     #[error("initramfs {path} is larger than the guest memory available for it: {reason}")]
     InitramfsTooBig {
-        /// The file.
         path: PathBuf,
         /// arch's placement error, or where the range fell outside RAM.
         reason: String,

@@ -45,17 +45,12 @@ pub enum ReportError {
     /// The report file cannot be created or written.
     #[error("cannot write the report to {path}: {source}; give --report a path in an existing, writable directory")]
     Write {
-        /// The report path.
         path: PathBuf,
-        /// Why.
         source: std::io::Error,
     },
     /// The report path is a directory.
     #[error("cannot write the report to {path}: it is a directory; give --report a file path")]
-    IsDirectory {
-        /// The report path.
-        path: PathBuf,
-    },
+    IsDirectory { path: PathBuf },
 }
 
 /// Everything barge reports about one run.

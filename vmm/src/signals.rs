@@ -19,9 +19,7 @@ pub enum SignalError {
     /// sigaction failed.
     #[error("cannot install the {name} handler: {source}; barge cannot stop cleanly on {name}")]
     Install {
-        /// The signal's name.
         name: &'static str,
-        /// Why.
         source: io::Error,
     },
 }

@@ -65,15 +65,9 @@ pub enum BarKind {
     /// I/O ports.
     Io,
     /// Memory below 4 GiB, one register.
-    Memory32 {
-        /// The prefetchable flag.
-        prefetchable: bool,
-    },
+    Memory32 { prefetchable: bool },
     /// Memory anywhere, two registers (this index and the next).
-    Memory64 {
-        /// The prefetchable flag.
-        prefetchable: bool,
-    },
+    Memory64 { prefetchable: bool },
 }
 
 impl BarKind {
@@ -143,40 +137,27 @@ pub struct BarWrite {
 pub enum BarError {
     /// The index is not 0..=5.
     #[error("BAR index {index} is out of range: a type 0 header has BARs 0 to 5")]
-    IndexOutOfRange {
-        /// The bad index.
-        index: u8,
-    },
+    IndexOutOfRange { index: u8 },
     /// A 64-bit BAR at index 5 has no register for its high half.
     #[error("BAR {index} is 64-bit but has no next register for its high half; 64-bit BARs go at index 0 to 4")]
-    NoHighRegister {
-        /// The BAR index.
-        index: u8,
-    },
+    NoHighRegister { index: u8 },
     /// Two BARs claim the same register.
     #[error("BAR {index} uses register {register}, which another BAR already uses (a 64-bit BAR takes two registers)")]
     RegisterInUse {
-        /// The BAR index.
         index: u8,
         /// The register both claim.
         register: u8,
     },
     /// The BAR has size 0.
     #[error("BAR {index} has size 0; leave unimplemented BARs out of the list")]
-    ZeroSize {
-        /// The BAR index.
-        index: u8,
-    },
+    ZeroSize { index: u8 },
     /// The BAR is larger than its kind allows.
     #[error(
         "BAR {index} of {size:#x} bytes is larger than a {kind:?} BAR can be ({max:#x} bytes)"
     )]
     TooLarge {
-        /// The BAR index.
         index: u8,
-        /// Its size.
         size: u64,
-        /// Its kind.
         kind: BarKind,
         /// The largest size of that kind.
         max: u64,
@@ -186,9 +167,7 @@ pub enum BarError {
     Misaligned {
         /// The BAR index (or [`ROM_BAR_INDEX`]).
         index: u8,
-        /// The planned address.
         gpa: u64,
-        /// The rounded size.
         size: u64,
     },
     /// The planned address does not fit the BAR's register (a 32-bit BAR
@@ -197,7 +176,6 @@ pub enum BarError {
     AddressTooHigh {
         /// The BAR index (or [`ROM_BAR_INDEX`]).
         index: u8,
-        /// The planned address.
         gpa: u64,
         /// The end of the addressable range.
         limit: u64,

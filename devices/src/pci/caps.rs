@@ -66,7 +66,6 @@ pub enum CapabilityId {
 /// One capability found by a walk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Capability {
-    /// Its ID.
     pub id: CapabilityId,
     /// Its offset in configuration space.
     pub offset: u16,
@@ -91,7 +90,6 @@ pub enum WalkEnd {
     BadPointer {
         /// The capability whose next pointer is bad (0x34 for the head).
         from: u16,
-        /// The bad pointer.
         pointer: u16,
     },
     /// An extended header of all-ones after the first one (the device

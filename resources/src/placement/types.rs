@@ -587,7 +587,6 @@ fn serialize_optional_page_size<S: Serializer>(
 /// The BARs of one device, by index.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DevicePlan {
-    /// The device's name.
     pub name: String,
     /// Its `bar-align` cap (`None` = auto).
     pub align_cap: Option<PageSize>,
@@ -628,10 +627,7 @@ pub struct Plan {
 pub enum PlacementError {
     /// `phys_bits` outside [`MIN_PHYS_BITS`]..=[`MAX_PHYS_BITS`].
     #[error("phys-bits {phys_bits} is out of range: give a value from 32 to 52 (the host's, see /proc/cpuinfo \"address sizes\")")]
-    PhysBitsOutOfRange {
-        /// The value given.
-        phys_bits: u8,
-    },
+    PhysBitsOutOfRange { phys_bits: u8 },
     /// RAM ends at or above `1 << phys_bits`.
     #[error("no room for the MMIO64 window: RAM ends at {start:#x}, at or above the {}-bit limit {:#x} (phys-bits {phys_bits}): give the VM less memory", phys_bits, 1u128 << phys_bits)]
     NoMmio64Window {
@@ -642,16 +638,12 @@ pub enum PlacementError {
     },
     /// Two devices with the same name.
     #[error("device name {name:?} is used twice: give every device a unique name")]
-    DuplicateDeviceName {
-        /// The name.
-        name: String,
-    },
+    DuplicateDeviceName { name: String },
     /// BAR index above 5.
     #[error("BAR {index} of {device} does not exist: BAR indexes are 0 to 5")]
     BarIndexOutOfRange {
         /// Device name.
         device: String,
-        /// The index given.
         index: u8,
     },
     /// The same BAR index twice.
@@ -659,7 +651,6 @@ pub enum PlacementError {
     DuplicateBar {
         /// Device name.
         device: String,
-        /// The index.
         index: u8,
     },
     /// Size 0.
@@ -703,11 +694,8 @@ pub enum PlacementError {
         index: u8,
         /// `area`, `MSI-X table` or `MSI-X PBA`.
         what: &'static str,
-        /// Its offset.
         offset: u64,
-        /// Its size.
         size: u64,
-        /// The BAR's size.
         bar_size: u64,
     },
     /// Two mmap-able areas overlap.
@@ -739,7 +727,6 @@ pub enum PlacementError {
         reserved: u64,
         /// 32- or 64-bit.
         width: BarWidth,
-        /// Which window.
         window: WindowKind,
         /// Window start.
         window_start: u64,
@@ -755,7 +742,6 @@ pub enum PlacementError {
         device: String,
         /// BAR index.
         index: u8,
-        /// The allocator's error.
         source: vm_allocator::Error,
     },
 }

@@ -16,12 +16,7 @@ use crate::config::SerialConfig;
 pub enum ConsoleError {
     /// The serial output file cannot be opened.
     #[error("cannot open the serial output file {path}: {source}")]
-    OpenFile {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        source: io::Error,
-    },
+    OpenFile { path: PathBuf, source: io::Error },
     /// Reading or setting the terminal's attributes failed.
     #[error("cannot put the terminal into raw mode: {0}")]
     Termios(io::Error),

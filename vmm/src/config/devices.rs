@@ -62,20 +62,13 @@ pub enum DeviceConfigError {
     DuplicateVfio(String),
     /// Shared memory that is not a power of two.
     #[error("--shmem size={}: ivshmem's BAR2 is the shared memory and a BAR's size must be a power of two; use {} or {}", format_option_size(*size), format_option_size(prev_power_of_two(*size)), format_option_size(size.next_power_of_two()))]
-    ShmemNotPowerOfTwo {
-        /// The size given.
-        size: u64,
-    },
+    ShmemNotPowerOfTwo { size: u64 },
     /// Shared memory below one page.
     #[error("--shmem size={}: shared memory needs at least 4K (one page)", format_option_size(*size))]
-    ShmemTooSmall {
-        /// The size given.
-        size: u64,
-    },
+    ShmemTooSmall { size: u64 },
     /// Shared memory smaller than one huge page.
     #[error("--shmem size={},hugepages={hugepages}: the size must be at least one {hugepages} huge page", format_option_size(*size))]
     ShmemBelowHugePage {
-        /// The size given.
         size: u64,
         /// The huge page size.
         hugepages: HugePageSize,
@@ -85,7 +78,6 @@ pub enum DeviceConfigError {
     ShmemAlignBelowHugePage {
         /// The huge page size.
         hugepages: HugePageSize,
-        /// The cap.
         bar_align: BarAlign,
     },
 }

@@ -63,15 +63,12 @@ pub enum ConfigError {
     /// The configuration file could not be read.
     #[error("cannot read the configuration file {path}: {source}")]
     ReadFile {
-        /// The file.
         path: PathBuf,
-        /// Why.
         source: std::io::Error,
     },
     /// The configuration file is not valid JSON for a [`VmConfig`].
     #[error("invalid configuration file {path}: {source}")]
     ParseFile {
-        /// The file.
         path: PathBuf,
         /// What serde said (it names the field and line).
         source: serde_json::Error,
@@ -101,9 +98,7 @@ pub enum ConfigError {
     UnreadableFile {
         /// "kernel" or "initramfs".
         what: &'static str,
-        /// The file.
         path: PathBuf,
-        /// Why.
         source: std::io::Error,
     },
     /// A path that should be a regular file is something else.
@@ -111,7 +106,6 @@ pub enum ConfigError {
     NotAFile {
         /// "kernel" or "initramfs".
         what: &'static str,
-        /// The path.
         path: PathBuf,
     },
     /// A `--device`, `--shmem` or `--vfio-backend` value (or its JSON form).
@@ -119,10 +113,7 @@ pub enum ConfigError {
     Device(#[from] DeviceConfigError),
     /// The directory of the serial output file does not exist.
     #[error("cannot write the serial output to {path}: its directory does not exist")]
-    SerialDirMissing {
-        /// The file.
-        path: PathBuf,
-    },
+    SerialDirMissing { path: PathBuf },
 }
 
 /// A complete VM configuration (see the module docs for the JSON form).

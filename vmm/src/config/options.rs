@@ -22,7 +22,6 @@ pub enum OptionError {
     /// A size string could not be parsed.
     #[error("invalid size {input:?}: {reason}; write a number of bytes or a number with K, M, G or T (powers of 1024), e.g. 512M")]
     InvalidSize {
-        /// The text given.
         input: String,
         /// What is wrong with it.
         reason: &'static str,
@@ -35,7 +34,6 @@ pub enum OptionError {
     MissingEquals {
         /// The option (e.g. "--memory").
         option: &'static str,
-        /// The offending item.
         item: String,
         /// A correct example.
         example: &'static str,
@@ -43,27 +41,18 @@ pub enum OptionError {
     /// A key=value list has a key the option does not know.
     #[error("{option}: unknown key {key:?}; valid keys: {valid}")]
     UnknownKey {
-        /// The option.
         option: &'static str,
-        /// The key given.
         key: String,
         /// The valid keys, comma-separated.
         valid: String,
     },
     /// A key=value list gives a key twice.
     #[error("{option}: key {key:?} is given twice; give each key once")]
-    DuplicateKey {
-        /// The option.
-        option: &'static str,
-        /// The repeated key.
-        key: String,
-    },
+    DuplicateKey { option: &'static str, key: String },
     /// A key=value list lacks a required key.
     #[error("{option}: missing {key}=...; e.g. {example}")]
     MissingKey {
-        /// The option.
         option: &'static str,
-        /// The missing key.
         key: &'static str,
         /// A correct example.
         example: &'static str,
@@ -71,11 +60,8 @@ pub enum OptionError {
     /// An on/off value that is neither.
     #[error("{option}: {key}={value:?} is not on or off")]
     InvalidSwitch {
-        /// The option.
         option: &'static str,
-        /// The key.
         key: &'static str,
-        /// The value given.
         value: String,
     },
 }

@@ -128,7 +128,6 @@ pub enum FailReason {
     FailEntry {
         /// hardware_entry_failure_reason.
         hardware_reason: u64,
-        /// The host CPU.
         cpu: u32,
     },
     /// KVM_SYSTEM_EVENT_CRASH.

@@ -67,35 +67,26 @@ pub enum MemoryError {
         page: &'static str,
         /// Value to write to `nr_hugepages` so that enough are free.
         reserve: u64,
-        /// The `nr_hugepages` file.
         nr_path: PathBuf,
     },
     /// The host has no pool for this huge page size.
     #[error("memory {request}: this host has no {page} huge page pool ({path} is missing); use the other huge page size or boot the host with hugepagesz={size} hugepages=N")]
     NoHugePagePool {
-        /// The `--memory` request.
         request: String,
         /// Page size in words.
         page: &'static str,
         /// Page size in kernel syntax ("2M", "1G").
         size: HugePageSize,
-        /// The missing directory.
         path: PathBuf,
     },
     /// A sysfs huge page counter could not be read or parsed.
     #[error("cannot read the huge page count {path}: {reason}")]
-    ReadHugePageCount {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        reason: String,
-    },
+    ReadHugePageCount { path: PathBuf, reason: String },
     /// memfd_create or sizing the memfd failed.
     #[error("cannot create the {size} memfd for shared guest memory: {source}")]
     Memfd {
         /// Total size asked for.
         size: String,
-        /// Why.
         source: io::Error,
     },
     /// Mapping a region failed.
@@ -105,9 +96,7 @@ pub enum MemoryError {
         gpa: u64,
         /// Size in bytes.
         size: u64,
-        /// The backing.
         backing: Backing,
-        /// What mmap said.
         source: MmapRegionError,
     },
     /// The regions overlap or are out of order.

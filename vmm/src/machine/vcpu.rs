@@ -34,12 +34,7 @@ pub enum StopCause {
     /// The guest rebooted.
     Reset,
     /// A vCPU hit a fatal exit.
-    Failed {
-        /// The vCPU.
-        vcpu: u8,
-        /// What happened.
-        reason: FailReason,
-    },
+    Failed { vcpu: u8, reason: FailReason },
     /// The embedder's timeout expired.
     Timeout,
     /// `barge` received this stop signal (SIGTERM or SIGINT).
@@ -111,7 +106,6 @@ impl VmControl {
 /// Everything a vCPU thread needs besides its fd.
 #[derive(Debug, Clone)]
 pub struct VcpuContext {
-    /// The I/O buses.
     pub buses: Arc<Buses>,
     /// Power requests from devices.
     pub power: PowerSignal,

@@ -112,18 +112,14 @@ pub enum SeccompError {
         "cannot build the {kind} seccomp filter: {source}; run with --seccomp off and report this"
     )]
     Build {
-        /// Which filter.
         kind: &'static str,
-        /// Why.
         source: seccompiler::BackendError,
     },
     /// The kernel refused the filter (no seccomp support, or too many
     /// filters stacked).
     #[error("cannot install the {kind} seccomp filter: {source}; the kernel needs CONFIG_SECCOMP_FILTER, or run with --seccomp off")]
     Install {
-        /// Which filter.
         kind: &'static str,
-        /// Why.
         source: seccompiler::Error,
     },
     /// The SIGSYS handler could not be installed.

@@ -124,7 +124,6 @@ pub enum MsixError {
     ReservedBir {
         /// `table` or `PBA`.
         what: &'static str,
-        /// The BAR indicator.
         bir: u8,
     },
     /// Table and PBA overlap in the same BAR.
@@ -138,7 +137,6 @@ pub enum MsixError {
     OutsideBar {
         /// `table` or `PBA`.
         what: &'static str,
-        /// The BAR.
         bar: u8,
         /// Offset of the structure in the BAR.
         offset: u64,

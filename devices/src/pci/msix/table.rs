@@ -110,25 +110,13 @@ impl MsixEntry {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MsixEvent {
     /// Address or data changed; the mask bit did not.
-    VectorChanged {
-        /// The vector.
-        vector: u16,
-        /// The entry now.
-        entry: MsixEntry,
-    },
+    VectorChanged { vector: u16, entry: MsixEntry },
     /// The entry's mask bit was set (address or data may have changed in
     /// the same qword write; `entry` has them).
-    VectorMasked {
-        /// The vector.
-        vector: u16,
-        /// The entry now.
-        entry: MsixEntry,
-    },
+    VectorMasked { vector: u16, entry: MsixEntry },
     /// The entry's mask bit was cleared.
     VectorUnmasked {
-        /// The vector.
         vector: u16,
-        /// The entry now.
         entry: MsixEntry,
         /// The message to deliver once now: the vector had its pending bit
         /// set and is effectively unmasked; the bit has been cleared.

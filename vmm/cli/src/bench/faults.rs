@@ -32,7 +32,6 @@ pub enum FaultProbeError {
     Install {
         /// tracefs root.
         root: PathBuf,
-        /// Why.
         source: std::io::Error,
     },
 }

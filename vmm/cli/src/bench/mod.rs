@@ -54,7 +54,6 @@ pub enum BenchError {
     /// The BAR does not exist or is not memory.
     #[error("{device} has no memory BAR {bar}; give --bar with one of: {available}")]
     NoSuchBar {
-        /// The device.
         device: String,
         /// The BAR asked for.
         bar: u8,
@@ -67,9 +66,7 @@ pub enum BenchError {
     /// A file of the bench cannot be written.
     #[error("cannot write {path}: {source}")]
     Write {
-        /// The file.
         path: PathBuf,
-        /// Why.
         source: std::io::Error,
     },
     /// KVM's TSC frequency cannot be read.
@@ -79,36 +76,21 @@ pub enum BenchError {
     Tsc(kvm_ioctls::Error),
     /// A VM could not be built.
     #[error("the {mode} VM could not be built: {source}")]
-    Vm {
-        /// The mode.
-        mode: BenchMode,
-        /// Why.
-        source: vmm::Error,
-    },
+    Vm { mode: BenchMode, source: vmm::Error },
     /// The guest did not finish.
     #[error("the {mode} guest stopped with {reason} before finishing; its output: {console:?}")]
     Guest {
-        /// The mode.
         mode: BenchMode,
-        /// The exit reason.
         reason: String,
-        /// What it printed.
         console: String,
     },
     /// The report lacks the BAR.
     #[error("the {mode} run's report has no BAR {bar}")]
-    NotReported {
-        /// The mode.
-        mode: BenchMode,
-        /// The BAR.
-        bar: u8,
-    },
+    NotReported { mode: BenchMode, bar: u8 },
     /// The guest found the BAR somewhere else than barge put it.
     #[error("the {mode} guest found BAR {bar} at {seen:#x} but barge placed it at {planned:#x}")]
     Misplaced {
-        /// The mode.
         mode: BenchMode,
-        /// The BAR.
         bar: u8,
         /// Where the guest found it.
         seen: u64,
@@ -222,7 +204,6 @@ impl BenchDevice {
 /// What `barge bench` was asked to do.
 #[derive(Debug, Clone, PartialEq)]
 pub struct BenchRequest {
-    /// The device.
     pub device: BenchDevice,
     /// The BAR to measure.
     pub bar: u8,
@@ -296,11 +277,8 @@ pub struct Sample {
 /// Median and range of one metric.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct Stat {
-    /// The median.
     pub median: f64,
-    /// The smallest sample.
     pub min: f64,
-    /// The largest sample.
     pub max: f64,
 }
 
@@ -390,7 +368,6 @@ pub const METRICS: [Metric; 6] = [
 /// All repetitions of one mode and their statistics.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ModeResult {
-    /// The mode.
     pub mode: BenchMode,
     /// Per repetition.
     pub samples: Vec<Sample>,
@@ -434,9 +411,7 @@ pub struct Ratios {
 /// Everything the bench measured.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BenchResult {
-    /// The device.
     pub device: String,
-    /// The BAR.
     pub bar: u8,
     /// Its size in bytes.
     pub bar_size: u64,

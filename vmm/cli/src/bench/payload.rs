@@ -54,10 +54,7 @@ pub enum PayloadError {
     #[error(
         "BAR of {size:#x} bytes: the bench maps BARs of 4 KiB up to 512 GiB; choose another --bar"
     )]
-    BarSize {
-        /// The BAR's size.
-        size: u64,
-    },
+    BarSize { size: u64 },
     /// A BAR index above 5.
     #[error("BAR index {0} does not exist: PCI devices have BARs 0 to 5")]
     BarIndex(u8),
