@@ -15,7 +15,7 @@ use std::sync::{Mutex, MutexGuard};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{
-    BarRange, RegionInfo, VfioBackend, CONFIG_REGION_INDEX, INTX_IRQ_INDEX, MSI_IRQ_INDEX,
+    BarRange, RegionInfo, VfioDeviceAccess, CONFIG_REGION_INDEX, INTX_IRQ_INDEX, MSI_IRQ_INDEX,
     REGION_FLAG_MMAP, REGION_FLAG_READ, REGION_FLAG_WRITE,
 };
 use crate::pci::caps::{
@@ -114,7 +114,7 @@ pub enum FakeIrqCall {
 
 /// The fake device (see module docs).
 #[derive(Debug)]
-pub struct FakeVfioBackend {
+pub struct FakeVfioDevice {
     state: Mutex<State>,
     fd: File,
 }
@@ -124,7 +124,7 @@ pub fn pattern_byte(region: u32, offset: u64) -> u8 {
     (offset as u8) ^ (region as u8).wrapping_mul(0x11)
 }
 
-impl FakeVfioBackend {
+impl FakeVfioDevice {
     /// A device with `config` (padded with zeros to 4 KiB), a 4 KiB config
     /// region, no BAR regions and reset support.
     pub fn new(config: &[u8]) -> Self {
@@ -320,7 +320,7 @@ impl State {
     }
 }
 
-impl VfioBackend for FakeVfioBackend {
+impl VfioDeviceAccess for FakeVfioDevice {
     fn irq_count(&self, index: u32) -> u32 {
         self.lock().irq_counts.get(&index).copied().unwrap_or(0)
     }
@@ -445,7 +445,7 @@ mod tests {
 
     #[test]
     fn fake_regions_read_pattern_and_keep_writes_in_bounds() {
-        let fake = FakeVfioBackend::gpu_like();
+        let fake = FakeVfioDevice::gpu_like();
         let mut data = [0u8; 4];
         fake.region_read(0, 0x100, &mut data);
         assert_eq!(data, [0, 1, 2, 3].map(|i| pattern_byte(0, 0x100 + i)));
@@ -462,6 +462,6 @@ mod tests {
         assert_eq!(fake.region_info(7).unwrap().size, 4096);
         assert!(fake.reset());
         assert_eq!(fake.resets(), 1);
-        assert!(!FakeVfioBackend::gpu_like().with_reset(false).reset());
+        assert!(!FakeVfioDevice::gpu_like().with_reset(false).reset());
     }
 }

@@ -40,11 +40,12 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use devices::pci::PciSegment;
-use devices::vfio::host::{BackendKind, HostError, HostVfioDevice, VfioHost};
+use devices::vfio::host::{HostError, HostVfioDevice, VfioHost};
 use devices::vfio::interrupts::{InterruptRouter, KvmIrqs, VfioInterrupts};
 use devices::vfio::preflight::HostPaths;
 use devices::vfio::{
-    ProbeError, VfioBackend, VfioBarAccess, VfioDeviceError, VfioPciDevice, VfioProbe,
+    ProbeError, VfioBackendKind, VfioBarAccess, VfioDeviceAccess, VfioDeviceError, VfioPciDevice,
+    VfioProbe,
 };
 use kvm_bindings::{
     kvm_create_device, kvm_device_type_KVM_DEV_TYPE_VFIO, kvm_irq_routing_entry, KvmIrqRouting,
@@ -58,7 +59,7 @@ use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::buses::bus::{BusDevice, BusError, Buses, SharedBusDevice};
-use crate::config::devices::{P2p, VfioBackend as BackendConfig, VfioConfig};
+use crate::config::devices::{P2p, VfioConfig};
 use crate::machine::memory::GuestRam;
 use crate::pci_devices::bar_mapping::MappedBar;
 use crate::pci_devices::setup::{
@@ -108,15 +109,6 @@ pub enum PassthroughError {
     },
 }
 
-/// The device config's backend choice as the host layer's.
-pub fn backend_kind(config: BackendConfig) -> BackendKind {
-    match config {
-        BackendConfig::Legacy => BackendKind::Legacy,
-        BackendConfig::Iommufd => BackendKind::Iommufd,
-        BackendConfig::Auto => BackendKind::Auto,
-    }
-}
-
 /// Creates KVM's VFIO pseudo-device (`KVM_DEV_TYPE_VFIO`), through which
 /// vfio-ioctls tells KVM about each group or cdev (KVM then honours the
 /// guest's cache attributes for non-coherent DMA). `None`, with a warning,
@@ -140,14 +132,14 @@ pub fn create_kvm_vfio_device(vm: &VmFd) -> Option<Arc<VfioDeviceFd>> {
 }
 
 /// A VFIO device opened and probed, before placement.
-pub struct VfioPassthrough<B: VfioBackend> {
+pub struct VfioPassthrough<B: VfioDeviceAccess> {
     bdf: String,
     backend: Arc<B>,
     probe: VfioProbe,
     align_cap: Option<PageSize>,
 }
 
-impl<B: VfioBackend> std::fmt::Debug for VfioPassthrough<B> {
+impl<B: VfioDeviceAccess> std::fmt::Debug for VfioPassthrough<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("VfioPassthrough")
             .field("bdf", &self.bdf)
@@ -160,10 +152,10 @@ impl<B: VfioBackend> std::fmt::Debug for VfioPassthrough<B> {
 /// Opens every configured device through one [`VfioHost`] (see module docs).
 pub fn open_host_devices(
     configs: &[VfioConfig],
-    backend: BackendConfig,
+    backend: VfioBackendKind,
     kvm_vfio_device: Option<Arc<VfioDeviceFd>>,
 ) -> Result<(VfioHost, Vec<VfioPassthrough<HostVfioDevice>>), PassthroughError> {
-    let host = VfioHost::new(backend_kind(backend), HostPaths::default(), kvm_vfio_device);
+    let host = VfioHost::new(backend, HostPaths::default(), kvm_vfio_device);
     let mut devices = Vec::with_capacity(configs.len());
     for config in configs {
         let device = host.open(&config.bdf)?;
@@ -201,7 +193,7 @@ pub unsafe fn dma_map_ram(host: &VfioHost, ram: &GuestRam) -> Result<(), Passthr
     Ok(())
 }
 
-impl<B: VfioBackend + 'static> VfioPassthrough<B> {
+impl<B: VfioDeviceAccess + 'static> VfioPassthrough<B> {
     /// Probes `backend` (config space, region info).
     pub fn new(
         bdf: &str,
@@ -339,7 +331,7 @@ pub struct TrappedRange {
 /// ranges on the MMIO bus; its BARs wait for the BAR mapping module (see
 /// [`VfioBarRegion`]). The device closes once this, the segment and every
 /// mapping of its fd are dropped.
-pub struct AttachedVfio<B: VfioBackend> {
+pub struct AttachedVfio<B: VfioDeviceAccess> {
     /// Memory BARs, by index.
     pub bars: Vec<VfioBarRegion>,
     /// The host PCI address.
@@ -351,7 +343,7 @@ pub struct AttachedVfio<B: VfioBackend> {
     backend: Arc<B>,
 }
 
-impl<B: VfioBackend> std::fmt::Debug for AttachedVfio<B> {
+impl<B: VfioDeviceAccess> std::fmt::Debug for AttachedVfio<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AttachedVfio")
             .field("bdf", &self.bdf)
@@ -362,7 +354,7 @@ impl<B: VfioBackend> std::fmt::Debug for AttachedVfio<B> {
     }
 }
 
-impl<B: VfioBackend> AttachedVfio<B> {
+impl<B: VfioDeviceAccess> AttachedVfio<B> {
     /// The backend.
     pub fn backend(&self) -> &Arc<B> {
         &self.backend
@@ -434,14 +426,14 @@ pub fn kernel_causes(osrelease: &str) -> Vec<String> {
 }
 
 /// A trapped BAR range on the MMIO bus.
-struct VfioBarTrap<B: VfioBackend> {
+struct VfioBarTrap<B: VfioDeviceAccess> {
     access: VfioBarAccess<B>,
     bar: u8,
     /// Offset of the range's start inside the BAR.
     base_offset: u64,
 }
 
-impl<B: VfioBackend> BusDevice for VfioBarTrap<B> {
+impl<B: VfioDeviceAccess> BusDevice for VfioBarTrap<B> {
     fn read(&mut self, _base: u64, offset: u64, data: &mut [u8]) {
         match self.base_offset.checked_add(offset) {
             Some(at) => self.access.bar_read(self.bar, at, data),
@@ -471,7 +463,7 @@ pub struct SharedVfioHost {
 impl SharedVfioHost {
     /// One container for the VM, registered with KVM's VFIO device when
     /// KVM has one.
-    pub fn new(vm: &VmFd, backend: BackendConfig) -> Arc<Self> {
+    pub fn new(vm: &VmFd, backend: VfioBackendKind) -> Arc<Self> {
         let kvm_device = create_kvm_vfio_device(vm);
         let kvm_irqs = match KvmIrqChip::new(vm) {
             Ok(chip) => Some(Arc::new(chip)),
@@ -494,7 +486,7 @@ impl SharedVfioHost {
                 .map(Arc::new)
         });
         Arc::new(Self {
-            host: VfioHost::new(backend_kind(backend), HostPaths::default(), kvm_device),
+            host: VfioHost::new(backend, HostPaths::default(), kvm_device),
             ram_mapped: Mutex::new(false),
             dma_regions: Mutex::new(Vec::new()),
             kvm_irqs,
@@ -881,7 +873,7 @@ mod tests {
     use super::*;
     use crate::machine::mapping::AlignedMapping;
     use devices::pci::PciConfigAddress;
-    use devices::vfio::fake::{pattern_byte, FakeRegion, FakeVfioBackend};
+    use devices::vfio::fake::{pattern_byte, FakeRegion, FakeVfioDevice};
     use devices::vfio::BarRange;
     use std::fs::File;
     use std::os::fd::FromRawFd;
@@ -907,7 +899,7 @@ mod tests {
     /// A small device: BAR0 64 KiB 32-bit with MSI-X in its first page,
     /// BAR2 64 MiB 64-bit prefetchable, BAR4 256 bytes (sub-page, trapped).
     /// Its fd is a memfd with `marker` at BAR2's region offset + 1 MiB.
-    fn small_device(marker: &[u8]) -> FakeVfioBackend {
+    fn small_device(marker: &[u8]) -> FakeVfioDevice {
         let mut c = vec![0u8; 4096];
         c[0..4].copy_from_slice(&0x1110_1af4u32.to_le_bytes());
         c[0x06] = 0x10;
@@ -918,7 +910,7 @@ mod tests {
         c[0x48..0x4c].copy_from_slice(&0x800u32.to_le_bytes());
         let fd = memfd(5 << 40);
         fd.write_all_at(marker, (2 << 40) + MIB).unwrap();
-        FakeVfioBackend::new(&c)
+        FakeVfioDevice::new(&c)
             .with_region(0, FakeRegion::mmap(64 << 10))
             .with_region(2, FakeRegion::mmap(64 * MIB))
             .with_region(4, FakeRegion::trapped(256))
@@ -932,11 +924,11 @@ mod tests {
     }
 
     fn attach(
-        fake: FakeVfioBackend,
+        fake: FakeVfioDevice,
         align_cap: Option<PageSize>,
     ) -> (
-        Arc<FakeVfioBackend>,
-        AttachedVfio<FakeVfioBackend>,
+        Arc<FakeVfioDevice>,
+        AttachedVfio<FakeVfioDevice>,
         Buses,
         Arc<Mutex<PciSegment>>,
     ) {
@@ -949,7 +941,7 @@ mod tests {
         (fake, attached, buses, segment)
     }
 
-    fn bar(attached: &AttachedVfio<FakeVfioBackend>, index: u8) -> &VfioBarRegion {
+    fn bar(attached: &AttachedVfio<FakeVfioDevice>, index: u8) -> &VfioBarRegion {
         attached
             .bars
             .iter()
@@ -959,7 +951,7 @@ mod tests {
 
     /// What `bar_mapping::map_bar_areas` does for one area, without KVM.
     fn map_area(
-        attached: &AttachedVfio<FakeVfioBackend>,
+        attached: &AttachedVfio<FakeVfioDevice>,
         index: u8,
         area: usize,
     ) -> (AlignedMapping, u64) {
@@ -1155,18 +1147,11 @@ mod tests {
 
     #[test]
     fn probe_errors_name_the_device() {
-        let fake = Arc::new(FakeVfioBackend::new(&[0xff; 64]));
+        let fake = Arc::new(FakeVfioDevice::new(&[0xff; 64]));
         let error = VfioPassthrough::new("0000:41:00.0", fake, None)
             .unwrap_err()
             .to_string();
         assert!(error.starts_with("PCI device 0000:41:00.0:"), "{error}");
-    }
-
-    #[test]
-    fn backend_config_maps_to_host_kind() {
-        assert_eq!(backend_kind(BackendConfig::Legacy), BackendKind::Legacy);
-        assert_eq!(backend_kind(BackendConfig::Iommufd), BackendKind::Iommufd);
-        assert_eq!(backend_kind(BackendConfig::Auto), BackendKind::Auto);
     }
 
     #[test]
