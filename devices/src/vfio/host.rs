@@ -152,6 +152,36 @@ pub enum HostError {
     },
 }
 
+/// What the VMM needs of the VFIO host: open devices into the one IOMMU
+/// domain all devices of a VM share, and map memory into that domain for
+/// their DMA (IO virtual address = guest physical address). [`VfioHost`] is
+/// the real one; `fake::FakeVfioHost` (feature `fake`) records what tests
+/// ask of it.
+pub trait VfioHostAccess: Send + Sync {
+    /// The devices it opens.
+    type Device: VfioDeviceAccess + 'static;
+
+    /// Opens and resets the device at `bdf`.
+    fn open(&self, bdf: &str) -> Result<Self::Device, HostError>;
+
+    /// Maps `[hva, hva + size)` at IO virtual address `iova` for DMA by the
+    /// devices opened so far (call it after opening them).
+    ///
+    /// # Safety
+    ///
+    /// From this call until [`Self::dma_unmap`] of the same range succeeds
+    /// (or the range is unmapped from the process), the devices read and
+    /// write the range at any time: Rust code may touch it only through raw
+    /// pointers (volatile or atomic accesses) and system calls, never
+    /// through references (vfio-ioctls' `vfio_dma_map` contract). The range
+    /// must stay mapped until then, or the devices' DMA no longer reaches the
+    /// memory the process sees.
+    unsafe fn dma_map(&self, iova: u64, size: u64, hva: *mut u8) -> Result<(), HostError>;
+
+    /// Undoes [`Self::dma_map`] of the same range.
+    fn dma_unmap(&self, iova: u64, size: u64) -> Result<(), HostError>;
+}
+
 /// The VM's VFIO state: the shared IOMMU domain (see module docs).
 pub struct VfioHost {
     kind: VfioBackendKind,
@@ -193,25 +223,6 @@ impl VfioHost {
     /// Which backend `location` gets under this host's [`VfioBackendKind`].
     pub fn choose(&self, location: &DeviceLocation) -> Result<OpenedBackend, HostError> {
         choose_backend(self.kind, location, &self.paths)
-    }
-
-    /// Opens and resets `bdf`.
-    pub fn open(&self, bdf: &str) -> Result<HostVfioDevice, HostError> {
-        let location = locate(bdf, &self.paths)?;
-        let backend = self.choose(&location)?;
-        let device = match backend {
-            OpenedBackend::Legacy => self.open_legacy(&location)?,
-            OpenedBackend::Iommufd => self.open_iommufd(&location)?,
-        };
-        let device = HostVfioDevice {
-            device,
-            location,
-            backend,
-        };
-        if device.reset() {
-            log::info!("vfio: {} reset", device.location.bdf);
-        }
-        Ok(device)
     }
 
     fn open_legacy(&self, location: &DeviceLocation) -> Result<VfioDevice, HostError> {
@@ -304,17 +315,38 @@ impl VfioHost {
             },
         }
     }
+}
 
-    /// Maps `[hva, hva + size)` at IO virtual address `iova` (the guest
-    /// physical address) for DMA by the devices, in every domain opened so
-    /// far. Call it after opening the devices, once per guest RAM region.
-    ///
-    /// # Safety
-    ///
-    /// The range must be a mapping (guest RAM) that stays mapped until the
-    /// domain is gone ([`Self::dma_unmap`], or dropping this host and all
-    /// its devices): the devices read and write it at any time.
-    pub unsafe fn dma_map(&self, iova: u64, size: u64, hva: *mut u8) -> Result<(), HostError> {
+impl VfioHostAccess for VfioHost {
+    type Device = HostVfioDevice;
+
+    fn open(&self, bdf: &str) -> Result<HostVfioDevice, HostError> {
+        let location = locate(bdf, &self.paths)?;
+        let backend = self.choose(&location)?;
+        let device = match backend {
+            OpenedBackend::Legacy => self.open_legacy(&location)?,
+            OpenedBackend::Iommufd => self.open_iommufd(&location)?,
+        };
+        let device = HostVfioDevice {
+            device,
+            location,
+            backend,
+        };
+        log::info!(
+            "vfio: opened {} ({:?}, IOMMU group {})",
+            device.location.bdf,
+            device.backend,
+            device.location.group
+        );
+        if device.reset() {
+            log::info!("vfio: {} reset", device.location.bdf);
+        }
+        Ok(device)
+    }
+
+    /// Maps the range in the container or the IOAS, whichever devices were
+    /// opened into so far.
+    unsafe fn dma_map(&self, iova: u64, size: u64, hva: *mut u8) -> Result<(), HostError> {
         let dma_error = |source| HostError::Dma {
             what: "map",
             iova,
@@ -323,8 +355,8 @@ impl VfioHost {
         };
         let len = usize::try_from(size).unwrap_or(usize::MAX);
         if let Some(container) = &*self.container.lock().unwrap_or_else(|e| e.into_inner()) {
-            // SAFETY: the caller keeps the range mapped for the domain's
-            // lifetime, as this function's contract says.
+            // SAFETY: vfio-ioctls' contract is this trait method's, which
+            // the caller keeps.
             unsafe { container.vfio_dma_map(iova, len, hva) }.map_err(dma_error)?;
         }
         if let Some(iommufd) = &*self.iommufd.lock().unwrap_or_else(|e| e.into_inner()) {
@@ -334,8 +366,7 @@ impl VfioHost {
         Ok(())
     }
 
-    /// Undoes [`Self::dma_map`] of the same range.
-    pub fn dma_unmap(&self, iova: u64, size: u64) -> Result<(), HostError> {
+    fn dma_unmap(&self, iova: u64, size: u64) -> Result<(), HostError> {
         let dma_error = |source| HostError::Dma {
             what: "unmap",
             iova,

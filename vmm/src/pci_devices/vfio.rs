@@ -40,7 +40,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use devices::pci::PciSegment;
-use devices::vfio::host::{HostError, HostVfioDevice, VfioHost};
+use devices::vfio::host::{HostError, HostVfioDevice, VfioHost, VfioHostAccess};
 use devices::vfio::interrupts::{InterruptRouter, KvmIrqs, VfioInterrupts};
 use devices::vfio::preflight::HostPaths;
 use devices::vfio::{
