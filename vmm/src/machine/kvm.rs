@@ -49,6 +49,14 @@ pub enum KvmError {
         /// Why.
         source: io::Error,
     },
+    /// Deleting a memslot failed.
+    #[error("cannot remove guest memory slot {slot} from KVM: {source}")]
+    RemoveSlot {
+        /// Slot number.
+        slot: u32,
+        /// Why.
+        source: io::Error,
+    },
 }
 
 /// The KVM device path in use (`$BARGE_KVM_DEVICE` or `/dev/kvm`).
@@ -102,6 +110,25 @@ pub fn map_guest_memory(
         slot,
         gpa,
         size,
+        source: io::Error::from_raw_os_error(e.errno()),
+    })
+}
+
+/// Deletes memslot `slot` (KVM_SET_USER_MEMORY_REGION with size 0): KVM
+/// drops the slot and its mappings of the host range behind it, which may
+/// then be unmapped (see `pci_devices::teardown`).
+pub fn remove_guest_memory(vm: &VmFd, slot: u32) -> Result<(), KvmError> {
+    let region = kvm_userspace_memory_region {
+        slot,
+        flags: 0,
+        guest_phys_addr: 0,
+        memory_size: 0,
+        userspace_addr: 0,
+    };
+    // SAFETY: a region of size 0 deletes the slot: KVM keeps no reference to
+    // host memory for it afterwards, so the call asks nothing of any memory.
+    unsafe { vm.set_user_memory_region(region) }.map_err(|e| KvmError::RemoveSlot {
+        slot,
         source: io::Error::from_raw_os_error(e.errno()),
     })
 }

@@ -17,6 +17,7 @@ use crate::event_loop::{EventLoop, EventLoopError};
 use crate::machine::kvm::{self, KvmError};
 use crate::machine::memory::GuestRam;
 use crate::machine::vcpu::{self, StopCause, VcpuContext, VmControl};
+use crate::pci_devices::teardown::DeviceResources;
 use crate::seccomp::VmFilters;
 
 /// KVM's real-mode TSS (3 pages) for Intel VMX, at the top of the 32-bit
@@ -224,36 +225,36 @@ pub enum SerialInput {
 
 /// A built VM, ready to run once.
 ///
-/// Field order is drop order: the vCPU fds and the VM fd are closed before
-/// the guest memory they map is unmapped.
+/// # Teardown
+///
+/// Field order is drop order, and it is the VM's teardown (each device's
+/// own steps are in `pci_devices::teardown`):
+///
+/// 1. `vcpus`: none is left running ([`BuiltVm::run`] joined their threads,
+///    or forgets the whole VM when it could not).
+/// 2. `buses`: the device models go (PCI segment, MMIO traps, serial), so
+///    each device's [`DeviceResources`] holds the last handles on its host
+///    device.
+/// 3. `devices`: each device is torn down: DMA stopped, IOMMU mappings
+///    undone (guest RAM's with the last VFIO device), BAR memslots removed
+///    and BARs unmapped, the device closed, the VFIO container or IOAS
+///    released with the last one. That also releases every other reference
+///    to the VM: the interrupt chip's VM fd, KVM's VFIO device, VFIO's.
+/// 4. `vm_fd`: the last reference to the VM, so KVM destroys it here, and
+///    with it RAM's memslots.
+/// 5. `ram`: guest RAM is unmapped, after the VM that maps it (and after
+///    the IOMMU, whose mapping of it held its own handle until undone).
 #[derive(Debug)]
 pub struct BuiltVm {
     vcpus: Vec<VcpuFd>,
-    vm_fd: VmFd,
-    devices: Vec<LiveDevice>,
-    ram: GuestRam,
     buses: Arc<Buses>,
+    devices: Vec<DeviceResources>,
+    vm_fd: Arc<VmFd>,
+    ram: GuestRam,
     serial: Arc<Mutex<SerialDevice>>,
     serial_input: SerialInput,
     power: PowerSignal,
     seccomp: Option<VmFilters>,
-}
-
-/// What a PCI device leaves behind that must outlive the VM fd: its BAR
-/// mappings (memslots point into them) and host resources (fds).
-pub struct LiveDevice {
-    /// The mapped BARs.
-    pub bars: Vec<crate::pci_devices::bar_mapping::MappedBar>,
-    /// Anything else.
-    pub keep_alive: Vec<Box<dyn std::any::Any + Send>>,
-}
-
-impl std::fmt::Debug for LiveDevice {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LiveDevice")
-            .field("bars", &self.bars.len())
-            .finish_non_exhaustive()
-    }
 }
 
 /// How one run ended.
@@ -270,7 +271,7 @@ pub struct VmRun {
 impl BuiltVm {
     /// Assembles a VM from its built parts.
     pub fn new(
-        vm_fd: VmFd,
+        vm_fd: Arc<VmFd>,
         ram: GuestRam,
         vcpus: Vec<VcpuFd>,
         buses: Buses,
@@ -291,9 +292,9 @@ impl BuiltVm {
         }
     }
 
-    /// Keeps the PCI devices' BAR mappings and host resources until the VM
-    /// fd is closed (they back memslots).
-    pub fn with_devices(mut self, devices: Vec<LiveDevice>) -> Self {
+    /// Keeps the PCI devices' BARs and host resources for the VM's lifetime
+    /// (torn down in the order of the type's docs).
+    pub fn with_devices(mut self, devices: Vec<DeviceResources>) -> Self {
         self.devices = devices;
         self
     }
