@@ -1,12 +1,12 @@
-//! The real [`VfioDeviceAccess`]: a host PCI function opened through
-//! vfio-ioctls, with the legacy container/group or with the device cdev and
-//! iommufd.
+//! The real VFIO host ([`VfioHostAccess`]) and device ([`VfioDeviceAccess`]):
+//! a host PCI function opened through vfio-ioctls, with the legacy
+//! container/group or with the device cdev and iommufd.
 //!
 //! [`VfioHost`] owns the IOMMU domain every device of one VM shares (one
 //! container, or one iommufd with one IOAS) and the optional KVM VFIO
 //! pseudo-device handle (`KVM_DEV_TYPE_VFIO`, which the VMM creates and
 //! wraps with `VfioDeviceFd::new_from_kvm`) so KVM knows about each group or
-//! cdev. [`VfioHost::open`] runs the [`super::preflight`] checks, picks the
+//! cdev. Its [`VfioHostAccess::open`] runs the [`super::preflight`] checks, picks the
 //! backend ([`VfioBackendKind::Auto`]: iommufd when `/dev/iommu` and the
 //! device's `/dev/vfio/devices/vfioN` exist, else legacy), opens the device
 //! and resets it. A [`HostVfioDevice`] resets the device again when dropped

@@ -3,9 +3,11 @@
 //!
 //! The pieces, in the order the VMM uses them:
 //!
-//! 1. A backend opens the host device: [`host::HostVfioDevice`] over
-//!    vfio-ioctls (legacy container/group, or cdev + iommufd), or
-//!    [`fake::FakeVfioDevice`] in tests.
+//! 1. The VFIO host ([`host::VfioHostAccess`]) opens the host device:
+//!    [`host::VfioHost`] gives a [`host::HostVfioDevice`] over vfio-ioctls
+//!    (legacy container/group, or cdev + iommufd, as the
+//!    [`VfioBackendKind`] says); in tests `fake::FakeVfioHost` gives a
+//!    `fake::FakeVfioDevice`.
 //! 2. [`VfioProbe::read`] reads the device's region info and config space:
 //!    BAR sizes and flags, sparse-mmap areas, the MSI-X table and PBA, and
 //!    which capabilities to mask. [`VfioProbe::device_input`] turns that into

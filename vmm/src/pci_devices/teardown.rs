@@ -119,12 +119,13 @@ impl Drop for DeviceResources {
 #[cfg(test)]
 mod tests {
     use std::os::fd::AsFd;
-    use std::sync::Mutex;
+    use std::sync::{Mutex, Weak};
 
     use devices::vfio::fake::is_mapped;
     use resources::placement::{BarInput, BarPlacement, BarWidth, DeviceInput, Windows};
 
     use super::*;
+    use crate::machine::mapping::AlignedMapping;
     use crate::machine::memory;
     use crate::pci_devices::bar_mapping::{map_bar_areas, SlotAllocator};
 
@@ -144,19 +145,19 @@ mod tests {
         Arc::new(kvm::open_kvm().unwrap().create_vm().unwrap())
     }
 
-    /// A step and whether the BAR was still mapped in barge when it ran.
+    /// A step and whether the BAR's host mapping still existed when it ran.
     type Steps = Arc<Mutex<Vec<(&'static str, bool)>>>;
 
-    /// Records the steps, looking at the BAR's host range each time.
+    /// Records the steps, looking at the BAR's mapping each time (it is
+    /// unmapped exactly when the last `Arc` goes).
     struct Recording {
         steps: Steps,
-        hva: u64,
-        len: u64,
+        mapping: Weak<AlignedMapping>,
     }
 
     impl Recording {
         fn record(&self, step: &'static str) {
-            let mapped = is_mapped(self.hva, self.len);
+            let mapped = self.mapping.strong_count() > 0;
             self.steps.lock().unwrap().push((step, mapped));
         }
     }
@@ -187,8 +188,7 @@ mod tests {
         let steps = Steps::default();
         let host = Recording {
             steps: steps.clone(),
-            hva,
-            len,
+            mapping: Arc::downgrade(bar.mapping.as_ref().unwrap()),
         };
         let resources = DeviceResources::new(vm.clone(), vec![bar], Box::new(host));
         assert_eq!(resources.bars().len(), 1);
@@ -197,7 +197,6 @@ mod tests {
             *steps.lock().unwrap(),
             [("stop_dma", true), ("unmap_iommu", true), ("close", false)]
         );
-        assert!(!is_mapped(hva, len), "the BAR is unmapped");
         // The memslot is gone: KVM takes a new one over the same addresses
         // (it refuses overlapping slots).
         let other = memory::create_memfd(None, placement.size).unwrap();

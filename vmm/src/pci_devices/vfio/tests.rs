@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use devices::vfio::fake::{
-    is_mapped, pattern_byte, FakeEvent, FakeJournal, FakeRegion, FakeVfioDevice, FakeVfioHost,
+    pattern_byte, FakeEvent, FakeJournal, FakeRegion, FakeVfioDevice, FakeVfioHost,
 };
 use devices::vfio::interrupts::fake::FakeKvmIrqs;
 use devices::vfio::interrupts::KvmIrqs;
@@ -525,6 +525,13 @@ fn teardown_stops_dma_unmaps_frees_the_bars_then_closes_and_releases() {
         .flat_map(|bar| bar.areas.iter().map(|a| (a.gpa, a.size, a.hva)))
         .collect();
     assert_eq!(bar_areas.len(), 2);
+    let mappings: Vec<_> = attached
+        .resources
+        .bars()
+        .iter()
+        .filter_map(|bar| bar.mapping.as_ref().map(Arc::downgrade))
+        .collect();
+    assert_eq!(mappings.len(), 2);
     // As `BuiltVm` drops things: the models (buses) first, the host's
     // other holders (the setups) are gone, then the resources.
     let AttachedDevice {
@@ -569,11 +576,9 @@ fn teardown_stops_dma_unmaps_frees_the_bars_then_closes_and_releases() {
     assert_eq!(rig.journal.events(), expected);
     // Interrupts are off in KVM too.
     assert!(rig.kvm.irqfd_gsis().is_empty());
-    // The BARs are unmapped from barge and their memslots are gone: KVM
-    // takes new ones over the same guest addresses.
-    for &(_, size, hva) in &bar_areas {
-        assert!(!is_mapped(hva, size));
-    }
+    // The BARs are unmapped from barge (their mappings are gone) and their
+    // memslots too: KVM takes new ones over the same guest addresses.
+    assert!(mappings.iter().all(|mapping| mapping.strong_count() == 0));
     let bar2 = placement(&plan, 2);
     let memfd = memory::create_memfd(None, bar2.size).unwrap();
     let again = map_bar_areas(&rig.vm, memfd.as_fd(), 0, "check", bar2, &mut rig.slots);
