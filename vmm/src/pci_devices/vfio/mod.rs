@@ -8,7 +8,7 @@
 //!    first VFIO device creates the VM's [`SharedVfioHost`] with
 //!    [`shared_host()`]: KVM's VFIO pseudo-device (`KVM_DEV_TYPE_VFIO`, so
 //!    KVM knows devices are assigned), the VFIO host of the configured
-//!    [`VfioBackendKind`](crate::config::devices::VfioBackendKind) (one container, or one iommufd IOAS, for every
+//!    [`VfioBackendKind`] (one container, or one iommufd IOAS, for every
 //!    device of the VM) and the GSI router over the shared VM fd
 //!    ([`KvmIrqChip`]). [`VfioSetup::open`] opens and resets each device
 //!    through it and probes it (region info, config space). Errors say what
@@ -43,8 +43,8 @@
 //! segment only logs them (`pci::log_event`). I/O BARs are not exposed yet
 //! (the host bridge declares no I/O window); they read as unimplemented.
 //!
-//! The host side is behind [`VfioHostAccess`] (`devices::vfio::host::VfioHost`,
-//! or `FakeVfioHost` in tests) and KVM's interrupt side behind `KvmIrqs`, so
+//! The host side is behind [`VfioHostAccess`] (`devices::vfio::host::VfioHost`;
+//! `FakeVfioHost` in tests) and KVM's interrupt side behind `KvmIrqs`, so
 //! the whole path runs in unit tests. Only [`dma`], the thin module that
 //! hands memory to the IOMMU, has `unsafe` code (besides the [`irqchip`]'s
 //! tests, which read KVM's routing union).
@@ -69,6 +69,8 @@ use devices::vfio::{
 use resources::placement::{BarPlacement, DeviceInput, DevicePlan, PageSize};
 
 use crate::buses::bus::{BusDevice, SharedBusDevice};
+#[cfg(doc)]
+use crate::config::devices::VfioBackendKind;
 use crate::config::devices::{P2p, VfioConfig};
 use crate::pci_devices::bar_mapping::MappedBar;
 use crate::pci_devices::setup::{
@@ -192,11 +194,6 @@ impl<H: VfioHostAccess> VfioSetup<H> {
     pub fn with_kernel_release(mut self, release: &str) -> Self {
         self.facts.kernel_release = release.to_string();
         self
-    }
-
-    /// What the probe found.
-    pub fn probe(&self) -> &VfioProbe {
-        &self.probe
     }
 
     /// The opened host device.
