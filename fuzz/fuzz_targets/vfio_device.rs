@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 
 use barge_fuzz::accesses;
 use devices::pci::PciConfigAccess;
-use devices::vfio::fake::FakeVfioBackend;
+use devices::vfio::fake::FakeVfioDevice;
 use devices::vfio::interrupts::fake::FakeKvmIrqs;
 use devices::vfio::interrupts::{InterruptRouter, VfioInterrupts};
 use devices::vfio::{VfioPciDevice, VfioProbe, INTX_IRQ_INDEX, MSIX_IRQ_INDEX, MSI_IRQ_INDEX};
@@ -28,13 +28,13 @@ const GIB: u64 = 1 << 30;
 const BAR0_WRAP: u64 = 32 << 20;
 
 struct Rig {
-    fake: Arc<FakeVfioBackend>,
+    fake: Arc<FakeVfioDevice>,
     kvm: Arc<FakeKvmIrqs>,
-    device: VfioPciDevice<FakeVfioBackend>,
+    device: VfioPciDevice<FakeVfioDevice>,
 }
 
 fn rig(wired: bool) -> Rig {
-    let fake = Arc::new(FakeVfioBackend::gpu_like().with_irqs(MSIX_IRQ_INDEX, 32));
+    let fake = Arc::new(FakeVfioDevice::gpu_like().with_irqs(MSIX_IRQ_INDEX, 32));
     let probe = VfioProbe::read(&*fake).expect("gpu_like probes");
     let input = probe.device_input("gpu", None);
     let ram = resources::ram_regions(2 * GIB).expect("2 GiB of RAM");

@@ -19,7 +19,7 @@ use crate::loader::{self, LoadError};
 use crate::machine::kvm::{self, KvmError, MemslotLog};
 use crate::machine::kvm_stats::KvmStatsFd;
 use crate::machine::memory::{self, MemoryError};
-use crate::machine::vm::{self, BuiltVm, LiveDevice, SerialInput, VmError, VmRun};
+use crate::machine::vm::{self, BuiltVm, SerialInput, VmError, VmRun};
 use crate::pci_devices::bar_mapping::{BarProver, MappedBar, PrefaultSupport, SlotAllocator};
 use crate::pci_devices::open;
 use crate::pci_devices::setup::{AttachContext, DeviceSetupError};
@@ -117,7 +117,7 @@ pub fn boot_and_run(
     let ram_layout: Vec<(u64, u64)> = ram_regions.iter().map(|r| r.as_pair()).collect();
     let phys_bits = pci::phys_bits_from_cpuid(vm::supported_cpuid(&kvm)?.as_slice());
     let windows = Windows::new(&ram_regions, phys_bits)?;
-    let vm_fd = vm::create_vm(&kvm)?;
+    let vm_fd = Arc::new(vm::create_vm(&kvm)?);
     let setups = open::open_devices(config, &vm_fd, Path::new(memory::SYSFS_ROOT))
         .map_err(BuildError::Device)?;
     let inputs: Vec<DeviceInput> = setups.iter().map(|s| s.plan_input()).collect();
@@ -185,9 +185,11 @@ pub fn boot_and_run(
     })?;
     vm::wire_serial_irq(&vm_fd, serial_irq.event_fd())?;
     let serial = Arc::new(Mutex::new(SerialDevice::new(serial_irq, console)));
+    // Declared before the buses so that on an error below the buses (the
+    // device models) go first, as in `BuiltVm`.
+    let mut live = Vec::with_capacity(attached.len());
     let mut buses = devices_on_buses(serial.clone(), &power)?;
     let mut segment = PciSegment::with_host_bridge();
-    let mut live = Vec::with_capacity(attached.len());
     let mut device_reports = Vec::with_capacity(attached.len());
     let dma = attached
         .iter()
@@ -207,10 +209,7 @@ pub fn boot_and_run(
             guest_bdf: format!("0000:00:{number:02x}.0"),
             bars: Vec::new(),
         });
-        live.push(LiveDevice {
-            bars: device.bars,
-            keep_alive: device.keep_alive,
-        });
+        live.push(device.resources);
     }
     pci::attach_segment(&mut buses, &Arc::new(Mutex::new(segment)))?;
 
@@ -225,23 +224,25 @@ pub fn boot_and_run(
         let mut prover =
             BarProver::new(vcpu, &memslots, stats, support).prefault(config.prefault_bars);
         for (report, device) in device_reports.iter_mut().zip(&live) {
-            report.bars = device.bars.iter().map(|bar| prover.prove(bar)).collect();
+            report.bars = device.bars().iter().map(|bar| prover.prove(bar)).collect();
         }
     }
 
     let memory = ram.region_reports();
     let bar_slots: Vec<Vec<Vec<u32>>> = live
         .iter()
-        .map(|device| device.bars.iter().map(MappedBar::slots).collect())
+        .map(|device| device.bars().iter().map(MappedBar::slots).collect())
         .collect();
     let built = BuiltVm::new(vm_fd, ram, vcpus, buses, serial, input, power)
         .with_devices(live)
+        .with_memslots(memslots)
         .with_seccomp(seccomp);
     let run = built.run(deadline)?;
-    // `slot_updates` covers the whole run: read the log again now it is over.
+    // `slot_updates` covers the whole run, up to the vCPUs' stop (teardown's
+    // memslot deletes come after and are not the guest's).
     for (report, slots) in device_reports.iter_mut().zip(&bar_slots) {
         for (bar, slots) in report.bars.iter_mut().zip(slots) {
-            bar.slot_updates = memslots.updates_of(slots.iter().copied());
+            bar.slot_updates = run.memslot_updates.updates_of(slots.iter().copied());
         }
     }
     Ok(BootOutcome {

@@ -380,6 +380,7 @@ mod tests {
             first_run: None,
             kvm_stats: Default::default(),
             vcpus_stopped,
+            memslot_updates: Default::default(),
         }
     }
 

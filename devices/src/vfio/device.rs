@@ -36,7 +36,7 @@ use resources::placement::DevicePlan;
 use super::interrupts::VfioInterrupts;
 
 use super::probe::VfioProbe;
-use super::VfioBackend;
+use super::VfioDeviceAccess;
 use crate::pci::bar::{BarError, BarKind, EmulatedBars, PlannedBar, BAR_COUNT};
 use crate::pci::caps::MaskPlan;
 use crate::pci::config::{
@@ -81,7 +81,7 @@ pub enum VfioDeviceError {
 /// Trapped BAR accesses, forwarded to VFIO's region read/write. Cheap to
 /// clone; every clone reaches the same device.
 #[derive(Debug)]
-pub struct VfioBarAccess<B: VfioBackend> {
+pub struct VfioBarAccess<B: VfioDeviceAccess> {
     backend: Arc<B>,
     /// Region size of each BAR (0: not implemented or not exposed).
     sizes: [u64; BAR_COUNT],
@@ -92,13 +92,13 @@ pub struct VfioBarAccess<B: VfioBackend> {
 /// A device's interrupts, shared by its config model and its BAR traps.
 pub type SharedInterrupts<B> = Arc<Mutex<VfioInterrupts<B>>>;
 
-fn lock<B: VfioBackend>(
+fn lock<B: VfioDeviceAccess>(
     interrupts: &SharedInterrupts<B>,
 ) -> std::sync::MutexGuard<'_, VfioInterrupts<B>> {
     interrupts.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-impl<B: VfioBackend> Clone for VfioBarAccess<B> {
+impl<B: VfioDeviceAccess> Clone for VfioBarAccess<B> {
     fn clone(&self) -> Self {
         Self {
             backend: Arc::clone(&self.backend),
@@ -108,7 +108,7 @@ impl<B: VfioBackend> Clone for VfioBarAccess<B> {
     }
 }
 
-impl<B: VfioBackend> VfioBarAccess<B> {
+impl<B: VfioDeviceAccess> VfioBarAccess<B> {
     /// Whether an access of `len` bytes at `offset` of BAR `index` is one
     /// this handle forwards: an implemented BAR, 1, 2, 4 or 8 bytes, inside
     /// the region.
@@ -167,7 +167,7 @@ impl<B: VfioBackend> VfioBarAccess<B> {
 
 /// A passed-through PCI function (see module docs).
 #[derive(Debug)]
-pub struct VfioPciDevice<B: VfioBackend> {
+pub struct VfioPciDevice<B: VfioDeviceAccess> {
     backend: Arc<B>,
     bars: EmulatedBars,
     mask: MaskPlan,
@@ -189,7 +189,7 @@ pub struct VfioPciDevice<B: VfioBackend> {
     interrupts: Option<SharedInterrupts<B>>,
 }
 
-impl<B: VfioBackend> VfioPciDevice<B> {
+impl<B: VfioDeviceAccess> VfioPciDevice<B> {
     /// Serves the interrupt line, the MSI and MSI-X capabilities and the
     /// MSI-X table and PBA (in the BAR traps) from `interrupts`. Take
     /// [`Self::bar_access`] handles after this call.
@@ -363,7 +363,7 @@ fn hidden_spans(mask: &MaskPlan, config_size: u64) -> Vec<(u16, u16)> {
         .collect()
 }
 
-impl<B: VfioBackend> PciConfigAccess for VfioPciDevice<B> {
+impl<B: VfioDeviceAccess> PciConfigAccess for VfioPciDevice<B> {
     fn config_read(&mut self, offset: u16, data: &mut [u8]) {
         if !access_is_valid(offset, data.len(), CONFIG_SPACE_SIZE) {
             data.fill(0xff);
@@ -462,7 +462,7 @@ mod tests {
     use crate::pci::caps::{extended_capabilities, standard_capabilities, CapabilityId};
     use crate::pci::config::{BAR0_OFFSET, ROM_BAR_OFFSET};
     use crate::pci::{COMMAND_BUS_MASTER, COMMAND_IO_SPACE, COMMAND_MEMORY_SPACE};
-    use crate::vfio::fake::{pattern_byte, FakeRegion, FakeVfioBackend, FakeWrite};
+    use crate::vfio::fake::{pattern_byte, FakeRegion, FakeVfioDevice, FakeWrite};
     use crate::vfio::CONFIG_REGION_INDEX;
     use resources::placement::{BarRange, PageSize};
 
@@ -470,12 +470,12 @@ mod tests {
     const MIB: u64 = 1 << 20;
 
     struct Rig {
-        fake: Arc<FakeVfioBackend>,
-        device: VfioPciDevice<FakeVfioBackend>,
+        fake: Arc<FakeVfioDevice>,
+        device: VfioPciDevice<FakeVfioDevice>,
         plan: DevicePlan,
     }
 
-    fn rig_with(fake: FakeVfioBackend, io_ports: &[(u8, u16)]) -> Rig {
+    fn rig_with(fake: FakeVfioDevice, io_ports: &[(u8, u16)]) -> Rig {
         let fake = Arc::new(fake);
         let probe = VfioProbe::read(&*fake).unwrap();
         let input = probe.device_input("gpu", None);
@@ -489,7 +489,7 @@ mod tests {
     }
 
     fn rig() -> Rig {
-        rig_with(FakeVfioBackend::gpu_like(), &[])
+        rig_with(FakeVfioDevice::gpu_like(), &[])
     }
 
     fn read(device: &mut impl PciConfigAccess, offset: u16, len: usize) -> Vec<u8> {
@@ -623,7 +623,7 @@ mod tests {
 
     #[test]
     fn io_bar_with_a_port_is_emulated_and_sized() {
-        let Rig { mut device, .. } = rig_with(FakeVfioBackend::gpu_like(), &[(5, 0xc080)]);
+        let Rig { mut device, .. } = rig_with(FakeVfioDevice::gpu_like(), &[(5, 0xc080)]);
         assert_eq!(read32(&mut device, 0x24), 0xc081);
         device.config_write(0x24, &[0xff; 4]);
         assert_eq!(read32(&mut device, 0x24), 0xffff_ff81);
@@ -855,7 +855,7 @@ mod tests {
     fn conventional_device_reads_all_ones_past_256_bytes() {
         let Rig {
             fake, mut device, ..
-        } = rig_with(FakeVfioBackend::gpu_like().with_config_size(256), &[]);
+        } = rig_with(FakeVfioDevice::gpu_like().with_config_size(256), &[]);
         assert_eq!(read32(&mut device, 0x100), 0xffff_ffff);
         assert_eq!(read32(&mut device, 0xffc), 0xffff_ffff);
         assert_eq!(read32(&mut device, 0xfc), 0);
@@ -908,7 +908,7 @@ mod tests {
 
     #[test]
     fn plans_that_do_not_match_the_device_are_refused() {
-        let fake = Arc::new(FakeVfioBackend::gpu_like());
+        let fake = Arc::new(FakeVfioDevice::gpu_like());
         let probe = VfioProbe::read(&*fake).unwrap();
         let ram = resources::ram_regions(2 * GIB).unwrap();
         let windows = resources::Windows::new(&ram, 46).unwrap();
@@ -941,7 +941,7 @@ mod tests {
 
     #[test]
     fn sparse_bar_device_still_reads_its_bars() {
-        let fake = FakeVfioBackend::gpu_like().with_region(
+        let fake = FakeVfioDevice::gpu_like().with_region(
             0,
             FakeRegion::mmap(16 * MIB).sparse(vec![BarRange::new(0, 0xb9_0000)]),
         );

@@ -1,5 +1,9 @@
 //! A fake VFIO device for tests: regions with sparse storage, a config
-//! space with capabilities, and a log of what the model forwarded.
+//! space with capabilities, and a log of what the model forwarded; and a
+//! fake VFIO host ([`FakeVfioHost`]) that opens such devices by BDF and
+//! records DMA mappings. The host and the devices it opened write what
+//! they were asked to do, in order, to one [`FakeJournal`], so tests can
+//! check the order of a teardown.
 //!
 //! Compiled for this crate's tests and, with the `fake` feature, for other
 //! crates' tests. It never touches /dev/vfio.
@@ -10,12 +14,15 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd};
-use std::sync::{Mutex, MutexGuard};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use vmm_sys_util::eventfd::EventFd;
 
+use super::host::{HostError, VfioHostAccess};
+use super::preflight::PreflightError;
 use super::{
-    BarRange, RegionInfo, VfioBackend, CONFIG_REGION_INDEX, INTX_IRQ_INDEX, MSI_IRQ_INDEX,
+    BarRange, RegionInfo, VfioDeviceAccess, CONFIG_REGION_INDEX, INTX_IRQ_INDEX, MSI_IRQ_INDEX,
     REGION_FLAG_MMAP, REGION_FLAG_READ, REGION_FLAG_WRITE,
 };
 use crate::pci::caps::{
@@ -112,11 +119,81 @@ pub enum FakeIrqCall {
     IntxUnmaskOn,
 }
 
+/// What a [`FakeVfioHost`] and the devices it opened were asked to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FakeEvent {
+    /// A configuration space write reached device `bdf`.
+    ConfigWrite {
+        /// The device.
+        bdf: String,
+        /// Offset in configuration space.
+        offset: u64,
+        /// The bytes.
+        data: Vec<u8>,
+    },
+    /// VFIO IRQ `index` of device `bdf` was disabled.
+    IrqDisable {
+        /// The device.
+        bdf: String,
+        /// The IRQ index.
+        index: u32,
+    },
+    /// Device `bdf` was closed (its last handle dropped).
+    Closed {
+        /// The device.
+        bdf: String,
+    },
+    /// `[hva, hva + size)` was mapped for DMA at `iova`.
+    DmaMap {
+        /// IO virtual address.
+        iova: u64,
+        /// Size in bytes.
+        size: u64,
+        /// Host virtual address.
+        hva: u64,
+    },
+    /// The DMA mapping at `iova` was undone; `still_mapped` says whether its
+    /// host range was still mapped in the process at that moment.
+    DmaUnmap {
+        /// IO virtual address.
+        iova: u64,
+        /// Size in bytes.
+        size: u64,
+        /// Whether the host range was still mapped.
+        still_mapped: bool,
+    },
+    /// The host was dropped: a real one releases its container or IOAS.
+    Released,
+}
+
+/// The shared, ordered record of [`FakeEvent`]s. Cheap to clone; a test
+/// keeps a clone to read it after the host and devices are gone.
+#[derive(Debug, Clone, Default)]
+pub struct FakeJournal(Arc<Mutex<Vec<FakeEvent>>>);
+
+impl FakeJournal {
+    fn push(&self, event: FakeEvent) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).push(event);
+    }
+
+    /// Everything recorded so far, oldest first.
+    pub fn events(&self) -> Vec<FakeEvent> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Forgets what was recorded so far.
+    pub fn clear(&self) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+}
+
 /// The fake device (see module docs).
 #[derive(Debug)]
-pub struct FakeVfioBackend {
+pub struct FakeVfioDevice {
     state: Mutex<State>,
     fd: File,
+    /// Where to record, and the name to record under.
+    journal: Option<(FakeJournal, String)>,
 }
 
 /// What an unwritten byte of a BAR region reads as.
@@ -124,7 +201,7 @@ pub fn pattern_byte(region: u32, offset: u64) -> u8 {
     (offset as u8) ^ (region as u8).wrapping_mul(0x11)
 }
 
-impl FakeVfioBackend {
+impl FakeVfioDevice {
     /// A device with `config` (padded with zeros to 4 KiB), a 4 KiB config
     /// region, no BAR regions and reset support.
     pub fn new(config: &[u8]) -> Self {
@@ -146,6 +223,7 @@ impl FakeVfioBackend {
                 irq_calls: Vec::new(),
             }),
             fd: File::open("/dev/null").expect("the fake VFIO device opens /dev/null as its fd"),
+            journal: None,
         }
     }
 
@@ -297,9 +375,28 @@ impl FakeVfioBackend {
         self.lock().resets
     }
 
+    /// Records what it is asked to do (configuration writes, IRQ disables,
+    /// its close) in `journal` as device `bdf`.
+    pub fn with_journal(mut self, journal: FakeJournal, bdf: &str) -> Self {
+        self.journal = Some((journal, bdf.to_string()));
+        self
+    }
+
+    fn record(&self, event: impl FnOnce(String) -> FakeEvent) {
+        if let Some((journal, bdf)) = &self.journal {
+            journal.push(event(bdf.clone()));
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock only happens in a failing test.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Drop for FakeVfioDevice {
+    fn drop(&mut self) {
+        self.record(|bdf| FakeEvent::Closed { bdf });
     }
 }
 
@@ -320,7 +417,7 @@ impl State {
     }
 }
 
-impl VfioBackend for FakeVfioBackend {
+impl VfioDeviceAccess for FakeVfioDevice {
     fn irq_count(&self, index: u32) -> u32 {
         self.lock().irq_counts.get(&index).copied().unwrap_or(0)
     }
@@ -349,6 +446,7 @@ impl VfioBackend for FakeVfioBackend {
         let mut state = self.lock();
         state.irq_fds.remove(&index);
         state.irq_calls.push(FakeIrqCall::Disable { index });
+        self.record(|bdf| FakeEvent::IrqDisable { bdf, index });
         Ok(())
     }
 
@@ -411,6 +509,13 @@ impl VfioBackend for FakeVfioBackend {
             offset,
             data: data.to_vec(),
         });
+        if index == CONFIG_REGION_INDEX {
+            self.record(|bdf| FakeEvent::ConfigWrite {
+                bdf,
+                offset,
+                data: data.to_vec(),
+            });
+        }
         for (i, byte) in data.iter().enumerate() {
             let at = offset + i as u64;
             if index == CONFIG_REGION_INDEX {
@@ -439,13 +544,155 @@ impl VfioBackend for FakeVfioBackend {
     }
 }
 
+/// A fake VFIO host: hands out the [`FakeVfioDevice`]s it was given, by
+/// BDF, each once; records DMA mappings; and writes every step to its
+/// [`FakeJournal`] (see module docs).
+#[derive(Debug, Default)]
+pub struct FakeVfioHost {
+    devices: Mutex<HashMap<String, FakeVfioDevice>>,
+    journal: FakeJournal,
+    /// iova -> (size, hva) of the live DMA mappings.
+    dma: Mutex<BTreeMap<u64, (u64, u64)>>,
+    /// DMA maps at or above this IO virtual address fail.
+    refuse_from: Option<u64>,
+}
+
+impl FakeVfioHost {
+    /// A host with no devices.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Offers `device` at `bdf`: [`VfioHostAccess::open`] hands it out
+    /// (once), recording to this host's journal.
+    pub fn with_device(self, bdf: &str, device: FakeVfioDevice) -> Self {
+        let device = device.with_journal(self.journal.clone(), bdf);
+        self.devices
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(bdf.to_string(), device);
+        self
+    }
+
+    /// Makes DMA maps at IO virtual addresses from `iova` on fail, as an
+    /// IOMMU or kernel refusing to map MMIO (peer to peer) would.
+    pub fn refusing_dma_from(mut self, iova: u64) -> Self {
+        self.refuse_from = Some(iova);
+        self
+    }
+
+    /// The journal (a clone: it outlives the host).
+    pub fn journal(&self) -> FakeJournal {
+        self.journal.clone()
+    }
+
+    /// The live DMA mappings as `(iova, size, hva)`, by IO virtual address.
+    pub fn dma_mappings(&self) -> Vec<(u64, u64, u64)> {
+        self.dma
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(iova, (size, hva))| (*iova, *size, *hva))
+            .collect()
+    }
+}
+
+impl VfioHostAccess for FakeVfioHost {
+    type Device = FakeVfioDevice;
+
+    fn open(&self, bdf: &str) -> Result<FakeVfioDevice, HostError> {
+        self.devices
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(bdf)
+            .ok_or_else(|| {
+                HostError::Preflight(PreflightError::NoSuchDevice {
+                    bdf: bdf.to_string(),
+                    path: PathBuf::from("/sys/bus/pci/devices").join(bdf),
+                })
+            })
+    }
+
+    unsafe fn dma_map(&self, iova: u64, size: u64, hva: *mut u8) -> Result<(), HostError> {
+        if self.refuse_from.is_some_and(|from| iova >= from) {
+            return Err(HostError::Dma {
+                what: "map",
+                iova,
+                size,
+                source: vfio_ioctls::VfioError::IommuDmaMap(vmm_sys_util::errno::Error::new(
+                    22, /* EINVAL, as type1 answers for MMIO it cannot pin */
+                )),
+            });
+        }
+        let hva = hva as u64;
+        self.dma
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(iova, (size, hva));
+        self.journal.push(FakeEvent::DmaMap { iova, size, hva });
+        Ok(())
+    }
+
+    fn dma_unmap(&self, iova: u64, size: u64) -> Result<(), HostError> {
+        let hva = self
+            .dma
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&iova)
+            .map(|(_, hva)| hva);
+        let still_mapped = hva.is_some_and(|hva| is_mapped(hva, size));
+        self.journal.push(FakeEvent::DmaUnmap {
+            iova,
+            size,
+            still_mapped,
+        });
+        Ok(())
+    }
+}
+
+impl Drop for FakeVfioHost {
+    fn drop(&mut self) {
+        self.journal.push(FakeEvent::Released);
+    }
+}
+
+/// Whether `[addr, addr + len)` is mapped in this process, by
+/// `/proc/self/maps`.
+pub fn is_mapped(addr: u64, len: u64) -> bool {
+    let Ok(maps) = std::fs::read_to_string("/proc/self/maps") else {
+        return false;
+    };
+    let mut ranges: Vec<(u64, u64)> = maps
+        .lines()
+        .filter_map(|line| {
+            let (start, end) = line.split_whitespace().next()?.split_once('-')?;
+            Some((
+                u64::from_str_radix(start, 16).ok()?,
+                u64::from_str_radix(end, 16).ok()?,
+            ))
+        })
+        .collect();
+    ranges.sort_unstable();
+    let end = addr.saturating_add(len);
+    let mut covered = addr;
+    for (start, stop) in ranges {
+        if start <= covered && covered < stop {
+            covered = stop;
+        }
+        if covered >= end {
+            return true;
+        }
+    }
+    false
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn fake_regions_read_pattern_and_keep_writes_in_bounds() {
-        let fake = FakeVfioBackend::gpu_like();
+        let fake = FakeVfioDevice::gpu_like();
         let mut data = [0u8; 4];
         fake.region_read(0, 0x100, &mut data);
         assert_eq!(data, [0, 1, 2, 3].map(|i| pattern_byte(0, 0x100 + i)));
@@ -462,6 +709,6 @@ mod tests {
         assert_eq!(fake.region_info(7).unwrap().size, 4096);
         assert!(fake.reset());
         assert_eq!(fake.resets(), 1);
-        assert!(!FakeVfioBackend::gpu_like().with_reset(false).reset());
+        assert!(!FakeVfioDevice::gpu_like().with_reset(false).reset());
     }
 }

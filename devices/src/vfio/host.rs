@@ -1,13 +1,13 @@
-//! The real [`VfioBackend`]: a host PCI function opened through
-//! vfio-ioctls, with the legacy container/group or with the device cdev and
-//! iommufd.
+//! The real VFIO host ([`VfioHostAccess`]) and device ([`VfioDeviceAccess`]):
+//! a host PCI function opened through vfio-ioctls, with the legacy
+//! container/group or with the device cdev and iommufd.
 //!
 //! [`VfioHost`] owns the IOMMU domain every device of one VM shares (one
 //! container, or one iommufd with one IOAS) and the optional KVM VFIO
 //! pseudo-device handle (`KVM_DEV_TYPE_VFIO`, which the VMM creates and
 //! wraps with `VfioDeviceFd::new_from_kvm`) so KVM knows about each group or
-//! cdev. [`VfioHost::open`] runs the [`super::preflight`] checks, picks the
-//! backend ([`BackendKind::Auto`]: iommufd when `/dev/iommu` and the
+//! cdev. Its [`VfioHostAccess::open`] runs the [`super::preflight`] checks, picks the
+//! backend ([`VfioBackendKind::Auto`]: iommufd when `/dev/iommu` and the
 //! device's `/dev/vfio/devices/vfioN` exist, else legacy), opens the device
 //! and resets it. A [`HostVfioDevice`] resets the device again when dropped
 //! and then closes it; the group leaves the container (or the cdev its
@@ -33,36 +33,41 @@ use vfio_ioctls::{
 use vmm_sys_util::eventfd::EventFd;
 
 use super::preflight::{locate, not_viable, DeviceLocation, HostPaths, PreflightError};
-use super::{BarRange, RegionInfo, VfioBackend, CONFIG_REGION_INDEX};
+use super::{BarRange, RegionInfo, VfioDeviceAccess, CONFIG_REGION_INDEX};
 
-/// Which VFIO interface to open devices with (`--vfio-backend`).
+/// Which VFIO interface to open devices with: the user's choice
+/// (`--vfio-backend`, the config file's `vfio_backend`), the one name for it
+/// in barge (the VMM's config re-exports it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum BackendKind {
-    /// Container and group (`/dev/vfio/vfio`, `/dev/vfio/<group>`).
+pub enum VfioBackendKind {
+    /// The container/group interface (`/dev/vfio/vfio`, `/dev/vfio/N`).
     Legacy,
-    /// Device cdev (`/dev/vfio/devices/vfioN`) bound to iommufd (`/dev/iommu`).
+    /// The device cdev with iommufd (`/dev/vfio/devices/vfioN`, `/dev/iommu`).
     Iommufd,
     /// iommufd where the kernel offers it for the device, else legacy.
     #[default]
     Auto,
 }
 
-impl FromStr for BackendKind {
-    type Err = String;
+/// A [`VfioBackendKind`] that does not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid VFIO backend {0:?}: use legacy, iommufd or auto")]
+pub struct InvalidVfioBackend(pub String);
 
-    fn from_str(text: &str) -> Result<Self, String> {
+impl FromStr for VfioBackendKind {
+    type Err = InvalidVfioBackend;
+
+    fn from_str(text: &str) -> Result<Self, InvalidVfioBackend> {
         match text {
             "legacy" => Ok(Self::Legacy),
             "iommufd" => Ok(Self::Iommufd),
             "auto" => Ok(Self::Auto),
-            other => Err(format!(
-                "unknown VFIO backend {other:?}: use legacy, iommufd or auto"
-            )),
+            other => Err(InvalidVfioBackend(other.to_string())),
         }
     }
 }
 
-impl fmt::Display for BackendKind {
+impl fmt::Display for VfioBackendKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             Self::Legacy => "legacy",
@@ -147,9 +152,39 @@ pub enum HostError {
     },
 }
 
+/// What the VMM needs of the VFIO host: open devices into the one IOMMU
+/// domain all devices of a VM share, and map memory into that domain for
+/// their DMA (IO virtual address = guest physical address). [`VfioHost`] is
+/// the real one; `fake::FakeVfioHost` (feature `fake`) records what tests
+/// ask of it.
+pub trait VfioHostAccess: Send + Sync {
+    /// The devices it opens.
+    type Device: VfioDeviceAccess + 'static;
+
+    /// Opens and resets the device at `bdf`.
+    fn open(&self, bdf: &str) -> Result<Self::Device, HostError>;
+
+    /// Maps `[hva, hva + size)` at IO virtual address `iova` for DMA by the
+    /// devices opened so far (call it after opening them).
+    ///
+    /// # Safety
+    ///
+    /// From this call until [`Self::dma_unmap`] of the same range succeeds
+    /// (or the range is unmapped from the process), the devices read and
+    /// write the range at any time: Rust code may touch it only through raw
+    /// pointers (volatile or atomic accesses) and system calls, never
+    /// through references (vfio-ioctls' `vfio_dma_map` contract). The range
+    /// must stay mapped until then, or the devices' DMA no longer reaches the
+    /// memory the process sees.
+    unsafe fn dma_map(&self, iova: u64, size: u64, hva: *mut u8) -> Result<(), HostError>;
+
+    /// Undoes [`Self::dma_map`] of the same range.
+    fn dma_unmap(&self, iova: u64, size: u64) -> Result<(), HostError>;
+}
+
 /// The VM's VFIO state: the shared IOMMU domain (see module docs).
 pub struct VfioHost {
-    kind: BackendKind,
+    kind: VfioBackendKind,
     paths: HostPaths,
     kvm_device: Option<Arc<VfioDeviceFd>>,
     container: Mutex<Option<Arc<VfioContainer>>>,
@@ -171,7 +206,11 @@ impl VfioHost {
     /// VFIO device if the VMM has one (without it, KVM does not know the
     /// device is assigned: non-coherent DMA devices then get wrong cache
     /// attributes).
-    pub fn new(kind: BackendKind, paths: HostPaths, kvm_device: Option<Arc<VfioDeviceFd>>) -> Self {
+    pub fn new(
+        kind: VfioBackendKind,
+        paths: HostPaths,
+        kvm_device: Option<Arc<VfioDeviceFd>>,
+    ) -> Self {
         Self {
             kind,
             paths,
@@ -181,28 +220,9 @@ impl VfioHost {
         }
     }
 
-    /// Which backend `location` gets under this host's [`BackendKind`].
+    /// Which backend `location` gets under this host's [`VfioBackendKind`].
     pub fn choose(&self, location: &DeviceLocation) -> Result<OpenedBackend, HostError> {
         choose_backend(self.kind, location, &self.paths)
-    }
-
-    /// Opens and resets `bdf`.
-    pub fn open(&self, bdf: &str) -> Result<HostVfioDevice, HostError> {
-        let location = locate(bdf, &self.paths)?;
-        let backend = self.choose(&location)?;
-        let device = match backend {
-            OpenedBackend::Legacy => self.open_legacy(&location)?,
-            OpenedBackend::Iommufd => self.open_iommufd(&location)?,
-        };
-        let device = HostVfioDevice {
-            device,
-            location,
-            backend,
-        };
-        if device.reset() {
-            log::info!("vfio: {} reset", device.location.bdf);
-        }
-        Ok(device)
     }
 
     fn open_legacy(&self, location: &DeviceLocation) -> Result<VfioDevice, HostError> {
@@ -295,17 +315,38 @@ impl VfioHost {
             },
         }
     }
+}
 
-    /// Maps `[hva, hva + size)` at IO virtual address `iova` (the guest
-    /// physical address) for DMA by the devices, in every domain opened so
-    /// far. Call it after opening the devices, once per guest RAM region.
-    ///
-    /// # Safety
-    ///
-    /// The range must be a mapping (guest RAM) that stays mapped until the
-    /// domain is gone ([`Self::dma_unmap`], or dropping this host and all
-    /// its devices): the devices read and write it at any time.
-    pub unsafe fn dma_map(&self, iova: u64, size: u64, hva: *mut u8) -> Result<(), HostError> {
+impl VfioHostAccess for VfioHost {
+    type Device = HostVfioDevice;
+
+    fn open(&self, bdf: &str) -> Result<HostVfioDevice, HostError> {
+        let location = locate(bdf, &self.paths)?;
+        let backend = self.choose(&location)?;
+        let device = match backend {
+            OpenedBackend::Legacy => self.open_legacy(&location)?,
+            OpenedBackend::Iommufd => self.open_iommufd(&location)?,
+        };
+        let device = HostVfioDevice {
+            device,
+            location,
+            backend,
+        };
+        log::info!(
+            "vfio: opened {} ({:?}, IOMMU group {})",
+            device.location.bdf,
+            device.backend,
+            device.location.group
+        );
+        if device.reset() {
+            log::info!("vfio: {} reset", device.location.bdf);
+        }
+        Ok(device)
+    }
+
+    /// Maps the range in the container or the IOAS, whichever devices were
+    /// opened into so far.
+    unsafe fn dma_map(&self, iova: u64, size: u64, hva: *mut u8) -> Result<(), HostError> {
         let dma_error = |source| HostError::Dma {
             what: "map",
             iova,
@@ -314,8 +355,8 @@ impl VfioHost {
         };
         let len = usize::try_from(size).unwrap_or(usize::MAX);
         if let Some(container) = &*self.container.lock().unwrap_or_else(|e| e.into_inner()) {
-            // SAFETY: the caller keeps the range mapped for the domain's
-            // lifetime, as this function's contract says.
+            // SAFETY: vfio-ioctls' contract is this trait method's, which
+            // the caller keeps.
             unsafe { container.vfio_dma_map(iova, len, hva) }.map_err(dma_error)?;
         }
         if let Some(iommufd) = &*self.iommufd.lock().unwrap_or_else(|e| e.into_inner()) {
@@ -325,8 +366,7 @@ impl VfioHost {
         Ok(())
     }
 
-    /// Undoes [`Self::dma_map`] of the same range.
-    pub fn dma_unmap(&self, iova: u64, size: u64) -> Result<(), HostError> {
+    fn dma_unmap(&self, iova: u64, size: u64) -> Result<(), HostError> {
         let dma_error = |source| HostError::Dma {
             what: "unmap",
             iova,
@@ -369,7 +409,7 @@ fn io_error(location: &DeviceLocation, path: PathBuf, error: io::Error) -> HostE
 
 /// The backend `kind` resolves to for `location` (see module docs).
 pub fn choose_backend(
-    kind: BackendKind,
+    kind: VfioBackendKind,
     location: &DeviceLocation,
     paths: &HostPaths,
 ) -> Result<OpenedBackend, HostError> {
@@ -387,10 +427,10 @@ pub fn choose_backend(
         None
     };
     match (kind, iommufd_reason) {
-        (BackendKind::Legacy, _) => Ok(OpenedBackend::Legacy),
-        (BackendKind::Iommufd | BackendKind::Auto, None) => Ok(OpenedBackend::Iommufd),
-        (BackendKind::Auto, Some(_)) => Ok(OpenedBackend::Legacy),
-        (BackendKind::Iommufd, Some(reason)) => Err(HostError::IommufdUnavailable {
+        (VfioBackendKind::Legacy, _) => Ok(OpenedBackend::Legacy),
+        (VfioBackendKind::Iommufd | VfioBackendKind::Auto, None) => Ok(OpenedBackend::Iommufd),
+        (VfioBackendKind::Auto, Some(_)) => Ok(OpenedBackend::Legacy),
+        (VfioBackendKind::Iommufd, Some(reason)) => Err(HostError::IommufdUnavailable {
             bdf: location.bdf.clone(),
             reason,
         }),
@@ -425,7 +465,7 @@ impl HostVfioDevice {
     }
 }
 
-impl VfioBackend for HostVfioDevice {
+impl VfioDeviceAccess for HostVfioDevice {
     fn region_info(&self, index: u32) -> Option<RegionInfo> {
         if index > CONFIG_REGION_INDEX {
             return None;
@@ -518,12 +558,16 @@ mod tests {
 
     #[test]
     fn backend_kind_parses_and_prints() {
-        for kind in [BackendKind::Legacy, BackendKind::Iommufd, BackendKind::Auto] {
-            assert_eq!(kind.to_string().parse::<BackendKind>(), Ok(kind));
+        for kind in [
+            VfioBackendKind::Legacy,
+            VfioBackendKind::Iommufd,
+            VfioBackendKind::Auto,
+        ] {
+            assert_eq!(kind.to_string().parse::<VfioBackendKind>(), Ok(kind));
         }
-        let error = "vfio".parse::<BackendKind>().unwrap_err();
-        assert!(error.contains("legacy, iommufd or auto"));
-        assert_eq!(BackendKind::default(), BackendKind::Auto);
+        let error = "vfio".parse::<VfioBackendKind>().unwrap_err().to_string();
+        assert!(error.contains("legacy, iommufd or auto"), "{error}");
+        assert_eq!(VfioBackendKind::default(), VfioBackendKind::Auto);
     }
 
     #[test]
@@ -532,16 +576,16 @@ mod tests {
         host.device("0000:41:00.0", Some("vfio-pci"), Some(7));
         let legacy_only = locate("0000:41:00.0", &host.paths).unwrap();
         assert_eq!(
-            choose_backend(BackendKind::Auto, &legacy_only, &host.paths).unwrap(),
+            choose_backend(VfioBackendKind::Auto, &legacy_only, &host.paths).unwrap(),
             OpenedBackend::Legacy
         );
-        let error = choose_backend(BackendKind::Iommufd, &legacy_only, &host.paths)
+        let error = choose_backend(VfioBackendKind::Iommufd, &legacy_only, &host.paths)
             .unwrap_err()
             .to_string();
         assert!(error.contains("CONFIG_IOMMUFD"), "{error}");
         assert!(error.contains("--vfio-backend legacy"), "{error}");
         std::fs::write(host.paths.iommufd(), "").unwrap();
-        let error = choose_backend(BackendKind::Iommufd, &legacy_only, &host.paths)
+        let error = choose_backend(VfioBackendKind::Iommufd, &legacy_only, &host.paths)
             .unwrap_err()
             .to_string();
         assert!(error.contains("CONFIG_VFIO_DEVICE_CDEV"), "{error}");
@@ -549,14 +593,14 @@ mod tests {
         std::fs::create_dir_all(dir.join("vfio-dev/vfio0")).unwrap();
         std::fs::write(host.paths.dev.join("vfio/devices/vfio0"), "").unwrap();
         let with_cdev = locate("0000:41:00.0", &host.paths).unwrap();
-        for kind in [BackendKind::Auto, BackendKind::Iommufd] {
+        for kind in [VfioBackendKind::Auto, VfioBackendKind::Iommufd] {
             assert_eq!(
                 choose_backend(kind, &with_cdev, &host.paths).unwrap(),
                 OpenedBackend::Iommufd
             );
         }
         assert_eq!(
-            choose_backend(BackendKind::Legacy, &with_cdev, &host.paths).unwrap(),
+            choose_backend(VfioBackendKind::Legacy, &with_cdev, &host.paths).unwrap(),
             OpenedBackend::Legacy
         );
     }
@@ -565,7 +609,7 @@ mod tests {
     fn open_reports_preflight_errors_before_touching_vfio() {
         let host = FakeHost::new();
         host.device("0000:01:00.0", Some("e1000e"), Some(3));
-        let vfio = VfioHost::new(BackendKind::Auto, host.paths.clone(), None);
+        let vfio = VfioHost::new(VfioBackendKind::Auto, host.paths.clone(), None);
         let error = vfio.open("0000:01:00.0").unwrap_err().to_string();
         assert!(error.contains("driver_override"), "{error}");
         let error = vfio.open("0000:77:00.0").unwrap_err().to_string();
@@ -601,7 +645,7 @@ mod tests {
         assert!(missing.contains("modprobe vfio-pci"), "{missing}");
         // The kernel's "not viable" names the group's other devices.
         host.device("0000:01:00.1", Some("snd_hda_intel"), Some(3));
-        let vfio = VfioHost::new(BackendKind::Legacy, host.paths.clone(), None);
+        let vfio = VfioHost::new(VfioBackendKind::Legacy, host.paths.clone(), None);
         let error = vfio
             .legacy_error(&location, "device open", VfioError::GroupViable)
             .to_string();
@@ -620,7 +664,7 @@ mod tests {
         }
         let host = FakeHost::new();
         host.device("0000:01:00.0", Some("vfio-pci"), Some(3));
-        let vfio = VfioHost::new(BackendKind::Legacy, host.paths.clone(), None);
+        let vfio = VfioHost::new(VfioBackendKind::Legacy, host.paths.clone(), None);
         let error = vfio.open("0000:01:00.0").unwrap_err();
         assert!(
             matches!(error, HostError::Missing { ref path } if path.ends_with("vfio/vfio")),

@@ -1,11 +1,13 @@
 //! VFIO passthrough as a device model: a host PCI function behind a
-//! [`VfioBackend`], seen by the guest through [`VfioPciDevice`].
+//! [`VfioDeviceAccess`], seen by the guest through [`VfioPciDevice`].
 //!
 //! The pieces, in the order the VMM uses them:
 //!
-//! 1. A backend opens the host device: [`host::HostVfioDevice`] over
-//!    vfio-ioctls (legacy container/group, or cdev + iommufd), or
-//!    `fake::FakeVfioBackend` (the `fake` feature) in tests.
+//! 1. The VFIO host ([`host::VfioHostAccess`]) opens the host device:
+//!    [`host::VfioHost`] gives a [`host::HostVfioDevice`] over vfio-ioctls
+//!    (legacy container/group, or cdev + iommufd, as the
+//!    [`VfioBackendKind`] says); in tests `fake::FakeVfioHost` gives a
+//!    `fake::FakeVfioDevice`.
 //! 2. [`VfioProbe::read`] reads the device's region info and config space:
 //!    BAR sizes and flags, sparse-mmap areas, the MSI-X table and PBA, and
 //!    which capabilities to mask. [`VfioProbe::device_input`] turns that into
@@ -16,7 +18,7 @@
 //!    on the MMIO bus.
 //!
 //! Nothing here maps memory or talks to KVM: mapping the mmap-able areas
-//! (over [`VfioBackend::device_fd`] at [`RegionInfo::offset`] + area offset)
+//! (over [`VfioDeviceAccess::device_fd`] at [`RegionInfo::offset`] + area offset)
 //! and registering memslots is the VMM's job.
 
 pub mod device;
@@ -32,6 +34,7 @@ use std::os::fd::BorrowedFd;
 use vmm_sys_util::eventfd::EventFd;
 
 pub use device::{VfioBarAccess, VfioDeviceError, VfioPciDevice};
+pub use host::{InvalidVfioBackend, VfioBackendKind};
 pub use probe::{ProbeError, ProbedBar, VfioProbe};
 pub use resources::placement::BarRange;
 
@@ -98,11 +101,11 @@ impl RegionInfo {
 }
 
 /// The VFIO device operations the passthrough model needs. Implemented by
-/// [`host::HostVfioDevice`] and, in tests, `fake::FakeVfioBackend` (the `fake` feature).
+/// [`host::HostVfioDevice`] and, in tests, `fake::FakeVfioDevice` (the `fake` feature).
 ///
 /// Reads that fail leave `data` as it was: callers fill it with all-ones
 /// first, so a failed read looks like a device that did not answer.
-pub trait VfioBackend: Send + Sync {
+pub trait VfioDeviceAccess: Send + Sync {
     /// Information about region `index`, `None` if the device has no such
     /// region (or it has size 0).
     fn region_info(&self, index: u32) -> Option<RegionInfo>;
@@ -155,7 +158,7 @@ pub trait VfioBackend: Send + Sync {
     }
 }
 
-impl<T: VfioBackend + ?Sized> VfioBackend for std::sync::Arc<T> {
+impl<T: VfioDeviceAccess + ?Sized> VfioDeviceAccess for std::sync::Arc<T> {
     fn region_info(&self, index: u32) -> Option<RegionInfo> {
         (**self).region_info(index)
     }

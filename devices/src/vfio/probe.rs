@@ -7,7 +7,7 @@
 use resources::placement::{BarInput, BarRange, BarWidth, DeviceInput, PageSize};
 use resources::sysfs::{parse_msix, MsixLocation};
 
-use super::{RegionInfo, VfioBackend, CONFIG_REGION_INDEX};
+use super::{RegionInfo, VfioDeviceAccess, CONFIG_REGION_INDEX};
 use crate::pci::bar::{BarKind, BAR_COUNT, BAR_IO_SPACE, BAR_MEMORY_64BIT, BAR_PREFETCHABLE};
 use crate::pci::caps::{CapabilityFilter, MaskPlan};
 use crate::pci::config::{BAR0_OFFSET, CONFIG_SPACE_SIZE, HEADER_TYPE_OFFSET};
@@ -75,7 +75,7 @@ pub struct VfioProbe {
 
 impl VfioProbe {
     /// Reads config space and region info from `backend`.
-    pub fn read(backend: &impl VfioBackend) -> Result<Self, ProbeError> {
+    pub fn read(backend: &impl VfioDeviceAccess) -> Result<Self, ProbeError> {
         let config_region = backend
             .region_info(CONFIG_REGION_INDEX)
             .filter(|info| info.size >= MIN_CONFIG_SIZE)
@@ -190,7 +190,7 @@ fn bar_kind(value: u32) -> BarKind {
 mod tests {
     use super::*;
     use crate::pci::caps::CapabilityId;
-    use crate::vfio::fake::{FakeRegion, FakeVfioBackend};
+    use crate::vfio::fake::{FakeRegion, FakeVfioDevice};
     use crate::vfio::{REGION_FLAG_READ, REGION_FLAG_WRITE};
 
     const MIB: u64 = 1 << 20;
@@ -198,7 +198,7 @@ mod tests {
 
     #[test]
     fn gpu_like_device_gives_planner_input_with_msix_and_widths() {
-        let fake = FakeVfioBackend::gpu_like();
+        let fake = FakeVfioDevice::gpu_like();
         let probe = VfioProbe::read(&fake).unwrap();
         assert_eq!(probe.config_size, 4096);
         assert_eq!(
@@ -247,7 +247,7 @@ mod tests {
 
     #[test]
     fn sparse_and_non_mmap_regions_become_areas() {
-        let fake = FakeVfioBackend::gpu_like()
+        let fake = FakeVfioDevice::gpu_like()
             .with_region(
                 0,
                 FakeRegion::mmap(16 * MIB).sparse(vec![
@@ -281,7 +281,7 @@ mod tests {
 
     #[test]
     fn the_input_plans_and_msix_pages_trap() {
-        let fake = FakeVfioBackend::gpu_like();
+        let fake = FakeVfioDevice::gpu_like();
         let input = VfioProbe::read(&fake).unwrap().device_input("gpu", None);
         let ram = resources::ram_regions(1 << 30).unwrap();
         let windows = resources::Windows::new(&ram, 46).unwrap();
@@ -298,7 +298,7 @@ mod tests {
 
     #[test]
     fn conventional_pci_config_region_of_256_bytes() {
-        let fake = FakeVfioBackend::gpu_like().with_config_size(256);
+        let fake = FakeVfioDevice::gpu_like().with_config_size(256);
         let probe = VfioProbe::read(&fake).unwrap();
         assert_eq!(probe.config.len(), 256);
         assert!(probe.mask.extended.capabilities.is_empty());
@@ -308,24 +308,24 @@ mod tests {
 
     #[test]
     fn probe_errors() {
-        let fake = FakeVfioBackend::gpu_like().with_config_size(0);
+        let fake = FakeVfioDevice::gpu_like().with_config_size(0);
         assert_eq!(
             VfioProbe::read(&fake).unwrap_err(),
             ProbeError::NoConfigRegion
         );
-        let fake = FakeVfioBackend::gpu_like();
+        let fake = FakeVfioDevice::gpu_like();
         fake.set_config_bytes(0, &[0xff, 0xff]);
         assert_eq!(
             VfioProbe::read(&fake).unwrap_err(),
             ProbeError::NotResponding
         );
-        let fake = FakeVfioBackend::gpu_like();
+        let fake = FakeVfioDevice::gpu_like();
         fake.set_config_bytes(0x0e, &[0x81]);
         assert_eq!(
             VfioProbe::read(&fake).unwrap_err(),
             ProbeError::NotEndpoint { header_type: 1 }
         );
-        let fake = FakeVfioBackend::gpu_like().with_region(5, FakeRegion::mmap(4096));
+        let fake = FakeVfioDevice::gpu_like().with_region(5, FakeRegion::mmap(4096));
         fake.set_config_bytes(0x24, &0x0000_000cu32.to_le_bytes());
         assert_eq!(
             VfioProbe::read(&fake).unwrap_err(),

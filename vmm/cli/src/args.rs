@@ -13,7 +13,7 @@ use clap::error::ErrorKind;
 use clap::{Args, CommandFactory, Parser, Subcommand};
 use vmm::config::{
     parse_cpus, DeviceConfig, MemoryConfig, OnReboot, SeccompMode, SerialConfig, ShmemConfig,
-    VfioBackend, VfioConfig, VmConfig,
+    VfioBackendKind, VfioConfig, VmConfig,
 };
 
 use crate::plan::PlanRequest;
@@ -310,7 +310,7 @@ pub struct RunArgs {
     /// (container/group), iommufd (device cdev) or auto (iommufd where the
     /// kernel has it), e.g. --vfio-backend legacy
     #[arg(long, value_name = "legacy|iommufd|auto", value_parser = parse_vfio_backend)]
-    pub vfio_backend: Option<VfioBackend>,
+    pub vfio_backend: Option<VfioBackendKind>,
 
     /// seccomp filters for barge's threads [default: on]: on (a forbidden
     /// system call ends barge with status 159), log (the kernel logs it and
@@ -336,8 +336,8 @@ fn parse_shmem(text: &str) -> Result<ShmemConfig, vmm::config::DeviceConfigError
     text.parse()
 }
 
-fn parse_vfio_backend(text: &str) -> Result<VfioBackend, vmm::config::DeviceConfigError> {
-    text.parse()
+fn parse_vfio_backend(text: &str) -> Result<VfioBackendKind, vmm::config::DeviceConfigError> {
+    Ok(text.parse()?)
 }
 
 fn parse_memory(text: &str) -> Result<MemoryConfig, vmm::config::MemoryConfigError> {
@@ -678,7 +678,7 @@ mod tests {
                 "size=2M,path=/dev/shm/x"
             ]
         );
-        assert_eq!(config.vfio_backend, VfioBackend::Legacy);
+        assert_eq!(config.vfio_backend, VfioBackendKind::Legacy);
     }
 
     #[test]

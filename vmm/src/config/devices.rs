@@ -25,6 +25,8 @@ use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
 
+use devices::vfio::InvalidVfioBackend;
+pub use devices::vfio::VfioBackendKind;
 use resources::placement::PageSize;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
@@ -46,8 +48,8 @@ pub enum DeviceConfigError {
     #[error("invalid bar-align {0:?}: use auto, 4k, 2m or 1g")]
     InvalidBarAlign(String),
     /// `--vfio-backend` with an unknown value.
-    #[error("invalid VFIO backend {0:?}: use legacy, iommufd or auto")]
-    InvalidBackend(String),
+    #[error(transparent)]
+    InvalidBackend(#[from] InvalidVfioBackend),
     /// `p2p` with an unknown value.
     #[error("invalid p2p {0:?}: use on, off or auto")]
     InvalidP2p(String),
@@ -141,41 +143,6 @@ impl FromStr for BarAlign {
     }
 }
 
-/// Which VFIO interface barge uses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum VfioBackend {
-    /// The container/group interface (`/dev/vfio/vfio`, `/dev/vfio/N`).
-    Legacy,
-    /// The device cdev with iommufd (`/dev/vfio/devices/vfioN`, `/dev/iommu`).
-    Iommufd,
-    /// iommufd where the kernel offers it, else legacy.
-    #[default]
-    Auto,
-}
-
-impl fmt::Display for VfioBackend {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            VfioBackend::Legacy => "legacy",
-            VfioBackend::Iommufd => "iommufd",
-            VfioBackend::Auto => "auto",
-        })
-    }
-}
-
-impl FromStr for VfioBackend {
-    type Err = DeviceConfigError;
-
-    fn from_str(text: &str) -> Result<Self, DeviceConfigError> {
-        match text {
-            "legacy" => Ok(VfioBackend::Legacy),
-            "iommufd" => Ok(VfioBackend::Iommufd),
-            "auto" => Ok(VfioBackend::Auto),
-            _ => Err(DeviceConfigError::InvalidBackend(text.to_string())),
-        }
-    }
-}
-
 /// Whether a passed-through device's BARs are mapped into the IOMMU domain
 /// too (IOVA = GPA), so that devices can DMA into each other's BARs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -237,8 +204,30 @@ macro_rules! serde_via_str {
 }
 
 serde_via_str!(BarAlign);
-serde_via_str!(VfioBackend);
 serde_via_str!(P2p);
+
+/// `VmConfig.vfio_backend` in JSON: the [`VfioBackendKind`]'s text
+/// (`"legacy"`, `"iommufd"`, `"auto"`), as on the command line. A module for
+/// `#[serde(with)]` because the kind is the devices crate's type.
+pub(crate) mod vfio_backend_text {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use super::VfioBackendKind;
+
+    pub fn serialize<S: Serializer>(
+        kind: &VfioBackendKind,
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(kind)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<VfioBackendKind, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
 
 /// A host PCI device passed through with VFIO.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -569,15 +558,18 @@ mod tests {
     #[test]
     fn backend_parses() {
         assert_eq!(
-            "legacy".parse::<VfioBackend>().unwrap(),
-            VfioBackend::Legacy
+            "legacy".parse::<VfioBackendKind>().unwrap(),
+            VfioBackendKind::Legacy
         );
         assert_eq!(
-            "iommufd".parse::<VfioBackend>().unwrap(),
-            VfioBackend::Iommufd
+            "iommufd".parse::<VfioBackendKind>().unwrap(),
+            VfioBackendKind::Iommufd
         );
-        assert_eq!("auto".parse::<VfioBackend>().unwrap(), VfioBackend::Auto);
-        let err = "cdev".parse::<VfioBackend>().unwrap_err().to_string();
+        assert_eq!(
+            "auto".parse::<VfioBackendKind>().unwrap(),
+            VfioBackendKind::Auto
+        );
+        let err = "cdev".parse::<VfioBackendKind>().unwrap_err().to_string();
         assert!(err.contains("use legacy, iommufd or auto"), "{err}");
     }
 

@@ -43,7 +43,7 @@ pub mod memory;
 pub mod options;
 
 pub use crate::config::devices::{
-    BarAlign, DeviceConfig, DeviceConfigError, ShmemConfig, VfioBackend, VfioConfig,
+    BarAlign, DeviceConfig, DeviceConfigError, ShmemConfig, VfioBackendKind, VfioConfig,
 };
 pub use crate::config::memory::{
     MemoryConfig, MemoryConfigError, BASE_PAGE_SIZE, DEFAULT_MEMORY_SIZE, MIN_MEMORY_SIZE,
@@ -148,8 +148,8 @@ pub struct VmConfig {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub devices: Vec<DeviceConfig>,
     /// The VFIO interface for every VFIO device.
-    #[serde(default)]
-    pub vfio_backend: VfioBackend,
+    #[serde(default, with = "crate::config::devices::vfio_backend_text")]
+    pub vfio_backend: VfioBackendKind,
     /// Pre-fault every mapped BAR into KVM before the guest runs and count
     /// what KVM mapped (the default). `false` leaves BARs to fault in on
     /// the guest's first touch (what `barge bench` measures); the report's
@@ -190,7 +190,7 @@ impl VmConfig {
             on_reboot: OnReboot::default(),
             report: None,
             devices: Vec::new(),
-            vfio_backend: VfioBackend::default(),
+            vfio_backend: VfioBackendKind::default(),
             prefault_bars: default_prefault_bars(),
             seccomp: SeccompMode::default(),
         }
@@ -474,7 +474,7 @@ mod tests {
         assert_eq!(config.on_reboot, OnReboot::Restart);
         assert_eq!(config.report, Some("/tmp/r.json".into()));
         assert_eq!(config.devices.len(), 2);
-        assert_eq!(config.vfio_backend, VfioBackend::Legacy);
+        assert_eq!(config.vfio_backend, VfioBackendKind::Legacy);
         let DeviceConfig::Vfio(vfio) = &config.devices[1] else {
             panic!("second device is VFIO");
         };

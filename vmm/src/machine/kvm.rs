@@ -55,6 +55,14 @@ pub enum KvmError {
         /// Why.
         source: io::Error,
     },
+    /// Deleting a memslot failed.
+    #[error("cannot remove guest memory slot {slot} from KVM: {source}")]
+    RemoveSlot {
+        /// Slot number.
+        slot: u32,
+        /// Why.
+        source: io::Error,
+    },
 }
 
 /// The KVM device path in use (`$BARGE_KVM_DEVICE` or `/dev/kvm`).
@@ -83,7 +91,7 @@ pub fn open_kvm() -> Result<Kvm, KvmError> {
 
 /// How many times barge issued KVM_SET_USER_MEMORY_REGION for each memslot:
 /// sets, moves and deletes alike, whether KVM accepted them or not. Only
-/// [`map_guest_memory`] adds to it, once per ioctl, so a slot that is torn
+/// [`map_guest_memory`] and [`remove_guest_memory`] add to it, once per ioctl, so a slot that is torn
 /// down and set again shows up here however the code above got there.
 /// Clones share one log (the builder keeps one to read after the run).
 #[derive(Debug, Clone, Default)]
@@ -95,6 +103,15 @@ impl MemslotLog {
     /// An empty log.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A copy of the counts as they are now, which later calls do not
+    /// change (the run's report is taken before teardown deletes the BAR
+    /// memslots).
+    pub fn snapshot(&self) -> MemslotLog {
+        MemslotLog {
+            issued: Arc::new(Mutex::new(self.lock().clone())),
+        }
     }
 
     /// KVM_SET_USER_MEMORY_REGION calls issued for `slot` so far.
@@ -161,6 +178,27 @@ pub unsafe fn map_guest_memory(
         slot,
         gpa,
         size,
+        source: io::Error::from_raw_os_error(e.errno()),
+    })
+}
+
+/// Deletes memslot `slot` (KVM_SET_USER_MEMORY_REGION with size 0): KVM
+/// drops the slot and its mappings of the host range behind it, which may
+/// then be unmapped (see `pci_devices::teardown`). Counted in `memslots`
+/// like every other call.
+pub fn remove_guest_memory(vm: &VmFd, memslots: &MemslotLog, slot: u32) -> Result<(), KvmError> {
+    memslots.record(slot);
+    let region = kvm_userspace_memory_region {
+        slot,
+        flags: 0,
+        guest_phys_addr: 0,
+        memory_size: 0,
+        userspace_addr: 0,
+    };
+    // SAFETY: a region of size 0 deletes the slot: KVM keeps no reference to
+    // host memory for it afterwards, so the call asks nothing of any memory.
+    unsafe { vm.set_user_memory_region(region) }.map_err(|e| KvmError::RemoveSlot {
+        slot,
         source: io::Error::from_raw_os_error(e.errno()),
     })
 }

@@ -17,6 +17,7 @@ use crate::event_loop::{EventLoop, EventLoopError};
 use crate::machine::kvm::{self, KvmError, MemslotLog};
 use crate::machine::memory::GuestRam;
 use crate::machine::vcpu::{self, StopCause, VcpuContext, VmControl};
+use crate::pci_devices::teardown::DeviceResources;
 use crate::seccomp::VmFilters;
 
 /// KVM's real-mode TSS (3 pages) for Intel VMX, at the top of the 32-bit
@@ -233,37 +234,37 @@ pub enum SerialInput {
 
 /// A built VM, ready to run once.
 ///
-/// Field order is drop order: the vCPU fds and the VM fd are closed before
-/// the guest memory they map is unmapped. When a vCPU thread does not stop,
-/// nothing of it is dropped at all (see [`BuiltVm::run`]).
+/// # Teardown
+///
+/// Field order is drop order, and it is the VM's teardown (each device's
+/// own steps are in `pci_devices::teardown`):
+///
+/// 1. `vcpus`: none is left running ([`BuiltVm::run`] joined their threads,
+///    or forgets the whole VM when it could not).
+/// 2. `buses`: the device models go (PCI segment, MMIO traps, serial), so
+///    each device's [`DeviceResources`] holds the last handles on its host
+///    device.
+/// 3. `devices`: each device is torn down: DMA stopped, IOMMU mappings
+///    undone (guest RAM's with the last VFIO device), BAR memslots removed
+///    and BARs unmapped, the device closed, the VFIO container or IOAS
+///    released with the last one. That also releases every other reference
+///    to the VM: the interrupt chip's VM fd, KVM's VFIO device, VFIO's.
+/// 4. `vm_fd`: the last reference to the VM, so KVM destroys it here, and
+///    with it RAM's memslots.
+/// 5. `ram`: guest RAM is unmapped, after the VM that maps it (and after
+///    the IOMMU, whose mapping of it held its own handle until undone).
 #[derive(Debug)]
 pub struct BuiltVm {
     vcpus: Vec<VcpuFd>,
-    vm_fd: VmFd,
-    devices: Vec<LiveDevice>,
-    ram: GuestRam,
     buses: Arc<Buses>,
+    devices: Vec<DeviceResources>,
+    vm_fd: Arc<VmFd>,
+    ram: GuestRam,
     serial: Arc<Mutex<SerialDevice>>,
     serial_input: SerialInput,
     power: PowerSignal,
     seccomp: Option<VmFilters>,
-}
-
-/// What a PCI device leaves behind that must outlive the VM fd: its BAR
-/// mappings (memslots point into them) and host resources (fds).
-pub struct LiveDevice {
-    /// The mapped BARs.
-    pub bars: Vec<crate::pci_devices::bar_mapping::MappedBar>,
-    /// Anything else.
-    pub keep_alive: Vec<Box<dyn std::any::Any + Send>>,
-}
-
-impl std::fmt::Debug for LiveDevice {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LiveDevice")
-            .field("bars", &self.bars.len())
-            .finish_non_exhaustive()
-    }
+    memslots: MemslotLog,
 }
 
 /// How one run ended.
@@ -279,6 +280,10 @@ pub struct VmRun {
     /// VM, guest RAM, the BAR mappings and the devices' host resources were
     /// kept (leaked) until the process exits.
     pub vcpus_stopped: bool,
+    /// The KVM_SET_USER_MEMORY_REGION calls issued per memslot while the
+    /// VM lived, read once the vCPUs stopped and before teardown deletes
+    /// the BAR memslots (see [`BuiltVm::with_memslots`]).
+    pub memslot_updates: MemslotLog,
 }
 
 /// What became of a VM's parts after its vCPUs were told to stop.
@@ -313,7 +318,7 @@ fn tear_down_or_leak<T>(vm: T, vcpus_stopped: bool) -> Teardown {
 impl BuiltVm {
     /// Assembles a VM from its built parts.
     pub fn new(
-        vm_fd: VmFd,
+        vm_fd: Arc<VmFd>,
         ram: GuestRam,
         vcpus: Vec<VcpuFd>,
         buses: Buses,
@@ -326,6 +331,7 @@ impl BuiltVm {
             vm_fd,
             devices: Vec::new(),
             seccomp: None,
+            memslots: MemslotLog::new(),
             ram,
             buses: Arc::new(buses),
             serial,
@@ -334,10 +340,17 @@ impl BuiltVm {
         }
     }
 
-    /// Keeps the PCI devices' BAR mappings and host resources until the VM
-    /// fd is closed (they back memslots).
-    pub fn with_devices(mut self, devices: Vec<LiveDevice>) -> Self {
+    /// Keeps the PCI devices' BARs and host resources for the VM's lifetime
+    /// (torn down in the order of the type's docs).
+    pub fn with_devices(mut self, devices: Vec<DeviceResources>) -> Self {
         self.devices = devices;
+        self
+    }
+
+    /// The log every memslot ioctl of this VM was counted in: the run's
+    /// [`VmRun::memslot_updates`] is a copy of it taken before teardown.
+    pub fn with_memslots(mut self, memslots: MemslotLog) -> Self {
+        self.memslots = memslots;
         self
     }
 
@@ -402,6 +415,7 @@ impl BuiltVm {
                 first_run: control.first_run(),
                 kvm_stats: self.read_kvm_stats(),
                 vcpus_stopped,
+                memslot_updates: self.memslots.snapshot(),
             }),
         };
         // The vCPU threads that ended dropped their fds and context clones;

@@ -33,6 +33,7 @@
 
 use std::collections::BTreeMap;
 use std::os::fd::{AsRawFd, BorrowedFd};
+use std::sync::Arc;
 use std::time::Instant;
 
 use kvm_ioctls::VmFd;
@@ -109,17 +110,20 @@ pub struct MappedArea {
     pub hva: u64,
 }
 
-/// A BAR whose areas are mapped and registered with KVM. Keep it alive as
-/// long as the VM (drop it after the `VmFd`): it owns the host mapping the
-/// memslots point into.
+/// A BAR whose areas are mapped and registered with KVM. It owns the host
+/// mapping the memslots point into; the device's
+/// [`crate::pci_devices::teardown::DeviceResources`] removes the memslots
+/// before it drops the BAR.
 #[derive(Debug)]
 pub struct MappedBar {
     /// The device's name in the plan.
     pub device: String,
     /// Where the plan put it.
     pub placement: BarPlacement,
-    /// The host mapping; `None` for a trapped BAR.
-    pub mapping: Option<AlignedMapping>,
+    /// The host mapping; `None` for a trapped BAR. Shared with the BAR's
+    /// IOMMU mappings (peer to peer), which keep it mapped until they are
+    /// undone.
+    pub mapping: Option<Arc<AlignedMapping>>,
     /// Its memslots, by offset.
     pub areas: Vec<MappedArea>,
     /// Device-specific likely causes of a shortfall (see the module docs).
@@ -140,7 +144,7 @@ impl MappedBar {
 
     /// The host address of the BAR's start (0 when trapped).
     pub fn hva(&self) -> u64 {
-        self.mapping.as_ref().map_or(0, AlignedMapping::addr)
+        self.mapping.as_ref().map_or(0, |mapping| mapping.addr())
     }
 
     /// The memslot numbers of its areas.
@@ -234,7 +238,7 @@ pub fn map_bar_areas(
         })?;
         bar.areas.push(mapped);
     }
-    bar.mapping = Some(mapping);
+    bar.mapping = Some(Arc::new(mapping));
     Ok(bar)
 }
 

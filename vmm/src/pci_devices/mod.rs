@@ -1,11 +1,13 @@
 //! PCI devices with BARs, from configuration to the buses: the
 //! [`setup::PciDeviceSetup`] trait the builder drives, opening every
 //! configured device ([`open`]), mapping BAR memory into KVM
-//! ([`bar_mapping`]), and the two kinds of device barge has: the
-//! shared-memory device ([`shmem`]) and VFIO passthrough ([`vfio`]).
+//! ([`bar_mapping`]), tearing a device down in one order ([`teardown`]),
+//! and the two kinds of device barge has: the shared-memory device
+//! ([`shmem`]) and VFIO passthrough ([`vfio`]).
 
 pub mod bar_mapping;
 pub mod open;
 pub mod setup;
 pub mod shmem;
+pub mod teardown;
 pub mod vfio;

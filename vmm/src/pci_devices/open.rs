@@ -3,20 +3,22 @@
 //! guest memory exists, so that bad input fails early.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use kvm_ioctls::VmFd;
 
 use crate::config::{DeviceConfig, VmConfig};
 use crate::pci_devices::setup::{DeviceSetupError, PciDeviceSetup};
 use crate::pci_devices::shmem;
-use crate::pci_devices::vfio::{SharedVfioHost, VfioSetup};
+use crate::pci_devices::vfio::{self, VfioSetup};
 
 /// Opens every device of `config` (step 1 of the module docs), in order.
-/// `sysfs_root` is `/sys` (tests pass a fake tree for huge page pools).
-/// VFIO devices share one container, registered with `vm`'s KVM VFIO device.
+/// `sysfs_root` is `/sys` (tests pass a fake tree for huge page pools and
+/// host BARs). VFIO devices share one container (or IOAS), registered with
+/// `vm`'s KVM VFIO device, and route their interrupts through `vm`.
 pub fn open_devices(
     config: &VmConfig,
-    vm: &VmFd,
+    vm: &Arc<VmFd>,
     sysfs_root: &Path,
 ) -> Result<Vec<Box<dyn PciDeviceSetup>>, DeviceSetupError> {
     let mut setups: Vec<Box<dyn PciDeviceSetup>> = Vec::new();
@@ -30,8 +32,8 @@ pub fn open_devices(
             }
             DeviceConfig::Vfio(vfio) => {
                 let host =
-                    vfio_host.get_or_insert_with(|| SharedVfioHost::new(vm, config.vfio_backend));
-                setups.push(Box::new(VfioSetup::open(vfio, host)?));
+                    vfio_host.get_or_insert_with(|| vfio::shared_host(vm, config.vfio_backend));
+                setups.push(Box::new(VfioSetup::open(vfio, host, sysfs_root)?));
             }
         }
     }

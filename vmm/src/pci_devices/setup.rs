@@ -21,21 +21,23 @@
 //!    per area, once (`bar_mapping`). Trapped BARs become
 //!    [`MappedBar::trapped`] plus [`TrapRegion`]s (served on the MMIO bus at
 //!    their planned GPA). It returns an [`AttachedDevice`]: the
-//!    configuration space model for the PCI segment, the trap regions, every
-//!    memory BAR (for the report, in index order) and anything that must
-//!    live as long as the VM (`keep_alive`: device fds, containers).
+//!    configuration space model for the PCI segment, the trap regions, and
+//!    the device's [`DeviceResources`]: every memory BAR (for the report, in
+//!    index order) with the device's host resources (files, VFIO device,
+//!    IOMMU mappings), which it tears down in one order when dropped.
 //! 4. **Prove and report**: the builder adds the config model to bus 0
 //!    (lowest free device number from 1), the traps to the MMIO bus, and
 //!    after the vCPUs exist pre-faults every mapped BAR (`BarProver`). Add
 //!    likely causes of a shortfall to a `MappedBar` with
 //!    [`MappedBar::add_cause`] during attach; `bar-align` is named for you.
 //!
-//! Drop order: the builder keeps the `AttachedDevice`'s BARs and
-//! `keep_alive` in the `BuiltVm` after the VM fd, so the memslots' memory
-//! outlives the VM.
+//! Drop order: the builder keeps each device's [`DeviceResources`] in the
+//! `BuiltVm`, which drops them after the buses (the device models) and
+//! before the VM fd and guest RAM; what happens then is in
+//! [`crate::pci_devices::teardown`].
 
-use std::any::Any;
 use std::os::fd::BorrowedFd;
+use std::sync::Arc;
 
 use devices::pci::segment::BoxedPciDevice;
 use kvm_ioctls::VmFd;
@@ -45,6 +47,7 @@ use crate::buses::bus::SharedBusDevice;
 use crate::machine::kvm::MemslotLog;
 use crate::machine::memory::GuestRam;
 use crate::pci_devices::bar_mapping::{map_bar_areas, BarMappingError, MappedBar, SlotAllocator};
+use crate::pci_devices::teardown::DeviceResources;
 use crate::report::DmaReport;
 
 /// Any error a device's open or attach step returns; its message must be a
@@ -73,8 +76,9 @@ pub trait PciDeviceSetup: Send {
 
 /// What [`PciDeviceSetup::attach`] may use.
 pub struct AttachContext<'a> {
-    /// The VM (memslots, KVM VFIO device).
-    pub vm: &'a VmFd,
+    /// The VM (memslots, KVM VFIO device), shared with whatever must reach
+    /// it later (a device's [`DeviceResources`], its interrupts).
+    pub vm: &'a Arc<VmFd>,
     /// Guest RAM (for DMA mappings).
     pub ram: &'a GuestRam,
     /// Memslot numbers after RAM's.
@@ -119,15 +123,17 @@ pub struct TrapRegion {
 }
 
 /// A device ready to go on the buses.
+///
+/// Field order is drop order: the models (`config`, `traps`) hold handles
+/// on the device, so they go before its `resources` (see
+/// [`crate::pci_devices::teardown`]).
 pub struct AttachedDevice {
     /// Its configuration space, for the PCI segment.
     pub config: BoxedPciDevice,
     /// Ranges served on the MMIO bus.
     pub traps: Vec<TrapRegion>,
-    /// Every memory BAR, trapped ones included, by index.
-    pub bars: Vec<MappedBar>,
-    /// Anything that must live as long as the VM (dropped after the VM fd).
-    pub keep_alive: Vec<Box<dyn Any + Send>>,
     /// Set by the device that mapped guest RAM for DMA (the first VFIO one).
     pub dma: Option<DmaReport>,
+    /// Its BARs and host resources, torn down in order when dropped.
+    pub resources: DeviceResources,
 }

@@ -26,6 +26,7 @@ use crate::pci_devices::bar_mapping::MappedBar;
 use crate::pci_devices::setup::{
     AttachContext, AttachedDevice, DeviceSetupError, PciDeviceSetup, TrapRegion,
 };
+use crate::pci_devices::teardown::{DeviceResources, HostResources};
 
 /// `HUGETLBFS_MAGIC` from `linux/magic.h` (statfs f_type).
 const HUGETLBFS_MAGIC: i64 = 0x9584_58f6;
@@ -269,6 +270,7 @@ impl PciDeviceSetup for ShmemSetup {
         };
         let registers = placed(REGISTERS_BAR)?;
         let memory = placed(MEMORY_BAR)?;
+        let config = ShmemDevice::new(registers.gpa, memory.gpa, self.config.size)?;
         let mut memory_bar = ctx.map_bar(self.file.as_fd(), 0, &self.name, memory)?;
         if self.backing == ShmemBacking::Memfd {
             if let Some(mapping) = &memory_bar.mapping {
@@ -280,20 +282,38 @@ impl PciDeviceSetup for ShmemSetup {
         for cause in self.causes() {
             memory_bar.add_cause(cause);
         }
-        let config = ShmemDevice::new(registers.gpa, memory.gpa, self.config.size)?;
         let traps = vec![TrapRegion {
             gpa: registers.gpa,
             size: REGISTERS_SIZE,
             name: "shmem-registers",
             device: Arc::new(Mutex::new(RegistersOnBus(ShmemRegisters))),
         }];
+        let bars = vec![MappedBar::trapped(&self.name, registers), memory_bar];
         Ok(AttachedDevice {
             config: Box::new(config),
             traps,
-            bars: vec![MappedBar::trapped(&self.name, registers), memory_bar],
-            keep_alive: vec![Box::new(self.file)],
             dma: None,
+            resources: DeviceResources::new(
+                Arc::clone(ctx.vm),
+                ctx.memslots.clone(),
+                bars,
+                Box::new(ShmemResources { file: self.file }),
+            ),
         })
+    }
+}
+
+/// Shared memory's part of its teardown (`pci_devices::teardown`): no DMA,
+/// no IOMMU; closing is closing the backing file, after BAR2's memslot and
+/// mapping are gone.
+struct ShmemResources {
+    file: File,
+}
+
+impl HostResources for ShmemResources {
+    fn close(self: Box<Self>) {
+        let ShmemResources { file } = *self;
+        drop(file);
     }
 }
 

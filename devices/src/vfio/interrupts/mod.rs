@@ -12,7 +12,7 @@
 //! irqfd with KVM's resample eventfd on the IOAPIC pin `intx_gsi`
 //! (level-triggered): VFIO masks INTx when it fires, KVM de-asserts the
 //! line at the guest's EOI and signals the resample eventfd, which VFIO
-//! takes as "unmask" ([`VfioBackend::intx_unmask_on`]): re-armed at EOI
+//! takes as "unmask" ([`VfioDeviceAccess::intx_unmask_on`]): re-armed at EOI
 //! without a trip through barge.
 //!
 //! barge uses the best the guest enables: INTx from the start (when the
@@ -47,7 +47,7 @@ use std::sync::{Arc, Mutex};
 use resources::gsi::{GsiError, Route, RoutingTable};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::{VfioBackend, INTX_IRQ_INDEX, MSIX_IRQ_INDEX, MSI_IRQ_INDEX};
+use super::{VfioDeviceAccess, INTX_IRQ_INDEX, MSIX_IRQ_INDEX, MSI_IRQ_INDEX};
 use crate::pci::config::{INTERRUPT_LINE_OFFSET, INTERRUPT_PIN_OFFSET};
 use crate::pci::msi::{MsiCapability, MsiEvent};
 use crate::pci::msix::{
@@ -182,7 +182,7 @@ struct Intx {
 }
 
 /// The interrupts of one passed-through device (see module docs).
-pub struct VfioInterrupts<B: VfioBackend> {
+pub struct VfioInterrupts<B: VfioDeviceAccess> {
     backend: Arc<B>,
     router: Arc<InterruptRouter>,
     device: u32,
@@ -196,7 +196,7 @@ pub struct VfioInterrupts<B: VfioBackend> {
     mode: InterruptMode,
 }
 
-impl<B: VfioBackend> std::fmt::Debug for VfioInterrupts<B> {
+impl<B: VfioDeviceAccess> std::fmt::Debug for VfioInterrupts<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("VfioInterrupts")
             .field("device", &self.device)
@@ -211,7 +211,7 @@ fn eventfd() -> Result<EventFd, InterruptError> {
     EventFd::new(EFD_NONBLOCK).map_err(InterruptError::EventFd)
 }
 
-impl<B: VfioBackend> VfioInterrupts<B> {
+impl<B: VfioDeviceAccess> VfioInterrupts<B> {
     /// The interrupts of the device whose configuration space is `config`
     /// (as probed), known to the router as `device`. INTx goes to
     /// `intx_gsi` when the device has an interrupt pin and VFIO offers
@@ -665,7 +665,7 @@ impl<B: VfioBackend> VfioInterrupts<B> {
     }
 }
 
-impl<B: VfioBackend> Drop for VfioInterrupts<B> {
+impl<B: VfioDeviceAccess> Drop for VfioInterrupts<B> {
     fn drop(&mut self) {
         self.shutdown();
     }
@@ -749,7 +749,7 @@ mod tests {
     use super::fake::FakeKvmIrqs;
     use super::*;
     use crate::pci::msix::{MSIX_CONTROL_ENABLE, MSIX_CONTROL_FUNCTION_MASK};
-    use crate::vfio::fake::{FakeIrqCall, FakeVfioBackend};
+    use crate::vfio::fake::{FakeIrqCall, FakeVfioDevice};
 
     /// gpu_like: MSI at 0x68, MSI-X at 0xb4 (32 vectors, table BAR0
     /// 0xb90000, PBA 0xba0000), INTA.
@@ -760,12 +760,12 @@ mod tests {
     const ADDRESS: u64 = 0xfee0_0000;
 
     struct Rig {
-        fake: Arc<FakeVfioBackend>,
+        fake: Arc<FakeVfioDevice>,
         kvm: Arc<FakeKvmIrqs>,
-        irqs: VfioInterrupts<FakeVfioBackend>,
+        irqs: VfioInterrupts<FakeVfioDevice>,
     }
 
-    fn rig_with(fake: FakeVfioBackend) -> Rig {
+    fn rig_with(fake: FakeVfioDevice) -> Rig {
         let fake = Arc::new(fake);
         let kvm = Arc::new(FakeKvmIrqs::default());
         let router = Arc::new(InterruptRouter::new(kvm.clone(), KVM_MAX_IRQ_ROUTES).unwrap());
@@ -776,11 +776,11 @@ mod tests {
     }
 
     fn rig() -> Rig {
-        rig_with(FakeVfioBackend::gpu_like().with_irqs(MSIX_IRQ_INDEX, 32))
+        rig_with(FakeVfioDevice::gpu_like().with_irqs(MSIX_IRQ_INDEX, 32))
     }
 
     fn write_entry(
-        irqs: &mut VfioInterrupts<FakeVfioBackend>,
+        irqs: &mut VfioInterrupts<FakeVfioDevice>,
         vector: u64,
         data: u32,
         masked: bool,
@@ -996,7 +996,7 @@ mod tests {
             kvm,
             mut irqs,
         } = rig_with(
-            FakeVfioBackend::gpu_like()
+            FakeVfioDevice::gpu_like()
                 .with_irqs(MSI_IRQ_INDEX, 4)
                 .with_irqs(MSIX_IRQ_INDEX, 32),
         );
@@ -1052,7 +1052,7 @@ mod tests {
 
     #[test]
     fn device_without_vfio_msix_offers_no_table() {
-        let Rig { mut irqs, .. } = rig_with(FakeVfioBackend::gpu_like());
+        let Rig { mut irqs, .. } = rig_with(FakeVfioDevice::gpu_like());
         assert!(irqs.msix_table().is_none());
         assert!(!irqs.bar_read(0, TABLE, &mut [0; 4]));
     }

@@ -1,0 +1,661 @@
+//! The live path (open, plan, attach, teardown) over the fake VFIO host and
+//! device, the fake KVM interrupt side and a real KVM VM for the memslots.
+
+use std::fs::File;
+use std::os::fd::AsFd;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use devices::vfio::fake::{
+    pattern_byte, FakeEvent, FakeJournal, FakeRegion, FakeVfioDevice, FakeVfioHost,
+};
+use devices::vfio::interrupts::fake::FakeKvmIrqs;
+use devices::vfio::interrupts::KvmIrqs;
+use devices::vfio::{BarRange, INTX_IRQ_INDEX, MSIX_IRQ_INDEX};
+use kvm_ioctls::VmFd;
+use resources::gsi::{RouteKind, KVM_MAX_IRQ_ROUTES};
+use resources::placement::{BarPlacement, DevicePlan, PageSize};
+use vm_memory::{GuestAddress, GuestMemoryBackend};
+
+use super::*;
+use crate::buses::bus::Buses;
+use crate::config::MemoryConfig;
+use crate::machine::{kvm, memory};
+use crate::pci_devices::bar_mapping::{map_bar_areas, SlotAllocator};
+
+const MIB: u64 = 1 << 20;
+const GIB: u64 = 1 << 30;
+const BDF: &str = "0000:41:00.0";
+const OTHER_BDF: &str = "0000:42:00.0";
+/// Guest RAM of the rig: one region.
+const RAM_SIZE: u64 = 2 * MIB;
+/// MSI-X Message Control of [`small_device`].
+const MSIX_CONTROL: u16 = 0x42;
+
+/// A memfd standing in for the VFIO device fd (regions at `index << 40`
+/// need a file that large: sparse, costs nothing), with `marker` at BAR2's
+/// region offset + 1 MiB.
+fn device_fd(marker: &[u8]) -> File {
+    let fd = memory::create_memfd(None, 5 << 40).unwrap();
+    fd.write_all_at(marker, (2 << 40) + MIB).unwrap();
+    fd
+}
+
+/// A small device: BAR0 64 KiB 32-bit with MSI-X (4 vectors) in its first
+/// page (table at +0, PBA at +0x800), BAR2 64 MiB 64-bit prefetchable,
+/// BAR4 256 bytes (sub-page, trapped); INTA; its fd has `marker` at BAR2's
+/// region offset + 1 MiB.
+fn small_device(marker: &[u8]) -> FakeVfioDevice {
+    let mut c = vec![0u8; 4096];
+    c[0..4].copy_from_slice(&0x1110_1af4u32.to_le_bytes());
+    c[0x06] = 0x10;
+    c[0x18] = 0x0c;
+    c[0x34] = 0x40;
+    c[0x3d] = 1; // INTA
+    c[0x40] = 0x11; // MSI-X, 4 entries, table BAR0 +0, PBA BAR0 +0x800
+    c[0x42] = 3;
+    c[0x48..0x4c].copy_from_slice(&0x800u32.to_le_bytes());
+    FakeVfioDevice::new(&c)
+        .with_region(0, FakeRegion::mmap(64 << 10))
+        .with_region(2, FakeRegion::mmap(64 * MIB))
+        .with_region(4, FakeRegion::trapped(256))
+        .with_irqs(MSIX_IRQ_INDEX, 4)
+        .with_fd(device_fd(marker))
+}
+
+/// Reads `len` bytes of this process's memory at `addr` (through
+/// /proc/self/mem: no raw pointers).
+fn read_mapped(addr: u64, len: usize) -> Vec<u8> {
+    let mut data = vec![0; len];
+    File::open("/proc/self/mem")
+        .unwrap()
+        .read_exact_at(&mut data, addr)
+        .unwrap();
+    data
+}
+
+/// A VM (for memslots), guest RAM (for DMA), the fake KVM interrupt side
+/// and the shared host over a fake VFIO host.
+struct Rig {
+    vm: Arc<VmFd>,
+    ram: memory::GuestRam,
+    kvm: Arc<FakeKvmIrqs>,
+    journal: FakeJournal,
+    host: Arc<SharedVfioHost<FakeVfioHost>>,
+    slots: SlotAllocator,
+    memslots: kvm::MemslotLog,
+}
+
+impl Rig {
+    fn new(host: FakeVfioHost) -> Self {
+        let vm = Arc::new(kvm::open_kvm().unwrap().create_vm().unwrap());
+        let ram = memory::create_guest_memory(&[(0, RAM_SIZE)], &MemoryConfig::default()).unwrap();
+        let kvm = Arc::new(FakeKvmIrqs::default());
+        let journal = host.journal();
+        let irqs: Arc<dyn KvmIrqs> = kvm.clone();
+        let host = SharedVfioHost::new(host, Some((irqs, KVM_MAX_IRQ_ROUTES)));
+        Self {
+            vm,
+            ram,
+            kvm,
+            journal,
+            host,
+            slots: SlotAllocator::new(1),
+            memslots: kvm::MemslotLog::new(),
+        }
+    }
+
+    /// The rig with `device` at [`BDF`].
+    fn with(device: FakeVfioDevice) -> Self {
+        Self::new(FakeVfioHost::new().with_device(BDF, device))
+    }
+
+    /// Opens the device of `--device` value `config`.
+    fn open(&self, config: &str) -> VfioSetup<FakeVfioHost> {
+        self.open_with_sysfs(config, Path::new("/nonexistent"))
+    }
+
+    fn open_with_sysfs(&self, config: &str, sysfs: &Path) -> VfioSetup<FakeVfioHost> {
+        VfioSetup::open(&config.parse().unwrap(), &self.host, sysfs)
+            .unwrap()
+            .with_kernel_release("6.12.0-1-amd64")
+    }
+
+    fn attach_with(
+        &mut self,
+        setup: VfioSetup<FakeVfioHost>,
+        plan: &DevicePlan,
+    ) -> Result<AttachedDevice, DeviceSetupError> {
+        let mut ctx = AttachContext {
+            vm: &self.vm,
+            ram: &self.ram,
+            slots: &mut self.slots,
+            memslots: &self.memslots,
+        };
+        Box::new(setup).attach(plan, &mut ctx)
+    }
+
+    /// Plans `setup` alone and attaches it.
+    fn attach(&mut self, setup: VfioSetup<FakeVfioHost>) -> (AttachedDevice, DevicePlan) {
+        let plan = plan_for(&[&setup]).remove(0);
+        let attached = self.attach_with(setup, &plan).unwrap();
+        (attached, plan)
+    }
+
+    /// The DMA mappings made so far, as `(iova, size, hva)`.
+    fn dma_maps(&self) -> Vec<(u64, u64, u64)> {
+        self.journal
+            .events()
+            .into_iter()
+            .filter_map(|event| match event {
+                FakeEvent::DmaMap { iova, size, hva } => Some((iova, size, hva)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Guest RAM's one region as `(gpa, size, hva)`.
+    fn ram_region(&self) -> (u64, u64, u64) {
+        let hva = self.ram.memory.get_host_address(GuestAddress(0)).unwrap();
+        (0, RAM_SIZE, hva as u64)
+    }
+}
+
+fn plan_for(setups: &[&VfioSetup<FakeVfioHost>]) -> Vec<DevicePlan> {
+    let ram = resources::ram_regions(GIB).unwrap();
+    let windows = resources::Windows::new(&ram, 40).unwrap();
+    let inputs: Vec<_> = setups.iter().map(|setup| setup.plan_input()).collect();
+    resources::plan(&inputs, &windows).unwrap().devices
+}
+
+fn bar(attached: &AttachedDevice, index: u8) -> &MappedBar {
+    attached
+        .resources
+        .bars()
+        .iter()
+        .find(|bar| bar.placement.index == index)
+        .unwrap()
+}
+
+fn placement(plan: &DevicePlan, index: u8) -> &BarPlacement {
+    plan.bars.iter().find(|bar| bar.index == index).unwrap()
+}
+
+/// The traps as `(gpa, size)`, sorted.
+fn trap_ranges(attached: &AttachedDevice) -> Vec<(u64, u64)> {
+    let mut ranges: Vec<_> = attached.traps.iter().map(|t| (t.gpa, t.size)).collect();
+    ranges.sort_unstable();
+    ranges
+}
+
+/// The device's traps on an MMIO bus, as the builder puts them.
+fn on_bus(attached: &mut AttachedDevice) -> Buses {
+    let mut buses = Buses::default();
+    for trap in attached.traps.drain(..) {
+        buses
+            .mmio
+            .insert(trap.gpa, trap.size, trap.name, trap.device)
+            .unwrap();
+    }
+    buses
+}
+
+#[test]
+fn bars_are_placed_at_the_planned_gpa_and_hva_and_mapped_at_their_region_offset() {
+    let mut rig = Rig::with(small_device(b"BARGE"));
+    let (attached, plan) = rig.attach(rig.open(&format!("vfio={BDF}")));
+    let bars: Vec<u8> = attached
+        .resources
+        .bars()
+        .iter()
+        .map(|b| b.placement.index)
+        .collect();
+    assert_eq!(bars, [0, 2, 4]);
+    for bar in attached.resources.bars() {
+        let planned = placement(&plan, bar.placement.index);
+        assert_eq!(&bar.placement, planned);
+        assert_eq!(bar.areas.len(), planned.areas.len());
+        for (mapped, area) in bar.areas.iter().zip(&planned.areas) {
+            assert_eq!((mapped.gpa, mapped.size), (area.gpa, area.size));
+            assert_eq!(mapped.hva, bar.hva() + area.hva_offset());
+        }
+        if !planned.areas.is_empty() {
+            assert_eq!(bar.hva() % planned.hva_modulus(), planned.hva_phase());
+        }
+    }
+    // BAR2, all mmap-able: its host address agrees with its GPA modulo the
+    // largest page that fits, and the mapping shows the region's bytes.
+    let bar2 = bar(&attached, 2);
+    assert_eq!(bar2.placement.hva_align, 64 * MIB);
+    assert_eq!(bar2.hva() % (64 * MIB), bar2.placement.gpa % (64 * MIB));
+    assert_eq!(read_mapped(bar2.hva() + MIB, 5), b"BARGE");
+    // BAR0: its first page (MSI-X table and PBA) traps, the rest is one area.
+    let bar0 = bar(&attached, 0);
+    assert_eq!(bar0.areas.len(), 1);
+    assert_eq!(bar0.areas[0].offset, 4096);
+    // BAR4 (256 bytes) has no memory at all.
+    let bar4 = bar(&attached, 4);
+    assert!(bar4.placement.trapped() && bar4.areas.is_empty() && bar4.mapping.is_none());
+    // One memslot per area, numbered from the allocator.
+    let slots: Vec<u32> = attached
+        .resources
+        .bars()
+        .iter()
+        .flat_map(|bar| bar.areas.iter().map(|area| area.slot))
+        .collect();
+    assert_eq!(slots, [1, 2]);
+}
+
+#[test]
+fn bar_align_caps_move_the_hva_phase() {
+    let mut rig = Rig::with(small_device(b""));
+    let (attached, _plan) = rig.attach(rig.open(&format!("vfio={BDF},bar-align=4k")));
+    let bar2 = bar(&attached, 2);
+    assert_eq!(bar2.placement.areas[0].page_size, PageSize::Size4K);
+    assert_eq!(bar2.hva() % 4096, 0);
+    assert_ne!(
+        bar2.hva() % (2 * MIB),
+        bar2.placement.gpa % (2 * MIB),
+        "off the 2 MiB phase"
+    );
+}
+
+#[test]
+fn sub_page_bars_the_msix_pages_and_sparse_holes_trap_and_reach_the_device() {
+    let sparse = small_device(b"").with_region(
+        2,
+        FakeRegion::mmap(64 * MIB).sparse(vec![
+            BarRange::new(0, 16 * MIB),
+            BarRange::new(32 * MIB, 32 * MIB),
+        ]),
+    );
+    let mut rig = Rig::with(sparse);
+    let setup = rig.open(&format!("vfio={BDF}"));
+    let fake = Arc::clone(setup.device());
+    let (mut attached, plan) = rig.attach(setup);
+    let (bar0, bar2, bar4) = (
+        placement(&plan, 0).gpa,
+        placement(&plan, 2).gpa,
+        placement(&plan, 4).gpa,
+    );
+    assert_eq!(
+        trap_ranges(&attached),
+        [(bar0, 4096), (bar4, 256), (bar2 + 16 * MIB, 16 * MIB)]
+    );
+    let areas: Vec<_> = bar(&attached, 2)
+        .areas
+        .iter()
+        .map(|a| (a.offset, a.size))
+        .collect();
+    assert_eq!(areas, [(0, 16 * MIB), (32 * MIB, 32 * MIB)]);
+    let buses = on_bus(&mut attached);
+    // The sub-page BAR and the hole read the device's regions.
+    let mut data = [0u8; 4];
+    assert!(buses.mmio.read(bar4 + 0x10, &mut data));
+    assert_eq!(data, [0x10, 0x11, 0x12, 0x13].map(|o| pattern_byte(4, o)));
+    assert!(buses.mmio.read(bar2 + 16 * MIB + 8, &mut data));
+    assert_eq!(data, [8, 9, 10, 11].map(|o| pattern_byte(2, 16 * MIB + o)));
+    // The MSI-X table is the interrupt model's: a write stays out of the
+    // device and reads back; the rest of the page is the device's.
+    assert!(buses.mmio.write(bar0 + 8, &0x4041u32.to_le_bytes()));
+    assert!(buses.mmio.read(bar0 + 8, &mut data));
+    assert_eq!(u32::from_le_bytes(data), 0x4041);
+    assert!(buses.mmio.write(bar0 + 0x900, &[1, 2, 3, 4]));
+    let bar_writes: Vec<_> = fake
+        .writes()
+        .into_iter()
+        .filter(|w| w.region == 0)
+        .map(|w| (w.offset, w.data))
+        .collect();
+    assert_eq!(bar_writes, [(0x900, vec![1, 2, 3, 4])]);
+    // mmap-able areas are not on the bus.
+    assert!(!buses.mmio.read(bar2, &mut data));
+    assert!(!buses.mmio.read(bar0 + 4096, &mut data));
+}
+
+#[test]
+fn the_guest_sees_the_planned_bars_in_config_space() {
+    let mut rig = Rig::with(small_device(b""));
+    let (mut attached, plan) = rig.attach(rig.open(&format!("vfio={BDF}")));
+    let mut value = [0u8; 4];
+    attached.config.config_read(0x18, &mut value);
+    assert_eq!(
+        u32::from_le_bytes(value),
+        placement(&plan, 2).gpa as u32 | 0xc
+    );
+}
+
+#[test]
+fn intx_is_wired_at_attach_and_msix_vectors_route_through_kvm() {
+    let mut rig = Rig::with(small_device(b""));
+    let setup = rig.open(&format!("vfio={BDF}"));
+    let fake = Arc::clone(setup.device());
+    let (mut attached, plan) = rig.attach(setup);
+    // INTA# of the device: a resampling irqfd on GSI 16, from the start.
+    assert_eq!(rig.kvm.irqfd_gsis(), [(intx_gsi(1), true)]);
+    assert!(fake.fire(INTX_IRQ_INDEX, 0));
+    assert_eq!(rig.kvm.deliveries(), [16]);
+    // The guest enables MSI-X and programs vector 0 through the trap.
+    attached
+        .config
+        .config_write(MSIX_CONTROL, &0x8000u16.to_le_bytes());
+    let bar0 = placement(&plan, 0).gpa;
+    let buses = on_bus(&mut attached);
+    assert!(buses.mmio.write(bar0, &0xfee0_0000u32.to_le_bytes()));
+    assert!(buses.mmio.write(bar0 + 4, &0u32.to_le_bytes()));
+    assert!(buses.mmio.write(bar0 + 8, &0x41u32.to_le_bytes()));
+    assert!(buses.mmio.write(bar0 + 12, &0u32.to_le_bytes()));
+    let msi: Vec<_> = rig
+        .kvm
+        .routes()
+        .into_iter()
+        .filter(|route| matches!(route.kind, RouteKind::Msi { .. }))
+        .collect();
+    assert_eq!(msi.len(), 1);
+    assert_eq!(
+        msi[0].kind,
+        RouteKind::Msi {
+            address: 0xfee0_0000,
+            data: 0x41
+        }
+    );
+    assert!(fake.fire(MSIX_IRQ_INDEX, 0));
+    assert_eq!(rig.kvm.deliveries(), [msi[0].gsi]);
+}
+
+#[test]
+fn without_a_router_the_device_gets_no_interrupts() {
+    let host = FakeVfioHost::new().with_device(BDF, small_device(b""));
+    let mut rig = Rig::with(small_device(b""));
+    rig.host = SharedVfioHost::new(host, None);
+    let (_attached, _plan) = rig.attach(rig.open(&format!("vfio={BDF}")));
+    assert!(rig.kvm.irqfd_gsis().is_empty());
+}
+
+#[test]
+fn guest_ram_is_mapped_once_at_its_gpa_and_goes_with_the_last_device() {
+    let host = FakeVfioHost::new()
+        .with_device(BDF, small_device(b""))
+        .with_device(OTHER_BDF, small_device(b""));
+    let mut rig = Rig::new(host);
+    let first = rig.open(&format!("vfio={BDF},p2p=off"));
+    let second = rig.open(&format!("vfio={OTHER_BDF},p2p=off"));
+    let plans = plan_for(&[&first, &second]);
+    let first = rig.attach_with(first, &plans[0]).unwrap();
+    let second = rig.attach_with(second, &plans[1]).unwrap();
+    assert_eq!(rig.dma_maps(), [rig.ram_region()], "IOVA = GPA, once");
+    let report = first.dma.as_ref().unwrap();
+    assert_eq!((report.regions, report.bytes), (1, RAM_SIZE));
+    assert!(second.dma.is_none());
+    rig.journal.clear();
+    drop(first);
+    assert_eq!(
+        rig.journal.events(),
+        [
+            FakeEvent::IrqDisable {
+                bdf: BDF.into(),
+                index: INTX_IRQ_INDEX
+            },
+            FakeEvent::Closed { bdf: BDF.into() }
+        ],
+        "RAM stays mapped for the other device"
+    );
+    rig.journal.clear();
+    drop(second);
+    assert_eq!(
+        rig.journal.events()[1..],
+        [
+            FakeEvent::DmaUnmap {
+                iova: 0,
+                size: RAM_SIZE,
+                still_mapped: true
+            },
+            FakeEvent::Closed {
+                bdf: OTHER_BDF.into()
+            }
+        ]
+    );
+    assert!(rig.host.domain().dma_mappings().is_empty());
+}
+
+#[test]
+fn p2p_maps_every_bar_area_at_its_gpa_unless_off() {
+    for (p2p, bar_maps) in [("on", true), ("auto", true), ("off", false)] {
+        let mut rig = Rig::with(small_device(b""));
+        let (attached, _plan) = rig.attach(rig.open(&format!("vfio={BDF},p2p={p2p}")));
+        let mut expected = vec![rig.ram_region()];
+        if bar_maps {
+            for bar in attached.resources.bars() {
+                expected.extend(bar.areas.iter().map(|a| (a.gpa, a.size, a.hva)));
+            }
+        }
+        assert_eq!(rig.dma_maps(), expected, "p2p={p2p}");
+        assert_eq!(expected.len(), if bar_maps { 3 } else { 1 });
+    }
+}
+
+#[test]
+fn a_refused_p2p_mapping_is_a_warning_with_auto_and_an_error_with_on() {
+    // The IOMMU maps RAM but refuses everything above it (the BARs).
+    let refusing = || {
+        FakeVfioHost::new()
+            .with_device(BDF, small_device(b""))
+            .refusing_dma_from(RAM_SIZE)
+    };
+    let mut rig = Rig::new(refusing());
+    let (attached, _plan) = rig.attach(rig.open(&format!("vfio={BDF},p2p=auto")));
+    assert_eq!(rig.dma_maps(), [rig.ram_region()]);
+    drop(attached);
+
+    let mut rig = Rig::new(refusing());
+    let setup = rig.open(&format!("vfio={BDF},p2p=on"));
+    let plan = plan_for(&[&setup]).remove(0);
+    let error = rig.attach_with(setup, &plan).err().unwrap().to_string();
+    assert!(error.contains("cannot map guest memory"), "{error}");
+    // What the device had set up is torn down: RAM unmapped, device closed.
+    let events = rig.journal.events();
+    assert!(events.contains(&FakeEvent::DmaUnmap {
+        iova: 0,
+        size: RAM_SIZE,
+        still_mapped: true
+    }));
+    assert_eq!(events.last(), Some(&FakeEvent::Closed { bdf: BDF.into() }));
+    assert!(rig.kvm.irqfd_gsis().is_empty());
+}
+
+/// A fake sysfs with BAR2 of [`BDF`] at `bar2_start` (64 MiB).
+fn fake_sysfs(name: &str, bar2_start: u64) -> PathBuf {
+    let root = std::env::temp_dir().join(format!("barge-vfio-{name}-{}", std::process::id()));
+    let dir = root.join("bus/pci/devices").join(BDF);
+    std::fs::create_dir_all(&dir).unwrap();
+    let empty = "0x0000000000000000 0x0000000000000000 0x0000000000000000\n";
+    let bar2 = format!(
+        "{bar2_start:#018x} {:#018x} 0x000000000014220c\n",
+        bar2_start + 64 * MIB - 1
+    );
+    std::fs::write(dir.join("resource"), format!("{empty}{empty}{bar2}")).unwrap();
+    root
+}
+
+#[test]
+fn shortfall_causes_say_what_vfio_and_the_host_limit() {
+    // BAR2 cannot be mmap'ed: it traps whole, and says so.
+    let mut rig = Rig::with(small_device(b"").with_region(2, FakeRegion::trapped(64 * MIB)));
+    let (attached, _plan) = rig.attach(rig.open(&format!("vfio={BDF}")));
+    let bar2 = bar(&attached, 2);
+    assert!(bar2.areas.is_empty());
+    assert_eq!(bar2.causes.len(), 1, "{:?}", bar2.causes);
+    assert!(bar2.causes[0].contains("mmap"), "{:?}", bar2.causes);
+
+    // A host resource aligned to 4 KiB only, and a kernel before huge pfnmap.
+    let sysfs = fake_sysfs("causes", 0x3800_0000_1000);
+    let mut rig = Rig::with(small_device(b""));
+    let setup = rig
+        .open_with_sysfs(&format!("vfio={BDF}"), &sysfs)
+        .with_kernel_release("6.1.0-28-amd64\n");
+    let (attached, _plan) = rig.attach(setup);
+    let causes = &bar(&attached, 2).causes;
+    assert_eq!(causes.len(), 2, "{causes:?}");
+    assert!(causes[0].contains("0x380000001000"), "{causes:?}");
+    assert!(causes[1].contains("6.1.0-28-amd64"), "{causes:?}");
+    // BAR0 has no host resource in the fake tree: only the kernel.
+    assert_eq!(bar(&attached, 0).causes.len(), 1);
+    std::fs::remove_dir_all(&sysfs).unwrap();
+
+    // An aligned resource on a new kernel: nothing to say.
+    let sysfs = fake_sysfs("no-causes", 0x3800_0000_0000);
+    let mut rig = Rig::with(small_device(b""));
+    let (attached, _plan) = rig.attach(rig.open_with_sysfs(&format!("vfio={BDF}"), &sysfs));
+    assert!(bar(&attached, 2).causes.is_empty());
+    std::fs::remove_dir_all(&sysfs).unwrap();
+}
+
+#[test]
+fn teardown_stops_dma_unmaps_frees_the_bars_then_closes_and_releases() {
+    let mut rig = Rig::with(small_device(b""));
+    let setup = rig.open(&format!("vfio={BDF},p2p=on"));
+    let fake = Arc::clone(setup.device());
+    let (mut attached, plan) = rig.attach(setup);
+    // The guest turns on memory decode and bus mastering.
+    attached.config.config_write(0x04, &0x0006u16.to_le_bytes());
+    let command = u16::from_le_bytes(fake.config_bytes()[4..6].try_into().unwrap());
+    assert_ne!(command & 0x4, 0);
+    let bar_areas: Vec<_> = attached
+        .resources
+        .bars()
+        .iter()
+        .flat_map(|bar| bar.areas.iter().map(|a| (a.gpa, a.size, a.hva)))
+        .collect();
+    assert_eq!(bar_areas.len(), 2);
+    let mappings: Vec<_> = attached
+        .resources
+        .bars()
+        .iter()
+        .filter_map(|bar| bar.mapping.as_ref().map(Arc::downgrade))
+        .collect();
+    assert_eq!(mappings.len(), 2);
+    // As `BuiltVm` drops things: the models (buses) first, the host's
+    // other holders (the setups) are gone, then the resources.
+    let AttachedDevice {
+        config,
+        traps,
+        resources,
+        ..
+    } = attached;
+    drop((config, traps, fake));
+    let rig_host = std::mem::replace(
+        &mut rig.host,
+        SharedVfioHost::new(FakeVfioHost::new(), None),
+    );
+    drop(rig_host);
+    rig.journal.clear();
+    drop(resources);
+    let mut expected = vec![
+        FakeEvent::ConfigWrite {
+            bdf: BDF.into(),
+            offset: 4,
+            data: (command & !0x4).to_le_bytes().to_vec(),
+        },
+        FakeEvent::IrqDisable {
+            bdf: BDF.into(),
+            index: INTX_IRQ_INDEX,
+        },
+    ];
+    expected.extend(bar_areas.iter().map(|&(gpa, size, _)| FakeEvent::DmaUnmap {
+        iova: gpa,
+        size,
+        still_mapped: true,
+    }));
+    expected.extend([
+        FakeEvent::DmaUnmap {
+            iova: 0,
+            size: RAM_SIZE,
+            still_mapped: true,
+        },
+        FakeEvent::Closed { bdf: BDF.into() },
+        FakeEvent::Released,
+    ]);
+    assert_eq!(rig.journal.events(), expected);
+    // Interrupts are off in KVM too.
+    assert!(rig.kvm.irqfd_gsis().is_empty());
+    // The BARs are unmapped from barge (their mappings are gone) and their
+    // memslots too: KVM takes new ones over the same guest addresses.
+    assert!(mappings.iter().all(|mapping| mapping.strong_count() == 0));
+    let bar2 = placement(&plan, 2);
+    let memfd = memory::create_memfd(None, bar2.size).unwrap();
+    let again = map_bar_areas(
+        &rig.vm,
+        &rig.memslots,
+        memfd.as_fd(),
+        0,
+        "check",
+        bar2,
+        &mut rig.slots,
+    );
+    assert!(again.is_ok(), "{:?}", again.err());
+}
+
+#[test]
+fn a_plan_for_another_device_is_refused_and_the_device_closed() {
+    let mut rig = Rig::with(small_device(b""));
+    let setup = rig.open(&format!("vfio={BDF}"));
+    let mut plan = plan_for(&[&setup]).remove(0);
+    plan.bars[0].size *= 2;
+    let error = rig.attach_with(setup, &plan).err().unwrap().to_string();
+    assert!(error.starts_with("PCI device 0000:41:00.0:"), "{error}");
+    assert_eq!(
+        rig.journal.events(),
+        [FakeEvent::Closed { bdf: BDF.into() }]
+    );
+}
+
+#[test]
+fn open_errors_name_the_device() {
+    let rig = Rig::with(FakeVfioDevice::new(&[0xff; 64]));
+    let config = format!("vfio={BDF}").parse().unwrap();
+    let error = VfioSetup::open(&config, &rig.host, Path::new("/nonexistent"))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(error.starts_with("PCI device 0000:41:00.0:"), "{error}");
+    let config = format!("vfio={OTHER_BDF}").parse().unwrap();
+    let error = VfioSetup::open(&config, &rig.host, Path::new("/nonexistent"))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(error.contains("no PCI device 0000:42:00.0"), "{error}");
+}
+
+#[test]
+fn intx_pins_map_to_gsis_16_to_19() {
+    assert_eq!([1, 2, 3, 4].map(intx_gsi), [16, 17, 18, 19]);
+    assert_eq!(intx_gsi(0), 16);
+    assert_eq!(intx_gsi(200), 16 + 199 % 4);
+}
+
+#[test]
+fn kernels_before_6_12_lack_huge_pfnmap() {
+    assert_eq!(kernel_causes("6.12.0-1-amd64\n"), Vec::<String>::new());
+    assert_eq!(kernel_causes("7.0.1"), Vec::<String>::new());
+    assert!(kernel_causes("6.1.0-28-amd64")[0].contains("6.1.0-28-amd64"));
+    assert!(kernel_causes("5.15.0")[0].contains("huge pfnmap"));
+    assert_eq!(kernel_causes(""), Vec::<String>::new());
+}
+
+#[test]
+fn a_misaligned_host_resource_is_a_cause() {
+    // BAR2 at 0x3800_0020_0000: 2 MiB aligned only.
+    let root = fake_sysfs("glue", 0x3800_0020_0000);
+    let rig = Rig::with(small_device(b""));
+    let setup = rig.open(&format!("vfio={BDF}"));
+    let mut placement = placement(&plan_for(&[&setup])[0], 2).clone();
+    placement.areas[0].page_size = PageSize::Size1G;
+    let causes = host_bar_causes(BDF, &placement, &root);
+    assert_eq!(causes.len(), 1);
+    assert!(causes[0].contains("0x380000200000"), "{causes:?}");
+    placement.areas[0].page_size = PageSize::Size2M;
+    assert!(host_bar_causes(BDF, &placement, &root).is_empty());
+    assert!(host_bar_causes(OTHER_BDF, &placement, &root).is_empty());
+    std::fs::remove_dir_all(&root).unwrap();
+}
