@@ -74,7 +74,6 @@ pub enum BuildError {
     Host {
         /// What was being created.
         what: &'static str,
-        /// Why.
         source: io::Error,
     },
 }

@@ -59,14 +59,10 @@ const EXTENDED_START: u16 = 0x100;
 pub enum VfioDeviceError {
     /// The plan places a BAR the device does not have.
     #[error("the plan places BAR {index}, which the device does not implement; plan the device from its own probe")]
-    UnknownBar {
-        /// The BAR index.
-        index: u8,
-    },
+    UnknownBar { index: u8 },
     /// The plan's size for a BAR is not the device's.
     #[error("the plan gives BAR {index} {planned:#x} bytes but the device's BAR has {actual:#x}; plan the device from its own probe")]
     SizeMismatch {
-        /// The BAR index.
         index: u8,
         /// Size in the plan.
         planned: u64,

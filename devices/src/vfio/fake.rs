@@ -77,7 +77,6 @@ pub struct FakeWrite {
     pub region: u32,
     /// Offset inside the region.
     pub offset: u64,
-    /// The bytes.
     pub data: Vec<u8>,
 }
 
@@ -104,17 +103,9 @@ struct State {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FakeIrqCall {
     /// `irq_enable(index, fds)` with `count` fds.
-    Enable {
-        /// The IRQ index.
-        index: u32,
-        /// How many fds.
-        count: usize,
-    },
+    Enable { index: u32, count: usize },
     /// `irq_disable(index)`.
-    Disable {
-        /// The IRQ index.
-        index: u32,
-    },
+    Disable { index: u32 },
     /// `intx_unmask_on(fd)`.
     IntxUnmaskOn,
 }
@@ -124,25 +115,15 @@ pub enum FakeIrqCall {
 pub enum FakeEvent {
     /// A configuration space write reached device `bdf`.
     ConfigWrite {
-        /// The device.
         bdf: String,
         /// Offset in configuration space.
         offset: u64,
-        /// The bytes.
         data: Vec<u8>,
     },
     /// VFIO IRQ `index` of device `bdf` was disabled.
-    IrqDisable {
-        /// The device.
-        bdf: String,
-        /// The IRQ index.
-        index: u32,
-    },
+    IrqDisable { bdf: String, index: u32 },
     /// Device `bdf` was closed (its last handle dropped).
-    Closed {
-        /// The device.
-        bdf: String,
-    },
+    Closed { bdf: String },
     /// `[hva, hva + size)` was mapped for DMA at `iova`.
     DmaMap {
         /// IO virtual address.

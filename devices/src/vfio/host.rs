@@ -94,36 +94,23 @@ pub enum HostError {
     Preflight(#[from] PreflightError),
     /// `--vfio-backend iommufd` but the kernel does not offer it.
     #[error("cannot use iommufd for {bdf}: {reason}; use --vfio-backend legacy (or auto)")]
-    IommufdUnavailable {
-        /// The device.
-        bdf: String,
-        /// What is missing.
-        reason: String,
-    },
+    IommufdUnavailable { bdf: String, reason: String },
     /// Another process holds the group or device.
     #[error("PCI device {bdf} is already in use: {} is held by another process (another VM?); find it with `fuser -v {}`", path.display(), path.display())]
     InUse {
-        /// The device.
         bdf: String,
         /// The group or cdev file.
         path: PathBuf,
     },
     /// No permission on a VFIO file.
     #[error("no permission to open {}: run barge as root, or give your user access to it (chown)", path.display())]
-    Permission {
-        /// The file.
-        path: PathBuf,
-    },
+    Permission { path: PathBuf },
     /// A VFIO file is missing.
     #[error("{} does not exist: load the VFIO driver with `modprobe vfio-pci` (and `modprobe iommufd` for the iommufd backend)", path.display())]
-    Missing {
-        /// The file.
-        path: PathBuf,
-    },
+    Missing { path: PathBuf },
     /// Another VFIO failure.
     #[error("VFIO {what} failed for {bdf}: {source}")]
     Vfio {
-        /// The device.
         bdf: String,
         /// What was being done.
         what: &'static str,
@@ -145,9 +132,7 @@ pub enum HostError {
         what: &'static str,
         /// The IO virtual (guest physical) address.
         iova: u64,
-        /// The size.
         size: u64,
-        /// The error.
         source: VfioError,
     },
 }

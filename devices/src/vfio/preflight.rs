@@ -53,7 +53,6 @@ pub enum PreflightError {
     /// No such device in sysfs.
     #[error("no PCI device {bdf} ({} does not exist): list devices with `lspci -D`", path.display())]
     NoSuchDevice {
-        /// The device.
         bdf: String,
         /// The directory looked for.
         path: PathBuf,
@@ -66,51 +65,32 @@ pub enum PreflightError {
         match driver { Some(driver) => format!("bound to {driver}"), None => "not bound to any driver".to_string() },
         match driver { Some(_) => format!("echo {bdf} > /sys/bus/pci/devices/{bdf}/driver/unbind; "), None => String::new() }
     )]
-    NotBoundToVfio {
-        /// The device.
-        bdf: String,
-        /// Its current driver.
-        driver: Option<String>,
-    },
+    NotBoundToVfio { bdf: String, driver: Option<String> },
     /// No `iommu_group` link.
     #[error("PCI device {bdf} has no IOMMU group: the host IOMMU is off or missing; enable VT-d/AMD-Vi in the firmware and boot with intel_iommu=on (Intel) or amd_iommu=on, then check `dmesg | grep -i -e DMAR -e IOMMU`")]
-    NoIommuGroup {
-        /// The device.
-        bdf: String,
-    },
+    NoIommuGroup { bdf: String },
     /// /dev/vfio missing.
     #[error("{} does not exist: load the VFIO driver with `modprobe vfio-pci`", path.display())]
-    NoVfioDir {
-        /// The directory.
-        path: PathBuf,
-    },
+    NoVfioDir { path: PathBuf },
     /// The group is not viable.
     #[error(
         "IOMMU group {group} of {bdf} is not viable: every device in it must be bound to vfio-pci (or to no driver); the others are: {}; bind them to vfio-pci too",
         describe_members(others)
     )]
     GroupNotViable {
-        /// The device.
         bdf: String,
-        /// The group.
         group: u32,
         /// The other devices of the group and their drivers.
         others: Vec<GroupMember>,
     },
     /// A sysfs entry could not be read.
     #[error("cannot read {}: {source}", path.display())]
-    Read {
-        /// The entry.
-        path: PathBuf,
-        /// The error.
-        source: io::Error,
-    },
+    Read { path: PathBuf, source: io::Error },
 }
 
 /// A device of an IOMMU group.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GroupMember {
-    /// Its BDF.
     pub bdf: String,
     /// Its driver, if bound.
     pub driver: Option<String>,

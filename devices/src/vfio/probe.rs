@@ -32,10 +32,7 @@ pub enum ProbeError {
     },
     /// A 64-bit BAR in the last register.
     #[error("BAR {index} claims to be 64-bit but is the last BAR register; the device's config space is inconsistent")]
-    Bad64BitBar {
-        /// The BAR index.
-        index: u8,
-    },
+    Bad64BitBar { index: u8 },
 }
 
 /// One implemented BAR of the device.

@@ -37,12 +37,7 @@ pub enum KvmError {
     PermissionDenied(PathBuf),
     /// Any other error opening the device node.
     #[error("cannot open {path}: {source}")]
-    Open {
-        /// The device node.
-        path: PathBuf,
-        /// Why.
-        source: io::Error,
-    },
+    Open { path: PathBuf, source: io::Error },
     /// KVM_SET_USER_MEMORY_REGION failed.
     #[error("cannot map guest memory slot {slot} ({gpa:#x}+{size:#x}) into KVM: {source}")]
     MemorySlot {
@@ -52,7 +47,6 @@ pub enum KvmError {
         gpa: u64,
         /// Size.
         size: u64,
-        /// Why.
         source: io::Error,
     },
     /// Deleting a memslot failed.
@@ -60,7 +54,6 @@ pub enum KvmError {
     RemoveSlot {
         /// Slot number.
         slot: u32,
-        /// Why.
         source: io::Error,
     },
 }

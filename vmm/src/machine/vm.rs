@@ -52,7 +52,6 @@ pub enum VmError {
     /// A KVM ioctl failed.
     #[error("{what} failed: {source}")]
     Ioctl {
-        /// Which operation.
         what: &'static str,
         /// KVM's error.
         source: kvm_ioctls::Error,
@@ -60,7 +59,6 @@ pub enum VmError {
     /// KVM accepted only some MSRs.
     #[error("vcpu{vcpu}: KVM accepted {set} of {total} boot MSRs")]
     Msrs {
-        /// The vCPU.
         vcpu: u8,
         /// How many were set.
         set: usize,
@@ -72,12 +70,7 @@ pub enum VmError {
     SerialIrq(kvm_ioctls::Error),
     /// Starting a vCPU thread failed.
     #[error("cannot start vcpu{vcpu}: {source}")]
-    Thread {
-        /// The vCPU.
-        vcpu: u8,
-        /// Why.
-        source: std::io::Error,
-    },
+    Thread { vcpu: u8, source: std::io::Error },
     /// The event loop could not be set up.
     #[error(transparent)]
     EventLoop(#[from] EventLoopError),
@@ -270,7 +263,6 @@ pub struct BuiltVm {
 /// How one run ended.
 #[derive(Debug)]
 pub struct VmRun {
-    /// Why it stopped.
     pub cause: StopCause,
     /// When the first KVM_RUN was issued.
     pub first_run: Option<Instant>,

@@ -60,7 +60,6 @@ pub enum BarMappingError {
         index: u8,
         /// BAR size.
         size: u64,
-        /// Why.
         source: MappingError,
     },
     /// KVM refused a memslot.
@@ -70,7 +69,6 @@ pub enum BarMappingError {
         device: String,
         /// BAR index.
         index: u8,
-        /// Why.
         source: KvmError,
     },
 }

@@ -42,29 +42,21 @@ pub enum ShmemError {
     /// The memfd could not be created.
     #[error("{request}: cannot create the {} memfd: {source}", format_option_size(*size))]
     Memfd {
-        /// The option value.
         request: String,
-        /// Its size.
         size: u64,
-        /// Why.
         source: std::io::Error,
     },
     /// The file could not be opened, created or sized.
     #[error("{request}: cannot use {}: {source}", path.display())]
     File {
-        /// The option value.
         request: String,
-        /// The file.
         path: PathBuf,
-        /// Why.
         source: std::io::Error,
     },
     /// `hugepages=` with a file that is not on hugetlbfs.
     #[error("{request}: {} is not on a hugetlbfs mount, so hugepages={hugepages} cannot apply; put it under a hugetlbfs mount (e.g. mount -t hugetlbfs -o pagesize={hugepages} none /dev/hugepages) or drop path=", path.display())]
     NotHugetlbfs {
-        /// The option value.
         request: String,
-        /// The file.
         path: PathBuf,
         /// The page size asked for.
         hugepages: HugePageSize,

@@ -45,7 +45,6 @@ pub enum DmaError {
     OutsideMapping {
         /// The area's guest physical address.
         gpa: u64,
-        /// Its size.
         size: u64,
     },
 }

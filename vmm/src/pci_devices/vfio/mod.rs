@@ -95,28 +95,16 @@ pub enum PassthroughError {
     Host(#[from] HostError),
     /// The device's config space or regions are unusable.
     #[error("PCI device {bdf}: {source}")]
-    Probe {
-        /// The device.
-        bdf: String,
-        /// What is wrong.
-        source: ProbeError,
-    },
+    Probe { bdf: String, source: ProbeError },
     /// The plan does not fit the device.
     #[error("PCI device {bdf}: {source}")]
     Plan {
-        /// The device.
         bdf: String,
-        /// What is wrong.
         source: VfioDeviceError,
     },
     /// The device's interrupts cannot be set up.
     #[error("PCI device {bdf}: {source}")]
-    Interrupts {
-        /// The device.
-        bdf: String,
-        /// Why.
-        source: InterruptError,
-    },
+    Interrupts { bdf: String, source: InterruptError },
     /// Memory cannot be mapped for the devices' DMA.
     #[error(transparent)]
     Dma(#[from] DmaError),
