@@ -65,7 +65,7 @@ PCI_CONFIG_PORT, PCI_CONFIG_PORT_COUNT = 0xCF8, 8
 PCIE_ECAM_START, PCIE_ECAM_SIZE = 0xE000_0000, 0x1000_0000
 ECAM_DECODED_SIZE = 1 << 20
 CONFIG_ADDRESS_MASK = 0x80FF_FFFC
-# devices/src/vfio/fake.rs, FakeVfioBackend::gpu_like()
+# devices/src/vfio/fake.rs, FakeVfioDevice::gpu_like()
 FAKE_MSIX_TABLE = (0, 0xB9_0000)
 FAKE_MSIX_PBA = (0, 0xBA_0000)
 
