@@ -418,6 +418,8 @@ pub fn read_cmdline(mem: &GuestMemoryMmap) -> Option<String> {
 mod tests {
     use std::io::Write;
 
+    use guest_programs::elf::Vmlinux;
+
     use super::*;
 
     fn mem(size: u64) -> GuestMemoryMmap {
@@ -431,34 +433,6 @@ mod tests {
         let mut f = File::create(&path).unwrap();
         f.write_all(bytes).unwrap();
         path
-    }
-
-    /// A minimal ELF64 with one PT_LOAD segment of `code` at `paddr`.
-    fn elf_image(paddr: u64, code: &[u8], memsz: u64) -> Vec<u8> {
-        let mut img = vec![0u8; 0x1000];
-        img[0..4].copy_from_slice(b"\x7fELF");
-        img[4] = 2; // ELFCLASS64
-        img[5] = 1; // little endian
-        img[6] = 1; // EV_CURRENT
-        img[0x10..0x12].copy_from_slice(&2u16.to_le_bytes()); // ET_EXEC
-        img[0x12..0x14].copy_from_slice(&0x3eu16.to_le_bytes()); // x86-64
-        img[0x14..0x18].copy_from_slice(&1u32.to_le_bytes());
-        img[0x18..0x20].copy_from_slice(&paddr.to_le_bytes()); // e_entry
-        img[0x20..0x28].copy_from_slice(&64u64.to_le_bytes()); // e_phoff
-        img[0x34..0x36].copy_from_slice(&64u16.to_le_bytes()); // e_ehsize
-        img[0x36..0x38].copy_from_slice(&56u16.to_le_bytes()); // e_phentsize
-        img[0x38..0x3a].copy_from_slice(&1u16.to_le_bytes()); // e_phnum
-        let ph = &mut img[64..120];
-        ph[0..4].copy_from_slice(&1u32.to_le_bytes()); // PT_LOAD
-        ph[4..8].copy_from_slice(&5u32.to_le_bytes()); // R+X
-        ph[8..16].copy_from_slice(&0x1000u64.to_le_bytes()); // p_offset
-        ph[16..24].copy_from_slice(&paddr.to_le_bytes()); // p_vaddr
-        ph[24..32].copy_from_slice(&paddr.to_le_bytes()); // p_paddr
-        ph[32..40].copy_from_slice(&(code.len() as u64).to_le_bytes()); // p_filesz
-        ph[40..48].copy_from_slice(&memsz.to_le_bytes()); // p_memsz
-        ph[48..56].copy_from_slice(&0x1000u64.to_le_bytes());
-        img.extend_from_slice(code);
-        img
     }
 
     /// A fake bzImage: boot sector + setup sectors, then a payload.
@@ -477,7 +451,7 @@ mod tests {
     #[test]
     fn elf_without_pvh_note_enters_64bit_at_e_entry() {
         let m = mem(16 << 20);
-        let path = temp_file("elf64", &elf_image(0x100000, &[0xf4, 0x90], 2));
+        let path = temp_file("elf64", &Vmlinux::new(&[0xf4, 0x90]).memsz(2).to_bytes());
         let k = load_kernel(&m, &path).unwrap();
         assert_eq!(k.format, KernelFormat::Elf);
         assert_eq!(k.entry, KernelEntry::Linux64 { addr: 0x100000 });
@@ -490,7 +464,7 @@ mod tests {
     #[test]
     fn elf_segment_beyond_memory_is_too_big() {
         let m = mem(16 << 20);
-        let path = temp_file("elf-big", &elf_image(0x100000, &[0x90], 32 << 20));
+        let path = temp_file("elf-big", &Vmlinux::new(&[0x90]).memsz(32 << 20).to_bytes());
         let err = load_kernel(&m, &path).unwrap_err();
         assert!(matches!(err, LoadError::KernelTooBig { .. }), "{err}");
         assert!(err.to_string().contains("does not fit"));
