@@ -88,7 +88,7 @@ mod tests {
 
     // The process-wide slot is left alone here: a pending signal would stop
     // every other test's event loop. The integration test
-    // (vmm/tests/signals.rs) sends real signals to a `barge` process.
+    // (vmm/cli/tests/signals.rs) sends real signals to a `barge` process.
 
     #[test]
     fn first_recorded_signal_wins() {
