@@ -259,16 +259,15 @@ mod tests {
     /// alike.
     #[test]
     fn every_set_and_delete_of_a_slot_is_counted() {
+        if !guest_programs::testing::kvm_or_skip("every_set_and_delete_of_a_slot_is_counted") {
+            return;
+        }
         // Declared before the VM, so the VM (and its slot) goes first.
         let ram = memory::create_guest_memory(&[(0, 2 << 20)], &MemoryConfig::default())
             .expect("anonymous guest memory");
-        let vm = match Kvm::new().and_then(|kvm| kvm.create_vm()) {
-            Ok(vm) => vm,
-            Err(e) => {
-                eprintln!("skipping: /dev/kvm is not usable here ({e})");
-                return;
-            }
-        };
+        let vm = Kvm::new()
+            .and_then(|kvm| kvm.create_vm())
+            .expect("/dev/kvm (kvm_or_skip checked it)");
         let host = ram.memory.get_host_address(GuestAddress(0)).unwrap() as u64;
         let log = MemslotLog::new();
         let set = |gpa: u64, size: u64| {

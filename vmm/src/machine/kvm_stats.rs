@@ -400,13 +400,10 @@ mod tests {
     /// Needs /dev/kvm: reads the real VM statistics of an empty VM.
     #[test]
     fn real_kvm_vm_stats_have_page_counters() {
-        let kvm = match kvm_ioctls::Kvm::new() {
-            Ok(kvm) => kvm,
-            Err(e) => {
-                eprintln!("skipping: /dev/kvm is not usable here ({e})");
-                return;
-            }
-        };
+        if !guest_programs::testing::kvm_or_skip("real_kvm_vm_stats_have_page_counters") {
+            return;
+        }
+        let kvm = kvm_ioctls::Kvm::new().expect("/dev/kvm (kvm_or_skip checked it)");
         let vm = kvm.create_vm().expect("create a VM");
         let stats_fd = match KvmStatsFd::open(&vm) {
             Ok(fd) => fd,

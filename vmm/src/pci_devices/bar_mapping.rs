@@ -857,13 +857,12 @@ mod tests {
     /// `kvm::map_guest_memory` shows in the BAR's `slot_updates`.
     #[test]
     fn slot_updates_count_every_set_of_the_bars_slots() {
-        let vm = match kvm_ioctls::Kvm::new().and_then(|kvm| kvm.create_vm()) {
-            Ok(vm) => vm,
-            Err(e) => {
-                eprintln!("skipping: /dev/kvm is not usable here ({e})");
-                return;
-            }
-        };
+        if !guest_programs::testing::kvm_or_skip("slot_updates_count_every_set_of_the_bars_slots") {
+            return;
+        }
+        let vm = kvm_ioctls::Kvm::new()
+            .and_then(|kvm| kvm.create_vm())
+            .expect("/dev/kvm (kvm_or_skip checked it)");
         // A 4 MiB BAR with two mmap-able areas: [0, 1 MiB) and [2, 4 MiB).
         let ram = resources::ram_regions(512 << 20).unwrap();
         let windows = Windows::new(&ram, 46).unwrap();

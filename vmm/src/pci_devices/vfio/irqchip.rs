@@ -131,6 +131,11 @@ mod tests {
 
     #[test]
     fn the_chip_routes_and_wires_irqfds_on_the_shared_vm() {
+        if !guest_programs::testing::kvm_or_skip(
+            "the_chip_routes_and_wires_irqfds_on_the_shared_vm",
+        ) {
+            return;
+        }
         let vm = Arc::new(vm::create_vm(&kvm::open_kvm().unwrap()).unwrap());
         let chip = KvmIrqChip::new(Arc::clone(&vm));
         assert!(chip.gsi_limit() > IOAPIC_PINS);

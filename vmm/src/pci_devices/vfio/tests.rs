@@ -203,6 +203,11 @@ fn on_bus(attached: &mut AttachedDevice) -> Buses {
 
 #[test]
 fn bars_are_placed_at_the_planned_gpa_and_hva_and_mapped_at_their_region_offset() {
+    if !guest_programs::testing::kvm_or_skip(
+        "bars_are_placed_at_the_planned_gpa_and_hva_and_mapped_at_their_region_offset",
+    ) {
+        return;
+    }
     let mut rig = Rig::with(small_device(b"BARGE"));
     let (attached, plan) = rig.attach(rig.open(&format!("vfio={BDF}")));
     let bars: Vec<u8> = attached
@@ -249,6 +254,9 @@ fn bars_are_placed_at_the_planned_gpa_and_hva_and_mapped_at_their_region_offset(
 
 #[test]
 fn bar_align_caps_move_the_hva_phase() {
+    if !guest_programs::testing::kvm_or_skip("bar_align_caps_move_the_hva_phase") {
+        return;
+    }
     let mut rig = Rig::with(small_device(b""));
     let (attached, _plan) = rig.attach(rig.open(&format!("vfio={BDF},bar-align=4k")));
     let bar2 = bar(&attached, 2);
@@ -263,6 +271,11 @@ fn bar_align_caps_move_the_hva_phase() {
 
 #[test]
 fn sub_page_bars_the_msix_pages_and_sparse_holes_trap_and_reach_the_device() {
+    if !guest_programs::testing::kvm_or_skip(
+        "sub_page_bars_the_msix_pages_and_sparse_holes_trap_and_reach_the_device",
+    ) {
+        return;
+    }
     let sparse = small_device(b"").with_region(
         2,
         FakeRegion::mmap(64 * MIB).sparse(vec![
@@ -316,6 +329,9 @@ fn sub_page_bars_the_msix_pages_and_sparse_holes_trap_and_reach_the_device() {
 
 #[test]
 fn the_guest_sees_the_planned_bars_in_config_space() {
+    if !guest_programs::testing::kvm_or_skip("the_guest_sees_the_planned_bars_in_config_space") {
+        return;
+    }
     let mut rig = Rig::with(small_device(b""));
     let (mut attached, plan) = rig.attach(rig.open(&format!("vfio={BDF}")));
     let mut value = [0u8; 4];
@@ -328,6 +344,11 @@ fn the_guest_sees_the_planned_bars_in_config_space() {
 
 #[test]
 fn intx_is_wired_at_attach_and_msix_vectors_route_through_kvm() {
+    if !guest_programs::testing::kvm_or_skip(
+        "intx_is_wired_at_attach_and_msix_vectors_route_through_kvm",
+    ) {
+        return;
+    }
     let mut rig = Rig::with(small_device(b""));
     let setup = rig.open(&format!("vfio={BDF}"));
     let fake = Arc::clone(setup.device());
@@ -366,6 +387,9 @@ fn intx_is_wired_at_attach_and_msix_vectors_route_through_kvm() {
 
 #[test]
 fn without_a_router_the_device_gets_no_interrupts() {
+    if !guest_programs::testing::kvm_or_skip("without_a_router_the_device_gets_no_interrupts") {
+        return;
+    }
     let host = FakeVfioHost::new().with_device(BDF, small_device(b""));
     let mut rig = Rig::with(small_device(b""));
     rig.host = SharedVfioHost::new(host, None);
@@ -375,6 +399,11 @@ fn without_a_router_the_device_gets_no_interrupts() {
 
 #[test]
 fn guest_ram_is_mapped_once_at_its_gpa_and_goes_with_the_last_device() {
+    if !guest_programs::testing::kvm_or_skip(
+        "guest_ram_is_mapped_once_at_its_gpa_and_goes_with_the_last_device",
+    ) {
+        return;
+    }
     let host = FakeVfioHost::new()
         .with_device(BDF, small_device(b""))
         .with_device(OTHER_BDF, small_device(b""));
@@ -421,6 +450,9 @@ fn guest_ram_is_mapped_once_at_its_gpa_and_goes_with_the_last_device() {
 
 #[test]
 fn p2p_maps_every_bar_area_at_its_gpa_unless_off() {
+    if !guest_programs::testing::kvm_or_skip("p2p_maps_every_bar_area_at_its_gpa_unless_off") {
+        return;
+    }
     for (p2p, bar_maps) in [("on", true), ("auto", true), ("off", false)] {
         let mut rig = Rig::with(small_device(b""));
         let (attached, _plan) = rig.attach(rig.open(&format!("vfio={BDF},p2p={p2p}")));
@@ -437,6 +469,11 @@ fn p2p_maps_every_bar_area_at_its_gpa_unless_off() {
 
 #[test]
 fn a_refused_p2p_mapping_is_a_warning_with_auto_and_an_error_with_on() {
+    if !guest_programs::testing::kvm_or_skip(
+        "a_refused_p2p_mapping_is_a_warning_with_auto_and_an_error_with_on",
+    ) {
+        return;
+    }
     // The IOMMU maps RAM but refuses everything above it (the BARs).
     let refusing = || {
         FakeVfioHost::new()
@@ -480,6 +517,9 @@ fn fake_sysfs(name: &str, bar2_start: u64) -> PathBuf {
 
 #[test]
 fn shortfall_causes_say_what_vfio_and_the_host_limit() {
+    if !guest_programs::testing::kvm_or_skip("shortfall_causes_say_what_vfio_and_the_host_limit") {
+        return;
+    }
     // BAR2 cannot be mmap'ed: it traps whole, and says so.
     let mut rig = Rig::with(small_device(b"").with_region(2, FakeRegion::trapped(64 * MIB)));
     let (attached, _plan) = rig.attach(rig.open(&format!("vfio={BDF}")));
@@ -513,6 +553,11 @@ fn shortfall_causes_say_what_vfio_and_the_host_limit() {
 
 #[test]
 fn teardown_stops_dma_unmaps_frees_the_bars_then_closes_and_releases() {
+    if !guest_programs::testing::kvm_or_skip(
+        "teardown_stops_dma_unmaps_frees_the_bars_then_closes_and_releases",
+    ) {
+        return;
+    }
     let mut rig = Rig::with(small_device(b""));
     let setup = rig.open(&format!("vfio={BDF},p2p=on"));
     let fake = Arc::clone(setup.device());
@@ -598,6 +643,11 @@ fn teardown_stops_dma_unmaps_frees_the_bars_then_closes_and_releases() {
 
 #[test]
 fn a_plan_for_another_device_is_refused_and_the_device_closed() {
+    if !guest_programs::testing::kvm_or_skip(
+        "a_plan_for_another_device_is_refused_and_the_device_closed",
+    ) {
+        return;
+    }
     let mut rig = Rig::with(small_device(b""));
     let setup = rig.open(&format!("vfio={BDF}"));
     let mut plan = plan_for(&[&setup]).remove(0);
@@ -612,6 +662,9 @@ fn a_plan_for_another_device_is_refused_and_the_device_closed() {
 
 #[test]
 fn open_errors_name_the_device() {
+    if !guest_programs::testing::kvm_or_skip("open_errors_name_the_device") {
+        return;
+    }
     let rig = Rig::with(FakeVfioDevice::new(&[0xff; 64]));
     let config = format!("vfio={BDF}").parse().unwrap();
     let error = VfioSetup::open(&config, &rig.host, Path::new("/nonexistent"))
@@ -645,6 +698,9 @@ fn kernels_before_6_12_lack_huge_pfnmap() {
 
 #[test]
 fn a_misaligned_host_resource_is_a_cause() {
+    if !guest_programs::testing::kvm_or_skip("a_misaligned_host_resource_is_a_cause") {
+        return;
+    }
     // BAR2 at 0x3800_0020_0000: 2 MiB aligned only.
     let root = fake_sysfs("glue", 0x3800_0020_0000);
     let rig = Rig::with(small_device(b""));
