@@ -9,9 +9,10 @@ use barge_tests::lab::setup::{self, SetupOptions};
 use barge_tests::lab::{parse_size, LabError, LabPaths};
 use clap::{Parser, Subcommand};
 
-/// The lab: a Linux 6.12 host with KVM (AMD SVM + NPT), vfio-pci with huge
-/// pfnmap faults and an emulated IOMMU, booted under QEMU full emulation in a
-/// few seconds. barge runs inside it against real vfio-pci devices.
+/// The lab: a Linux 6.12 host (or trixie-backports' 7.x: `run --host-kernel`)
+/// with KVM (AMD SVM + NPT), vfio-pci with huge pfnmap faults and an
+/// emulated IOMMU, booted under QEMU full emulation in a few seconds. barge
+/// runs inside it against real vfio-pci devices.
 #[derive(Parser)]
 #[command(name = "barge-lab", version)]
 struct Cli {
@@ -23,7 +24,8 @@ struct Cli {
 enum LabCommand {
     /// Install QEMU and SeaBIOS from bookworm-backports, busybox-static, and
     /// cache the current bookworm-backports cloud kernel with its modules,
-    /// and the generic kernel of the same version with e1000e (under
+    /// the generic kernel of the same version with e1000e, and the current
+    /// trixie-backports cloud kernel as a second host kernel (under
     /// $BARGE_LAB_DIR, default target/lab). Idempotent; offline once cached.
     /// Without apt, give the files by hand.
     Setup {
@@ -46,6 +48,14 @@ enum LabCommand {
         /// The folder holding that kernel's modules, e1000e among them.
         #[arg(long, value_name = "DIR")]
         generic_modules: Option<PathBuf>,
+        /// The second host kernel's bzImage to use instead of
+        /// trixie-backports' (needs --trixie-modules); `run --host-kernel`
+        /// names it by its version or as trixie-backports.
+        #[arg(long, value_name = "BZIMAGE")]
+        trixie_kernel: Option<PathBuf>,
+        /// The folder holding that kernel's modules (searched recursively).
+        #[arg(long, value_name = "DIR")]
+        trixie_modules: Option<PathBuf>,
         /// Resolve and download the kernel again even when one is cached.
         #[arg(long)]
         refresh: bool,
@@ -98,6 +108,11 @@ enum LabCommand {
         /// binding it to vfio-pci. Repeatable.
         #[arg(long = "host-driver", value_name = "NAME")]
         host_drivers: Vec<String>,
+        /// The host kernel: `6.12` (bookworm-backports, the default) or
+        /// `7.3` (trixie-backports; also by its suite's name), a version's
+        /// start up to a dot. The guest kernel under /lab/guest stays 6.12.
+        #[arg(long, value_name = "VERSION")]
+        host_kernel: Option<String>,
         /// The command: its words are joined with spaces and run by the lab
         /// host's shell (as ssh does), so `$LAB_IVSHMEM0`, pipes and `&&`
         /// work when quoted for the outer shell.
@@ -117,6 +132,8 @@ fn main() -> ExitCode {
             busybox,
             generic_kernel,
             generic_modules,
+            trixie_kernel,
+            trixie_modules,
             refresh,
         } => {
             let options = SetupOptions {
@@ -126,6 +143,8 @@ fn main() -> ExitCode {
                 busybox,
                 generic_kernel,
                 generic_modules,
+                trixie_kernel,
+                trixie_modules,
                 refresh,
             };
             match setup::setup(&paths, &options) {
@@ -147,6 +166,7 @@ fn main() -> ExitCode {
             no_iommu,
             bridge,
             host_drivers,
+            host_kernel,
             command,
         } => {
             let script = match (script, command.is_empty()) {
@@ -180,6 +200,7 @@ fn main() -> ExitCode {
                 iommu: !no_iommu,
                 bridge,
                 host_drivers,
+                host_kernel,
             };
             match run::run(&paths, &options) {
                 Ok(outcome) => {

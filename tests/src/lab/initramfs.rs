@@ -1,12 +1,13 @@
-//! The two busybox initramfs images of the lab: the lab host's (modules,
-//! barge and the test programs, the guest's kernel and initramfs, the
-//! command to run) and the guest's that barge boots inside the lab.
+//! The two busybox initramfs images of the lab: the lab host's (its
+//! kernel's modules, barge and the test programs, the guest's kernel and
+//! initramfs, the command to run) and the guest's that barge boots inside
+//! the lab. Whichever kernel the host boots, the guest's is the main one.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use super::cpio::{Archive, Entry};
-use super::{GenericKernel, LabError, LabState, HOST_MODULES};
+use super::{GenericKernel, HostKernel, LabError, LabState};
 
 /// Marker lines the host's init prints on its console (ttyS0).
 pub const READY_MARKER: &str = "BARGE-LAB-READY";
@@ -125,8 +126,9 @@ echo "BARGE-LAB-EXIT $status"
 results $status
 "#;
 
-fn host_init() -> String {
-    HOST_INIT.replace("MODULES", &HOST_MODULES.join(" "))
+/// The host's init, loading `modules` in this order.
+fn host_init(modules: &[String]) -> String {
+    HOST_INIT.replace("MODULES", &modules.join(" "))
 }
 
 fn busybox_archive(state: &LabState, init: &str) -> Result<Archive, LabError> {
@@ -184,10 +186,16 @@ pub struct HostContents<'a> {
     pub command_script: &'a str,
 }
 
-pub fn host_initramfs(state: &LabState, contents: &HostContents) -> Result<Vec<u8>, LabError> {
-    let mut archive = busybox_archive(state, &host_init())?;
-    for module in HOST_MODULES {
-        let path = state.modules_dir.join(format!("{module}.ko"));
+/// The lab host's initramfs for `host`, its kernel (the modules are
+/// `host`'s; the guest kernel under /lab/guest stays the main one).
+pub fn host_initramfs(
+    state: &LabState,
+    host: &HostKernel,
+    contents: &HostContents,
+) -> Result<Vec<u8>, LabError> {
+    let mut archive = busybox_archive(state, &host_init(&host.modules))?;
+    for module in &host.modules {
+        let path = host.modules_dir.join(format!("{module}.ko"));
         let data = std::fs::read(&path).map_err(|e| LabError::io("cannot read", &path, e))?;
         archive.add_file(&format!("lib/modules/{module}.ko"), data, false);
     }
@@ -319,6 +327,7 @@ mod tests {
             qemu_version: "10.0.2".into(),
             busybox,
             generic: None,
+            more_host_kernels: Vec::new(),
         };
         let generic = GenericKernel {
             package: "g".into(),
@@ -347,7 +356,11 @@ mod tests {
 
     #[test]
     fn host_init_loads_modules_in_order() {
-        let init = host_init();
+        let modules: Vec<String> = super::super::HOST_MODULES
+            .iter()
+            .map(|m| m.to_string())
+            .collect();
+        let init = host_init(&modules);
         assert!(init.contains(
             "for m in irqbypass kvm kvm-amd vfio vfio_iommu_type1 vfio-pci-core vfio-pci; do"
         ));

@@ -30,10 +30,23 @@ pub const GENERIC_GUEST_MODULES: &[&str] = &["e1000e"];
 /// The command that sets the lab up, named in every "not set up" error.
 pub const SETUP_COMMAND: &str = "cargo run -p barge-tests --bin barge-lab -- setup";
 
+/// The name of the main host kernel (bookworm-backports' cloud kernel, 6.12),
+/// which is also the guests' kernel.
+pub const MAIN_HOST_KERNEL: &str = "bookworm-backports";
+/// The name of the second host kernel (trixie-backports' cloud kernel, 7.3
+/// when this was written), also when one is given by hand in its place.
+pub const TRIXIE_HOST_KERNEL: &str = "trixie-backports";
+
 #[derive(Debug, thiserror::Error)]
 pub enum LabError {
     #[error("the lab is not set up ({0} is missing): run `{SETUP_COMMAND}` first")]
     NotSetUp(PathBuf),
+    #[error(
+        "the lab is not set up with host kernel {wanted} (cached: {cached}): run \
+         `{SETUP_COMMAND}` (trixie-backports' kernel needs apt-get, or give one with \
+         --trixie-kernel BZIMAGE --trixie-modules DIR)"
+    )]
+    HostKernelNotCached { wanted: String, cached: String },
     #[error("cannot read the lab state {path}: {reason}; run `{SETUP_COMMAND}` again")]
     BadState { path: PathBuf, reason: String },
     #[error("{action} {path}: {source}")]
@@ -112,6 +125,17 @@ impl LabPaths {
         self.generic_dir().join("modules")
     }
 
+    /// Where a second host kernel (`trixie-backports`) is cached.
+    pub fn host_kernel_dir(&self, name: &str) -> PathBuf {
+        self.kernel_dir().join(name)
+    }
+
+    /// A private apt configuration for one suite (its sources, lists and
+    /// cache), for packages that are only unpacked.
+    pub fn apt_dir(&self, suite: &str) -> PathBuf {
+        self.root.join("apt").join(suite)
+    }
+
     pub fn runs_dir(&self) -> PathBuf {
         self.root.join("runs")
     }
@@ -135,6 +159,51 @@ pub struct LabState {
     /// from a lab set up before it existed, until `setup` runs again.
     #[serde(default)]
     pub generic: Option<GenericKernel>,
+    /// Host kernels besides the main one (trixie-backports' cloud kernel),
+    /// picked with `barge-lab run --host-kernel`; the guests keep the main
+    /// kernel. Empty in a lab set up before they existed, until `setup`
+    /// runs again.
+    #[serde(default)]
+    pub more_host_kernels: Vec<HostKernel>,
+}
+
+/// A kernel the lab host boots: its bzImage and the host modules.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct HostKernel {
+    /// The suite it comes from (`bookworm-backports`, `trixie-backports`),
+    /// also when it was given by hand in that one's place.
+    pub name: String,
+    pub package: String,
+    pub version: String,
+    pub bzimage: PathBuf,
+    pub modules_dir: PathBuf,
+    /// Module names in load order (dependencies first); each is
+    /// `modules_dir/NAME.ko`, decompressed.
+    pub modules: Vec<String>,
+}
+
+impl HostKernel {
+    /// Whether `wanted` names this kernel: its name, its version, or the
+    /// start of its version up to a `.`, `+` or `-` (`6.12`, `7.3`,
+    /// `7.3.4`; `6.1` is not `6.12`).
+    pub fn is_named(&self, wanted: &str) -> bool {
+        self.name == wanted
+            || self.version == wanted
+            || self
+                .version
+                .strip_prefix(wanted)
+                .is_some_and(|rest| rest.starts_with(['.', '+', '-']))
+    }
+
+    fn files(&self) -> Vec<PathBuf> {
+        std::iter::once(self.bzimage.clone())
+            .chain(
+                self.modules
+                    .iter()
+                    .map(|m| self.modules_dir.join(format!("{m}.ko"))),
+            )
+            .collect()
+    }
 }
 
 /// Debian's generic kernel of the cloud kernel's version: the cloud kernel
@@ -193,10 +262,55 @@ impl LabState {
         if let Some(generic) = &self.generic {
             needed.extend(generic.files());
         }
+        for host in &self.more_host_kernels {
+            needed.extend(host.files());
+        }
         match needed.into_iter().find(|p| !p.exists()) {
             Some(missing) => Err(LabError::NotSetUp(missing)),
             None => Ok(()),
         }
+    }
+
+    /// The main host kernel (also the guests' kernel) and the others.
+    pub fn host_kernels(&self) -> Vec<HostKernel> {
+        let main = HostKernel {
+            name: MAIN_HOST_KERNEL.into(),
+            package: self.kernel_package.clone(),
+            version: self.kernel_version.clone(),
+            bzimage: self.bzimage.clone(),
+            modules_dir: self.modules_dir.clone(),
+            modules: HOST_MODULES.iter().map(|m| m.to_string()).collect(),
+        };
+        std::iter::once(main)
+            .chain(self.more_host_kernels.iter().cloned())
+            .collect()
+    }
+
+    /// The host kernel `wanted` names (see [`HostKernel::is_named`]), or the
+    /// main one.
+    pub fn host_kernel(&self, wanted: Option<&str>) -> Result<HostKernel, LabError> {
+        let kernels = self.host_kernels();
+        let Some(wanted) = wanted else {
+            return Ok(kernels[0].clone());
+        };
+        kernels
+            .iter()
+            .find(|k| k.is_named(wanted))
+            .cloned()
+            .ok_or_else(|| LabError::HostKernelNotCached {
+                wanted: wanted.to_string(),
+                cached: kernels
+                    .iter()
+                    .map(|k| format!("{} ({})", k.version, k.name))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })
+    }
+
+    /// Puts `kernel` in place of the other host kernel of its name.
+    pub fn set_host_kernel(&mut self, kernel: HostKernel) {
+        self.more_host_kernels.retain(|k| k.name != kernel.name);
+        self.more_host_kernels.push(kernel);
     }
 
     pub fn save(&self, paths: &LabPaths) -> Result<(), LabError> {
@@ -304,6 +418,71 @@ mod tests {
             vec![
                 PathBuf::from("/g/bzImage"),
                 PathBuf::from("/g/modules/e1000e.ko")
+            ]
+        );
+    }
+
+    fn state_with_trixie() -> LabState {
+        let text = r#"{"kernel_package": "linux-image-6.12.95+deb12-cloud-amd64",
+            "kernel_version": "6.12.95+deb12-cloud-amd64", "bzimage": "/l/bzImage",
+            "modules_dir": "/l/modules", "qemu": "/usr/bin/qemu-system-x86_64",
+            "qemu_version": "10.0.2", "busybox": "/bin/busybox"}"#;
+        let mut state: LabState = serde_json::from_str(text).unwrap();
+        assert!(state.more_host_kernels.is_empty());
+        state.set_host_kernel(HostKernel {
+            name: TRIXIE_HOST_KERNEL.into(),
+            package: "linux-image-7.3.4+deb13-cloud-amd64".into(),
+            version: "7.3.4+deb13-cloud-amd64".into(),
+            bzimage: PathBuf::from("/l/trixie-backports/bzImage"),
+            modules_dir: PathBuf::from("/l/trixie-backports/modules"),
+            modules: vec!["irqbypass".into(), "kvm".into()],
+        });
+        state
+    }
+
+    #[test]
+    fn host_kernels_are_picked_by_version_or_name() {
+        let state = state_with_trixie();
+        let version = |wanted: Option<&str>| state.host_kernel(wanted).map(|k| k.version);
+        assert_eq!(version(None).unwrap(), "6.12.95+deb12-cloud-amd64");
+        assert_eq!(version(Some("6.12")).unwrap(), "6.12.95+deb12-cloud-amd64");
+        assert_eq!(
+            version(Some(MAIN_HOST_KERNEL)).unwrap(),
+            "6.12.95+deb12-cloud-amd64"
+        );
+        assert_eq!(version(Some("7.3")).unwrap(), "7.3.4+deb13-cloud-amd64");
+        assert_eq!(version(Some("7.3.4")).unwrap(), "7.3.4+deb13-cloud-amd64");
+        assert_eq!(
+            version(Some(TRIXIE_HOST_KERNEL)).unwrap(),
+            "7.3.4+deb13-cloud-amd64"
+        );
+        // A prefix ends where a version part does: 6.1 is not 6.12.
+        let err = version(Some("6.1")).unwrap_err().to_string();
+        assert!(err.contains("not set up with host kernel 6.1"), "{err}");
+        assert!(
+            err.contains("7.3.4+deb13-cloud-amd64 (trixie-backports)"),
+            "{err}"
+        );
+        assert!(err.contains(SETUP_COMMAND), "{err}");
+    }
+
+    #[test]
+    fn a_second_host_kernel_replaces_the_one_of_its_name_and_is_checked() {
+        let mut state = state_with_trixie();
+        let mut newer = state.more_host_kernels[0].clone();
+        newer.version = "7.4.1+deb13-cloud-amd64".into();
+        state.set_host_kernel(newer);
+        assert_eq!(state.more_host_kernels.len(), 1);
+        assert_eq!(
+            state.more_host_kernels[0].version,
+            "7.4.1+deb13-cloud-amd64"
+        );
+        assert_eq!(
+            state.more_host_kernels[0].files(),
+            vec![
+                PathBuf::from("/l/trixie-backports/bzImage"),
+                PathBuf::from("/l/trixie-backports/modules/irqbypass.ko"),
+                PathBuf::from("/l/trixie-backports/modules/kvm.ko"),
             ]
         );
     }

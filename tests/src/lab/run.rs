@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use base64::Engine;
 
 use super::initramfs::{self, HostContents};
-use super::{parse_size, LabError, LabPaths, LabState};
+use super::{parse_size, HostKernel, LabError, LabPaths, LabState};
 
 /// Exit status of a run that hit a deadline (as timeout(1)).
 pub const TIMEOUT_STATUS: i32 = 124;
@@ -90,6 +90,9 @@ pub struct RunOptions {
     pub bridge: bool,
     /// Devices (by name, e.g. `nvme0`) left with their host driver.
     pub host_drivers: Vec<String>,
+    /// The host kernel, by version (`6.12`, `7.3`) or name
+    /// (`trixie-backports`); the main one when `None`.
+    pub host_kernel: Option<String>,
 }
 
 impl Default for RunOptions {
@@ -106,6 +109,7 @@ impl Default for RunOptions {
             iommu: true,
             bridge: false,
             host_drivers: Vec::new(),
+            host_kernel: None,
         }
     }
 }
@@ -148,7 +152,7 @@ pub type DeviceAddresses = Vec<(String, String)>;
 
 /// The QEMU arguments and the address of each device.
 fn qemu_args(
-    state: &LabState,
+    host: &HostKernel,
     options: &RunOptions,
     run_dir: &Path,
     initrd: &Path,
@@ -198,7 +202,7 @@ fn qemu_args(
         "-m".into(),
         format!("{}M", options.memory >> 20),
         "-kernel".into(),
-        state.bzimage.to_string_lossy().into_owned(),
+        host.bzimage.to_string_lossy().into_owned(),
         "-initrd".into(),
         initrd.to_string_lossy().into_owned(),
         "-append".into(),
@@ -308,9 +312,10 @@ impl Drop for QemuGuard {
 
 pub fn run(paths: &LabPaths, options: &RunOptions) -> Result<RunOutcome, LabError> {
     let state = LabState::load(paths)?;
+    let host = state.host_kernel(options.host_kernel.as_deref())?;
     let run_dir = new_run_dir(paths)?;
     let initrd = run_dir.join("host-initramfs.cpio");
-    let (args, devices) = qemu_args(&state, options, &run_dir, &initrd)?;
+    let (args, devices) = qemu_args(&host, options, &run_dir, &initrd)?;
     // Without an IOMMU vfio-pci cannot bind: every device keeps its driver.
     let host_drivers: Vec<String> = if options.iommu {
         options.host_drivers.clone()
@@ -323,8 +328,9 @@ pub fn run(paths: &LabPaths, options: &RunOptions) -> Result<RunOutcome, LabErro
         host_drivers: &host_drivers,
         command_script: &options.script,
     };
-    let image = initramfs::host_initramfs(&state, &contents)?;
+    let image = initramfs::host_initramfs(&state, &host, &contents)?;
     std::fs::write(&initrd, image).map_err(|e| LabError::io("cannot write", &initrd, e))?;
+    eprintln!("barge-lab: host kernel {} ({})", host.version, host.name);
     for (name, bdf) in &devices {
         eprintln!("barge-lab: {name} at {bdf}");
     }

@@ -1,15 +1,18 @@
 //! `barge-lab setup`: installs what the lab needs on a Debian 12 machine
 //! (QEMU and SeaBIOS from bookworm-backports, busybox-static) and caches the
 //! current bookworm-backports cloud kernel with the modules the lab host loads,
-//! and the generic kernel of the same version with the modules its guests
-//! load (e1000e, which the cloud kernel lacks). It is idempotent, and offline
-//! once cached. Without apt, the files can be supplied by hand.
+//! the generic kernel of the same version with the modules its guests
+//! load (e1000e, which the cloud kernel lacks), and trixie-backports' current
+//! cloud kernel as a second host kernel (only unpacked, never installed). It
+//! is idempotent, and offline once cached. Without apt, the files can be
+//! supplied by hand.
 //!
 //! # Files
 //!
 //! - `mod.rs`: [`setup`] and its [`SetupOptions`], QEMU and busybox.
-//! - `apt_sources.rs`: adding bookworm-backports to the apt sources.
-//! - `kernel.rs`: the cloud and generic kernel packages.
+//! - `apt_sources.rs`: adding bookworm-backports to the apt sources, and
+//!   trixie-backports' private apt configuration.
+//! - `kernel.rs`: the cloud and generic kernel packages, whole or split.
 //! - `modules.rs`: finding, decompressing and ordering kernel modules.
 //! - `elf.rs`: the ELF section reader `.modinfo` is read with.
 
@@ -20,10 +23,13 @@ mod modules;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Instant;
 
 use self::apt_sources::{ensure_backports_source, BACKPORTS_SUITE};
-use self::kernel::{backports_kernel, describe_generic, generic_kernel, supplied_kernel};
-use super::{command_output, LabError, LabPaths, LabState, HOST_MODULES};
+use self::kernel::{
+    backports_kernel, describe_generic, generic_kernel, supplied_kernel, trixie_kernel,
+};
+use super::{command_output, LabError, LabPaths, LabState, HOST_MODULES, TRIXIE_HOST_KERNEL};
 
 const SYSTEM_QEMU: &str = "/usr/bin/qemu-system-x86_64";
 const SYSTEM_BUSYBOX: &str = "/bin/busybox";
@@ -41,26 +47,47 @@ pub struct SetupOptions {
     /// `generic_modules`).
     pub generic_kernel: Option<PathBuf>,
     pub generic_modules: Option<PathBuf>,
-    /// Re-resolve and re-download the kernel even when one is cached.
+    /// The second host kernel's bzImage, instead of trixie-backports' (needs
+    /// `trixie_modules`).
+    pub trixie_kernel: Option<PathBuf>,
+    pub trixie_modules: Option<PathBuf>,
+    /// Re-resolve and re-download the kernels even when they are cached.
     pub refresh: bool,
 }
 
 pub fn setup(paths: &LabPaths, options: &SetupOptions) -> Result<LabState, LabError> {
+    let started = Instant::now();
     std::fs::create_dir_all(&paths.root)
         .map_err(|e| LabError::io("cannot create", &paths.root, e))?;
     if !options.refresh && options.kernel.is_none() && options.qemu.is_none() {
         if let Ok(mut state) = LabState::load(paths) {
+            let mut changed = false;
             if state.generic.is_none() || options.generic_kernel.is_some() {
                 state.generic = generic_kernel(paths, options, &state.kernel_package, have_apt())?;
+                changed = true;
+            }
+            let has_trixie = state
+                .more_host_kernels
+                .iter()
+                .any(|k| k.name == TRIXIE_HOST_KERNEL);
+            if !has_trixie || options.trixie_kernel.is_some() || options.trixie_modules.is_some() {
+                if let Some(kernel) = trixie_kernel(paths, options, have_apt_get())? {
+                    state.set_host_kernel(kernel);
+                    changed = true;
+                }
+            }
+            if changed {
                 state.check()?;
                 state.save(paths)?;
             }
             eprintln!(
-                "barge-lab: already set up: kernel {} ({}), {}, QEMU {}",
+                "barge-lab: already set up: kernel {} ({}), {}, {}, QEMU {} ({:.1} s)",
                 state.kernel_version,
                 state.kernel_package,
                 describe_generic(&state.generic),
-                state.qemu_version
+                describe_more_hosts(&state),
+                state.qemu_version,
+                started.elapsed().as_secs_f64()
             );
             return Ok(state);
         }
@@ -81,7 +108,7 @@ pub fn setup(paths: &LabPaths, options: &SetupOptions) -> Result<LabState, LabEr
         (None, None) => return Err(LabError::Setup(no_apt_help())),
     };
     let generic = generic_kernel(paths, options, &kernel_package, apt)?;
-    let state = LabState {
+    let mut state = LabState {
         kernel_package,
         kernel_version,
         bzimage: paths.bzimage(),
@@ -90,19 +117,42 @@ pub fn setup(paths: &LabPaths, options: &SetupOptions) -> Result<LabState, LabEr
         qemu_version,
         busybox,
         generic,
+        more_host_kernels: Vec::new(),
     };
     state.check()?;
+    // Saved before the second host kernel: the main lab works without it.
     state.save(paths)?;
+    if let Some(kernel) = trixie_kernel(paths, options, have_apt_get())? {
+        state.set_host_kernel(kernel);
+        state.check()?;
+        state.save(paths)?;
+    }
     eprintln!(
-        "barge-lab: set up: kernel {} ({}), {}, QEMU {}, busybox {}; cached in {}",
+        "barge-lab: set up: kernel {} ({}), {}, {}, QEMU {}, busybox {}; cached in {} \
+         ({:.1} s)",
         state.kernel_version,
         state.kernel_package,
         describe_generic(&state.generic),
+        describe_more_hosts(&state),
         state.qemu_version,
         state.busybox.display(),
-        paths.root.display()
+        paths.root.display(),
+        started.elapsed().as_secs_f64()
     );
     Ok(state)
+}
+
+/// The host kernels besides the main one, for the summary line.
+fn describe_more_hosts(state: &LabState) -> String {
+    if state.more_host_kernels.is_empty() {
+        return "no second host kernel".into();
+    }
+    state
+        .more_host_kernels
+        .iter()
+        .map(|k| format!("host kernel {} ({})", k.version, k.name))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn no_apt_help() -> String {
@@ -113,7 +163,11 @@ fn no_apt_help() -> String {
          huge pfnmap support (Debian's bookworm-backports linux-image-cloud-amd64 has it), DIR \
          holds its modules {} (plain, .xz or .zst, searched recursively), QEMU is \
          qemu-system-x86_64 {MIN_QEMU_MAJOR}.0 or newer with its firmware installed, and \
-         BUSYBOX a static busybox",
+         BUSYBOX a static busybox. The second host kernel, trixie-backports' cloud \
+         kernel, is fetched with apt-get alone (root is not needed); without apt-get give \
+         one with `--trixie-kernel BZIMAGE --trixie-modules DIR` (Debian's 6.16+ kernels \
+         keep both under /usr/lib/modules/VERSION/ of linux-binary-VERSION and \
+         linux-modules-VERSION)",
         HOST_MODULES.join(", ")
     )
 }
@@ -122,6 +176,12 @@ fn have_apt() -> bool {
     // SAFETY: geteuid has no preconditions and cannot fail.
     let root = unsafe { libc::geteuid() } == 0;
     root && Path::new("/usr/bin/apt-get").exists()
+}
+
+/// apt-get is there: enough for the second host kernel, which apt only
+/// downloads through a private configuration.
+fn have_apt_get() -> bool {
+    Path::new("/usr/bin/apt-get").exists()
 }
 
 fn host_qemu(options: &SetupOptions, apt: bool) -> Result<(PathBuf, String), LabError> {
