@@ -1,5 +1,6 @@
 //! barge's integration-test support: the nested KVM + VFIO lab, and the
 //! helpers the integration tests share to drive it.
 
+pub mod bar_passthrough;
 pub mod harness;
 pub mod lab;
