@@ -23,9 +23,10 @@ struct Cli {
 enum LabCommand {
     /// Install QEMU and SeaBIOS from bookworm-backports, busybox-static, and
     /// cache the current bookworm-backports cloud kernel with its modules,
-    /// and the generic kernel of the same version with e1000e (under
-    /// $BARGE_LAB_DIR, default target/lab). Idempotent; offline once cached.
-    /// Without apt, give the files by hand.
+    /// the generic kernel of the same version with e1000e, and that cloud
+    /// kernel's vfio modules rebuilt with iommufd from its Debian headers and
+    /// source (under $BARGE_LAB_DIR, default target/lab). Idempotent;
+    /// offline once cached. Without apt, give the files by hand.
     Setup {
         /// A bzImage to use instead of Debian's (needs --modules).
         #[arg(long, value_name = "BZIMAGE")]
@@ -98,6 +99,11 @@ enum LabCommand {
         /// binding it to vfio-pci. Repeatable.
         #[arg(long = "host-driver", value_name = "NAME")]
         host_drivers: Vec<String>,
+        /// Load the vfio modules setup rebuilt with iommufd and the device
+        /// cdev instead of the stock ones: /dev/iommu and
+        /// /dev/vfio/devices/vfioN appear, and the group interface stays.
+        #[arg(long)]
+        iommufd: bool,
         /// The command: its words are joined with spaces and run by the lab
         /// host's shell (as ssh does), so `$LAB_IVSHMEM0`, pipes and `&&`
         /// work when quoted for the outer shell.
@@ -147,6 +153,7 @@ fn main() -> ExitCode {
             no_iommu,
             bridge,
             host_drivers,
+            iommufd,
             command,
         } => {
             let script = match (script, command.is_empty()) {
@@ -180,6 +187,7 @@ fn main() -> ExitCode {
                 iommu: !no_iommu,
                 bridge,
                 host_drivers,
+                iommufd,
             };
             match run::run(&paths, &options) {
                 Ok(outcome) => {

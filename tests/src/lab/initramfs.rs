@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use super::cpio::{Archive, Entry};
-use super::{GenericKernel, LabError, LabState, HOST_MODULES};
+use super::{GenericKernel, LabError, LabState};
 
 /// Marker lines the host's init prints on its console (ttyS0).
 pub const READY_MARKER: &str = "BARGE-LAB-READY";
@@ -63,6 +63,8 @@ exit 1
 
 /// The lab host's init. `/lab/devices` lists `NAME BDF` pairs to bind to
 /// vfio-pci; `/lab/cmd.sh` is the command. Results under /out go to ttyS1.
+/// With `iommufd=1` (`run --iommufd`) /dev/iommu and each bound device's
+/// /dev/vfio/devices/vfioN must appear.
 const HOST_INIT: &str = r#"#!/bin/busybox sh
 /bin/busybox --install -s /bin
 export PATH=/usr/local/bin:/bin:/sbin:/usr/bin:/usr/sbin
@@ -96,6 +98,10 @@ for m in MODULES; do
     insmod /lib/modules/$m.ko || fail "insmod $m failed"
 done
 [ -c /dev/kvm ] || fail "/dev/kvm did not appear after loading kvm-amd"
+iommufd=@IOMMUFD@
+if [ "$iommufd" = 1 ]; then
+    [ -c /dev/iommu ] || fail "/dev/iommu did not appear after loading the rebuilt iommufd module"
+fi
 echo 'func vfio_pci_mmap_huge_fault +p' > /sys/kernel/debug/dynamic_debug/control \
     || fail "cannot enable the vfio_pci_mmap_huge_fault dynamic-debug line"
 
@@ -115,6 +121,14 @@ while read -r name bdf mode; do
     [ "$(basename "$(readlink "$dev/driver")")" = vfio-pci ] || fail "cannot bind $bdf to vfio-pci"
     group=$(basename "$(readlink "$dev/iommu_group")")
     echo "barge-lab: $name $bdf iommu_group=$group bound to vfio-pci"
+    # sysfs names the VFIO device (vfio-dev/vfioN) with or without
+    # CONFIG_VFIO_DEVICE_CDEV; only with it is there a /dev node.
+    cdev=$(ls "$dev/vfio-dev" 2>/dev/null)
+    if [ -n "$cdev" ] && [ -c "/dev/vfio/devices/$cdev" ]; then
+        echo "barge-lab: $name $bdf cdev /dev/vfio/devices/$cdev"
+    elif [ "$iommufd" = 1 ]; then
+        fail "$bdf got no /dev/vfio/devices/${cdev:-vfioN} (vfio.ko without CONFIG_VFIO_DEVICE_CDEV?)"
+    fi
 done < /lab/devices
 
 echo "BARGE-LAB-READY kernel=$(uname -r)"
@@ -125,8 +139,10 @@ echo "BARGE-LAB-EXIT $status"
 results $status
 "#;
 
-fn host_init() -> String {
-    HOST_INIT.replace("MODULES", &HOST_MODULES.join(" "))
+fn host_init(modules: &[&str], iommufd: bool) -> String {
+    HOST_INIT
+        .replace("MODULES", &modules.join(" "))
+        .replace("@IOMMUFD@", if iommufd { "1" } else { "0" })
 }
 
 fn busybox_archive(state: &LabState, init: &str) -> Result<Archive, LabError> {
@@ -182,13 +198,16 @@ pub struct HostContents<'a> {
     pub host_drivers: &'a [String],
     /// The shell script to run as the command.
     pub command_script: &'a str,
+    /// Load the vfio modules rebuilt with iommufd instead of the stock ones.
+    pub iommufd: bool,
 }
 
 pub fn host_initramfs(state: &LabState, contents: &HostContents) -> Result<Vec<u8>, LabError> {
-    let mut archive = busybox_archive(state, &host_init())?;
-    for module in HOST_MODULES {
-        let path = state.modules_dir.join(format!("{module}.ko"));
-        let data = std::fs::read(&path).map_err(|e| LabError::io("cannot read", &path, e))?;
+    let modules = state.host_modules(contents.iommufd)?;
+    let names: Vec<&str> = modules.iter().map(|(name, _)| name.as_str()).collect();
+    let mut archive = busybox_archive(state, &host_init(&names, contents.iommufd))?;
+    for (module, path) in &modules {
+        let data = std::fs::read(path).map_err(|e| LabError::io("cannot read", path, e))?;
         archive.add_file(&format!("lib/modules/{module}.ko"), data, false);
     }
     for binary in contents.binaries {
@@ -319,6 +338,7 @@ mod tests {
             qemu_version: "10.0.2".into(),
             busybox,
             generic: None,
+            iommufd: None,
         };
         let generic = GenericKernel {
             package: "g".into(),
@@ -347,12 +367,23 @@ mod tests {
 
     #[test]
     fn host_init_loads_modules_in_order() {
-        let init = host_init();
+        let init = host_init(super::super::HOST_MODULES, false);
         assert!(init.contains(
             "for m in irqbypass kvm kvm-amd vfio vfio_iommu_type1 vfio-pci-core vfio-pci; do"
         ));
         for marker in [READY_MARKER, EXIT_MARKER, OUT_BEGIN, OUT_END, STATUS_MARKER] {
             assert!(init.contains(marker), "{marker}");
         }
+        assert!(init.contains("iommufd=0\n"));
+    }
+
+    #[test]
+    fn iommufd_host_init_requires_dev_iommu_and_the_cdevs() {
+        let init = host_init(&["kvm", "iommufd", "vfio"], true);
+        assert!(init.contains("for m in kvm iommufd vfio; do"));
+        assert!(init.contains("iommufd=1\n"));
+        let check = init.find("[ -c /dev/iommu ]").unwrap();
+        assert!(check < init.find(READY_MARKER).unwrap());
+        assert!(init.contains("got no /dev/vfio/devices/"));
     }
 }

@@ -90,6 +90,9 @@ pub struct RunOptions {
     pub bridge: bool,
     /// Devices (by name, e.g. `nvme0`) left with their host driver.
     pub host_drivers: Vec<String>,
+    /// Load the vfio modules `setup` rebuilt with iommufd (/dev/iommu and
+    /// /dev/vfio/devices/vfioN) instead of the stock ones.
+    pub iommufd: bool,
 }
 
 impl Default for RunOptions {
@@ -106,6 +109,7 @@ impl Default for RunOptions {
             iommu: true,
             bridge: false,
             host_drivers: Vec::new(),
+            iommufd: false,
         }
     }
 }
@@ -322,6 +326,7 @@ pub fn run(paths: &LabPaths, options: &RunOptions) -> Result<RunOutcome, LabErro
         devices: &devices,
         host_drivers: &host_drivers,
         command_script: &options.script,
+        iommufd: options.iommufd,
     };
     let image = initramfs::host_initramfs(&state, &contents)?;
     std::fs::write(&initrd, image).map_err(|e| LabError::io("cannot write", &initrd, e))?;

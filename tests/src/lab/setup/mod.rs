@@ -1,20 +1,23 @@
 //! `barge-lab setup`: installs what the lab needs on a Debian 12 machine
 //! (QEMU and SeaBIOS from bookworm-backports, busybox-static) and caches the
 //! current bookworm-backports cloud kernel with the modules the lab host loads,
-//! and the generic kernel of the same version with the modules its guests
-//! load (e1000e, which the cloud kernel lacks). It is idempotent, and offline
-//! once cached. Without apt, the files can be supplied by hand.
+//! the generic kernel of the same version with the modules its guests
+//! load (e1000e, which the cloud kernel lacks), and the cloud kernel's vfio
+//! modules rebuilt with iommufd. It is idempotent, and offline once cached.
+//! Without apt, the files can be supplied by hand.
 //!
 //! # Files
 //!
 //! - `mod.rs`: [`setup`] and its [`SetupOptions`], QEMU and busybox.
 //! - `apt_sources.rs`: adding bookworm-backports to the apt sources.
 //! - `kernel.rs`: the cloud and generic kernel packages.
+//! - `iommufd.rs`: the host kernel's vfio modules rebuilt with iommufd.
 //! - `modules.rs`: finding, decompressing and ordering kernel modules.
 //! - `elf.rs`: the ELF section reader `.modinfo` is read with.
 
 mod apt_sources;
 mod elf;
+mod iommufd;
 mod kernel;
 mod modules;
 
@@ -22,8 +25,11 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use self::apt_sources::{ensure_backports_source, BACKPORTS_SUITE};
+use self::iommufd::iommufd_modules;
 use self::kernel::{backports_kernel, describe_generic, generic_kernel, supplied_kernel};
-use super::{command_output, LabError, LabPaths, LabState, HOST_MODULES};
+use super::{
+    command_output, IommufdModules, LabError, LabPaths, LabState, HOST_MODULES, IOMMUFD_MODULES,
+};
 
 const SYSTEM_QEMU: &str = "/usr/bin/qemu-system-x86_64";
 const SYSTEM_BUSYBOX: &str = "/bin/busybox";
@@ -55,11 +61,26 @@ pub fn setup(paths: &LabPaths, options: &SetupOptions) -> Result<LabState, LabEr
                 state.check()?;
                 state.save(paths)?;
             }
+            if state
+                .iommufd
+                .as_ref()
+                .is_none_or(|m| m.kernel_version != state.kernel_version)
+            {
+                state.iommufd = iommufd_modules(
+                    paths,
+                    &state.kernel_package,
+                    &state.kernel_version,
+                    have_apt(),
+                )?;
+                state.check()?;
+                state.save(paths)?;
+            }
             eprintln!(
-                "barge-lab: already set up: kernel {} ({}), {}, QEMU {}",
+                "barge-lab: already set up: kernel {} ({}), {}, {}, QEMU {}",
                 state.kernel_version,
                 state.kernel_package,
                 describe_generic(&state.generic),
+                describe_iommufd(&state.iommufd),
                 state.qemu_version
             );
             return Ok(state);
@@ -81,6 +102,7 @@ pub fn setup(paths: &LabPaths, options: &SetupOptions) -> Result<LabState, LabEr
         (None, None) => return Err(LabError::Setup(no_apt_help())),
     };
     let generic = generic_kernel(paths, options, &kernel_package, apt)?;
+    let iommufd = iommufd_modules(paths, &kernel_package, &kernel_version, apt)?;
     let state = LabState {
         kernel_package,
         kernel_version,
@@ -90,19 +112,32 @@ pub fn setup(paths: &LabPaths, options: &SetupOptions) -> Result<LabState, LabEr
         qemu_version,
         busybox,
         generic,
+        iommufd,
     };
     state.check()?;
     state.save(paths)?;
     eprintln!(
-        "barge-lab: set up: kernel {} ({}), {}, QEMU {}, busybox {}; cached in {}",
+        "barge-lab: set up: kernel {} ({}), {}, {}, QEMU {}, busybox {}; cached in {}",
         state.kernel_version,
         state.kernel_package,
         describe_generic(&state.generic),
+        describe_iommufd(&state.iommufd),
         state.qemu_version,
         state.busybox.display(),
         paths.root.display()
     );
     Ok(state)
+}
+
+fn describe_iommufd(iommufd: &Option<IommufdModules>) -> String {
+    match iommufd {
+        Some(m) => format!(
+            "{} rebuilt with iommufd from {}",
+            IOMMUFD_MODULES.join(", "),
+            m.package_version
+        ),
+        None => "no iommufd modules".into(),
+    }
 }
 
 fn no_apt_help() -> String {
