@@ -2,7 +2,8 @@
 //! brought back. The binary's path comes from the test (cargo only tells
 //! integration tests where it is).
 
-use std::path::PathBuf;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -62,4 +63,35 @@ pub fn lab_script(barge_lab: &str, args: &[&str], script: &str) -> (Output, Path
     let _ = std::fs::remove_file(&file);
     let dir = results_dir(&output);
     (output, dir)
+}
+
+/// A sparse file of `size` bytes under the temporary folder (an ivshmem
+/// device's BAR2 when given as `--ivshmem SIZE,file=PATH`), named `name`
+/// with this process's id.
+pub fn sparse_file(name: &str, size: u64) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("barge-lab-files-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("the scratch folder is made");
+    let path = dir.join(name);
+    let file = std::fs::File::create(&path).expect("the sparse file is made");
+    file.set_len(size).expect("the sparse file is sized");
+    path
+}
+
+/// Writes `data` at `offset` of `file`.
+pub fn write_at(file: &Path, offset: u64, data: &[u8]) {
+    let mut handle = std::fs::OpenOptions::new()
+        .write(true)
+        .open(file)
+        .expect("the file opens for writing");
+    handle.seek(SeekFrom::Start(offset)).expect("seek");
+    handle.write_all(data).expect("write");
+}
+
+/// `len` bytes of `file` at `offset`.
+pub fn read_at(file: &Path, offset: u64, len: usize) -> Vec<u8> {
+    let mut handle = std::fs::File::open(file).expect("the file opens");
+    handle.seek(SeekFrom::Start(offset)).expect("seek");
+    let mut buf = vec![0; len];
+    handle.read_exact(&mut buf).expect("read");
+    buf
 }

@@ -15,8 +15,17 @@
 //! [`VfioHost`] and its last device are gone.
 //!
 //! Not verified on real hardware here (the build machine has no VFIO): the
-//! legacy path is exercised in the lab; no kernel in reach enables
-//! IOMMUFD, so the iommufd path is unverified on a real kernel.
+//! legacy path is exercised in the lab, and the iommufd path in the lab
+//! booted with `barge-lab run --iommufd` (Debian's 6.12 with its vfio
+//! modules rebuilt with CONFIG_IOMMUFD; no Debian kernel enables it).
+//!
+//! The kernel refuses a second user of a device differently on each path:
+//! the cdev's VFIO_DEVICE_BIND_IOMMUFD fails with EBUSY when the group is
+//! open (a legacy user) and with EINVAL when the device is already open
+//! through a cdev (`vfio_df_open`: one cdev open per device); both are
+//! [`HostError::InUse`], naming the file the other user holds. iommufd's
+//! own errors come wrapped in vfio-ioctls' "failed iommufd ioctl", whose
+//! message drops the cause: barge's messages name it.
 
 use std::fmt;
 use std::fs::OpenOptions;
@@ -109,7 +118,7 @@ pub enum HostError {
     #[error("{} does not exist: load the VFIO driver with `modprobe vfio-pci` (and `modprobe iommufd` for the iommufd backend)", path.display())]
     Missing { path: PathBuf },
     /// Another VFIO failure.
-    #[error("VFIO {what} failed for {bdf}: {source}")]
+    #[error("VFIO {what} failed for {bdf}: {}", vfio_cause(.source))]
     Vfio {
         bdf: String,
         /// What was being done.
@@ -126,7 +135,7 @@ pub enum HostError {
         source: iommufd_ioctls::IommufdError,
     },
     /// A DMA map or unmap of guest memory failed.
-    #[error("cannot {what} guest memory {iova:#x}+{size:#x} for device DMA: {source}")]
+    #[error("cannot {what} guest memory {iova:#x}+{size:#x} for device DMA: {}", vfio_cause(.source))]
     Dma {
         /// map or unmap.
         what: &'static str,
@@ -135,6 +144,17 @@ pub enum HostError {
         size: u64,
         source: VfioError,
     },
+}
+
+/// What a vfio-ioctls error says, with the iommufd error inside it when it
+/// wraps one (its own message, "failed iommufd ioctl", drops the errno).
+fn vfio_cause(error: &VfioError) -> String {
+    match error {
+        VfioError::IommufdIoctlError(inner) | VfioError::NewVfioIommufd(inner) => {
+            format!("{error}: {inner}")
+        }
+        other => other.to_string(),
+    }
 }
 
 /// What the VMM needs of the VFIO host: open devices into the one IOMMU
@@ -257,21 +277,43 @@ impl VfioHost {
             }
         };
         let ops: Arc<dyn VfioOps> = iommufd;
-        VfioDevice::new(&location.sysfs_path, ops, true).map_err(|error| match error {
-            VfioError::OpenDeviceCdev(source) => {
-                let cdev = location.cdev.clone().unwrap_or_default();
-                io_error(
-                    location,
-                    self.paths.vfio_dir().join("devices").join(cdev),
-                    source,
-                )
+        VfioDevice::new(&location.sysfs_path, ops, true)
+            .map_err(|error| self.iommufd_error(location, error))
+    }
+
+    /// The error for failing to open and bind the device's cdev (see the
+    /// module docs for what the kernel's EBUSY and EINVAL mean there).
+    fn iommufd_error(&self, location: &DeviceLocation, error: VfioError) -> HostError {
+        let cdev_path = self
+            .paths
+            .vfio_dir()
+            .join("devices")
+            .join(location.cdev.clone().unwrap_or_default());
+        match error {
+            VfioError::OpenDeviceCdev(source) => io_error(location, cdev_path, source),
+            VfioError::VfioDeviceBindIommufd(errno) => {
+                match io::Error::from_raw_os_error(errno.errno()).kind() {
+                    io::ErrorKind::ResourceBusy => HostError::InUse {
+                        bdf: location.bdf.clone(),
+                        path: self.paths.vfio_dir().join(location.group.to_string()),
+                    },
+                    io::ErrorKind::InvalidInput => HostError::InUse {
+                        bdf: location.bdf.clone(),
+                        path: cdev_path,
+                    },
+                    _ => HostError::Vfio {
+                        bdf: location.bdf.clone(),
+                        what: "cdev open and iommufd bind",
+                        source: VfioError::VfioDeviceBindIommufd(errno),
+                    },
+                }
             }
             source => HostError::Vfio {
                 bdf: location.bdf.clone(),
                 what: "cdev open and iommufd bind",
                 source,
             },
-        })
+        }
     }
 
     fn legacy_error(
@@ -636,6 +678,88 @@ mod tests {
             .to_string();
         assert!(
             error.contains("0000:01:00.1 (bound to snd_hda_intel)"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn a_device_another_process_holds_is_in_use_on_the_iommufd_path_too() {
+        let host = FakeHost::new();
+        host.device("0000:01:00.0", Some("vfio-pci"), Some(3));
+        let dir = host.paths.device_dir("0000:01:00.0");
+        std::fs::create_dir_all(dir.join("vfio-dev/vfio0")).unwrap();
+        std::fs::write(host.paths.dev.join("vfio/devices/vfio0"), "").unwrap();
+        let location = locate("0000:01:00.0", &host.paths).unwrap();
+        let vfio = VfioHost::new(VfioBackendKind::Iommufd, host.paths.clone(), None);
+        let bind_error = |errno| {
+            vfio.iommufd_error(
+                &location,
+                VfioError::VfioDeviceBindIommufd(vmm_sys_util::errno::Error::new(errno)),
+            )
+            .to_string()
+        };
+        // A legacy user holds the group: the bind is refused with EBUSY (16).
+        let group_held = bind_error(16);
+        assert!(group_held.contains("already in use"), "{group_held}");
+        let group = host.paths.vfio_dir().join("3");
+        assert!(
+            group_held.contains(&format!("fuser -v {}", group.display())),
+            "{group_held}"
+        );
+        // Another cdev user holds the device: EINVAL (22).
+        let cdev_held = bind_error(22);
+        assert!(cdev_held.contains("already in use"), "{cdev_held}");
+        let cdev = host.paths.vfio_dir().join("devices/vfio0");
+        assert!(
+            cdev_held.contains(&format!("fuser -v {}", cdev.display())),
+            "{cdev_held}"
+        );
+        // Anything else stays the bind failure, with its errno.
+        let other = bind_error(1);
+        assert!(
+            other.contains("cdev open and iommufd bind failed"),
+            "{other}"
+        );
+        assert!(other.contains("os error 1"), "{other}");
+    }
+
+    #[test]
+    fn iommufd_errors_name_their_cause() {
+        let efault =
+            iommufd_ioctls::IommufdError::IommuIoasMap(vmm_sys_util::errno::Error::new(14));
+        let error = HostError::Dma {
+            what: "map",
+            iova: 0x2_0000_0000,
+            size: 0x2_0000_0000,
+            source: VfioError::IommufdIoctlError(efault),
+        }
+        .to_string();
+        assert!(
+            error.contains("failed to map an IOVA range to the IOAS: Bad address (os error 14)"),
+            "{error}"
+        );
+        let ioas =
+            iommufd_ioctls::IommufdError::IommuIoasAlloc(vmm_sys_util::errno::Error::new(12));
+        let error = HostError::Vfio {
+            bdf: "0000:01:00.0".into(),
+            what: "IOAS allocation",
+            source: VfioError::NewVfioIommufd(ioas),
+        }
+        .to_string();
+        assert!(error.contains("failed to allocate IOAS: "), "{error}");
+        assert!(error.contains("os error 12"), "{error}");
+        // The legacy path's errors read as vfio-ioctls words them.
+        let legacy = VfioError::IommuDmaMap(vmm_sys_util::errno::Error::new(14));
+        let text = legacy.to_string();
+        let error = HostError::Dma {
+            what: "map",
+            iova: 0,
+            size: 4096,
+            source: legacy,
+        }
+        .to_string();
+        assert!(
+            error.ends_with(&format!("for device DMA: {text}")),
             "{error}"
         );
     }

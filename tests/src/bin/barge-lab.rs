@@ -24,10 +24,11 @@ struct Cli {
 enum LabCommand {
     /// Install QEMU and SeaBIOS from bookworm-backports, busybox-static, and
     /// cache the current bookworm-backports cloud kernel with its modules,
-    /// the generic kernel of the same version with e1000e, and the current
-    /// trixie-backports cloud kernel as a second host kernel (under
-    /// $BARGE_LAB_DIR, default target/lab). Idempotent; offline once cached.
-    /// Without apt, give the files by hand.
+    /// the generic kernel of the same version with e1000e, that cloud
+    /// kernel's vfio modules rebuilt with iommufd from its Debian headers and
+    /// source, and the current trixie-backports cloud kernel as a second host
+    /// kernel (under $BARGE_LAB_DIR, default target/lab). Idempotent; offline
+    /// once cached. Without apt, give the files by hand.
     Setup {
         /// A bzImage to use instead of Debian's (needs --modules).
         #[arg(long, value_name = "BZIMAGE")]
@@ -113,6 +114,11 @@ enum LabCommand {
         /// start up to a dot. The guest kernel under /lab/guest stays 6.12.
         #[arg(long, value_name = "VERSION")]
         host_kernel: Option<String>,
+        /// Load the vfio modules setup rebuilt with iommufd and the device
+        /// cdev instead of the stock ones: /dev/iommu and
+        /// /dev/vfio/devices/vfioN appear, and the group interface stays.
+        #[arg(long)]
+        iommufd: bool,
         /// The command: its words are joined with spaces and run by the lab
         /// host's shell (as ssh does), so `$LAB_IVSHMEM0`, pipes and `&&`
         /// work when quoted for the outer shell.
@@ -167,6 +173,7 @@ fn main() -> ExitCode {
             bridge,
             host_drivers,
             host_kernel,
+            iommufd,
             command,
         } => {
             let script = match (script, command.is_empty()) {
@@ -201,6 +208,7 @@ fn main() -> ExitCode {
                 bridge,
                 host_drivers,
                 host_kernel,
+                iommufd,
             };
             match run::run(&paths, &options) {
                 Ok(outcome) => {

@@ -64,6 +64,8 @@ exit 1
 
 /// The lab host's init. `/lab/devices` lists `NAME BDF` pairs to bind to
 /// vfio-pci; `/lab/cmd.sh` is the command. Results under /out go to ttyS1.
+/// With `iommufd=1` (`run --iommufd`) /dev/iommu and each bound device's
+/// /dev/vfio/devices/vfioN must appear.
 const HOST_INIT: &str = r#"#!/bin/busybox sh
 /bin/busybox --install -s /bin
 export PATH=/usr/local/bin:/bin:/sbin:/usr/bin:/usr/sbin
@@ -97,6 +99,10 @@ for m in MODULES; do
     insmod /lib/modules/$m.ko || fail "insmod $m failed"
 done
 [ -c /dev/kvm ] || fail "/dev/kvm did not appear after loading kvm-amd"
+iommufd=@IOMMUFD@
+if [ "$iommufd" = 1 ]; then
+    [ -c /dev/iommu ] || fail "/dev/iommu did not appear after loading the rebuilt iommufd module"
+fi
 echo 'func vfio_pci_mmap_huge_fault +p' > /sys/kernel/debug/dynamic_debug/control \
     || fail "cannot enable the vfio_pci_mmap_huge_fault dynamic-debug line"
 
@@ -116,6 +122,14 @@ while read -r name bdf mode; do
     [ "$(basename "$(readlink "$dev/driver")")" = vfio-pci ] || fail "cannot bind $bdf to vfio-pci"
     group=$(basename "$(readlink "$dev/iommu_group")")
     echo "barge-lab: $name $bdf iommu_group=$group bound to vfio-pci"
+    # sysfs names the VFIO device (vfio-dev/vfioN) with or without
+    # CONFIG_VFIO_DEVICE_CDEV; only with it is there a /dev node.
+    cdev=$(ls "$dev/vfio-dev" 2>/dev/null)
+    if [ -n "$cdev" ] && [ -c "/dev/vfio/devices/$cdev" ]; then
+        echo "barge-lab: $name $bdf cdev /dev/vfio/devices/$cdev"
+    elif [ "$iommufd" = 1 ]; then
+        fail "$bdf got no /dev/vfio/devices/${cdev:-vfioN} (vfio.ko without CONFIG_VFIO_DEVICE_CDEV?)"
+    fi
 done < /lab/devices
 
 echo "BARGE-LAB-READY kernel=$(uname -r)"
@@ -126,9 +140,12 @@ echo "BARGE-LAB-EXIT $status"
 results $status
 "#;
 
-/// The host's init, loading `modules` in this order.
-fn host_init(modules: &[String]) -> String {
-    HOST_INIT.replace("MODULES", &modules.join(" "))
+/// The host's init, loading `modules` in this order; with `iommufd` it also
+/// checks that /dev/iommu and the device cdevs appeared.
+fn host_init(modules: &[&str], iommufd: bool) -> String {
+    HOST_INIT
+        .replace("MODULES", &modules.join(" "))
+        .replace("@IOMMUFD@", if iommufd { "1" } else { "0" })
 }
 
 fn busybox_archive(state: &LabState, init: &str) -> Result<Archive, LabError> {
@@ -184,19 +201,23 @@ pub struct HostContents<'a> {
     pub host_drivers: &'a [String],
     /// The shell script to run as the command.
     pub command_script: &'a str,
+    /// Load the vfio modules rebuilt with iommufd instead of the stock ones.
+    pub iommufd: bool,
 }
 
 /// The lab host's initramfs for `host`, its kernel (the modules are
-/// `host`'s; the guest kernel under /lab/guest stays the main one).
+/// `host`'s, or the rebuilt iommufd ones with `contents.iommufd`; the guest
+/// kernel under /lab/guest stays the main one).
 pub fn host_initramfs(
     state: &LabState,
     host: &HostKernel,
     contents: &HostContents,
 ) -> Result<Vec<u8>, LabError> {
-    let mut archive = busybox_archive(state, &host_init(&host.modules))?;
-    for module in &host.modules {
-        let path = host.modules_dir.join(format!("{module}.ko"));
-        let data = std::fs::read(&path).map_err(|e| LabError::io("cannot read", &path, e))?;
+    let modules = state.host_modules(host, contents.iommufd)?;
+    let names: Vec<&str> = modules.iter().map(|(name, _)| name.as_str()).collect();
+    let mut archive = busybox_archive(state, &host_init(&names, contents.iommufd))?;
+    for (module, path) in &modules {
+        let data = std::fs::read(path).map_err(|e| LabError::io("cannot read", path, e))?;
         archive.add_file(&format!("lib/modules/{module}.ko"), data, false);
     }
     for binary in contents.binaries {
@@ -328,6 +349,7 @@ mod tests {
             busybox,
             generic: None,
             more_host_kernels: Vec::new(),
+            iommufd: None,
         };
         let generic = GenericKernel {
             package: "g".into(),
@@ -356,16 +378,23 @@ mod tests {
 
     #[test]
     fn host_init_loads_modules_in_order() {
-        let modules: Vec<String> = super::super::HOST_MODULES
-            .iter()
-            .map(|m| m.to_string())
-            .collect();
-        let init = host_init(&modules);
+        let init = host_init(super::super::HOST_MODULES, false);
         assert!(init.contains(
             "for m in irqbypass kvm kvm-amd vfio vfio_iommu_type1 vfio-pci-core vfio-pci; do"
         ));
         for marker in [READY_MARKER, EXIT_MARKER, OUT_BEGIN, OUT_END, STATUS_MARKER] {
             assert!(init.contains(marker), "{marker}");
         }
+        assert!(init.contains("iommufd=0\n"));
+    }
+
+    #[test]
+    fn iommufd_host_init_requires_dev_iommu_and_the_cdevs() {
+        let init = host_init(&["kvm", "iommufd", "vfio"], true);
+        assert!(init.contains("for m in kvm iommufd vfio; do"));
+        assert!(init.contains("iommufd=1\n"));
+        let check = init.find("[ -c /dev/iommu ]").unwrap();
+        assert!(check < init.find(READY_MARKER).unwrap());
+        assert!(init.contains("got no /dev/vfio/devices/"));
     }
 }

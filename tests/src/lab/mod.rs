@@ -23,6 +23,19 @@ pub const HOST_MODULES: &[&str] = &[
     "vfio-pci",
 ];
 
+/// The modules `setup` rebuilds with CONFIG_IOMMUFD and
+/// CONFIG_VFIO_DEVICE_CDEV (no Debian kernel enables them), in load order.
+/// `barge-lab run --iommufd` loads them in place of the stock vfio ones
+/// (`struct vfio_device` changes with CONFIG_IOMMUFD, so every module that
+/// uses it is rebuilt); irqbypass and kvm stay stock.
+pub const IOMMUFD_MODULES: &[&str] = &[
+    "iommufd",
+    "vfio",
+    "vfio_iommu_type1",
+    "vfio-pci-core",
+    "vfio-pci",
+];
+
 /// The modules the generic guest (`/lab/guest/generic/`) carries and loads,
 /// before the ones they depend on are added by `setup`.
 pub const GENERIC_GUEST_MODULES: &[&str] = &["e1000e"];
@@ -136,6 +149,12 @@ impl LabPaths {
         self.root.join("apt").join(suite)
     }
 
+    /// Where the iommufd and vfio modules rebuilt for host kernel
+    /// `kernel_version` are cached (with the log of their build).
+    pub fn iommufd_dir(&self, kernel_version: &str) -> PathBuf {
+        self.kernel_dir().join("iommufd").join(kernel_version)
+    }
+
     pub fn runs_dir(&self) -> PathBuf {
         self.root.join("runs")
     }
@@ -165,6 +184,11 @@ pub struct LabState {
     /// runs again.
     #[serde(default)]
     pub more_host_kernels: Vec<HostKernel>,
+    /// The host kernel's vfio modules rebuilt with iommufd; absent from a lab
+    /// set up before they existed (until `setup` runs again) and when the
+    /// host kernel was supplied by hand.
+    #[serde(default)]
+    pub iommufd: Option<IommufdModules>,
 }
 
 /// A kernel the lab host boots: its bzImage and the host modules.
@@ -202,6 +226,27 @@ impl HostKernel {
                     .iter()
                     .map(|m| self.modules_dir.join(format!("{m}.ko"))),
             )
+            .collect()
+    }
+}
+
+/// The host kernel's [`IOMMUFD_MODULES`], built out of tree against its own
+/// Debian headers and source (the same upload as its image).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct IommufdModules {
+    /// The kernel they were built for (`uname -r`); they load into no other.
+    pub kernel_version: String,
+    /// The Debian version of the headers and source they were built from.
+    pub package_version: String,
+    /// Holds `NAME.ko` for each of [`IOMMUFD_MODULES`].
+    pub modules_dir: PathBuf,
+}
+
+impl IommufdModules {
+    pub fn files(&self) -> Vec<PathBuf> {
+        IOMMUFD_MODULES
+            .iter()
+            .map(|m| self.modules_dir.join(format!("{m}.ko")))
             .collect()
     }
 }
@@ -265,6 +310,9 @@ impl LabState {
         for host in &self.more_host_kernels {
             needed.extend(host.files());
         }
+        if let Some(iommufd) = &self.iommufd {
+            needed.extend(iommufd.files());
+        }
         match needed.into_iter().find(|p| !p.exists()) {
             Some(missing) => Err(LabError::NotSetUp(missing)),
             None => Ok(()),
@@ -311,6 +359,54 @@ impl LabState {
     pub fn set_host_kernel(&mut self, kernel: HostKernel) {
         self.more_host_kernels.retain(|k| k.name != kernel.name);
         self.more_host_kernels.push(kernel);
+    }
+
+    /// The modules the lab host loads when it boots `host`, in order, each
+    /// with its file: `host`'s stock ones, or with `iommufd` the rebuilt
+    /// [`IOMMUFD_MODULES`] in place of the stock vfio ones (an error says how
+    /// to get them when `setup` has not built them for that kernel).
+    pub fn host_modules(
+        &self,
+        host: &HostKernel,
+        iommufd: bool,
+    ) -> Result<Vec<(String, PathBuf)>, LabError> {
+        let stock = |m: &str| (m.to_string(), host.modules_dir.join(format!("{m}.ko")));
+        if !iommufd {
+            return Ok(host.modules.iter().map(|m| stock(m)).collect());
+        }
+        let rebuilt = match &self.iommufd {
+            Some(rebuilt) if rebuilt.kernel_version == host.version => rebuilt,
+            Some(rebuilt) => {
+                return Err(LabError::Setup(format!(
+                    "the iommufd modules in {} were built for kernel {}, not the host kernel {}: \
+                     the lab rebuilds them for its main host kernel only (run `{SETUP_COMMAND}` \
+                     again after a kernel update)",
+                    rebuilt.modules_dir.display(),
+                    rebuilt.kernel_version,
+                    host.version
+                )))
+            }
+            None => {
+                return Err(LabError::Setup(format!(
+                    "the lab has no iommufd modules for kernel {}: run `{SETUP_COMMAND}` \
+                     (as root with apt: it builds them from Debian's headers and source of \
+                     that kernel; a kernel given with --kernel gets none)",
+                    host.version
+                )))
+            }
+        };
+        let mut modules: Vec<(String, PathBuf)> = host
+            .modules
+            .iter()
+            .filter(|m| !IOMMUFD_MODULES.contains(&m.as_str()))
+            .map(|m| stock(m))
+            .collect();
+        modules.extend(
+            IOMMUFD_MODULES
+                .iter()
+                .map(|m| (m.to_string(), rebuilt.modules_dir.join(format!("{m}.ko")))),
+        );
+        Ok(modules)
     }
 
     pub fn save(&self, paths: &LabPaths) -> Result<(), LabError> {
@@ -402,6 +498,51 @@ mod tests {
             "qemu_version": "10.0.2", "busybox": "/bin/busybox"}"#;
         let state: LabState = serde_json::from_str(text).unwrap();
         assert_eq!(state.generic, None);
+        assert_eq!(state.iommufd, None);
+        let main = state.host_kernel(None).unwrap();
+        let err = state.host_modules(&main, true).unwrap_err().to_string();
+        assert!(err.contains(SETUP_COMMAND), "{err}");
+    }
+
+    #[test]
+    fn iommufd_modules_replace_the_stock_vfio_ones_after_kvm() {
+        let text = r#"{"kernel_package": "linux-image-6.12.95+deb12-cloud-amd64",
+            "kernel_version": "6.12.95+deb12-cloud-amd64", "bzimage": "/l/bzImage",
+            "modules_dir": "/l/modules", "qemu": "/usr/bin/qemu-system-x86_64",
+            "qemu_version": "10.0.2", "busybox": "/bin/busybox",
+            "iommufd": {"kernel_version": "6.12.95+deb12-cloud-amd64",
+                "package_version": "6.12.95-1~bpo12+1", "modules_dir": "/l/iommufd"}}"#;
+        let mut state: LabState = serde_json::from_str(text).unwrap();
+        let main = state.host_kernel(None).unwrap();
+        let stock: Vec<String> = state
+            .host_modules(&main, false)
+            .unwrap()
+            .into_iter()
+            .map(|(name, _)| name)
+            .collect();
+        assert_eq!(stock, HOST_MODULES);
+        let modules = state.host_modules(&main, true).unwrap();
+        let names: Vec<&str> = modules.iter().map(|(name, _)| name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "irqbypass",
+                "kvm",
+                "kvm-amd",
+                "iommufd",
+                "vfio",
+                "vfio_iommu_type1",
+                "vfio-pci-core",
+                "vfio-pci"
+            ]
+        );
+        assert_eq!(modules[2].1, PathBuf::from("/l/modules/kvm-amd.ko"));
+        assert_eq!(modules[3].1, PathBuf::from("/l/iommufd/iommufd.ko"));
+        assert_eq!(modules[7].1, PathBuf::from("/l/iommufd/vfio-pci.ko"));
+        state.kernel_version = "7.3.0+deb13-cloud-amd64".into();
+        let main = state.host_kernel(None).unwrap();
+        let err = state.host_modules(&main, true).unwrap_err().to_string();
+        assert!(err.contains("rebuild"), "{err}");
     }
 
     #[test]

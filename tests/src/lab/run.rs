@@ -93,6 +93,9 @@ pub struct RunOptions {
     /// The host kernel, by version (`6.12`, `7.3`) or name
     /// (`trixie-backports`); the main one when `None`.
     pub host_kernel: Option<String>,
+    /// Load the vfio modules `setup` rebuilt with iommufd (/dev/iommu and
+    /// /dev/vfio/devices/vfioN) instead of the stock ones.
+    pub iommufd: bool,
 }
 
 impl Default for RunOptions {
@@ -110,6 +113,7 @@ impl Default for RunOptions {
             bridge: false,
             host_drivers: Vec::new(),
             host_kernel: None,
+            iommufd: false,
         }
     }
 }
@@ -327,6 +331,7 @@ pub fn run(paths: &LabPaths, options: &RunOptions) -> Result<RunOutcome, LabErro
         devices: &devices,
         host_drivers: &host_drivers,
         command_script: &options.script,
+        iommufd: options.iommufd,
     };
     let image = initramfs::host_initramfs(&state, &host, &contents)?;
     std::fs::write(&initrd, image).map_err(|e| LabError::io("cannot write", &initrd, e))?;

@@ -2,9 +2,10 @@
 //! (QEMU and SeaBIOS from bookworm-backports, busybox-static) and caches the
 //! current bookworm-backports cloud kernel with the modules the lab host loads,
 //! the generic kernel of the same version with the modules its guests
-//! load (e1000e, which the cloud kernel lacks), and trixie-backports' current
-//! cloud kernel as a second host kernel (only unpacked, never installed). It
-//! is idempotent, and offline once cached. Without apt, the files can be
+//! load (e1000e, which the cloud kernel lacks), the cloud kernel's vfio
+//! modules rebuilt with iommufd, and trixie-backports' current cloud kernel
+//! as a second host kernel (only unpacked, never installed). It is
+//! idempotent, and offline once cached. Without apt, the files can be
 //! supplied by hand.
 //!
 //! # Files
@@ -13,11 +14,13 @@
 //! - `apt_sources.rs`: adding bookworm-backports to the apt sources, and
 //!   trixie-backports' private apt configuration.
 //! - `kernel.rs`: the cloud and generic kernel packages, whole or split.
+//! - `iommufd.rs`: the host kernel's vfio modules rebuilt with iommufd.
 //! - `modules.rs`: finding, decompressing and ordering kernel modules.
 //! - `elf.rs`: the ELF section reader `.modinfo` is read with.
 
 mod apt_sources;
 mod elf;
+mod iommufd;
 mod kernel;
 mod modules;
 
@@ -26,10 +29,14 @@ use std::process::Command;
 use std::time::Instant;
 
 use self::apt_sources::{ensure_backports_source, BACKPORTS_SUITE};
+use self::iommufd::iommufd_modules;
 use self::kernel::{
     backports_kernel, describe_generic, generic_kernel, supplied_kernel, trixie_kernel,
 };
-use super::{command_output, LabError, LabPaths, LabState, HOST_MODULES, TRIXIE_HOST_KERNEL};
+use super::{
+    command_output, IommufdModules, LabError, LabPaths, LabState, HOST_MODULES, IOMMUFD_MODULES,
+    TRIXIE_HOST_KERNEL,
+};
 
 const SYSTEM_QEMU: &str = "/usr/bin/qemu-system-x86_64";
 const SYSTEM_BUSYBOX: &str = "/bin/busybox";
@@ -80,11 +87,26 @@ pub fn setup(paths: &LabPaths, options: &SetupOptions) -> Result<LabState, LabEr
                 state.check()?;
                 state.save(paths)?;
             }
+            if state
+                .iommufd
+                .as_ref()
+                .is_none_or(|m| m.kernel_version != state.kernel_version)
+            {
+                state.iommufd = iommufd_modules(
+                    paths,
+                    &state.kernel_package,
+                    &state.kernel_version,
+                    have_apt(),
+                )?;
+                state.check()?;
+                state.save(paths)?;
+            }
             eprintln!(
-                "barge-lab: already set up: kernel {} ({}), {}, {}, QEMU {} ({:.1} s)",
+                "barge-lab: already set up: kernel {} ({}), {}, {}, {}, QEMU {} ({:.1} s)",
                 state.kernel_version,
                 state.kernel_package,
                 describe_generic(&state.generic),
+                describe_iommufd(&state.iommufd),
                 describe_more_hosts(&state),
                 state.qemu_version,
                 started.elapsed().as_secs_f64()
@@ -108,6 +130,7 @@ pub fn setup(paths: &LabPaths, options: &SetupOptions) -> Result<LabState, LabEr
         (None, None) => return Err(LabError::Setup(no_apt_help())),
     };
     let generic = generic_kernel(paths, options, &kernel_package, apt)?;
+    let iommufd = iommufd_modules(paths, &kernel_package, &kernel_version, apt)?;
     let mut state = LabState {
         kernel_package,
         kernel_version,
@@ -118,6 +141,7 @@ pub fn setup(paths: &LabPaths, options: &SetupOptions) -> Result<LabState, LabEr
         busybox,
         generic,
         more_host_kernels: Vec::new(),
+        iommufd,
     };
     state.check()?;
     // Saved before the second host kernel: the main lab works without it.
@@ -128,11 +152,12 @@ pub fn setup(paths: &LabPaths, options: &SetupOptions) -> Result<LabState, LabEr
         state.save(paths)?;
     }
     eprintln!(
-        "barge-lab: set up: kernel {} ({}), {}, {}, QEMU {}, busybox {}; cached in {} \
+        "barge-lab: set up: kernel {} ({}), {}, {}, {}, QEMU {}, busybox {}; cached in {} \
          ({:.1} s)",
         state.kernel_version,
         state.kernel_package,
         describe_generic(&state.generic),
+        describe_iommufd(&state.iommufd),
         describe_more_hosts(&state),
         state.qemu_version,
         state.busybox.display(),
@@ -153,6 +178,17 @@ fn describe_more_hosts(state: &LabState) -> String {
         .map(|k| format!("host kernel {} ({})", k.version, k.name))
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+fn describe_iommufd(iommufd: &Option<IommufdModules>) -> String {
+    match iommufd {
+        Some(m) => format!(
+            "{} rebuilt with iommufd from {}",
+            IOMMUFD_MODULES.join(", "),
+            m.package_version
+        ),
+        None => "no iommufd modules".into(),
+    }
 }
 
 fn no_apt_help() -> String {

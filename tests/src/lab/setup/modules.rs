@@ -72,7 +72,7 @@ pub(super) fn load_order(
 }
 
 /// `key=value` from a kernel module's .modinfo section.
-fn modinfo_field(elf: &[u8], key: &str) -> Option<String> {
+pub(super) fn modinfo_field(elf: &[u8], key: &str) -> Option<String> {
     elf_section(elf, ".modinfo")?
         .split(|&b| b == 0)
         .find_map(|entry| {
