@@ -7,21 +7,13 @@
 //! [`eight_gib_bar_maps_once_with_1g_pages`] is the whole check, run on each
 //! host kernel the lab has.
 
-use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::Instant;
 
-use crate::harness::{lab_script, output_text as text};
+use crate::harness::{lab_script, output_text as text, read_at, sparse_file, write_at};
 
 pub const GIB: u64 = 1 << 30;
-
-/// A file in this test process's scratch folder.
-pub fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("barge-passthrough-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir.join(name)
-}
 
 /// Runs `script` in the lab host (the one `host_kernel` names, or the main
 /// one) with one ivshmem device.
@@ -36,27 +28,6 @@ pub fn in_lab(
         args.extend(["--host-kernel", kernel]);
     }
     lab_script(barge_lab, &args, script)
-}
-
-pub fn write_at(file: &Path, offset: u64, data: &[u8]) {
-    let mut f = std::fs::OpenOptions::new().write(true).open(file).unwrap();
-    f.seek(SeekFrom::Start(offset)).unwrap();
-    f.write_all(data).unwrap();
-}
-
-pub fn read_at(file: &Path, offset: u64, len: usize) -> Vec<u8> {
-    let mut f = std::fs::File::open(file).unwrap();
-    f.seek(SeekFrom::Start(offset)).unwrap();
-    let mut buf = vec![0; len];
-    f.read_exact(&mut buf).unwrap();
-    buf
-}
-
-pub fn sparse_file(name: &str, size: u64) -> PathBuf {
-    let path = scratch(name);
-    let f = std::fs::File::create(&path).unwrap();
-    f.set_len(size).unwrap();
-    path
 }
 
 /// A kprobe on vfio-pci's huge fault handler counts every host fault on

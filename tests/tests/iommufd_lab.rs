@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::Instant;
 
+use barge_tests::bar_passthrough::{bar, host_fault_orders};
 use barge_tests::harness::{lab_script, output_text as text, read_at, sparse_file, write_at};
 
 const GIB: u64 = 1 << 30;
@@ -84,26 +85,6 @@ fn checked_run(output: &Output, dir: &Path, name: &str) -> (String, serde_json::
     let report = read("json").unwrap_or_else(|e| panic!("{name}.json: {e}\n{log}"));
     let report: serde_json::Value = serde_json::from_str(&report).expect("the report is JSON");
     (log, report)
-}
-
-fn bar(report: &serde_json::Value, index: u64) -> serde_json::Value {
-    report["devices"][0]["bars"]
-        .as_array()
-        .unwrap_or_else(|| panic!("no BARs in {report}"))
-        .iter()
-        .find(|b| b["index"] == index)
-        .cloned()
-        .unwrap_or_else(|| panic!("no BAR {index} in {report}"))
-}
-
-/// The orders of the host's huge faults on the BAR during the run.
-fn host_fault_orders(dir: &Path) -> Vec<u32> {
-    std::fs::read_to_string(dir.join("faults.txt"))
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.split("order=").nth(1))
-        .filter_map(|o| o.trim().parse().ok())
-        .collect()
 }
 
 #[test]

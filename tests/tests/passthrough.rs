@@ -10,10 +10,9 @@ use std::path::PathBuf;
 use std::process::Output;
 
 use barge_tests::bar_passthrough::{
-    self, bar, barge_script, check_run, eight_gib_bar_maps_once_with_1g_pages, sparse_file,
-    write_at, GIB,
+    self, bar, barge_script, check_run, eight_gib_bar_maps_once_with_1g_pages, GIB,
 };
-use barge_tests::harness::output_text as text;
+use barge_tests::harness::{output_text as text, sparse_file, write_at};
 
 /// Runs `script` in the lab host (its main kernel) with one ivshmem device.
 fn in_lab(ivshmem: &str, script: &str) -> (Output, PathBuf) {

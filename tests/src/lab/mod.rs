@@ -220,13 +220,7 @@ impl HostKernel {
     }
 
     fn files(&self) -> Vec<PathBuf> {
-        std::iter::once(self.bzimage.clone())
-            .chain(
-                self.modules
-                    .iter()
-                    .map(|m| self.modules_dir.join(format!("{m}.ko"))),
-            )
-            .collect()
+        kernel_files(&self.bzimage, &self.modules_dir, &self.modules)
     }
 }
 
@@ -251,6 +245,13 @@ impl IommufdModules {
     }
 }
 
+/// A kernel's bzImage and its `modules_dir/NAME.ko` files, for the state check.
+fn kernel_files(bzimage: &Path, modules_dir: &Path, modules: &[String]) -> Vec<PathBuf> {
+    std::iter::once(bzimage.to_path_buf())
+        .chain(modules.iter().map(|m| modules_dir.join(format!("{m}.ko"))))
+        .collect()
+}
+
 /// Debian's generic kernel of the cloud kernel's version: the cloud kernel
 /// has no e1000e driver, and modules of one build do not load into another.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -266,13 +267,7 @@ pub struct GenericKernel {
 
 impl GenericKernel {
     fn files(&self) -> Vec<PathBuf> {
-        std::iter::once(self.bzimage.clone())
-            .chain(
-                self.modules
-                    .iter()
-                    .map(|m| self.modules_dir.join(format!("{m}.ko"))),
-            )
-            .collect()
+        kernel_files(&self.bzimage, &self.modules_dir, &self.modules)
     }
 }
 
