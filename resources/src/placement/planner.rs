@@ -9,9 +9,9 @@ use std::collections::HashSet;
 use vm_allocator::{AddressAllocator, AllocPolicy};
 
 use super::types::{
-    reservation, AreaPlacement, BarInput, BarPlacement, BarRange, BarWidth, DeviceInput,
-    DevicePlan, PageCounts, PageSize, PlacementError, Plan, Window, Windows, HOST_PAGE_SIZE,
-    MAX_BAR_INDEX, MAX_BAR_SIZE, SIZE_1G,
+    natural_align, reservation, AreaPlacement, BarInput, BarPlacement, BarRange, BarWidth,
+    DeviceInput, DevicePlan, PageCounts, PageSize, PlacementError, Plan, Window, Windows,
+    HOST_PAGE_SIZE, MAX_BAR_INDEX, MAX_BAR_SIZE,
 };
 
 /// A validated BAR waiting for its address.
@@ -258,7 +258,7 @@ fn subtract(areas: &[BarRange], hole: BarRange) -> Vec<BarRange> {
 /// window, HVA modulus and phase, page size, trap flag and trapped ranges follow from these
 /// (the `BarPlacement` methods).
 fn place_bar(p: &PreparedBar<'_>, gpa: u64) -> BarPlacement {
-    let natural = p.reserved.min(SIZE_1G);
+    let natural = natural_align(p.reserved);
     let hva_align = p
         .device
         .align_cap

@@ -367,6 +367,12 @@ pub(super) fn reservation(size: u64) -> u64 {
     size.max(HOST_PAGE_SIZE).next_power_of_two()
 }
 
+/// A BAR's natural HVA alignment, the largest page it can get without a
+/// `bar-align` cap: `min(reserved, 1 GiB)`.
+pub(super) fn natural_align(reserved: u64) -> u64 {
+    reserved.min(SIZE_1G)
+}
+
 /// One mmap-able area of a BAR: one memslot.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AreaPlacement {
@@ -450,7 +456,13 @@ impl BarPlacement {
     /// Whether a `bar-align` cap limits this BAR: `hva_align` is below the natural
     /// `min(reserved, 1 GiB)`.
     fn capped(&self) -> bool {
-        self.hva_align < self.reserved().min(SIZE_1G)
+        self.hva_align < self.natural_align()
+    }
+
+    /// The HVA alignment this BAR gets without a `bar-align` cap, and so the
+    /// largest page it can get: `min(reserved, 1 GiB)`.
+    pub fn natural_align(&self) -> u64 {
+        natural_align(self.reserved())
     }
 
     /// The `bar-align` cap that limits this BAR, as a page size (equal to `hva_align`);

@@ -45,9 +45,6 @@ use crate::machine::mapping::{AlignedMapping, MappingError};
 use crate::machine::prefault::{self, PreFaultError};
 use crate::report::{BarReport, PageCountsReport};
 
-/// Largest page KVM maps on x86.
-const LARGEST_PAGE: u64 = 1 << 30;
-
 /// Errors mapping a BAR.
 #[derive(Debug, thiserror::Error)]
 pub enum BarMappingError {
@@ -251,7 +248,7 @@ pub fn slot_updates(bar: &MappedBar, memslots: &MemslotLog) -> u32 {
 /// report's `best_possible`): every area tiled with pages up to
 /// `min(reservation, 1 GiB)`.
 pub fn uncapped_counts(placement: &BarPlacement) -> PageCounts {
-    let limit = placement.reserved().min(LARGEST_PAGE);
+    let limit = placement.natural_align();
     let mut total = PageCounts::default();
     for area in &placement.areas {
         let (_, counts) = area_pages(area.gpa, area.size, limit);
