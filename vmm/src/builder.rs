@@ -206,6 +206,7 @@ pub fn boot_and_run(
             bdf: name,
             kind: kind.to_string(),
             guest_bdf: format!("0000:00:{number:02x}.0"),
+            vfio_backend: device.vfio_backend.map(str::to_string),
             bars: Vec::new(),
         });
         live.push(device.resources);

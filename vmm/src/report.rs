@@ -10,14 +10,15 @@
 //!   ],
 //!   "kvm_stats": { "pages_4k": 1200, "pages_2m": 250, "pages_1g": 0 },
 //!   "devices": [
-//!     { "bdf": "shmem0", "kind": "shmem", "guest_bdf": "0000:00:01.0",
+//!     { "bdf": "shmem0", "kind": "shmem", "guest_bdf": "0000:00:01.0", "vfio_backend": null,
 //!       "bars": [
 //!         { "index": 2, "size": 8589934592, "gpa": 68719476736, "hva": 140668768403456,
 //!           "trapped": false, "planned_page_size": 1073741824,
 //!           "planned":  { "pages_4k": 0, "pages_2m": 0, "pages_1g": 8 },
 //!           "best_possible": { "pages_4k": 0, "pages_2m": 0, "pages_1g": 8 },
 //!           "mapped":   { "pages_4k": 0, "pages_2m": 0, "pages_1g": 8 },
-//!           "slots": 1, "slot_updates": 1, "huge_ok": true, "prefault_ms": 0.4 } ] }
+//!           "slots": 1, "slot_updates": 1, "huge_ok": true, "prefault_ms": 0.4,
+//!           "p2p": null } ] }
 //!   ]
 //! }
 //! ```
@@ -78,6 +79,11 @@ pub struct Report {
 /// The IOMMU mapping of guest RAM for device DMA.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct DmaReport {
+    /// How each IOMMU domain mapped it: `type1-vaddr` (legacy container),
+    /// `iommufd-vaddr` (IOMMU_IOAS_MAP of the address range) or
+    /// `iommufd-memfd` (IOMMU_IOAS_MAP_FILE of memfd RAM, Linux 6.13+);
+    /// joined with `+` when the VM has both a container and an IOAS.
+    pub method: String,
     /// RAM regions mapped.
     pub regions: usize,
     /// Bytes mapped.
@@ -121,8 +127,25 @@ pub struct DeviceReport {
     pub kind: String,
     /// Where the guest sees it, e.g. `0000:00:01.0`.
     pub guest_bdf: String,
+    /// For a VFIO device, the interface it was opened with: `legacy`
+    /// (container and group) or `iommufd` (device cdev); `null` otherwise.
+    pub vfio_backend: Option<String>,
     /// Its memory BARs, by index.
     pub bars: Vec<BarReport>,
+}
+
+/// A BAR's mapping into the IOMMU domain for peer-to-peer DMA (other
+/// devices writing into it).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct P2pReport {
+    /// How: `type1-vaddr` (the container maps the BAR's mmap) or
+    /// `iommufd-dmabuf` (IOMMU_IOAS_MAP_FILE of a dma-buf vfio-pci exports
+    /// for the BAR, Linux 6.19+); joined with `+` for both domains.
+    pub method: String,
+    /// Bytes mapped (every mmap-able area of the BAR).
+    pub bytes: u64,
+    /// Time the mapping took, in milliseconds.
+    pub ms: f64,
 }
 
 /// Page counts: how many pages of each size map something.
@@ -190,7 +213,12 @@ pub struct BarReport {
     pub huge_ok: bool,
     /// How long the pre-fault took, in milliseconds.
     pub prefault_ms: Option<f64>,
-    /// When `mapped` differs from `planned`, why (also on stderr).
+    /// Its peer-to-peer DMA mapping; `null` when it has none (`p2p=off`, a
+    /// trapped BAR, not a VFIO device, or a refusal with `p2p=auto`: then
+    /// `warning` says why).
+    pub p2p: Option<P2pReport>,
+    /// When `mapped` differs from `planned`, or a `p2p=auto` mapping was
+    /// refused, why (also on stderr).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub warning: Option<String>,
     /// For a BAR that got its plan while `bar-align` caps it below
@@ -285,6 +313,7 @@ mod tests {
                 bdf: "shmem0".into(),
                 kind: "shmem".into(),
                 guest_bdf: "0000:00:01.0".into(),
+                vfio_backend: None,
                 bars: vec![BarReport {
                     index: 2,
                     size: 8 << 30,
@@ -311,6 +340,7 @@ mod tests {
                 }],
             }],
             dma: Some(DmaReport {
+                method: "type1-vaddr".into(),
                 regions: 1,
                 bytes: 512 << 20,
                 ms: 2.0,
@@ -333,6 +363,9 @@ mod tests {
         assert_eq!(value["memory"][0]["page_size"], 4096);
         assert_eq!(value["dma"]["bytes"], 536870912u64);
         assert_eq!(value["dma"]["gib_per_s"], 250.0);
+        assert_eq!(value["dma"]["method"], "type1-vaddr");
+        assert!(value["devices"][0]["vfio_backend"].is_null());
+        assert!(value["devices"][0]["bars"][0]["p2p"].is_null());
         assert_eq!(value["kvm_stats"]["pages_2m"], 3);
         let bar = &value["devices"][0]["bars"][0];
         assert_eq!(value["devices"][0]["bdf"], "shmem0");

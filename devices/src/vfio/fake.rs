@@ -19,7 +19,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use vmm_sys_util::eventfd::EventFd;
 
-use super::host::{HostError, VfioHostAccess};
+use super::dma_method::{BarDmaMapping, DmaMethod, DmaMethods};
+use super::host::{HostError, OpenedBackend, VfioHostAccess};
 use super::preflight::PreflightError;
 use super::{
     BarRange, RegionInfo, VfioDeviceAccess, CONFIG_REGION_INDEX, INTX_IRQ_INDEX, MSI_IRQ_INDEX,
@@ -536,6 +537,11 @@ pub struct FakeVfioHost {
     dma: Mutex<BTreeMap<u64, (u64, u64)>>,
     /// DMA maps at or above this IO virtual address fail.
     refuse_from: Option<u64>,
+    /// The backend its devices are opened with (legacy unless set).
+    backend: Option<OpenedBackend>,
+    /// With iommufd: whether the kernel has IOMMU_IOAS_MAP_FILE of memfds
+    /// (6.13+) and of dma-bufs (6.19+); both unless set.
+    old_iommufd: bool,
 }
 
 impl FakeVfioHost {
@@ -560,6 +566,46 @@ impl FakeVfioHost {
     pub fn refusing_dma_from(mut self, iova: u64) -> Self {
         self.refuse_from = Some(iova);
         self
+    }
+
+    /// Opens its devices with `backend`: the DMA methods are that backend's.
+    pub fn with_backend(mut self, backend: OpenedBackend) -> Self {
+        self.backend = Some(backend);
+        self
+    }
+
+    /// With iommufd, a kernel before 6.13: no IOMMU_IOAS_MAP_FILE, so RAM
+    /// is mapped by address and BARs cannot be mapped for peer to peer.
+    pub fn with_old_iommufd(mut self) -> Self {
+        self.old_iommufd = true;
+        self
+    }
+
+    fn opened_backend(&self) -> OpenedBackend {
+        self.backend.unwrap_or(OpenedBackend::Legacy)
+    }
+
+    fn refuse(&self, iova: u64, size: u64) -> Result<(), HostError> {
+        if self.refuse_from.is_some_and(|from| iova >= from) {
+            return Err(HostError::Dma {
+                what: "map",
+                iova,
+                size,
+                source: vfio_ioctls::VfioError::IommuDmaMap(vmm_sys_util::errno::Error::new(
+                    22, /* EINVAL, as type1 answers for MMIO it cannot pin */
+                )),
+            });
+        }
+        Ok(())
+    }
+
+    fn record_map(&self, iova: u64, size: u64, hva: *mut u8) {
+        let hva = hva as u64;
+        self.dma
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(iova, (size, hva));
+        self.journal.push(FakeEvent::DmaMap { iova, size, hva });
     }
 
     /// The journal (a clone: it outlives the host).
@@ -594,24 +640,65 @@ impl VfioHostAccess for FakeVfioHost {
             })
     }
 
-    unsafe fn dma_map(&self, iova: u64, size: u64, hva: *mut u8) -> Result<(), HostError> {
-        if self.refuse_from.is_some_and(|from| iova >= from) {
-            return Err(HostError::Dma {
-                what: "map",
-                iova,
-                size,
-                source: vfio_ioctls::VfioError::IommuDmaMap(vmm_sys_util::errno::Error::new(
-                    22, /* EINVAL, as type1 answers for MMIO it cannot pin */
-                )),
-            });
-        }
-        let hva = hva as u64;
-        self.dma
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(iova, (size, hva));
-        self.journal.push(FakeEvent::DmaMap { iova, size, hva });
-        Ok(())
+    unsafe fn dma_map(&self, iova: u64, size: u64, hva: *mut u8) -> Result<DmaMethods, HostError> {
+        self.refuse(iova, size)?;
+        self.record_map(iova, size, hva);
+        Ok(DmaMethods(vec![match self.opened_backend() {
+            OpenedBackend::Legacy => DmaMethod::Type1Vaddr,
+            OpenedBackend::Iommufd => DmaMethod::IommufdVaddr,
+        }]))
+    }
+
+    unsafe fn dma_map_file(
+        &self,
+        iova: u64,
+        size: u64,
+        hva: *mut u8,
+        _file: BorrowedFd<'_>,
+        _offset: u64,
+    ) -> Result<DmaMethods, HostError> {
+        self.refuse(iova, size)?;
+        self.record_map(iova, size, hva);
+        Ok(DmaMethods(vec![match self.opened_backend() {
+            OpenedBackend::Legacy => DmaMethod::Type1Vaddr,
+            OpenedBackend::Iommufd if self.old_iommufd => DmaMethod::IommufdVaddr,
+            OpenedBackend::Iommufd => DmaMethod::IommufdMemfd,
+        }]))
+    }
+
+    unsafe fn bar_dma_map(
+        &self,
+        device: &FakeVfioDevice,
+        bar: u32,
+        _offset: u64,
+        iova: u64,
+        size: u64,
+        hva: *mut u8,
+    ) -> Result<BarDmaMapping, HostError> {
+        let method = match self.opened_backend() {
+            OpenedBackend::Legacy => DmaMethod::Type1Vaddr,
+            OpenedBackend::Iommufd if self.old_iommufd => {
+                return Err(HostError::P2pUnsupported {
+                    bdf: device
+                        .journal
+                        .as_ref()
+                        .map_or_else(String::new, |(_, bdf)| bdf.clone()),
+                    bar,
+                    kernel: "6.12.0-fake".to_string(),
+                })
+            }
+            OpenedBackend::Iommufd => DmaMethod::IommufdDmabuf,
+        };
+        self.refuse(iova, size)?;
+        self.record_map(iova, size, hva);
+        Ok(BarDmaMapping {
+            methods: DmaMethods(vec![method]),
+            dma_buf: None,
+        })
+    }
+
+    fn backend_of(&self, _device: &FakeVfioDevice) -> OpenedBackend {
+        self.opened_backend()
     }
 
     fn dma_unmap(&self, iova: u64, size: u64) -> Result<(), HostError> {

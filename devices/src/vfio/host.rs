@@ -33,14 +33,17 @@ use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::path::PathBuf;
 use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use iommufd_ioctls::IommuFd;
+use iommufd_ioctls::{IommuFd, IommufdError};
 use vfio_ioctls::{
-    VfioContainer, VfioDevice, VfioDeviceFd, VfioError, VfioIommufd, VfioOps, VfioRegionInfoCap,
+    VfioContainer, VfioDevice, VfioDeviceFd, VfioError, VfioIommufd, VfioOps, VfioRegionDmaRange,
+    VfioRegionInfoCap,
 };
 use vmm_sys_util::eventfd::EventFd;
 
+use super::dma_method::{BarDmaMapping, DmaMethod, DmaMethods};
 use super::preflight::{locate, not_viable, DeviceLocation, HostPaths, PreflightError};
 use super::{BarRange, RegionInfo, VfioDeviceAccess, CONFIG_REGION_INDEX};
 
@@ -95,6 +98,30 @@ pub enum OpenedBackend {
     Iommufd,
 }
 
+impl OpenedBackend {
+    /// The report's name for it (the `--vfio-backend` value that asks for it).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Legacy => "legacy",
+            Self::Iommufd => "iommufd",
+        }
+    }
+}
+
+/// The Linux release that added vfio-pci's dma-buf export and iommufd's
+/// IOMMU_IOAS_MAP_FILE of a dma-buf: peer-to-peer DMA with iommufd.
+pub const DMABUF_P2P_LINUX: &str = "6.19";
+
+/// Where the host kernel's release is read from, for messages.
+const OSRELEASE_PATH: &str = "/proc/sys/kernel/osrelease";
+
+/// The host kernel's release, or "an unknown kernel".
+fn host_kernel_release() -> String {
+    std::fs::read_to_string(OSRELEASE_PATH)
+        .map(|release| release.trim().to_string())
+        .unwrap_or_else(|_| "an unknown kernel".to_string())
+}
+
 /// Why a host device cannot be opened.
 #[derive(Debug, thiserror::Error)]
 pub enum HostError {
@@ -133,6 +160,31 @@ pub enum HostError {
         what: &'static str,
         /// iommufd-ioctls' error.
         source: iommufd_ioctls::IommufdError,
+    },
+    /// iommufd cannot map a BAR for peer-to-peer DMA on this kernel.
+    #[error(
+        "cannot map BAR {bar} of {bdf} for peer-to-peer DMA with iommufd: that needs vfio-pci's \
+         dma-buf export and IOMMU_IOAS_MAP_FILE of a dma-buf (Linux {DMABUF_P2P_LINUX} or newer), \
+         and this host runs {kernel}; use --vfio-backend legacy for peer-to-peer DMA, or \
+         p2p=off to do without it"
+    )]
+    P2pUnsupported {
+        bdf: String,
+        bar: u32,
+        /// The host kernel's release.
+        kernel: String,
+    },
+    /// vfio-pci refused to export a BAR range as a dma-buf.
+    #[error(
+        "vfio-pci refused to export BAR {bar} range {offset:#x}+{size:#x} of {bdf} as a dma-buf \
+         for peer-to-peer DMA: {}; p2p=off does without it", vfio_cause(.source)
+    )]
+    DmaBufExport {
+        bdf: String,
+        bar: u32,
+        offset: u64,
+        size: u64,
+        source: VfioError,
     },
     /// A DMA map or unmap of guest memory failed.
     #[error("cannot {what} guest memory {iova:#x}+{size:#x} for device DMA: {}", vfio_cause(.source))]
@@ -181,10 +233,53 @@ pub trait VfioHostAccess: Send + Sync {
     /// through references (vfio-ioctls' `vfio_dma_map` contract). The range
     /// must stay mapped until then, or the devices' DMA no longer reaches the
     /// memory the process sees.
-    unsafe fn dma_map(&self, iova: u64, size: u64, hva: *mut u8) -> Result<(), HostError>;
+    unsafe fn dma_map(&self, iova: u64, size: u64, hva: *mut u8) -> Result<DmaMethods, HostError>;
 
-    /// Undoes [`Self::dma_map`] of the same range.
+    /// As [`Self::dma_map`], for a range that is also `size` bytes of
+    /// `file` (a memfd) from `offset`: iommufd maps the file itself where the
+    /// kernel can (IOMMU_IOAS_MAP_FILE, Linux 6.13+), the others `hva`.
+    ///
+    /// # Safety
+    ///
+    /// As [`Self::dma_map`]; `hva` must map those bytes of `file`.
+    unsafe fn dma_map_file(
+        &self,
+        iova: u64,
+        size: u64,
+        hva: *mut u8,
+        file: BorrowedFd<'_>,
+        offset: u64,
+    ) -> Result<DmaMethods, HostError> {
+        let _ = (file, offset);
+        // SAFETY: the caller keeps this method's contract, which is
+        // `dma_map`'s.
+        unsafe { self.dma_map(iova, size, hva) }
+    }
+
+    /// Maps `size` bytes of BAR `bar` of `device` from `offset`, which the
+    /// process maps at `hva`, at IO virtual address `iova`, so that the
+    /// domain's devices can DMA into it (peer to peer): the container maps
+    /// `hva`; an IOAS maps a dma-buf vfio-pci exports for the range, which
+    /// the answer holds until [`Self::dma_unmap`].
+    ///
+    /// # Safety
+    ///
+    /// As [`Self::dma_map`], for `[hva, hva + size)`.
+    unsafe fn bar_dma_map(
+        &self,
+        device: &Self::Device,
+        bar: u32,
+        offset: u64,
+        iova: u64,
+        size: u64,
+        hva: *mut u8,
+    ) -> Result<BarDmaMapping, HostError>;
+
+    /// Undoes [`Self::dma_map`] (or the other maps) of the same range.
     fn dma_unmap(&self, iova: u64, size: u64) -> Result<(), HostError>;
+
+    /// The backend `device` was opened with.
+    fn backend_of(&self, device: &Self::Device) -> OpenedBackend;
 }
 
 /// The VM's VFIO state: the shared IOMMU domain (see module docs).
@@ -194,6 +289,9 @@ pub struct VfioHost {
     kvm_device: Option<Arc<VfioDeviceFd>>,
     container: Mutex<Option<Arc<VfioContainer>>>,
     iommufd: Mutex<Option<Arc<VfioIommufd>>>,
+    /// Set once the kernel refused IOMMU_IOAS_MAP_FILE of a memfd as an
+    /// unknown request (before 6.13): later RAM maps go by address at once.
+    map_file_refused: AtomicBool,
 }
 
 impl fmt::Debug for VfioHost {
@@ -222,7 +320,22 @@ impl VfioHost {
             kvm_device,
             container: Mutex::new(None),
             iommufd: Mutex::new(None),
+            map_file_refused: AtomicBool::new(false),
         }
+    }
+
+    fn container(&self) -> Option<Arc<VfioContainer>> {
+        self.container
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn iommufd(&self) -> Option<Arc<VfioIommufd>> {
+        self.iommufd
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Which backend `location` gets under this host's [`VfioBackendKind`].
@@ -371,9 +484,9 @@ impl VfioHostAccess for VfioHost {
         Ok(device)
     }
 
-    /// Maps the range in the container or the IOAS, whichever devices were
+    /// Maps the range in the container and the IOAS, whichever devices were
     /// opened into so far.
-    unsafe fn dma_map(&self, iova: u64, size: u64, hva: *mut u8) -> Result<(), HostError> {
+    unsafe fn dma_map(&self, iova: u64, size: u64, hva: *mut u8) -> Result<DmaMethods, HostError> {
         let dma_error = |source| HostError::Dma {
             what: "map",
             iova,
@@ -381,16 +494,157 @@ impl VfioHostAccess for VfioHost {
             source,
         };
         let len = usize::try_from(size).unwrap_or(usize::MAX);
-        if let Some(container) = &*self.container.lock().unwrap_or_else(|e| e.into_inner()) {
+        let mut methods = DmaMethods::default();
+        if let Some(container) = self.container() {
             // SAFETY: vfio-ioctls' contract is this trait method's, which
             // the caller keeps.
             unsafe { container.vfio_dma_map(iova, len, hva) }.map_err(dma_error)?;
+            methods.0.push(DmaMethod::Type1Vaddr);
         }
-        if let Some(iommufd) = &*self.iommufd.lock().unwrap_or_else(|e| e.into_inner()) {
+        if let Some(iommufd) = self.iommufd() {
             // SAFETY: as above.
             unsafe { iommufd.vfio_dma_map(iova, len, hva) }.map_err(dma_error)?;
+            methods.0.push(DmaMethod::IommufdVaddr);
         }
-        Ok(())
+        Ok(methods)
+    }
+
+    /// The container maps `hva`; the IOAS maps the memfd range with
+    /// IOMMU_IOAS_MAP_FILE, or `hva` on a kernel that does not know that
+    /// request (ENOTTY, before 6.13).
+    unsafe fn dma_map_file(
+        &self,
+        iova: u64,
+        size: u64,
+        hva: *mut u8,
+        file: BorrowedFd<'_>,
+        offset: u64,
+    ) -> Result<DmaMethods, HostError> {
+        let dma_error = |source| HostError::Dma {
+            what: "map",
+            iova,
+            size,
+            source,
+        };
+        let len = usize::try_from(size).unwrap_or(usize::MAX);
+        let mut methods = DmaMethods::default();
+        if let Some(container) = self.container() {
+            // SAFETY: vfio-ioctls' contract is this trait method's, which
+            // the caller keeps.
+            unsafe { container.vfio_dma_map(iova, len, hva) }.map_err(dma_error)?;
+            methods.0.push(DmaMethod::Type1Vaddr);
+        }
+        if let Some(iommufd) = self.iommufd() {
+            let by_file = if self.map_file_refused.load(Ordering::Relaxed) {
+                None
+            } else {
+                match iommufd
+                    .ioas()
+                    .map_file(file.as_raw_fd(), offset, size, iova, true)
+                {
+                    Ok(()) => Some(DmaMethod::IommufdMemfd),
+                    Err(IommufdError::IommuIoasMapFile(errno)) if errno.errno() == libc::ENOTTY => {
+                        log::info!(
+                            "vfio: the kernel has no IOMMU_IOAS_MAP_FILE (Linux 6.13+); guest \
+                             RAM is mapped by address"
+                        );
+                        self.map_file_refused.store(true, Ordering::Relaxed);
+                        None
+                    }
+                    Err(error) => return Err(dma_error(VfioError::IommufdIoctlError(error))),
+                }
+            };
+            let method = match by_file {
+                Some(method) => method,
+                None => {
+                    // SAFETY: as above.
+                    unsafe { iommufd.vfio_dma_map(iova, len, hva) }.map_err(dma_error)?;
+                    DmaMethod::IommufdVaddr
+                }
+            };
+            methods.0.push(method);
+        }
+        Ok(methods)
+    }
+
+    /// The container maps the BAR's mmap (type1 handles PFNMAP ranges);
+    /// the IOAS maps a dma-buf of the range: iommufd cannot pin PFNMAP
+    /// memory, so IOMMU_IOAS_MAP of the mmap fails with EFAULT on every
+    /// kernel.
+    unsafe fn bar_dma_map(
+        &self,
+        device: &HostVfioDevice,
+        bar: u32,
+        offset: u64,
+        iova: u64,
+        size: u64,
+        hva: *mut u8,
+    ) -> Result<BarDmaMapping, HostError> {
+        let dma_error = |source| HostError::Dma {
+            what: "map",
+            iova,
+            size,
+            source,
+        };
+        let bdf = &device.location.bdf;
+        let mut mapping = BarDmaMapping::default();
+        if let Some(container) = self.container() {
+            let len = usize::try_from(size).unwrap_or(usize::MAX);
+            // SAFETY: vfio-ioctls' contract is this trait method's, which
+            // the caller keeps.
+            unsafe { container.vfio_dma_map(iova, len, hva) }.map_err(dma_error)?;
+            mapping.methods.0.push(DmaMethod::Type1Vaddr);
+        }
+        if let Some(iommufd) = self.iommufd() {
+            let range = VfioRegionDmaRange {
+                offset,
+                length: size,
+            };
+            let exported = device
+                .device
+                .export_dma_buf(bar, &[range], DMA_BUF_OPEN_FLAGS)
+                .map_err(|source| HostError::DmaBufExport {
+                    bdf: bdf.clone(),
+                    bar,
+                    offset,
+                    size,
+                    source,
+                });
+            let dma_buf = match exported {
+                Ok(Some(dma_buf)) => dma_buf,
+                Ok(None) => {
+                    self.undo_container_map(&mapping, iova, size);
+                    return Err(HostError::P2pUnsupported {
+                        bdf: bdf.clone(),
+                        bar,
+                        kernel: host_kernel_release(),
+                    });
+                }
+                Err(error) => {
+                    self.undo_container_map(&mapping, iova, size);
+                    return Err(error);
+                }
+            };
+            if let Err(error) = iommufd
+                .ioas()
+                .map_file(dma_buf.as_raw_fd(), 0, size, iova, true)
+            {
+                self.undo_container_map(&mapping, iova, size);
+                return Err(match error {
+                    IommufdError::IommuIoasMapFile(errno) if errno.errno() == libc::ENOTTY => {
+                        HostError::P2pUnsupported {
+                            bdf: bdf.clone(),
+                            bar,
+                            kernel: host_kernel_release(),
+                        }
+                    }
+                    error => dma_error(VfioError::IommufdIoctlError(error)),
+                });
+            }
+            mapping.methods.0.push(DmaMethod::IommufdDmabuf);
+            mapping.dma_buf = Some(dma_buf);
+        }
+        Ok(mapping)
     }
 
     fn dma_unmap(&self, iova: u64, size: u64) -> Result<(), HostError> {
@@ -401,15 +655,37 @@ impl VfioHostAccess for VfioHost {
             source,
         };
         let len = usize::try_from(size).unwrap_or(usize::MAX);
-        if let Some(container) = &*self.container.lock().unwrap_or_else(|e| e.into_inner()) {
+        if let Some(container) = self.container() {
             container.vfio_dma_unmap(iova, len).map_err(dma_error)?;
         }
-        if let Some(iommufd) = &*self.iommufd.lock().unwrap_or_else(|e| e.into_inner()) {
+        if let Some(iommufd) = self.iommufd() {
             iommufd.vfio_dma_unmap(iova, len).map_err(dma_error)?;
         }
         Ok(())
     }
+
+    fn backend_of(&self, device: &HostVfioDevice) -> OpenedBackend {
+        device.backend
+    }
 }
+
+impl VfioHost {
+    /// Undoes the container's half of a BAR map whose IOAS half failed.
+    fn undo_container_map(&self, mapping: &BarDmaMapping, iova: u64, size: u64) {
+        if !mapping.methods.0.contains(&DmaMethod::Type1Vaddr) {
+            return;
+        }
+        if let Some(container) = self.container() {
+            let len = usize::try_from(size).unwrap_or(usize::MAX);
+            if let Err(error) = container.vfio_dma_unmap(iova, len) {
+                log::warn!("vfio: cannot unmap {iova:#x}+{size:#x} from the container: {error}");
+            }
+        }
+    }
+}
+
+/// How barge opens the dma-buf of a BAR: read-write, closed on exec.
+const DMA_BUF_OPEN_FLAGS: u32 = (libc::O_RDWR | libc::O_CLOEXEC) as u32;
 
 fn libc_ebusy() -> i32 {
     io::Error::from(io::ErrorKind::ResourceBusy)

@@ -22,6 +22,7 @@
 //! and registering memslots is the VMM's job.
 
 pub mod device;
+pub mod dma_method;
 pub mod fake;
 pub mod host;
 pub mod interrupts;

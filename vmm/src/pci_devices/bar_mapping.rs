@@ -43,7 +43,7 @@ use crate::machine::kvm::{self, KvmError, MemslotLog};
 use crate::machine::kvm_stats::KvmStatsFd;
 use crate::machine::mapping::{AlignedMapping, MappingError};
 use crate::machine::prefault::{self, PreFaultError};
-use crate::report::{BarReport, PageCountsReport};
+use crate::report::{BarReport, P2pReport, PageCountsReport};
 
 /// Errors mapping a BAR.
 #[derive(Debug, thiserror::Error)]
@@ -123,6 +123,10 @@ pub struct MappedBar {
     pub areas: Vec<MappedArea>,
     /// Device-specific likely causes of a shortfall (see the module docs).
     pub causes: Vec<String>,
+    /// Its peer-to-peer DMA mapping, when it has one.
+    pub p2p: Option<P2pReport>,
+    /// Why it has none although `p2p=auto` asked for one.
+    pub p2p_warning: Option<String>,
 }
 
 impl MappedBar {
@@ -134,6 +138,8 @@ impl MappedBar {
             mapping: None,
             areas: Vec::new(),
             causes: Vec::new(),
+            p2p: None,
+            p2p_warning: None,
         }
     }
 
@@ -200,6 +206,8 @@ pub fn map_bar_areas(
         mapping: None,
         areas: Vec::new(),
         causes: Vec::new(),
+        p2p: None,
+        p2p_warning: None,
     };
     for area in &placement.areas {
         let mapped = MappedArea {
@@ -439,7 +447,8 @@ pub fn bar_report(
         slot_updates,
         huge_ok: false,
         prefault_ms,
-        warning: None,
+        p2p: bar.p2p.clone(),
+        warning: bar.p2p_warning.clone(),
         note: None,
     };
     if report.trapped {
@@ -459,7 +468,10 @@ pub fn bar_report(
         }
         PlanComparison::OtherThanPlanned { warning } => {
             eprintln!("barge: warning: {warning}");
-            report.warning = Some(warning);
+            report.warning = Some(match report.warning.take() {
+                Some(p2p) => format!("{warning}; {p2p}"),
+                None => warning,
+            });
         }
     }
     report

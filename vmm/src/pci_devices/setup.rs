@@ -134,6 +134,9 @@ pub struct AttachedDevice {
     pub traps: Vec<TrapRegion>,
     /// Set by the device that mapped guest RAM for DMA (the first VFIO one).
     pub dma: Option<DmaReport>,
+    /// The VFIO backend a passed-through device was opened with (the
+    /// report's `vfio_backend`); `None` for other devices.
+    pub vfio_backend: Option<&'static str>,
     /// Its BARs and host resources, torn down in order when dropped.
     pub resources: DeviceResources,
 }

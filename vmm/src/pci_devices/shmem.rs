@@ -282,6 +282,7 @@ impl PciDeviceSetup for ShmemSetup {
         }];
         let bars = vec![MappedBar::trapped(&self.name, registers), memory_bar];
         Ok(AttachedDevice {
+            vfio_backend: None,
             config: Box::new(config),
             traps,
             dma: None,

@@ -22,8 +22,10 @@
 //! keeps the pages pinned until the domain is released, and the range's
 //! contract ends with its munmap).
 
+use std::os::fd::AsFd;
 use std::sync::Arc;
 
+use devices::vfio::dma_method::{BarDmaMapping, DmaMethods};
 use devices::vfio::host::{HostError, VfioHostAccess};
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
@@ -57,6 +59,8 @@ pub struct RamDma<H: VfioHostAccess> {
     _memory: GuestMemoryMmap,
     /// `(iova, size)` of each region mapped.
     mapped: Vec<(u64, u64)>,
+    /// How the domains mapped them.
+    methods: DmaMethods,
 }
 
 impl<H: VfioHostAccess> RamDma<H> {
@@ -67,19 +71,39 @@ impl<H: VfioHostAccess> RamDma<H> {
             domain: Arc::clone(domain),
             _memory: ram.memory.clone(),
             mapped: Vec::new(),
+            methods: DmaMethods::default(),
         };
         for region in ram.memory.iter() {
             let gpa = region.start_addr();
             let Ok(hva) = ram.memory.get_host_address(gpa) else {
                 continue;
             };
-            // SAFETY: guest RAM is accessed only through vm-memory's
-            // volatile accessors and by the guest, and `dma._memory` holds
-            // its regions until `drop` has unmapped them (module docs).
-            unsafe { domain.dma_map(gpa.raw_value(), region.len(), hva) }?;
+            let methods = match region.file_offset() {
+                // SAFETY: guest RAM is accessed only through vm-memory's
+                // volatile accessors and by the guest, `dma._memory` holds
+                // its regions until `drop` has unmapped them (module docs),
+                // and the region maps its file from that offset at `hva`.
+                Some(file) => unsafe {
+                    domain.dma_map_file(
+                        gpa.raw_value(),
+                        region.len(),
+                        hva,
+                        file.file().as_fd(),
+                        file.start(),
+                    )
+                },
+                // SAFETY: as above, without a file.
+                None => unsafe { domain.dma_map(gpa.raw_value(), region.len(), hva) },
+            }?;
             dma.mapped.push((gpa.raw_value(), region.len()));
+            dma.methods.merge(&methods);
         }
         Ok(dma)
+    }
+
+    /// How the domains mapped guest RAM (every region's methods).
+    pub fn methods(&self) -> &DmaMethods {
+        &self.methods
     }
 
     /// `(iova, size)` of every region mapped, in address order.
@@ -100,19 +124,25 @@ impl<H: VfioHostAccess> Drop for RamDma<H> {
 
 /// One area of a BAR mapped into a VFIO host's IOMMU domain at IOVA = GPA,
 /// so that other devices can DMA into it (peer to peer); unmapped when
-/// dropped (see module docs).
+/// dropped (see module docs), the dma-buf it holds on the iommufd path
+/// closed after that.
 pub struct BarDma<H: VfioHostAccess> {
     domain: Arc<H>,
-    /// Keeps the BAR mapped until after the unmap.
-    _mapping: Arc<AlignedMapping>,
     iova: u64,
     size: u64,
+    /// How it was mapped, and its dma-buf (dropped after the unmap).
+    mapping: BarDmaMapping,
+    /// Keeps the BAR mapped until after the unmap.
+    _mapping: Arc<AlignedMapping>,
 }
 
 impl<H: VfioHostAccess> BarDma<H> {
-    /// Maps `area`, which must lie inside `mapping`, into `domain`.
+    /// Maps `area` of BAR `bar` of `device`, which must lie inside
+    /// `mapping`, into `domain`.
     pub fn map(
         domain: &Arc<H>,
+        device: &H::Device,
+        bar: u8,
         mapping: &Arc<AlignedMapping>,
         area: &MappedArea,
     ) -> Result<Self, DmaError> {
@@ -130,13 +160,33 @@ impl<H: VfioHostAccess> BarDma<H> {
         // SAFETY: the area is part of a BAR mapping, which barge never
         // reads or writes, and `_mapping` keeps it mapped until `drop` has
         // unmapped it (module docs).
-        unsafe { domain.dma_map(area.gpa, area.size, area.hva as *mut u8) }?;
+        let dma_mapping = unsafe {
+            domain.bar_dma_map(
+                device,
+                u32::from(bar),
+                area.offset,
+                area.gpa,
+                area.size,
+                area.hva as *mut u8,
+            )
+        }?;
         Ok(Self {
             domain: Arc::clone(domain),
-            _mapping: Arc::clone(mapping),
             iova: area.gpa,
             size: area.size,
+            mapping: dma_mapping,
+            _mapping: Arc::clone(mapping),
         })
+    }
+
+    /// How the domains mapped it.
+    pub fn methods(&self) -> &DmaMethods {
+        &self.mapping.methods
+    }
+
+    /// Its size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
     }
 }
 
@@ -145,5 +195,7 @@ impl<H: VfioHostAccess> Drop for BarDma<H> {
         if let Err(error) = self.domain.dma_unmap(self.iova, self.size) {
             log::warn!("vfio: {error}");
         }
+        // `mapping.dma_buf` closes after this, once the IOAS no longer
+        // maps it.
     }
 }

@@ -32,8 +32,11 @@
 //!    - guest RAM mapped into the shared IOMMU domain at IOVA = GPA by the
 //!      first device attached (its figures are the report's `dma`);
 //!    - with `p2p` on or auto, the device's BAR areas mapped into the
-//!      domain at IOVA = GPA, so that other devices can DMA into them (with
-//!      auto a refusal is a warning).
+//!      domain at IOVA = GPA, so that other devices can DMA into them: the
+//!      container maps the BAR's mmap, an IOAS a dma-buf vfio-pci exports
+//!      for each area (Linux 6.19+; iommufd cannot pin PFNMAP memory). A BAR
+//!      is mapped whole or not at all; with auto a refusal is a warning on
+//!      the BAR (the report's `warning`, `p2p` null), with on an error.
 //!
 //!    All of it ends up in the device's [`DeviceResources`]; dropping them
 //!    tears the device down in the order `pci_devices::teardown` gives
@@ -59,7 +62,9 @@ mod tests;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
+use devices::vfio::dma_method::DmaMethods;
 use devices::vfio::host::{HostError, VfioHost, VfioHostAccess};
 use devices::vfio::interrupts::InterruptError;
 use devices::vfio::{
@@ -77,7 +82,7 @@ use crate::pci_devices::setup::{
     AttachContext, AttachedDevice, DeviceSetupError, PciDeviceSetup, TrapRegion,
 };
 use crate::pci_devices::teardown::DeviceResources;
-use crate::report::DmaReport;
+use crate::report::{DmaReport, P2pReport};
 
 pub use dma::{BarDma, DmaError, RamDma};
 pub use irqchip::KvmIrqChip;
@@ -245,10 +250,12 @@ impl<H: VfioHostAccess + 'static> PciDeviceSetup for VfioSetup<H> {
         let mut bars = Vec::new();
         let mapped = map_bars_and_dma(&mut parts, &mut bars, &probe, plan, ctx, p2p, &facts);
         let trap_count = traps.len();
+        let backend = parts.host.domain().backend_of(&parts.device).name();
         let mut attached = AttachedDevice {
             config: Box::new(model),
             traps,
             dma: None,
+            vfio_backend: Some(backend),
             resources: DeviceResources::new(
                 Arc::clone(ctx.vm),
                 ctx.memslots.clone(),
@@ -331,23 +338,62 @@ fn map_bars_and_dma<H: VfioHostAccess>(
         return Ok(report);
     }
     let domain = Arc::clone(parts.host.domain());
-    for bar in bars.iter() {
-        let Some(mapping) = &bar.mapping else {
+    for bar in bars.iter_mut() {
+        let Some(mapping) = bar.mapping.clone() else {
             continue;
         };
+        let start = Instant::now();
+        let mut mapped = Vec::with_capacity(bar.areas.len());
+        let mut refused = None;
         for area in &bar.areas {
-            match BarDma::map(&domain, mapping, area) {
-                Ok(dma) => parts.bar_dma.push(dma),
-                Err(error) if p2p == P2p::Auto => {
-                    log::warn!(
-                        "vfio: {bdf}: peer-to-peer mapping of {:#x}+{:#x} refused ({error}); \
-                         other devices cannot DMA into this BAR (p2p=off silences this)",
-                        area.gpa,
-                        area.size
-                    );
-                    return Ok(report);
+            match BarDma::map(&domain, &parts.device, bar.placement.index, &mapping, area) {
+                Ok(dma) => mapped.push(dma),
+                Err(error) => {
+                    refused = Some(error);
+                    break;
                 }
-                Err(error) => return Err(PassthroughError::from(error).into()),
+            }
+        }
+        let ms = start.elapsed().as_secs_f64() * 1000.0;
+        match refused {
+            None if !mapped.is_empty() => {
+                let mut methods = DmaMethods::default();
+                for dma in &mapped {
+                    methods.merge(dma.methods());
+                }
+                let bytes = mapped.iter().map(BarDma::size).sum();
+                log::info!(
+                    "vfio: {bdf}: BAR {} mapped for peer-to-peer DMA ({methods}): {bytes} bytes in \
+                     {ms:.3} ms",
+                    bar.placement.index
+                );
+                bar.p2p = Some(P2pReport {
+                    method: methods.to_string(),
+                    bytes,
+                    ms,
+                });
+                parts.bar_dma.extend(mapped);
+            }
+            None => {}
+            Some(error) if p2p == P2p::Auto => {
+                // The BAR's areas mapped so far go again: a BAR is mapped
+                // for peer to peer whole, or not at all.
+                drop(mapped);
+                let hint = match &error {
+                    DmaError::Host(HostError::P2pUnsupported { .. }) => "",
+                    _ => " (p2p=off silences this)",
+                };
+                let warning = format!(
+                    "BAR {} of {bdf} is not mapped for peer-to-peer DMA, other devices cannot \
+                     DMA into it: {error}{hint}",
+                    bar.placement.index
+                );
+                eprintln!("barge: warning: {warning}");
+                bar.p2p_warning = Some(warning);
+            }
+            Some(error) => {
+                parts.bar_dma.extend(mapped);
+                return Err(PassthroughError::from(error).into());
             }
         }
     }

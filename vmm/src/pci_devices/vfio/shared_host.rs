@@ -106,11 +106,13 @@ impl<H: VfioHostAccess> SharedVfioHost<H> {
         let bytes: u64 = regions.iter().map(|(_, size)| size).sum();
         let gib_per_s = bytes as f64 / (1u64 << 30) as f64 / seconds.max(1e-9);
         log::info!(
-            "vfio: dma: {} RAM regions, {bytes} bytes mapped for device DMA in {:.3} ms ({gib_per_s:.2} GiB/s)",
+            "vfio: dma: {} RAM regions, {bytes} bytes mapped for device DMA ({}) in {:.3} ms ({gib_per_s:.2} GiB/s)",
             regions.len(),
+            dma.methods(),
             seconds * 1000.0,
         );
         let report = DmaReport {
+            method: dma.methods().to_string(),
             regions: regions.len(),
             bytes,
             ms: seconds * 1000.0,

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use devices::vfio::fake::{
     pattern_byte, FakeEvent, FakeJournal, FakeRegion, FakeVfioDevice, FakeVfioHost,
 };
+use devices::vfio::host::OpenedBackend;
 use devices::vfio::interrupts::fake::FakeKvmIrqs;
 use devices::vfio::interrupts::KvmIrqs;
 use devices::vfio::{BarRange, INTX_IRQ_INDEX, MSIX_IRQ_INDEX};
@@ -22,7 +23,7 @@ use super::*;
 use crate::buses::bus::Buses;
 use crate::config::MemoryConfig;
 use crate::machine::{kvm, memory};
-use crate::pci_devices::bar_mapping::{map_bar_areas, SlotAllocator};
+use crate::pci_devices::bar_mapping::{self, map_bar_areas, SlotAllocator};
 
 const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
@@ -89,8 +90,13 @@ struct Rig {
 
 impl Rig {
     fn new(host: FakeVfioHost) -> Self {
+        Self::with_ram(host, &MemoryConfig::default())
+    }
+
+    /// The rig with guest RAM backed as `memory` says.
+    fn with_ram(host: FakeVfioHost, memory: &MemoryConfig) -> Self {
         let vm = Arc::new(kvm::open_kvm().unwrap().create_vm().unwrap());
-        let ram = memory::create_guest_memory(&[(0, RAM_SIZE)], &MemoryConfig::default()).unwrap();
+        let ram = memory::create_guest_memory(&[(0, RAM_SIZE)], memory).unwrap();
         let kvm = Arc::new(FakeKvmIrqs::default());
         let journal = host.journal();
         let irqs: Arc<dyn KvmIrqs> = kvm.clone();
@@ -499,6 +505,137 @@ fn a_refused_p2p_mapping_is_a_warning_with_auto_and_an_error_with_on() {
     }));
     assert_eq!(events.last(), Some(&FakeEvent::Closed { bdf: BDF.into() }));
     assert!(rig.kvm.irqfd_gsis().is_empty());
+}
+
+/// Bytes of `bar`'s mmap-able areas.
+fn area_bytes(bar: &MappedBar) -> u64 {
+    bar.areas.iter().map(|area| area.size).sum()
+}
+
+#[test]
+fn the_report_says_the_backend_and_how_ram_and_each_bar_are_mapped_for_dma() {
+    if !guest_programs::testing::kvm_or_skip(
+        "the_report_says_the_backend_and_how_ram_and_each_bar_are_mapped_for_dma",
+    ) {
+        return;
+    }
+    // (backend, old iommufd, shared RAM) -> (vfio_backend, RAM method, BAR method)
+    let cases = [
+        (
+            OpenedBackend::Legacy,
+            false,
+            false,
+            "legacy",
+            "type1-vaddr",
+            "type1-vaddr",
+        ),
+        (
+            OpenedBackend::Legacy,
+            false,
+            true,
+            "legacy",
+            "type1-vaddr",
+            "type1-vaddr",
+        ),
+        (
+            OpenedBackend::Iommufd,
+            false,
+            false,
+            "iommufd",
+            "iommufd-vaddr",
+            "iommufd-dmabuf",
+        ),
+        (
+            OpenedBackend::Iommufd,
+            false,
+            true,
+            "iommufd",
+            "iommufd-memfd",
+            "iommufd-dmabuf",
+        ),
+    ];
+    for (backend, old, shared, name, ram_method, bar_method) in cases {
+        let mut host = FakeVfioHost::new()
+            .with_backend(backend)
+            .with_device(BDF, small_device(b""));
+        if old {
+            host = host.with_old_iommufd();
+        }
+        let memory = MemoryConfig {
+            shared,
+            ..MemoryConfig::default()
+        };
+        let mut rig = Rig::with_ram(host, &memory);
+        let (attached, _plan) = rig.attach(rig.open(&format!("vfio={BDF}")));
+        let case = format!("{name}, shared RAM {shared}");
+        assert_eq!(attached.vfio_backend, Some(name), "{case}");
+        let dma = attached.dma.as_ref().expect("the first device maps RAM");
+        assert_eq!(dma.method, ram_method, "{case}");
+        assert_eq!(dma.bytes, RAM_SIZE, "{case}");
+        for index in [0, 2] {
+            let mapped = bar(&attached, index);
+            let p2p = mapped.p2p.as_ref().expect("p2p=auto maps the BAR");
+            assert_eq!(p2p.method, bar_method, "{case}: BAR {index}");
+            assert_eq!(p2p.bytes, area_bytes(mapped), "{case}: BAR {index}");
+            assert!(p2p.ms >= 0.0);
+            assert!(mapped.p2p_warning.is_none(), "{case}");
+            let report = bar_mapping::bar_report(mapped, 1, None, None);
+            assert_eq!(report.p2p.as_ref(), Some(p2p), "{case}");
+        }
+        assert_eq!(area_bytes(bar(&attached, 2)), 64 * MIB);
+        // BAR4 traps: nothing to map for peer to peer.
+        assert!(bar(&attached, 4).p2p.is_none(), "{case}");
+    }
+}
+
+#[test]
+fn iommufd_before_6_19_maps_no_bar_for_p2p_auto_warns_and_on_fails_naming_the_kernel() {
+    if !guest_programs::testing::kvm_or_skip(
+        "iommufd_before_6_19_maps_no_bar_for_p2p_auto_warns_and_on_fails_naming_the_kernel",
+    ) {
+        return;
+    }
+    let old_host = || {
+        FakeVfioHost::new()
+            .with_backend(OpenedBackend::Iommufd)
+            .with_old_iommufd()
+            .with_device(BDF, small_device(b""))
+    };
+    let shared = MemoryConfig {
+        shared: true,
+        ..MemoryConfig::default()
+    };
+    let mut rig = Rig::with_ram(old_host(), &shared);
+    let (attached, _plan) = rig.attach(rig.open(&format!("vfio={BDF},p2p=auto")));
+    // No IOMMU_IOAS_MAP_FILE: RAM goes by address, and no BAR is mapped.
+    assert_eq!(attached.dma.as_ref().unwrap().method, "iommufd-vaddr");
+    assert_eq!(rig.dma_maps(), [rig.ram_region()]);
+    for index in [0, 2] {
+        let mapped = bar(&attached, index);
+        assert!(mapped.p2p.is_none());
+        let warning = mapped.p2p_warning.as_deref().unwrap_or_default();
+        assert!(warning.contains("Linux 6.19 or newer"), "{warning}");
+        assert!(warning.contains("6.12.0-fake"), "{warning}");
+        assert!(warning.contains("p2p=off"), "{warning}");
+        let report = bar_mapping::bar_report(mapped, 1, None, None);
+        assert!(report.p2p.is_none());
+        assert_eq!(report.warning.as_deref(), Some(warning));
+    }
+    drop(attached);
+
+    let mut rig = Rig::with_ram(old_host(), &shared);
+    let setup = rig.open(&format!("vfio={BDF},p2p=on"));
+    let plan = plan_for(&[&setup]).remove(0);
+    let error = rig.attach_with(setup, &plan).err().unwrap().to_string();
+    assert!(
+        error.contains("cannot map BAR 0 of 0000:41:00.0 for peer-to-peer DMA with iommufd"),
+        "{error}"
+    );
+    assert!(error.contains("Linux 6.19 or newer"), "{error}");
+    assert!(error.contains("--vfio-backend legacy"), "{error}");
+    let events = rig.journal.events();
+    assert_eq!(events.last(), Some(&FakeEvent::Closed { bdf: BDF.into() }));
+    assert!(rig.host.domain().dma_mappings().is_empty());
 }
 
 /// A fake sysfs with BAR2 of [`BDF`] at `bar2_start` (64 MiB).
