@@ -33,6 +33,11 @@ pub enum MappingError {
         offset: u64,
         source: std::io::Error,
     },
+    #[error(
+        "cannot mark the {len:#x}-byte mapping MADV_DONTFORK ({source}): a child process would \
+         copy its page tables; please report this as a barge bug"
+    )]
+    DontFork { len: u64, source: std::io::Error },
 }
 
 /// A shared mapping of a file (a VFIO region, a memfd) at a host virtual
@@ -138,6 +143,13 @@ impl AlignedMapping {
         if reserve_end > end {
             sys::unmap(end, reserve_end - end);
         }
+        // A child of the process (an embedding program's Command, a fork)
+        // must not copy the mapping's page tables: for a BAR that means
+        // huge pfnmap entries, and the guest's view stays the parent's.
+        if let Err(source) = sys::advise_dont_fork(start, len) {
+            sys::unmap(start, len);
+            return Err(MappingError::DontFork { len, source });
+        }
         Ok(AlignedMapping { addr: start, len })
     }
 
@@ -225,6 +237,20 @@ mod sys {
         Ok(())
     }
 
+    /// MADV_DONTFORK over a range this module mapped or reserved: a child
+    /// process gets nothing of it.
+    pub fn advise_dont_fork(addr: u64, len: u64) -> io::Result<()> {
+        // SAFETY: the range is a live mapping or reservation owned by the
+        // caller; MADV_DONTFORK only keeps it out of child processes, it
+        // changes nothing in this one.
+        let ret =
+            unsafe { libc::madvise(addr as *mut libc::c_void, len as usize, libc::MADV_DONTFORK) };
+        if ret != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
     /// Unmaps a range this module mapped or reserved.
     pub fn unmap(addr: u64, len: u64) {
         // SAFETY: the range was mapped or reserved by this module and no
@@ -241,6 +267,8 @@ mod tests {
     use std::os::fd::AsFd;
 
     use super::*;
+
+    const MIB: u64 = 1 << 20;
 
     fn memfd(len: u64) -> std::fs::File {
         // SAFETY: memfd_create with a valid NUL-terminated name returns a new
@@ -294,6 +322,25 @@ mod tests {
         file.seek(SeekFrom::Start(0x1234)).unwrap();
         file.take(5).read_to_end(&mut back).unwrap();
         assert_eq!(back, b"barge");
+    }
+
+    #[test]
+    fn mappings_and_their_reserved_holes_stay_out_of_child_processes() {
+        let file = memfd(4 * MIB);
+        let mapping = AlignedMapping::map_shared_areas(
+            file.as_fd(),
+            0,
+            4 * MIB,
+            2 * MIB,
+            0,
+            &[(0, MIB), (3 * MIB, MIB)],
+        )
+        .unwrap();
+        // An area and the PROT_NONE hole between the areas.
+        for offset in [0, 2 * MIB] {
+            let flags = crate::machine::smaps_vm_flags(mapping.addr() + offset).unwrap();
+            assert!(flags.contains(&"dc".to_string()), "+{offset:#x}: {flags:?}");
+        }
     }
 
     #[test]

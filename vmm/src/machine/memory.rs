@@ -99,6 +99,12 @@ pub enum MemoryError {
         backing: Backing,
         source: MmapRegionError,
     },
+    /// MADV_DONTFORK on a region failed.
+    #[error(
+        "cannot mark guest memory at {gpa:#x} MADV_DONTFORK ({source}): a child process would \
+         copy it; please report this as a barge bug"
+    )]
+    DontFork { gpa: u64, source: io::Error },
     /// The regions overlap or are out of order.
     #[error("invalid guest memory layout: {0}")]
     Layout(#[from] GuestRegionCollectionError),
@@ -363,6 +369,9 @@ pub fn create_guest_memory_with_sysfs(
             builder = builder.with_file_offset(FileOffset::new(file, file_offset));
         }
         let region = builder.build().map_err(map_error)?;
+        // As QEMU does: a child process (an embedding program's Command)
+        // neither copies guest RAM nor shares it copy-on-write.
+        sys::advise_dont_fork(&region).map_err(|source| MemoryError::DontFork { gpa, source })?;
         if backing.huge_page_size().is_none() {
             if let Err(e) = sys::advise_huge_pages(&region) {
                 log::warn!(
@@ -451,6 +460,25 @@ mod sys {
         Ok(file)
     }
 
+    /// Keeps the whole of `region` out of child processes (MADV_DONTFORK).
+    pub fn advise_dont_fork(region: &MmapRegion) -> io::Result<()> {
+        // SAFETY: the range is exactly the live mapping `region` owns (its
+        // pointer and size come from the mmap that created it), and
+        // MADV_DONTFORK only keeps it out of children, changing nothing in
+        // this process.
+        let ret = unsafe {
+            libc::madvise(
+                region.as_ptr().cast::<libc::c_void>(),
+                region.size(),
+                libc::MADV_DONTFORK,
+            )
+        };
+        if ret != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
     /// Asks for transparent huge pages on the whole of `region`.
     pub fn advise_huge_pages(region: &MmapRegion) -> io::Result<()> {
         // SAFETY: the range is exactly the live mapping `region` owns (its
@@ -506,6 +534,19 @@ mod tests {
                     ram.memory.read_obj::<u64>(GuestAddress(gpa)).unwrap(),
                     value
                 );
+            }
+        }
+    }
+
+    #[test]
+    fn every_backing_keeps_guest_ram_out_of_child_processes() {
+        for request in ["size=4M", "size=4M,shared=on"] {
+            let ram =
+                create_guest_memory(&[(0, 2 * MIB), (4 * MIB, 2 * MIB)], &memory(request)).unwrap();
+            for gpa in [0, 4 * MIB + 4096] {
+                let hva = ram.memory.get_host_address(GuestAddress(gpa)).unwrap() as u64;
+                let flags = crate::machine::smaps_vm_flags(hva).expect("the region is in smaps");
+                assert!(flags.contains(&"dc".to_string()), "{request}: {flags:?}");
             }
         }
     }

@@ -12,3 +12,28 @@ pub mod memory;
 pub mod prefault;
 pub mod vcpu;
 pub mod vm;
+
+/// The `VmFlags` of the mapping of this process that holds `addr`, from
+/// /proc/self/smaps (`dc`: MADV_DONTFORK).
+#[cfg(test)]
+pub(crate) fn smaps_vm_flags(addr: u64) -> Option<Vec<String>> {
+    let smaps = std::fs::read_to_string("/proc/self/smaps").ok()?;
+    let mut inside = false;
+    for line in smaps.lines() {
+        let first = line.split_whitespace().next().unwrap_or_default();
+        if let Some((start, end)) = first.split_once('-') {
+            if let (Ok(start), Ok(end)) =
+                (u64::from_str_radix(start, 16), u64::from_str_radix(end, 16))
+            {
+                inside = (start..end).contains(&addr);
+                continue;
+            }
+        }
+        if inside {
+            if let Some(flags) = line.strip_prefix("VmFlags:") {
+                return Some(flags.split_whitespace().map(str::to_string).collect());
+            }
+        }
+    }
+    None
+}
