@@ -244,21 +244,26 @@ fn sibling_binaries() -> Vec<PathBuf> {
     else {
         return Vec::new();
     };
-    ["barge", "vfio-region-info", "barge-teardown"]
-        .iter()
-        .map(|name| dir.join(name))
-        .filter(|path| {
-            let found = path.is_file();
-            if !found {
-                eprintln!(
-                    "barge-lab: warning: {} is not built, so the lab host has no such \
+    [
+        "barge",
+        "vfio-region-info",
+        "barge-teardown",
+        "barge-fork-rig",
+    ]
+    .iter()
+    .map(|name| dir.join(name))
+    .filter(|path| {
+        let found = path.is_file();
+        if !found {
+            eprintln!(
+                "barge-lab: warning: {} is not built, so the lab host has no such \
                      command: run `cargo build --workspace` first",
-                    path.display()
-                );
-            }
-            found
-        })
-        .collect()
+                path.display()
+            );
+        }
+        found
+    })
+    .collect()
 }
 
 fn fail(error: LabError) -> ExitCode {
