@@ -79,11 +79,11 @@ const SOURCE_PARTS: &[&str] = &[
     "scripts/basic/fixdep.c",
     "scripts/mod",
     "scripts/include",
-    // modpost's includes of the kernel's own headers ("../../include/...").
-    "include/linux/module_symbol.h",
-    "include/linux/license.h",
-    "include/linux/mod_devicetable.h",
-    "include/linux/device-id",
+    // modpost's includes of the kernel's own headers ("../../include/linux/
+    // module_symbol.h", license.h, mod_devicetable.h and, from 7.x on, the
+    // device-id/ folder the latter includes): the whole folder, since each
+    // member named must exist in the tarball (6.12 has no device-id/).
+    "include/linux",
     "tools/objtool",
     "tools/lib",
     "tools/include",
