@@ -8,6 +8,11 @@
 //! reads back. `--vfio-backend auto` picks iommufd there, the legacy
 //! container still opens the same device on the rebuilt modules, and a
 //! device another barge holds is "already in use" on either path.
+//!
+//! The 8 GiB check runs once per host kernel: on the main one (6.12) and on
+//! trixie-backports' 7.3, whose rebuilt vfio-pci-core must also keep its
+//! dma-buf export (CONFIG_VFIO_PCI_DMABUF, which iommufd reaches with
+//! `symbol_get`).
 
 use std::path::{Path, PathBuf};
 use std::process::Output;
@@ -22,16 +27,21 @@ const FROM_OUTSIDE: u32 = 0xcafe_f00d;
 /// What the guest writes into the BAR.
 const FROM_GUEST: u32 = 0x600d_f00d;
 
-/// Runs `script` in the lab host booted with the iommufd modules and one
-/// ivshmem device over `backing`.
-fn in_iommufd_lab(size: &str, backing: &Path, script: &str) -> (Output, PathBuf) {
+/// Runs `script` in the lab host (`host_kernel`, else the main one) booted
+/// with the iommufd modules and one ivshmem device over `backing`.
+fn in_iommufd_lab(
+    host_kernel: Option<&str>,
+    size: &str,
+    backing: &Path,
+    script: &str,
+) -> (Output, PathBuf) {
     let started = Instant::now();
     let ivshmem = format!("{size},file={}", backing.display());
-    let result = lab_script(
-        env!("CARGO_BIN_EXE_barge-lab"),
-        &["--timeout", "600", "--iommufd", "--ivshmem", &ivshmem],
-        script,
-    );
+    let mut args = vec!["--timeout", "600", "--iommufd", "--ivshmem", &ivshmem];
+    if let Some(kernel) = host_kernel {
+        args.extend(["--host-kernel", kernel]);
+    }
+    let result = lab_script(env!("CARGO_BIN_EXE_barge-lab"), &args, script);
     println!(
         "lab boot and command: {:.1} s",
         started.elapsed().as_secs_f64()
@@ -89,18 +99,49 @@ fn checked_run(output: &Output, dir: &Path, name: &str) -> (String, serde_json::
 
 #[test]
 fn iommufd_backend_passes_an_8g_bar_through_with_1g_pages_and_the_data_path_works() {
+    passes_an_8g_bar_through(None, "ivshmem-iommufd.shm");
+}
+
+#[test]
+fn iommufd_backend_does_the_same_on_the_7_3_host_with_vfio_pci_dma_buf_export() {
+    let dir = passes_an_8g_bar_through(Some("7.3"), "ivshmem-iommufd-7.3.shm");
+    let uname = std::fs::read_to_string(dir.join("uname.txt")).unwrap_or_default();
+    assert!(uname.starts_with("7.3."), "{uname}");
+    // The rebuilt vfio-pci-core exports its BARs as dma-bufs
+    // (VFIO_DEVICE_FEATURE_DMA_BUF) and hands iommufd their physical ranges;
+    // iommufd maps such a dma-buf (IOMMU_IOAS_MAP_FILE).
+    let dma_buf = std::fs::read_to_string(dir.join("dma-buf.txt")).unwrap_or_default();
+    println!("--- dma-buf symbols in the 7.3 host\n{dma_buf}");
+    for symbol in [
+        "vfio_pci_core_feature_dma_buf\t[vfio_pci_core]",
+        "vfio_pci_dma_buf_iommufd_map\t[vfio_pci_core]",
+        "iopt_alloc_dmabuf_pages\t[iommufd]",
+    ] {
+        assert!(dma_buf.contains(symbol), "{symbol}:\n{dma_buf}");
+    }
+}
+
+/// The 8 GiB BAR through the cdev and one IOAS on `host_kernel` (else the
+/// main one); the run's folder.
+fn passes_an_8g_bar_through(host_kernel: Option<&str>, backing_name: &str) -> PathBuf {
     let size = 8 * GIB;
-    let backing = sparse_file("ivshmem-iommufd.shm", size);
+    let backing = sparse_file(backing_name, size);
     write_at(&backing, 0x1000, &FROM_OUTSIDE.to_le_bytes());
     let script = format!(
         "ls /dev/iommu /dev/vfio/devices > /out/devices.txt\n\
+         uname -r > /out/uname.txt\n\
+         lsmod > /out/lsmod.txt\n\
+         grep -E 'dma_?buf' /proc/kallsyms | grep -E '\\[(vfio_pci_core|iommufd)\\]$' \
+         > /out/dma-buf.txt\n\
          {COUNT_HOST_FAULTS}{}\
          grep bargehf /sys/kernel/tracing/trace > /out/faults.txt\n",
         barge_run("iommufd", "iommufd", 0x2000, size)
     );
-    let (output, dir) = in_iommufd_lab("8G", &backing, &script);
+    let (output, dir) = in_iommufd_lab(host_kernel, "8G", &backing, &script);
     let devices = std::fs::read_to_string(dir.join("devices.txt")).unwrap_or_default();
     println!("--- /dev/iommu and /dev/vfio/devices in the lab host\n{devices}");
+    let lsmod = std::fs::read_to_string(dir.join("lsmod.txt")).unwrap_or_default();
+    println!("--- lsmod\n{lsmod}");
     assert!(
         devices.contains("/dev/iommu"),
         "{devices}\n{}",
@@ -127,6 +168,7 @@ fn iommufd_backend_passes_an_8g_bar_through_with_1g_pages_and_the_data_path_work
     // The BAR was faulted in once, a 1 GiB page per GiB.
     assert_eq!(host_fault_orders(&dir), vec![18; 8], "host huge faults");
     let _ = std::fs::remove_file(&backing);
+    dir
 }
 
 const SMALL_GUEST: &str = "--kernel /lab/guest/bzImage --initramfs /lab/guest/initramfs \
@@ -156,7 +198,7 @@ fn auto_picks_iommufd_legacy_still_opens_and_a_held_device_is_in_use_either_way(
         barge_run("auto", "auto", 0x3000, size),
         barge_run("legacy", "legacy", 0x4000, size)
     );
-    let (output, dir) = in_iommufd_lab("2G", &backing, &script);
+    let (output, dir) = in_iommufd_lab(None, "2G", &backing, &script);
     for backend in ["iommufd", "legacy"] {
         let read = |ext: &str| {
             std::fs::read_to_string(dir.join(format!("busy-{backend}.{ext}"))).unwrap_or_default()

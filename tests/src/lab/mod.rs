@@ -184,7 +184,8 @@ pub struct LabState {
     /// runs again.
     #[serde(default)]
     pub more_host_kernels: Vec<HostKernel>,
-    /// The host kernel's vfio modules rebuilt with iommufd; absent from a lab
+    /// The main host kernel's vfio modules rebuilt with iommufd (the second
+    /// host kernel's are in its [`HostKernel::iommufd`]); absent from a lab
     /// set up before they existed (until `setup` runs again) and when the
     /// host kernel was supplied by hand.
     #[serde(default)]
@@ -204,6 +205,12 @@ pub struct HostKernel {
     /// Module names in load order (dependencies first); each is
     /// `modules_dir/NAME.ko`, decompressed.
     pub modules: Vec<String>,
+    /// Its vfio modules rebuilt with iommufd (`run --iommufd`); for the main
+    /// host kernel these are [`LabState::iommufd`]. Absent from a lab set up
+    /// before they were built for the second host kernel, until `setup`
+    /// runs again.
+    #[serde(default)]
+    pub iommufd: Option<IommufdModules>,
 }
 
 impl HostKernel {
@@ -220,7 +227,11 @@ impl HostKernel {
     }
 
     fn files(&self) -> Vec<PathBuf> {
-        kernel_files(&self.bzimage, &self.modules_dir, &self.modules)
+        let mut files = kernel_files(&self.bzimage, &self.modules_dir, &self.modules);
+        if let Some(iommufd) = &self.iommufd {
+            files.extend(iommufd.files());
+        }
+        files
     }
 }
 
@@ -323,6 +334,7 @@ impl LabState {
             bzimage: self.bzimage.clone(),
             modules_dir: self.modules_dir.clone(),
             modules: HOST_MODULES.iter().map(|m| m.to_string()).collect(),
+            iommufd: self.iommufd.clone(),
         };
         std::iter::once(main)
             .chain(self.more_host_kernels.iter().cloned())
@@ -369,13 +381,12 @@ impl LabState {
         if !iommufd {
             return Ok(host.modules.iter().map(|m| stock(m)).collect());
         }
-        let rebuilt = match &self.iommufd {
+        let rebuilt = match &host.iommufd {
             Some(rebuilt) if rebuilt.kernel_version == host.version => rebuilt,
             Some(rebuilt) => {
                 return Err(LabError::Setup(format!(
                     "the iommufd modules in {} were built for kernel {}, not the host kernel {}: \
-                     the lab rebuilds them for its main host kernel only (run `{SETUP_COMMAND}` \
-                     again after a kernel update)",
+                     run `{SETUP_COMMAND}` again (it rebuilds them after a kernel update)",
                     rebuilt.modules_dir.display(),
                     rebuilt.kernel_version,
                     host.version
@@ -385,7 +396,7 @@ impl LabState {
                 return Err(LabError::Setup(format!(
                     "the lab has no iommufd modules for kernel {}: run `{SETUP_COMMAND}` \
                      (as root with apt: it builds them from Debian's headers and source of \
-                     that kernel; a kernel given with --kernel gets none)",
+                     that kernel; a kernel given by hand gets none)",
                     host.version
                 )))
             }
@@ -572,8 +583,49 @@ mod tests {
             bzimage: PathBuf::from("/l/trixie-backports/bzImage"),
             modules_dir: PathBuf::from("/l/trixie-backports/modules"),
             modules: vec!["irqbypass".into(), "kvm".into()],
+            iommufd: None,
         });
         state
+    }
+
+    #[test]
+    fn each_host_kernel_loads_the_iommufd_modules_built_for_it() {
+        let mut state = state_with_trixie();
+        state.iommufd = Some(IommufdModules {
+            kernel_version: "6.12.95+deb12-cloud-amd64".into(),
+            package_version: "6.12.95-1~bpo12+1".into(),
+            modules_dir: PathBuf::from("/l/iommufd/6.12"),
+        });
+        let trixie = state.host_kernel(Some("7.3")).unwrap();
+        let err = state.host_modules(&trixie, true).unwrap_err().to_string();
+        assert!(err.contains("no iommufd modules for kernel 7.3.4"), "{err}");
+        state.more_host_kernels[0].iommufd = Some(IommufdModules {
+            kernel_version: "7.3.4+deb13-cloud-amd64".into(),
+            package_version: "7.3.4-1~bpo13+1".into(),
+            modules_dir: PathBuf::from("/l/iommufd/7.3"),
+        });
+        let trixie = state.host_kernel(Some("7.3")).unwrap();
+        let modules = state.host_modules(&trixie, true).unwrap();
+        assert_eq!(
+            modules[0].1,
+            PathBuf::from("/l/trixie-backports/modules/irqbypass.ko")
+        );
+        assert_eq!(modules[2].1, PathBuf::from("/l/iommufd/7.3/iommufd.ko"));
+        assert_eq!(
+            modules.last().unwrap().1,
+            PathBuf::from("/l/iommufd/7.3/vfio-pci.ko")
+        );
+        assert!(trixie
+            .files()
+            .contains(&PathBuf::from("/l/iommufd/7.3/vfio.ko")));
+        let main = state.host_kernel(None).unwrap();
+        let modules = state.host_modules(&main, true).unwrap();
+        assert!(modules.contains(&("vfio".into(), PathBuf::from("/l/iommufd/6.12/vfio.ko"))));
+        // Built for another 7.3 upload: set up again.
+        state.more_host_kernels[0].version = "7.3.5+deb13-cloud-amd64".into();
+        let trixie = state.host_kernel(Some("7.3")).unwrap();
+        let err = state.host_modules(&trixie, true).unwrap_err().to_string();
+        assert!(err.contains("not the host kernel 7.3.5"), "{err}");
     }
 
     #[test]

@@ -30,18 +30,67 @@
 //! verification failed" and marks itself tainted, which changes nothing.
 //! `struct vfio_device` grows with CONFIG_IOMMUFD, so every module that uses
 //! it is rebuilt and loaded in place of the stock one.
+//!
+//! It runs for each host kernel: bookworm-backports' 6.12 through the
+//! machine's apt, trixie-backports' 7.3 through the lab's private apt
+//! configuration ([`AptReach`]). What differed on 7.3.4:
+//!
+//! - the kernel is split (Linux 6.16+): the cached package is
+//!   `linux-binary-KVER`, not `linux-image-KVER`, so the Debian version is
+//!   read from either; the headers also depend on `linux-base-KVER`, which
+//!   the build does not need (the headers carry `.config`);
+//! - the headers' Makefile names `/usr/src/...` twice: `KBUILD_OUTPUT=` as
+//!   well as the `include` of the `-common` headers;
+//! - the headers depend on `gcc-14-for-host` and the kbuild programs were
+//!   linked against trixie's glibc: [`super::kbuild`] builds with this
+//!   system's gcc-12 and rebuilds modpost and objtool from the source;
+//! - vfio-pci-core has CONFIG_VFIO_PCI_DMABUF (dma-buf export of BARs) and
+//!   iommufd maps a dma-buf with IOMMU_IOAS_MAP_FILE (Linux 6.19+). iommufd
+//!   reaches vfio-pci-core's `vfio_pci_dma_buf_iommufd_map` with
+//!   `symbol_get` (exported for the module named iommufd only), so there is
+//!   no module dependency loop: the `.modinfo` dependencies and the load
+//!   order stay those of 6.12 (iommufd; vfio on iommufd; vfio_iommu_type1
+//!   on vfio; vfio-pci-core on vfio and irqbypass; vfio-pci on both). Kbuild
+//!   reads CONFIG_VFIO_PCI_DMABUF from the kernel's own configuration, so
+//!   the rebuilt vfio-pci-core keeps it.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
+use super::apt_sources::AptSuite;
+use super::kbuild::{
+    broken_host_programs, choose_compiler, dpkg_installed, gcc_major, older_gcc_make_args,
+    rebuild_host_programs, Compiler,
+};
 use super::modules::{find_module, list_files, modinfo_field, read_module};
 use crate::lab::run::{console_tail, shell_quote};
 use crate::lab::{command_output, IommufdModules, LabError, LabPaths, IOMMUFD_MODULES};
 
 /// The source files the build takes from the kernel source tree, relative
 /// to its root.
-const SOURCE_PARTS: &[&str] = &["drivers/iommu", "drivers/vfio", "lib/interval_tree.c"];
+/// Besides the modules' own, the sources of kbuild's host programs
+/// (fixdep, modpost, objtool), rebuilt when the packaged ones do not start
+/// here (see [`super::kbuild`]).
+const SOURCE_PARTS: &[&str] = &[
+    "drivers/iommu",
+    "drivers/vfio",
+    "lib/interval_tree.c",
+    "scripts/basic/fixdep.c",
+    "scripts/mod",
+    "scripts/include",
+    // modpost's includes of the kernel's own headers ("../../include/linux/
+    // module_symbol.h", license.h, mod_devicetable.h and, from 7.x on, the
+    // device-id/ folder the latter includes): the whole folder, since each
+    // member named must exist in the tarball (6.12 has no device-id/).
+    "include/linux",
+    "tools/objtool",
+    "tools/lib",
+    "tools/include",
+    "tools/arch/x86",
+    "tools/build",
+    "tools/scripts",
+];
 /// The iommufd self-test, left out of the build (it needs CONFIG_IOMMUFD_TEST).
 const SELFTEST: &str = "drivers/iommu/iommufd/selftest.c";
 /// The file the span iterator goes into, and its object, in iommufd's folder.
@@ -60,15 +109,51 @@ const MAKE_CONFIG: &[&str] = &[
 /// Packages the build needs besides the kernel's compiler (named by its
 /// headers package): make, ld and strip, xz for the source tarball.
 const BUILD_TOOLS: &[&str] = &["make", "binutils", "xz-utils"];
+/// What a rebuilt objtool needs (libelf's headers; zlib's come with
+/// libelf-dev).
+const OBJTOOL_TOOLS: &[&str] = &["libelf-dev"];
+const OBJTOOL: &str = "tools/objtool/objtool";
+
+/// How the build reaches the apt suite that carries its kernel's
+/// packages: not at all, or through an [`AptSuite`] opened on first use
+/// (trixie-backports' private configuration runs `apt-get update` when it
+/// opens, which a cached build never needs).
+pub(super) struct AptReach<'a> {
+    open: Option<&'a dyn Fn() -> Result<AptSuite, LabError>>,
+    opened: std::cell::OnceCell<AptSuite>,
+}
+
+impl<'a> AptReach<'a> {
+    pub(super) fn new(open: Option<&'a dyn Fn() -> Result<AptSuite, LabError>>) -> Self {
+        AptReach {
+            open,
+            opened: std::cell::OnceCell::new(),
+        }
+    }
+
+    fn suite(&self) -> Result<Option<&AptSuite>, LabError> {
+        let Some(open) = self.open else {
+            return Ok(None);
+        };
+        if let Some(suite) = self.opened.get() {
+            return Ok(Some(suite));
+        }
+        let suite = open()?;
+        Ok(Some(self.opened.get_or_init(|| suite)))
+    }
+}
 
 /// Builds and caches the iommufd modules of the host kernel
 /// `kernel_version` (package `kernel_package`), or says why it cannot and
 /// returns `None` (a kernel supplied by hand; no apt and nothing cached).
+/// Its packages come through `apt`; `install` says whether missing build
+/// tools may be installed (root with apt).
 pub(super) fn iommufd_modules(
     paths: &LabPaths,
     kernel_package: &str,
     kernel_version: &str,
-    apt: bool,
+    apt: &AptReach,
+    install: bool,
 ) -> Result<Option<IommufdModules>, LabError> {
     if kernel_package.starts_with("supplied:") {
         eprintln!(
@@ -135,7 +220,8 @@ pub(super) fn iommufd_modules(
             None => return Ok(not_cached(package, &version)),
         }
     }
-    ensure_build_tools(&needs.compiler, apt)
+    let compiler = choose_compiler(&needs.compiler);
+    ensure_build_tools(&compiler.package, BUILD_TOOLS, install)
         .map_err(|e| step_failed("build tools", e, "install them with apt-get as root"))?;
 
     let work = downloads.join(format!("iommufd-build-{kernel_version}"));
@@ -156,21 +242,43 @@ pub(super) fn iommufd_modules(
         "barge-lab: iommufd: unpacked the headers and source of {version} in {:.1} s",
         started.elapsed().as_secs_f64()
     );
-    // The cached modules are replaced only once new ones are built.
-    let log = work.join("build.log");
-    let built = build_iommufd_modules(kernel_version, &headers, &source, &work.join("tree"), &log)
-        .map_err(|e| {
+    let broken = broken_host_programs(&headers);
+    if broken.contains(&OBJTOOL) {
+        ensure_build_tools("gcc", OBJTOOL_TOOLS, install).map_err(|e| {
             step_failed(
-                "make",
+                "build tools",
                 e,
-                &format!(
-                    "read {} (it and the unpacked headers and source stay in {} until setup \
-                     runs again)",
-                    log.display(),
-                    work.display()
-                ),
+                "install them with apt-get as root (kbuild's objtool is rebuilt with them)",
             )
         })?;
+    }
+    // The cached modules are replaced only once new ones are built.
+    let log = work.join("build.log");
+    let build = Build {
+        compiler: &compiler,
+        broken_host_programs: &broken,
+        host_programs_work: &work.join("hostprogs"),
+    };
+    let built = build_iommufd_modules(
+        kernel_version,
+        &headers,
+        &source,
+        &work.join("tree"),
+        &log,
+        &build,
+    )
+    .map_err(|e| {
+        step_failed(
+            "make",
+            e,
+            &format!(
+                "read {} (it and the unpacked headers and source stay in {} until setup \
+                     runs again)",
+                log.display(),
+                work.display()
+            ),
+        )
+    })?;
     let out = paths.iommufd_dir(kernel_version);
     let _ = std::fs::remove_dir_all(&out);
     std::fs::create_dir_all(&out).map_err(|e| LabError::io("cannot create", &out, e))?;
@@ -207,19 +315,24 @@ fn step_failed(step: &str, error: LabError, what_to_do: &str) -> LabError {
     ))
 }
 
-/// The Debian version of the kernel image: its cached .deb's (the newest),
-/// else the one apt offers.
+/// The Debian version of the kernel image: its cached .deb's (the newest;
+/// `linux-image-KVER`, or `linux-binary-KVER` for a kernel split as Linux
+/// 6.16+ are), else the one apt offers.
 fn image_version(
     downloads: &Path,
     kernel_version: &str,
-    apt: bool,
+    apt: &AptReach,
 ) -> Result<Option<String>, LabError> {
     let package = format!("linux-image-{kernel_version}");
+    let binary = format!("linux-binary-{kernel_version}");
     let mut cached: Vec<String> = std::fs::read_dir(downloads)
         .into_iter()
         .flatten()
         .flatten()
-        .filter_map(|e| deb_name_version(&e.file_name().to_string_lossy(), &package))
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            deb_name_version(&name, &package).or_else(|| deb_name_version(&name, &binary))
+        })
         .collect();
     cached.sort_by(|a, b| {
         if dpkg_newer(a, b) {
@@ -233,10 +346,10 @@ fn image_version(
     if let Some(newest) = cached.pop() {
         return Ok(Some(newest));
     }
-    if !apt {
+    let Some(apt) = apt.suite()? else {
         return Ok(None);
-    }
-    let text = command_output("apt-cache", &["show", "--no-all-versions", &package])?;
+    };
+    let text = apt.output("apt-cache", &["show", "--no-all-versions", &package])?;
     let version = text
         .lines()
         .find_map(|l| l.strip_prefix("Version:"))
@@ -278,7 +391,7 @@ fn fetch_deb(
     downloads: &Path,
     package: &str,
     version: &str,
-    apt: bool,
+    apt: &AptReach,
 ) -> Result<Option<PathBuf>, LabError> {
     let find = || {
         std::fs::read_dir(downloads)
@@ -294,13 +407,14 @@ fn fetch_deb(
     if let Some(deb) = find() {
         return Ok(Some(deb));
     }
-    if !apt {
+    let Some(apt) = apt.suite()? else {
         return Ok(None);
-    }
+    };
     std::fs::create_dir_all(downloads).map_err(|e| LabError::io("cannot create", downloads, e))?;
     let pinned = format!("{package}={version}");
     eprintln!("barge-lab: iommufd: downloading {pinned}");
-    let output = Command::new("apt-get")
+    let output = apt
+        .command("apt-get")
         .args(["download", "-q", &pinned])
         .current_dir(downloads)
         .stdout(Stdio::null())
@@ -330,7 +444,8 @@ struct HeadersDepends {
     common: String,
     /// `linux-kbuild-V`: the build scripts and host programs.
     kbuild: String,
-    /// The compiler package the kernel was built with (`gcc-12`).
+    /// The compiler package the kernel was built with (`gcc-12`; 7.3's
+    /// headers name `gcc-14-for-host`).
     compiler: String,
 }
 
@@ -361,9 +476,9 @@ fn source_package(kernel_version: &str) -> Option<String> {
 }
 
 /// Installs with apt what the build needs and lacks, or names it.
-fn ensure_build_tools(compiler: &str, apt: bool) -> Result<(), LabError> {
+fn ensure_build_tools(compiler: &str, tools: &[&str], apt: bool) -> Result<(), LabError> {
     let mut needed = vec![compiler];
-    needed.extend(BUILD_TOOLS);
+    needed.extend(tools);
     let missing: Vec<&str> = needed
         .into_iter()
         .filter(|package| !dpkg_installed(package))
@@ -378,14 +493,6 @@ fn ensure_build_tools(compiler: &str, apt: bool) -> Result<(), LabError> {
         )));
     }
     super::apt_install(&missing, None)
-}
-
-fn dpkg_installed(package: &str) -> bool {
-    Command::new("dpkg-query")
-        .args(["-W", "-f=${db:Status-Status}", package])
-        .output()
-        .map(|o| o.status.success() && o.stdout == b"installed")
-        .unwrap_or(false)
 }
 
 /// `dpkg -x` of every .deb into `work/root`, and the parts of the source
@@ -434,6 +541,14 @@ fn unpack(
     Ok((src.join(format!("linux-headers-{kernel_version}")), source))
 }
 
+/// How [`build_iommufd_modules`] builds: the compiler, and the kbuild host
+/// programs to rebuild first (in `host_programs_work`).
+pub(super) struct Build<'a> {
+    pub(super) compiler: &'a Compiler,
+    pub(super) broken_host_programs: &'a [&'static str],
+    pub(super) host_programs_work: &'a Path,
+}
+
 /// Builds [`IOMMUFD_MODULES`] for `kernel_version` from `source` (a kernel
 /// source tree, or the parts of one in `SOURCE_PARTS`) against `headers`
 /// (the unpacked `linux-headers-KVER`, its `-common` sibling and kbuild
@@ -445,6 +560,7 @@ pub(super) fn build_iommufd_modules(
     source: &Path,
     tree: &Path,
     log: &Path,
+    build: &Build,
 ) -> Result<Vec<(String, PathBuf)>, LabError> {
     let release = headers.join("include/config/kernel.release");
     if let Ok(found) = std::fs::read_to_string(&release) {
@@ -462,6 +578,40 @@ pub(super) fn build_iommufd_modules(
     point_makefile_at_unpacked_headers(headers)?;
     prepare_tree(source, tree, !config_enabled(&config, SPAN_ITER_CONFIG))?;
 
+    // With another compiler than the kernel's: `CC=` and the options that
+    // need a newer one turned off (see super::kbuild).
+    let mut compiler_args = Vec::new();
+    if let Some(cc) = &build.compiler.cc {
+        compiler_args.push(format!("CC={cc}"));
+        let major = gcc_major(cc).ok_or_else(|| {
+            LabError::Setup(format!(
+                "cannot read the version of {cc} (`{cc} -dumpversion`)"
+            ))
+        })?;
+        compiler_args.extend(older_gcc_make_args(&config, major));
+    }
+    let make_base = || {
+        let mut make = Command::new("make");
+        make.arg("-C")
+            .arg(headers)
+            .args(&compiler_args)
+            .env_remove("MAKEFLAGS")
+            .env_remove("MFLAGS")
+            .env_remove("MAKELEVEL")
+            .env_remove("KBUILD_OUTPUT")
+            .stdin(Stdio::null());
+        make
+    };
+    if !build.broken_host_programs.is_empty() {
+        rebuild_host_programs(
+            build.broken_host_programs,
+            headers,
+            source,
+            build.host_programs_work,
+            &make_base,
+        )?;
+    }
+
     let jobs = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
@@ -469,27 +619,20 @@ pub(super) fn build_iommufd_modules(
     let log_err = log_file
         .try_clone()
         .map_err(|e| LabError::io("cannot open", log, e))?;
-    let mut make = Command::new("make");
-    make.arg("-C")
-        .arg(headers)
-        .arg(format!("M={}", tree.display()))
+    let mut make = make_base();
+    make.arg(format!("M={}", tree.display()))
         .arg(format!("-j{jobs}"))
         .args(MAKE_CONFIG)
         .arg("modules")
-        .env_remove("MAKEFLAGS")
-        .env_remove("MFLAGS")
-        .env_remove("MAKELEVEL")
-        .env_remove("KBUILD_OUTPUT")
-        .stdin(Stdio::null())
         .stdout(log_file)
         .stderr(log_err);
     let mut words = vec![
         "make".to_string(),
         "-C".to_string(),
         headers.display().to_string(),
-        format!("M={}", tree.display()),
-        format!("-j{jobs}"),
     ];
+    words.extend(compiler_args.iter().cloned());
+    words.extend([format!("M={}", tree.display()), format!("-j{jobs}")]);
     words.extend(MAKE_CONFIG.iter().map(|w| w.to_string()));
     words.push("modules".into());
     let rendered = shell_quote(&words);
@@ -555,7 +698,7 @@ fn make_errors(log: &Path) -> String {
 }
 
 /// Whether `.config` text sets `option` to y or m.
-fn config_enabled(config: &str, option: &str) -> bool {
+pub(super) fn config_enabled(config: &str, option: &str) -> bool {
     config.lines().any(|line| {
         line.strip_prefix(option)
             .and_then(|rest| rest.strip_prefix('='))
@@ -564,8 +707,9 @@ fn config_enabled(config: &str, option: &str) -> bool {
 }
 
 /// Debian's `linux-headers-KVER/Makefile` is `include /usr/src/...-common/
-/// Makefile`: where the headers are unpacked rather than installed, that
-/// line must name the unpacked sibling instead.
+/// Makefile` (from 7.3 on after `KBUILD_OUTPUT=/usr/src/linux-headers-KVER`,
+/// which the common Makefile checks exists): where the headers are unpacked
+/// rather than installed, those lines must name the unpacked folders.
 fn point_makefile_at_unpacked_headers(headers: &Path) -> Result<(), LabError> {
     let makefile = headers.join("Makefile");
     let text = std::fs::read_to_string(&makefile)
@@ -578,12 +722,20 @@ fn point_makefile_at_unpacked_headers(headers: &Path) -> Result<(), LabError> {
     Ok(())
 }
 
-/// `include /usr/src/NAME/...` -> `include SIBLINGS/NAME/...`.
+/// `include /usr/src/NAME/...` -> `include SIBLINGS/NAME/...`, and the
+/// same for `KBUILD_OUTPUT=/usr/src/NAME`.
 fn rewrite_includes(text: &str, siblings: &Path) -> String {
     text.lines()
-        .map(|line| match line.strip_prefix("include /usr/src/") {
-            Some(rest) => format!("include {}/{rest}\n", siblings.display()),
-            None => format!("{line}\n"),
+        .map(|line| {
+            for prefix in ["include ", "KBUILD_OUTPUT=", "KBUILD_OUTPUT = "] {
+                if let Some(rest) = line
+                    .strip_prefix(prefix)
+                    .and_then(|r| r.strip_prefix("/usr/src/"))
+                {
+                    return format!("{prefix}{}/{rest}\n", siblings.display());
+                }
+            }
+            format!("{line}\n")
         })
         .collect()
 }
@@ -710,6 +862,18 @@ mod tests {
             })
         );
         assert_eq!(HeadersDepends::parse("linux-base, gcc-12"), None);
+        // 7.3.4's: the compiler first, as `-for-host`, and linux-base-KVER.
+        let depends = "gcc-14-for-host, linux-base (>= 4.12~), \
+            linux-base-7.3.4+deb13-cloud-amd64 (= 7.3.4-1~bpo13+1), \
+            linux-headers-7.3.4+deb13-common (= 7.3.4-1~bpo13+1), linux-kbuild-7.3.4+deb13";
+        assert_eq!(
+            HeadersDepends::parse(depends),
+            Some(HeadersDepends {
+                common: "linux-headers-7.3.4+deb13-common".into(),
+                kbuild: "linux-kbuild-7.3.4+deb13".into(),
+                compiler: "gcc-14-for-host".into(),
+            })
+        );
     }
 
     #[test]
@@ -760,6 +924,14 @@ mod tests {
         assert_eq!(
             rewrite_includes("all:\n\ttrue\n", Path::new("/x")),
             "all:\n\ttrue\n"
+        );
+        // 7.3's names its own folder too.
+        let text = "KBUILD_OUTPUT=/usr/src/linux-headers-7.3.4+deb13-cloud-amd64\n\
+                    include /usr/src/linux-headers-7.3.4+deb13-common/Makefile\n";
+        assert_eq!(
+            rewrite_includes(text, Path::new("/r/usr/src")),
+            "KBUILD_OUTPUT=/r/usr/src/linux-headers-7.3.4+deb13-cloud-amd64\n\
+             include /r/usr/src/linux-headers-7.3.4+deb13-common/Makefile\n"
         );
     }
 

@@ -438,6 +438,7 @@ fn install_host_kernel(
         bzimage,
         modules_dir,
         modules: names,
+        iommufd: None,
     })
 }
 

@@ -14,13 +14,16 @@
 //! - `apt_sources.rs`: adding bookworm-backports to the apt sources, and
 //!   trixie-backports' private apt configuration.
 //! - `kernel.rs`: the cloud and generic kernel packages, whole or split.
-//! - `iommufd.rs`: the host kernel's vfio modules rebuilt with iommufd.
+//! - `iommufd.rs`: each host kernel's vfio modules rebuilt with iommufd.
+//! - `kbuild.rs`: making a newer Debian kernel's build tools work here
+//!   (7.3's kbuild programs and gcc-14).
 //! - `modules.rs`: finding, decompressing and ordering kernel modules.
 //! - `elf.rs`: the ELF section reader `.modinfo` is read with.
 
 mod apt_sources;
 mod elf;
 mod iommufd;
+mod kbuild;
 mod kernel;
 mod modules;
 
@@ -28,14 +31,16 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
-use self::apt_sources::{ensure_backports_source, BACKPORTS_SUITE};
-use self::iommufd::iommufd_modules;
+use self::apt_sources::{
+    ensure_backports_source, AptSuite, BACKPORTS_SUITE, TRIXIE_BACKPORTS_SUITE,
+};
+use self::iommufd::{iommufd_modules, AptReach};
 use self::kernel::{
     backports_kernel, describe_generic, generic_kernel, supplied_kernel, trixie_kernel,
 };
 use super::{
-    command_output, IommufdModules, LabError, LabPaths, LabState, HOST_MODULES, IOMMUFD_MODULES,
-    TRIXIE_HOST_KERNEL,
+    command_output, HostKernel, IommufdModules, LabError, LabPaths, LabState, HOST_MODULES,
+    IOMMUFD_MODULES, TRIXIE_HOST_KERNEL,
 };
 
 const SYSTEM_QEMU: &str = "/usr/bin/qemu-system-x86_64";
@@ -92,7 +97,7 @@ pub fn setup(paths: &LabPaths, options: &SetupOptions) -> Result<LabState, LabEr
                 .as_ref()
                 .is_none_or(|m| m.kernel_version != state.kernel_version)
             {
-                state.iommufd = iommufd_modules(
+                state.iommufd = main_iommufd(
                     paths,
                     &state.kernel_package,
                     &state.kernel_version,
@@ -100,6 +105,13 @@ pub fn setup(paths: &LabPaths, options: &SetupOptions) -> Result<LabState, LabEr
                 )?;
                 state.check()?;
                 state.save(paths)?;
+            }
+            if let Some(mut kernel) = second_host_kernel(&state) {
+                if second_host_iommufd(paths, &mut kernel)? {
+                    state.set_host_kernel(kernel);
+                    state.check()?;
+                    state.save(paths)?;
+                }
             }
             eprintln!(
                 "barge-lab: already set up: kernel {} ({}), {}, {}, {}, QEMU {} ({:.1} s)",
@@ -130,7 +142,7 @@ pub fn setup(paths: &LabPaths, options: &SetupOptions) -> Result<LabState, LabEr
         (None, None) => return Err(LabError::Setup(no_apt_help())),
     };
     let generic = generic_kernel(paths, options, &kernel_package, apt)?;
-    let iommufd = iommufd_modules(paths, &kernel_package, &kernel_version, apt)?;
+    let iommufd = main_iommufd(paths, &kernel_package, &kernel_version, apt)?;
     let mut state = LabState {
         kernel_package,
         kernel_version,
@@ -151,6 +163,13 @@ pub fn setup(paths: &LabPaths, options: &SetupOptions) -> Result<LabState, LabEr
         state.check()?;
         state.save(paths)?;
     }
+    if let Some(mut kernel) = second_host_kernel(&state) {
+        if second_host_iommufd(paths, &mut kernel)? {
+            state.set_host_kernel(kernel);
+            state.check()?;
+            state.save(paths)?;
+        }
+    }
     eprintln!(
         "barge-lab: set up: kernel {} ({}), {}, {}, {}, QEMU {}, busybox {}; cached in {} \
          ({:.1} s)",
@@ -167,6 +186,49 @@ pub fn setup(paths: &LabPaths, options: &SetupOptions) -> Result<LabState, LabEr
     Ok(state)
 }
 
+/// The main host kernel's iommufd modules, its packages through the
+/// machine's apt (bookworm-backports).
+fn main_iommufd(
+    paths: &LabPaths,
+    kernel_package: &str,
+    kernel_version: &str,
+    apt: bool,
+) -> Result<Option<IommufdModules>, LabError> {
+    let open = AptSuite::bookworm_backports;
+    let reach = AptReach::new(if apt { Some(&open) } else { None });
+    iommufd_modules(paths, kernel_package, kernel_version, &reach, apt)
+}
+
+/// The cached trixie-backports host kernel.
+fn second_host_kernel(state: &LabState) -> Option<HostKernel> {
+    state
+        .more_host_kernels
+        .iter()
+        .find(|k| k.name == TRIXIE_HOST_KERNEL)
+        .cloned()
+}
+
+/// Builds the second host kernel's iommufd modules unless they are cached
+/// for its version, its packages through trixie-backports' private apt
+/// configuration (apt-get is enough while the build tools are installed);
+/// whether `kernel` changed.
+fn second_host_iommufd(paths: &LabPaths, kernel: &mut HostKernel) -> Result<bool, LabError> {
+    if kernel
+        .iommufd
+        .as_ref()
+        .is_some_and(|m| m.kernel_version == kernel.version)
+    {
+        return Ok(false);
+    }
+    let dir = paths.apt_dir(TRIXIE_BACKPORTS_SUITE);
+    let open = || AptSuite::trixie_backports(&dir);
+    let reach = AptReach::new(if have_apt_get() { Some(&open) } else { None });
+    let built = iommufd_modules(paths, &kernel.package, &kernel.version, &reach, have_apt())?;
+    let changed = built.is_some() || kernel.iommufd.is_some();
+    kernel.iommufd = built;
+    Ok(changed)
+}
+
 /// The host kernels besides the main one, for the summary line.
 fn describe_more_hosts(state: &LabState) -> String {
     if state.more_host_kernels.is_empty() {
@@ -175,7 +237,17 @@ fn describe_more_hosts(state: &LabState) -> String {
     state
         .more_host_kernels
         .iter()
-        .map(|k| format!("host kernel {} ({})", k.version, k.name))
+        .map(|k| {
+            format!(
+                "host kernel {} ({}, {})",
+                k.version,
+                k.name,
+                match &k.iommufd {
+                    Some(_) => "with iommufd modules",
+                    None => "no iommufd modules",
+                }
+            )
+        })
         .collect::<Vec<_>>()
         .join(", ")
 }
