@@ -229,7 +229,12 @@ fn cell(host: &str, backend: Backend) {
     assert!(host_kernel.starts_with(host), "{host_kernel}\n{lab}");
     let devices = std::fs::read_to_string(dir.join("devices.txt")).unwrap_or_default();
     if backend == Backend::Iommufd {
+        // /dev/iommu, and a cdev for each device bound to vfio-pci.
         assert!(devices.contains("/dev/iommu\n"), "{devices}");
+        assert!(
+            devices.contains("vfio0") && devices.contains("vfio1"),
+            "{devices}"
+        );
     } else {
         assert!(!devices.contains("/dev/iommu\n"), "{devices}");
     }
