@@ -24,7 +24,7 @@
 //! cell the lab cannot boot (the 7.3 host has no iommufd modules until
 //! `barge-lab setup` builds them) fails naming the set-up step.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use barge_tests::bar_passthrough::{
@@ -178,6 +178,18 @@ fn check_p2p(bar2: &serde_json::Value, host: &str, backend: Backend) {
     }
 }
 
+/// Removes a cell's BAR file and disk image when the cell ends, failed
+/// or not.
+struct Scratch(Vec<PathBuf>);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        for file in &self.0 {
+            let _ = std::fs::remove_file(file);
+        }
+    }
+}
+
 /// One cell: one lab boot on host kernel `host` running every check with
 /// the `backend`.
 fn cell(host: &str, backend: Backend) {
@@ -186,6 +198,7 @@ fn cell(host: &str, backend: Backend) {
     let backing = sparse_file(&format!("matrix-{tag}.shm"), BAR_SIZE);
     write_at(&backing, 0x1000, &FROM_OUTSIDE.to_le_bytes());
     let image = fresh_image(&format!("matrix-{tag}"));
+    let _scratch = Scratch(vec![backing.clone(), image.clone()]);
     let expected_sum = expected_sha256();
     let ivshmem = format!("8G,file={}", backing.display());
     let mut args = vec![
@@ -309,8 +322,6 @@ fn cell(host: &str, backend: Backend) {
     }
     check_p2p(&bar2, host, backend);
 
-    let _ = std::fs::remove_file(&backing);
-    let _ = std::fs::remove_file(&image);
     println!("{prefix} passed in {run_s:.1} s");
 }
 
