@@ -4,16 +4,23 @@
 //! pre-faults it and reports the page sizes KVM used; the guest reads what
 //! the test wrote into the file and writes a marker the test reads back
 //! after exit, and a kprobe counts the host's faults on the BAR.
-//! [`eight_gib_bar_maps_once_with_1g_pages`] is the whole check, run on each
-//! host kernel the lab has.
+//!
+//! Each run is named: [`ivshmem_run`] leaves `/out/NAME.guest` (the guest's
+//! console), `NAME.json` (the report), `NAME.log` (barge's stderr, with the
+//! backend it opened the device with) and `NAME.status`, so one lab boot can
+//! hold several runs; [`checked_run`] reads them back.
 
 use std::path::{Path, PathBuf};
 use std::process::Output;
-use std::time::Instant;
 
-use crate::harness::{lab_script, output_text as text, read_at, sparse_file, write_at};
+use crate::harness::{lab_script, output_text as text, read_at};
 
 pub const GIB: u64 = 1 << 30;
+/// What a test writes into the BAR file at BAR2 + 0x1000 for the guest to
+/// read.
+pub const FROM_OUTSIDE: u32 = 0xcafe_f00d;
+/// What the guest writes into the BAR.
+pub const FROM_GUEST: u32 = 0x600d_f00d;
 
 /// Runs `script` in the lab host (the one `host_kernel` names, or the main
 /// one) with one ivshmem device.
@@ -31,29 +38,52 @@ pub fn in_lab(
 }
 
 /// A kprobe on vfio-pci's huge fault handler counts every host fault on
-/// the BAR, with its order (the dynamic-debug line is rate-limited).
-const COUNT_HOST_FAULTS: &str = "cd /sys/kernel/tracing && \
+/// the BAR, with its order (the dynamic-debug line is rate-limited). Put it
+/// before the run whose faults count; [`SAVE_HOST_FAULTS`] after it.
+pub const COUNT_HOST_FAULTS: &str = "cd /sys/kernel/tracing && \
     echo 'p:bargehf vfio_pci_mmap_huge_fault order=%si:u32' > kprobe_events && \
     echo 1 > events/kprobes/bargehf/enable && cd /out\n";
 
-/// barge's command in the lab host: boot the guest with the device passed
-/// through; the guest reads a word the test wrote at BAR2 + 0x1000 and
-/// writes 0x600df00d at BAR2 + 0x2000 and at the BAR's last word. The host
-/// faults on the BAR over the whole run go to /out/faults.txt, the host's
-/// kernel release to /out/host-kernel.
-pub fn barge_script(device_options: &str, size: u64) -> String {
+/// Saves the faults [`COUNT_HOST_FAULTS`] counted to /out/faults.txt and
+/// stops counting (later runs of other devices would fault there too).
+pub const SAVE_HOST_FAULTS: &str = "grep bargehf /sys/kernel/tracing/trace > /out/faults.txt\n\
+    echo 0 > /sys/kernel/tracing/events/kprobes/bargehf/enable\n";
+
+/// `barge run` NAME in the lab host, with `$LAB_IVSHMEM0` passed through
+/// with `device_options` (`,bar-align=2m`) and `--vfio-backend backend`
+/// when given: the guest prints BAR2's address, reads the word at
+/// BAR2 + 0x1000 and writes [`FROM_GUEST`] at BAR2 + `offset` and at the
+/// BAR's last word (`size` - 4).
+pub fn ivshmem_run(
+    name: &str,
+    device_options: &str,
+    backend: Option<&str>,
+    offset: u64,
+    size: u64,
+) -> String {
     let last = size - 4;
+    let backend = backend
+        .map(|b| format!(" --vfio-backend {b}"))
+        .unwrap_or_default();
     format!(
-        "{COUNT_HOST_FAULTS}\
-         uname -r > /out/host-kernel\n\
+        "RUST_LOG=warn,vfio_ioctls=error,devices::vfio::host=info \
          barge run --kernel /lab/guest/bzImage --initramfs /lab/guest/initramfs \
-         --memory size=512M --device vfio=$LAB_IVSHMEM0{device_options} \
-         --serial file=/out/guest.log --report /out/report.json \
+         --memory size=512M --device vfio=$LAB_IVSHMEM0{device_options}{backend} \
+         --serial file=/out/{name}.guest --report /out/{name}.json \
          --cmdline 'console=ttyS0 panic=-1 -- a=$(pcibar 1af4:1110 2);echo BAR2=$a;\
-         echo READ=$(devmem $((a+0x1000)) 32);devmem $((a+0x2000)) 32 0x600df00d;\
-         devmem $((a+{last})) 32 0x600df00d'\n\
-         echo $? > /out/status\n\
-         grep bargehf /sys/kernel/tracing/trace > /out/faults.txt\n"
+         echo READ=$(devmem $((a+0x1000)) 32);devmem $((a+{offset:#x})) 32 {FROM_GUEST:#x};\
+         devmem $((a+{last})) 32 {FROM_GUEST:#x}' 2> /out/{name}.log\n\
+         echo $? > /out/{name}.status\n"
+    )
+}
+
+/// The whole script of a lab boot with one BAR run named `bar`: host
+/// faults counted over it (to /out/faults.txt), the host's kernel release
+/// in /out/host-kernel.
+pub fn barge_script(device_options: &str, size: u64) -> String {
+    format!(
+        "{COUNT_HOST_FAULTS}uname -r > /out/host-kernel\n{}{SAVE_HOST_FAULTS}",
+        ivshmem_run("bar", device_options, None, 0x2000, size)
     )
 }
 
@@ -67,38 +97,69 @@ pub fn host_fault_orders(dir: &Path) -> Vec<u32> {
         .collect()
 }
 
-/// Checks barge's run and the data path both ways; returns the report.
-pub fn check_run(output: &Output, dir: &Path, backing: &Path, size: u64) -> serde_json::Value {
-    let guest = std::fs::read_to_string(dir.join("guest.log")).unwrap_or_default();
-    assert!(output.status.success(), "{}\nguest:\n{guest}", text(output));
-    let status = std::fs::read_to_string(dir.join("status")).unwrap_or_default();
-    assert_eq!(status.trim(), "0", "guest:\n{guest}\n{}", text(output));
-    assert!(guest.contains("READ=0xCAFEF00D"), "guest:\n{guest}");
-    assert!(guest.contains("GUEST-EXIT 0"), "guest:\n{guest}");
-    assert_eq!(read_at(backing, 0x2000, 4), 0x600d_f00du32.to_le_bytes());
-    assert_eq!(read_at(backing, size - 4, 4), 0x600d_f00du32.to_le_bytes());
-    let report = std::fs::read_to_string(dir.join("report.json")).expect("report.json");
-    let report: serde_json::Value = serde_json::from_str(&report).unwrap();
-    let bar2_gpa = report["devices"][0]["bars"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|b| b["index"] == 2)
-        .map(|b| b["gpa"].as_u64().unwrap())
-        .unwrap();
+/// What run `name` left in `dir`, after checking that it and the lab ran
+/// to the end, the guest read [`FROM_OUTSIDE`] and nothing panicked:
+/// (barge's log, the guest's console, the report).
+pub fn checked_run(output: &Output, dir: &Path, name: &str) -> (String, String, serde_json::Value) {
+    let read = |ext: &str| std::fs::read_to_string(dir.join(format!("{name}.{ext}")));
+    let guest = read("guest").unwrap_or_default();
+    let log = read("log").unwrap_or_default();
+    assert!(output.status.success(), "{}\n{log}\n{guest}", text(output));
+    let status = read("status").unwrap_or_default();
+    assert_eq!(status.trim(), "0", "{name}: {log}\nguest:\n{guest}");
+    assert!(!log.contains("panicked"), "{log}");
+    assert!(
+        guest.contains(&format!("READ=0x{FROM_OUTSIDE:08X}")),
+        "{name}: the guest did not read what the test wrote:\n{guest}"
+    );
+    assert!(guest.contains("GUEST-EXIT 0"), "{name}: {guest}");
+    let report = read("json").unwrap_or_else(|e| panic!("{name}.json: {e}\n{log}"));
+    let report: serde_json::Value = serde_json::from_str(&report).expect("the report is JSON");
+    (log, guest, report)
+}
+
+/// Checks run `name` and the data path both ways (the guest wrote
+/// [`FROM_GUEST`] at `offset` and at the last word of the `size`-byte
+/// `backing`); the guest kept barge's BAR2 address, and guest RAM was
+/// mapped for device DMA. Returns barge's log and the report.
+pub fn check_data_path(
+    output: &Output,
+    dir: &Path,
+    name: &str,
+    backing: &Path,
+    offset: u64,
+    size: u64,
+) -> (String, serde_json::Value) {
+    let (log, guest, report) = checked_run(output, dir, name);
+    assert_eq!(
+        read_at(backing, offset, 4),
+        FROM_GUEST.to_le_bytes(),
+        "{name}"
+    );
+    assert_eq!(
+        read_at(backing, size - 4, 4),
+        FROM_GUEST.to_le_bytes(),
+        "{name}: the BAR's last word"
+    );
+    let bar2_gpa = bar(&report, 2)["gpa"].as_u64().unwrap();
     let seen = guest
         .lines()
         .find_map(|l| l.strip_prefix("BAR2="))
         .map(|v| u64::from_str_radix(v.trim().trim_start_matches("0x"), 16).unwrap())
-        .unwrap();
+        .unwrap_or_else(|| panic!("{name}: no BAR2= line:\n{guest}"));
     assert_eq!(seen, bar2_gpa, "the guest kept barge's BAR address");
     // Guest RAM was mapped for device DMA before the guest ran.
     assert_eq!(report["dma"]["bytes"], 512u64 << 20, "{report}");
     assert!(
-        report["dma"]["gib_per_s"].as_f64().unwrap() > 0.0,
+        report["dma"]["gib_per_s"].as_f64().unwrap_or(0.0) > 0.0,
         "{report}"
     );
-    report
+    (log, report)
+}
+
+/// Checks the one-boot run of [`barge_script`]; returns the report.
+pub fn check_run(output: &Output, dir: &Path, backing: &Path, size: u64) -> serde_json::Value {
+    check_data_path(output, dir, "bar", backing, 0x2000, size).1
 }
 
 /// BAR `index` of the report's first device.
@@ -112,42 +173,15 @@ pub fn bar(report: &serde_json::Value, index: u64) -> serde_json::Value {
         .unwrap_or_else(|| panic!("no BAR {index} in {report}"))
 }
 
-/// What [`eight_gib_bar_maps_once_with_1g_pages`] saw.
-#[derive(Debug)]
-pub struct HugeBarRun {
-    /// `uname -r` in the lab host.
-    pub host_kernel: String,
-    /// From the lab's start to its ready line, as `barge-lab` printed it.
-    pub host_ready_s: Option<f64>,
-    /// The whole `barge-lab run`, boot to power-off.
-    pub run_s: f64,
-}
-
-/// The most important passthrough check, on the host kernel `host_kernel`
-/// names (the main one when `None`): an 8 GiB ivshmem BAR2 passed through
-/// by `barge run` is planned and mapped at 1 GiB alignment, KVM maps it
-/// with eight 1 GiB pages, the host takes one 1 GiB fault per GiB over the
-/// whole run (mapped once), and data goes both ways through the BAR file.
-pub fn eight_gib_bar_maps_once_with_1g_pages(
-    barge_lab: &str,
-    host_kernel: Option<&str>,
-) -> HugeBarRun {
+/// The most important passthrough check on an 8 GiB BAR2 of `report`:
+/// planned and mapped at 1 GiB alignment, eight 1 GiB KVM pages, one
+/// memslot set once; BAR0 (256 bytes of registers) trapped, never a
+/// memslot; and, from `faults` (the kprobe's orders over the whole run),
+/// one 1 GiB host fault per GiB: mapped once (QEMU 10 took 7 per GiB in
+/// the same lab, Cloud Hypervisor 2). Returns BAR2's entry.
+pub fn check_eight_gib_bar2(report: &serde_json::Value, faults: &[u32]) -> serde_json::Value {
     let size = 8 * GIB;
-    let backing = sparse_file(
-        &format!("ivshmem-auto-{}.shm", host_kernel.unwrap_or("main")),
-        size,
-    );
-    write_at(&backing, 0x1000, &0xcafe_f00du32.to_le_bytes());
-    let started = Instant::now();
-    let (output, dir) = in_lab(
-        barge_lab,
-        host_kernel,
-        &format!("8G,file={}", backing.display()),
-        &barge_script("", size),
-    );
-    let run_s = started.elapsed().as_secs_f64();
-    let report = check_run(&output, &dir, &backing, size);
-    let bar2 = bar(&report, 2);
+    let bar2 = bar(report, 2);
     assert_eq!(bar2["size"], size, "{bar2}");
     assert_eq!(bar2["gpa"].as_u64().unwrap() % GIB, 0, "{bar2}");
     assert_eq!(bar2["hva"].as_u64().unwrap() % GIB, 0, "{bar2}");
@@ -155,44 +189,14 @@ pub fn eight_gib_bar_maps_once_with_1g_pages(
     assert_eq!(bar2["mapped"]["pages_1g"], 8, "{bar2}");
     assert_eq!(bar2["slot_updates"], 1, "{bar2}");
     assert_eq!(bar2["huge_ok"], true, "{bar2}");
-    // BAR0 (256 bytes of registers) is trapped, never a memslot.
-    let bar0 = bar(&report, 0);
+    let bar0 = bar(report, 0);
     assert_eq!(bar0["slot_updates"], 0, "{bar0}");
-    // Mapped once: one 1 GiB host fault per GiB over the whole guest boot
-    // (QEMU 10 took 7 per GiB in the same lab, Cloud Hypervisor 2).
-    let faults = host_fault_orders(&dir);
-    assert_eq!(faults, vec![18; 8], "host huge faults");
-    let _ = std::fs::remove_file(&backing);
-    let run = HugeBarRun {
-        host_kernel: std::fs::read_to_string(dir.join("host-kernel"))
-            .unwrap_or_default()
-            .trim()
-            .to_string(),
-        host_ready_s: host_ready_seconds(&output),
-        run_s,
-    };
-    println!(
-        "host kernel {}: ready after {}, run {:.1} s; BAR2 {} GiB at GPA {:#x} HVA {:#x}, \
-         KVM pages_1g {}, slot_updates {}; host faults {} of order {}; guest read \
-         0xCAFEF00D at BAR2+0x1000, wrote 0x600df00d at +0x2000 and +{:#x}",
-        run.host_kernel,
-        run.host_ready_s
-            .map_or("?".to_string(), |s| format!("{s:.1} s")),
-        run.run_s,
-        size / GIB,
-        bar2["gpa"].as_u64().unwrap_or(0),
-        bar2["hva"].as_u64().unwrap_or(0),
-        bar2["mapped"]["pages_1g"],
-        bar2["slot_updates"],
-        faults.len(),
-        faults.first().copied().unwrap_or(0),
-        size - 4
-    );
-    run
+    assert_eq!(faults, [18; 8], "host huge faults");
+    bar2
 }
 
 /// `barge-lab: host ready after 8.2 s` from barge-lab's stderr.
-fn host_ready_seconds(output: &Output) -> Option<f64> {
+pub fn host_ready_seconds(output: &Output) -> Option<f64> {
     String::from_utf8_lossy(&output.stderr)
         .lines()
         .find_map(|l| l.strip_prefix("barge-lab: host ready after "))

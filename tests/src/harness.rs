@@ -20,12 +20,16 @@ pub fn output_text(output: &Output) -> String {
 
 /// The folder `barge-lab run` printed as holding the command's results.
 pub fn results_dir(output: &Output) -> PathBuf {
+    printed_results_dir(output)
+        .unwrap_or_else(|| panic!("no results folder printed:\n{}", output_text(output)))
+}
+
+/// The results folder, if `barge-lab run` got as far as printing one (not
+/// when the lab itself failed, e.g. without a set-up step's files).
+pub fn printed_results_dir(output: &Output) -> Option<PathBuf> {
     let stderr = String::from_utf8_lossy(&output.stderr);
-    let line = stderr
-        .lines()
-        .find_map(|l| l.split("results in ").nth(1))
-        .unwrap_or_else(|| panic!("no results folder printed:\n{}", output_text(output)));
-    PathBuf::from(line.split(';').next().unwrap_or("").trim())
+    let line = stderr.lines().find_map(|l| l.split("results in ").nth(1))?;
+    Some(PathBuf::from(line.split(';').next().unwrap_or("").trim()))
 }
 
 /// `barge-lab run --quiet ARGS...`; fails the test, naming the set-up
@@ -49,6 +53,17 @@ pub fn lab_run(barge_lab: &str, args: &[&str]) -> Output {
 /// temporary FILE (removed afterwards); returns the output and the folder
 /// holding what the script wrote under /out.
 pub fn lab_script(barge_lab: &str, args: &[&str], script: &str) -> (Output, PathBuf) {
+    let (output, dir) = lab_script_outcome(barge_lab, args, script);
+    let dir = dir.unwrap_or_else(|| panic!("no results folder printed:\n{}", output_text(&output)));
+    (output, dir)
+}
+
+/// [`lab_script`], without failing when the lab printed no results folder.
+pub fn lab_script_outcome(
+    barge_lab: &str,
+    args: &[&str],
+    script: &str,
+) -> (Output, Option<PathBuf>) {
     static SCRIPTS: AtomicUsize = AtomicUsize::new(0);
     let file = std::env::temp_dir().join(format!(
         "barge-lab-script-{}-{}.sh",
@@ -61,7 +76,7 @@ pub fn lab_script(barge_lab: &str, args: &[&str], script: &str) -> (Output, Path
     all.extend(["--script", path.as_str()]);
     let output = lab_run(barge_lab, &all);
     let _ = std::fs::remove_file(&file);
-    let dir = results_dir(&output);
+    let dir = printed_results_dir(&output);
     (output, dir)
 }
 

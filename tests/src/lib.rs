@@ -4,3 +4,4 @@
 pub mod bar_passthrough;
 pub mod harness;
 pub mod lab;
+pub mod nvme;

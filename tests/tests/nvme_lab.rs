@@ -1,126 +1,13 @@
-//! DMA and interrupts of a passed-through device, in the lab: an NVMe
-//! controller (QEMU's, backed by an image file the test writes) passed
-//! through by barge into a Linux guest. The guest's nvme driver probes,
-//! reads the first 4 MiB (their sha256 must match the image's) and writes a
-//! marker block the test finds in the image after exit. Once with MSI-X,
-//! once with `pci=nomsi` (INTx through the IOAPIC, resampled at EOI).
-
-use std::io::{Read, Seek, SeekFrom};
-use std::path::PathBuf;
-use std::process::{Command, Output};
+//! A guest abusing its passed-through NVMe controller, in the lab: QEMU's
+//! NVMe controller over an image file, passed through by barge into a Linux
+//! guest that clears bus mastering mid-read and scribbles over the MSI-X
+//! table. Its DMA and interrupts (the guest's checksum of what it read and
+//! the marker it wrote, with MSI-X and with INTx) are checked on every host
+//! kernel and VFIO backend by `lab_matrix.rs` (`barge_tests::nvme`).
 
 use barge_tests::harness::{lab_script, output_text as text};
+use barge_tests::nvme::fresh_image;
 use base64::Engine;
-
-const MIB: usize = 1 << 20;
-const IMAGE_SIZE: usize = 16 * MIB;
-const CHECKED: usize = 4 * MIB;
-const MARKER_BLOCK: u64 = 100;
-
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("barge-nvme-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir.join(name)
-}
-
-/// The image: a deterministic pattern that differs in every 512-byte block.
-fn image_bytes() -> Vec<u8> {
-    (0..IMAGE_SIZE)
-        .map(|i| (i.wrapping_mul(7) + (i >> 9)) as u8)
-        .collect()
-}
-
-/// sha256 of `data` as `sha256sum` prints it (the host's coreutils).
-fn sha256_hex(data: &[u8], name: &str) -> String {
-    let path = scratch(name);
-    std::fs::write(&path, data).unwrap();
-    let output = Command::new("sha256sum").arg(&path).output().unwrap();
-    assert!(output.status.success(), "sha256sum failed");
-    String::from_utf8_lossy(&output.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_string()
-}
-
-/// Runs `script` in the lab with an NVMe controller over a fresh copy of
-/// the image (`NAME.img`); returns the lab's output, the results folder and
-/// the image.
-fn run_script(name: &str, script: &str) -> (Output, PathBuf, PathBuf) {
-    let image = scratch(&format!("{name}.img"));
-    std::fs::write(&image, image_bytes()).unwrap();
-    let (output, dir) = lab_script(
-        env!("CARGO_BIN_EXE_barge-lab"),
-        &["--timeout", "300", "--nvme", image.to_str().unwrap()],
-        script,
-    );
-    (output, dir, image)
-}
-
-/// Boots the guest with the NVMe controller passed through; returns the
-/// guest's console log, barge's and the lab's output, and the image.
-fn run(mode: &str, guest_options: &str) -> (String, String, PathBuf) {
-    let (output, dir, image) = run_script(
-        mode,
-        &format!(
-            "barge run --kernel /lab/guest/bzImage --initramfs /lab/guest/initramfs \
-             --memory size=512M --device vfio=$LAB_NVME0 \
-             --serial file=/out/guest.log --report /out/report.json \
-             --cmdline 'console=ttyS0 panic=-1 {guest_options} -- \
-             grep nvme0q /proc/interrupts; \
-             echo SUM=$(dd if=/dev/nvme0n1 bs=1M count=4 2>/dev/null | sha256sum); \
-             echo barge-wrote | dd of=/dev/nvme0n1 bs=512 seek={MARKER_BLOCK} conv=fsync 2>/dev/null; \
-             echo WROTE=$?' 2>&1 | tail -5\n"
-        ),
-    );
-    let guest = std::fs::read_to_string(dir.join("guest.log")).unwrap_or_default();
-    (guest, text(&output), image)
-}
-
-fn check(mode: &str, guest_options: &str, interrupt_kind: &str) {
-    let expected = sha256_hex(&image_bytes()[..CHECKED], &format!("{mode}-first4m"));
-    let (guest, lab, image) = run(mode, guest_options);
-    let context = format!("guest log:\n{guest}\nlab:\n{lab}");
-    assert!(
-        guest.contains("nvme nvme0: pci function"),
-        "nvme did not probe\n{context}"
-    );
-    let interrupts: Vec<&str> = guest
-        .lines()
-        .filter(|l| l.contains("nvme0q") && !l.contains("ommand line"))
-        .collect();
-    assert!(
-        interrupts.iter().any(|l| l.contains(interrupt_kind)),
-        "no {interrupt_kind} interrupt for nvme\n{context}"
-    );
-    let sum = guest
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("SUM="))
-        .unwrap_or_else(|| panic!("no checksum line\n{context}"));
-    assert_eq!(
-        sum.split_whitespace().next(),
-        Some(expected.as_str()),
-        "{context}"
-    );
-    assert!(guest.contains("WROTE=0"), "{context}");
-    let mut block = [0u8; 12];
-    let mut file = std::fs::File::open(&image).unwrap();
-    file.seek(SeekFrom::Start(MARKER_BLOCK * 512)).unwrap();
-    file.read_exact(&mut block).unwrap();
-    assert_eq!(&block, b"barge-wrote\n", "{context}");
-    println!("{mode}: {}", interrupts.join(" | "));
-    println!("{mode}: guest SUM={sum} (expected {expected})");
-}
-
-#[test]
-fn nvme_reads_and_writes_with_msix() {
-    check("msix", "", "PCI-MSIX");
-}
-
-#[test]
-fn nvme_reads_and_writes_with_intx() {
-    check("intx", "pci=nomsi", "IO-APIC");
-}
 
 /// What the guest does to its passed-through NVMe controller: starts a read,
 /// clears bus mastering in the middle of it, then programs vector 0 of the
@@ -137,8 +24,10 @@ devmem $((o+4093)) 8 1;devmem $((o+3)) 32;echo ABUSED";
 
 #[test]
 fn a_guest_abusing_its_device_cannot_crash_barge() {
-    let (output, dir, _image) = run_script(
-        "abuse",
+    let image = fresh_image("abuse");
+    let (output, dir) = lab_script(
+        env!("CARGO_BIN_EXE_barge-lab"),
+        &["--timeout", "300", "--nvme", image.to_str().unwrap()],
         &format!(
             "barge run --kernel /lab/guest/bzImage --initramfs /lab/guest/initramfs \
              --memory size=512M --device vfio=$LAB_NVME0 \

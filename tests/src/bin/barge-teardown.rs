@@ -20,6 +20,13 @@
 //!   RAM (refused after the device's BARs are mapped, registered as
 //!   memslots and guest RAM is DMA-mapped).
 //!
+//! `--vfio-backend iommufd` opens the device through its cdev and an
+//! iommufd (`barge-lab run --iommufd`); closing the iommufd is what
+//! destroys its IOAS, so besides the totals every line says how many
+//! iommufd (`/dev/iommu`), VFIO device cdev (`/dev/vfio/devices/vfioN`) and
+//! dma-buf fds were open while the guest ran and are open after the run
+//! (which must be none).
+//!
 //! One line per run, then `teardown: ...` with the totals; exits 1 when a
 //! run differed, failed or left anything behind.
 
@@ -30,7 +37,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
 use clap::Parser;
-use vmm::config::{DeviceConfig, ShmemConfig, VfioConfig, VmConfig};
+use vmm::config::{DeviceConfig, ShmemConfig, VfioBackendKind, VfioConfig, VmConfig};
 use vmm::{RunOutcome, Vm};
 
 #[derive(Debug, Parser)]
@@ -52,6 +59,10 @@ struct Args {
     /// Seconds a good run may take.
     #[arg(long, default_value_t = 300)]
     timeout: u64,
+    /// How barge opens the device: legacy (container and group), iommufd
+    /// (cdev and /dev/iommu) or auto.
+    #[arg(long, default_value = "legacy")]
+    vfio_backend: VfioBackendKind,
 }
 
 /// Guest RAM of every run: also the size above which an anonymous mapping
@@ -68,7 +79,60 @@ struct Holdings {
     maps: Vec<String>,
 }
 
+/// The fds a run must close for the IOMMU state to go: iommufd (its last
+/// close destroys the IOAS and unpins what it mapped), the VFIO device cdev
+/// and dma-bufs (of a BAR exported for peer-to-peer DMA).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct IommuFds {
+    iommufd: usize,
+    cdev: usize,
+    dmabuf: usize,
+}
+
+impl IommuFds {
+    /// Counts them among fd link targets.
+    fn among<'a>(targets: impl IntoIterator<Item = &'a String>) -> IommuFds {
+        let mut count = IommuFds::default();
+        for target in targets {
+            if target == "/dev/iommu" {
+                count.iommufd += 1;
+            } else if target.starts_with("/dev/vfio/devices/vfio") {
+                count.cdev += 1;
+            } else if target.starts_with("anon_inode:dmabuf") || target.starts_with("/dmabuf:") {
+                count.dmabuf += 1;
+            }
+        }
+        count
+    }
+
+    fn max(self, other: IommuFds) -> IommuFds {
+        IommuFds {
+            iommufd: self.iommufd.max(other.iommufd),
+            cdev: self.cdev.max(other.cdev),
+            dmabuf: self.dmabuf.max(other.dmabuf),
+        }
+    }
+
+    fn is_none(&self) -> bool {
+        *self == IommuFds::default()
+    }
+}
+
+impl std::fmt::Display for IommuFds {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "iommufd {} cdev {} dma-buf {}",
+            self.iommufd, self.cdev, self.dmabuf
+        )
+    }
+}
+
 impl Holdings {
+    fn iommu_fds(&self) -> IommuFds {
+        IommuFds::among(self.fds.values())
+    }
+
     fn now() -> Holdings {
         let mut fds = BTreeMap::new();
         if let Ok(entries) = std::fs::read_dir("/proc/self/fd") {
@@ -122,6 +186,7 @@ impl Holdings {
             added_fds,
             added_maps,
             removed,
+            open: self.iommu_fds(),
         }
     }
 }
@@ -146,16 +211,22 @@ struct Leak {
     added_fds: Vec<String>,
     added_maps: Vec<String>,
     removed: usize,
+    /// iommufd, cdev and dma-buf fds open afterwards.
+    open: IommuFds,
 }
 
 impl Leak {
     fn is_clean(&self) -> bool {
-        self.added_fds.is_empty() && self.added_maps.is_empty() && self.removed == 0
+        self.added_fds.is_empty()
+            && self.added_maps.is_empty()
+            && self.removed == 0
+            && self.open.is_none()
     }
 
     fn summary(&self) -> String {
         let mut text = format!(
-            "fds +{} maps +{} gone {}",
+            "open after: {}; fds +{} maps +{} gone {}",
+            self.open,
             self.added_fds.len(),
             self.added_maps.len(),
             self.removed
@@ -243,25 +314,45 @@ fn base_config(args: &Args, cmdline: &str) -> VmConfig {
     config.memory.size = GUEST_RAM;
     config.cmdline = cmdline.to_string();
     config.devices = vec![vfio(&args.device)];
+    config.vfio_backend = args.vfio_backend;
     config
+}
+
+/// What [`run_vm`] gives back.
+struct VmRun {
+    result: Result<RunOutcome, String>,
+    console: String,
+    /// The most iommufd, cdev and dma-buf fds open at once while it ran
+    /// (sampled every 100 ms).
+    held: IommuFds,
 }
 
 /// Runs `config` on a thread of its own (the VMM's seccomp filter stays
 /// with the thread that ran it) and returns the outcome and the console.
-fn run_vm(config: VmConfig, timeout: Duration) -> (Result<RunOutcome, String>, String) {
+fn run_vm(config: VmConfig, timeout: Duration) -> VmRun {
     let console = Arc::new(Mutex::new(Vec::new()));
     let buffer = console.clone();
-    let result = std::thread::spawn(move || {
+    let vm = std::thread::spawn(move || {
         Vm::new(config)
             .console_buffer(buffer)
             .run_with_timeout(timeout)
             .map_err(|e| e.to_string())
-    })
-    .join()
-    .unwrap_or_else(|_| Err("the VM thread panicked".to_string()));
-    let text =
+    });
+    let mut held = IommuFds::default();
+    while !vm.is_finished() {
+        held = held.max(Holdings::now().iommu_fds());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let result = vm
+        .join()
+        .unwrap_or_else(|_| Err("the VM thread panicked".to_string()));
+    let console =
         String::from_utf8_lossy(&console.lock().unwrap_or_else(|p| p.into_inner())).into_owned();
-    (result, text)
+    VmRun {
+        result,
+        console,
+        held,
+    }
 }
 
 /// The value after `READ=` on the guest's console.
@@ -294,6 +385,9 @@ struct GoodRuns {
     /// Runs whose report matched run 1's (run 1 included).
     same: u32,
     previous_write: Option<u32>,
+    /// The iommufd, cdev and dma-buf fds every run holds while its guest
+    /// runs (run 1's).
+    expected_held: Option<IommuFds>,
 }
 
 impl GoodRuns {
@@ -305,11 +399,22 @@ impl GoodRuns {
             "console=ttyS0 panic=-1 -- a=$(pcibar 1af4:1110 2);\
              echo READ=$(devmem $((a+0x2000)) 32);devmem $((a+0x2000)) 32 {number}"
         );
-        let (result, console) = run_vm(
+        let VmRun {
+            result,
+            console,
+            held,
+        } = run_vm(
             base_config(args, &cmdline),
             Duration::from_secs(args.timeout),
         );
         let leak = Holdings::now().diff(before);
+        tally.check(
+            self.expected_held.is_none_or(|expected| held == expected),
+            format!(
+                "{label}: held {held} while running, not {:?}",
+                self.expected_held
+            ),
+        );
         tally.check(leak.is_clean(), format!("{label}: left something behind"));
         let outcome = match result {
             Ok(outcome) => outcome,
@@ -322,7 +427,8 @@ impl GoodRuns {
         let shape = RunShape::of(&outcome);
         let read = guest_read(&console);
         println!(
-            "{label}: status {} ({}), guest read {}, {}, dma {} bytes; {}",
+            "{label}: status {} ({}), guest read {}, {}, dma {} bytes; held while running: \
+             {held}; {}",
             shape.status,
             shape.reason,
             read.map_or("nothing".to_string(), |r| format!("{r:#x}")),
@@ -345,6 +451,7 @@ impl GoodRuns {
             );
         }
         self.previous_write = Some(number);
+        self.expected_held.get_or_insert(held);
         match &self.first {
             None => {
                 self.first = Some(shape);
@@ -366,9 +473,11 @@ fn main() -> ExitCode {
         failures: Vec::new(),
     };
     println!(
-        "barge-teardown: {} runs with {} passed through; holding {} fds, {} tracked mappings",
+        "barge-teardown: {} runs with {} passed through ({} backend); holding {} fds, {} \
+         tracked mappings",
         args.runs,
         args.device,
+        args.vfio_backend,
         before.fds.len(),
         before.maps.len()
     );
@@ -385,14 +494,14 @@ fn main() -> ExitCode {
     }
 
     // Stopped while the guest boots: the device is torn down mid-use.
-    let (result, _) = run_vm(
+    let VmRun { result, held, .. } = run_vm(
         base_config(&args, "console=ttyS0 panic=-1 -- sleep 600"),
         Duration::from_secs(3),
     );
     let leak = Holdings::now().diff(&before);
     let status = result.as_ref().map(|o| o.exit.status);
     println!(
-        "timeout: {}; {}",
+        "timeout: {}; held while running: {held}; {}",
         match &result {
             Ok(o) => format!("status {} ({})", o.exit.status, o.exit.reason),
             Err(e) => format!("error: {e}"),
@@ -419,7 +528,7 @@ fn main() -> ExitCode {
     let bad = bad_cases(&args);
     let bad_count = bad.len();
     for (name, config, expected) in bad {
-        let (result, _) = run_vm(config, Duration::from_secs(args.timeout));
+        let VmRun { result, .. } = run_vm(config, Duration::from_secs(args.timeout));
         let leak = Holdings::now().diff(&before);
         match result {
             Ok(outcome) => {
@@ -563,6 +672,37 @@ mod tests {
     }
 
     #[test]
+    fn iommufd_cdev_and_dmabuf_fds_are_counted() {
+        let targets = [
+            "/dev/iommu",
+            "/dev/vfio/devices/vfio0",
+            "/dev/vfio/devices/vfio1",
+            "anon_inode:dmabuf",
+            "/dmabuf: (deleted)",
+            "/dev/vfio/vfio",
+            "/dev/vfio/3",
+            "anon_inode:kvm-vm",
+        ]
+        .map(String::from);
+        let count = IommuFds::among(&targets);
+        assert_eq!(
+            count,
+            IommuFds {
+                iommufd: 1,
+                cdev: 2,
+                dmabuf: 2
+            }
+        );
+        assert_eq!(count.to_string(), "iommufd 1 cdev 2 dma-buf 2");
+        let after = Holdings {
+            fds: BTreeMap::from([(9, "/dev/iommu".to_string())]),
+            maps: Vec::new(),
+        };
+        // Open before and after is still not clean: none may stay open.
+        assert!(!after.diff(&after).is_clean());
+    }
+
+    #[test]
     fn a_new_fd_or_mapping_is_a_leak() {
         let before = Holdings {
             fds: BTreeMap::from([(0, "/dev/null".to_string())]),
@@ -577,7 +717,9 @@ mod tests {
         let leak = after.diff(&before);
         assert!(!leak.is_clean());
         assert_eq!(leak.added_fds, ["fd 7 -> /dev/vfio/1"]);
-        assert!(leak.summary().starts_with("fds +1 maps +1 gone 0"));
+        assert!(leak
+            .summary()
+            .starts_with("open after: iommufd 0 cdev 0 dma-buf 0; fds +1 maps +1 gone 0"));
         assert_eq!(before.diff(&after).removed, 2);
     }
 }
