@@ -273,7 +273,14 @@ fn config_u32(config: &[u8], offset: usize) -> Option<u32> {
 /// `BDF resizable BAR`: one result per resizable BAR, or one saying there is none.
 pub fn rebar_checks(bdf: &str, config: &[u8]) -> Vec<CheckResult> {
     let name = format!("{bdf} resizable BAR");
-    if config.len() <= 0x100 {
+    if config.len() == 0x100 {
+        // Root reads all of it: a conventional PCI device, no extended space.
+        return vec![CheckResult::pass(
+            name,
+            "no extended config space (conventional PCI): no resizable BAR capability",
+        )];
+    }
+    if config.len() < 0x100 {
         return vec![CheckResult::warn(
             name,
             format!(
@@ -557,6 +564,9 @@ mod tests {
             rebar_checks(BDF, &config(2))[0].detail,
             "no resizable BAR capability"
         );
+        let conventional = rebar_checks(BDF, &config(2)[..256]);
+        assert_eq!(conventional[0].status, Status::Pass);
+        assert!(conventional[0].detail.contains("conventional PCI"));
         let short = rebar_checks(BDF, &config(2)[..64]);
         assert_eq!(short[0].status, Status::Warn);
         assert!(short[0].fix.as_deref().unwrap().contains("root"));
