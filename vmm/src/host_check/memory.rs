@@ -43,7 +43,14 @@ pub fn checks(view: &HostView) -> Vec<CheckResult> {
 /// fail), or does not exist (the CPU or kernel lacks that size).
 pub fn pool_check(size: &str, dir: &str, pool: Option<Pool>) -> CheckResult {
     let name = format!("hugepages {size}");
-    let reserve = format!("echo N > /sys/{dir}/nr_hugepages (N pages for --memory hugepages={size}; 1 GiB pages are best reserved at boot: hugepagesz=1G hugepages=N)");
+    let at_boot = if size == "1G" {
+        "; 1 GiB pages are best reserved at boot: hugepagesz=1G hugepages=N"
+    } else {
+        ""
+    };
+    let reserve = format!(
+        "echo N > /sys/{dir}/nr_hugepages (N pages for --memory hugepages={size}{at_boot})"
+    );
     match pool {
         None => CheckResult::warn(
             name,
