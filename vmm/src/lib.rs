@@ -49,6 +49,7 @@ pub mod builder;
 pub mod buses;
 pub mod config;
 pub mod event_loop;
+pub mod host_check;
 pub mod loader;
 pub mod machine;
 pub mod pci_devices;

@@ -65,6 +65,58 @@ enum CliCommand {
     Plan(PlanArgs),
     #[command(about = BENCH_ABOUT, long_about = BENCH_LONG_ABOUT)]
     Bench(BenchArgs),
+    #[command(about = HOST_CHECK_ABOUT, long_about = HOST_CHECK_LONG_ABOUT)]
+    HostCheck(HostCheckCliArgs),
+}
+
+const HOST_CHECK_ABOUT: &str =
+    "Check what this host gives barge (KVM, huge pfnmap, IOMMU, devices)";
+
+const HOST_CHECK_LONG_ABOUT: &str = "\
+Check what this host gives barge, in the manner of virt-host-validate.
+
+Each check prints one line: PASS, WARN or FAIL, its name, what was found and,
+when it is not PASS, what to do. Checks: KVM (/dev/kvm, KVM_PRE_FAULT_MEMORY,
+the stats fd), huge pfnmap (kernel 6.12+, its config, vfio-pci's huge fault
+handler), the IOMMU (groups, interrupt remapping, iommufd or the legacy
+container), huge page pools and transparent huge pages, and per --device its
+driver, IOMMU group, BARs (host address, size, the largest page its alignment
+allows), resizable BAR and memory decode. --exercise also maps each device's
+BARs into a scratch VM, pre-faults them and reports the pages KVM got.
+Exit status: 0 when nothing FAILs, 1 when a check FAILs, 2 for a usage error.
+
+Examples:
+  barge host-check
+  barge host-check --device vfio=0000:41:00.0 --exercise
+  barge host-check --device vfio=0000:41:00.0 --json";
+
+/// The flags of `barge host-check`.
+#[derive(Debug, Clone, Default, PartialEq, Args)]
+pub struct HostCheckCliArgs {
+    /// A host PCI device to check for passthrough (repeatable),
+    /// e.g. --device vfio=0000:41:00.0
+    #[arg(long = "device", value_name = "vfio=BDF", value_parser = parse_vfio)]
+    pub devices: Vec<VfioConfig>,
+
+    /// Print a JSON array, one {"check", "status", "detail", "fix"} per check
+    #[arg(long)]
+    pub json: bool,
+
+    /// Also open each device with barge's VFIO path, map its BARs into a
+    /// scratch VM, pre-fault them and report the pages KVM got
+    #[arg(long)]
+    pub exercise: bool,
+}
+
+impl HostCheckCliArgs {
+    /// The typed request.
+    pub fn into_request(self) -> crate::host_check::HostCheckArgs {
+        crate::host_check::HostCheckArgs {
+            devices: self.devices.into_iter().map(|d| d.bdf).collect(),
+            json: self.json,
+            exercise: self.exercise,
+        }
+    }
 }
 
 const BENCH_ABOUT: &str = "Measure a BAR mapped with 4 KiB, 2 MiB and 1 GiB pages";
@@ -362,6 +414,8 @@ pub enum Command {
     Plan(PlanRequest),
     /// `barge bench`.
     Bench(crate::bench::BenchRequest),
+    /// `barge host-check`.
+    HostCheck(crate::host_check::HostCheckArgs),
 }
 
 impl RunArgs {
@@ -454,6 +508,7 @@ where
         CliCommand::Run(run) => Ok(Command::Run(run.into_config()?)),
         CliCommand::Plan(plan) => Ok(Command::Plan(plan.into_request())),
         CliCommand::Bench(bench) => Ok(Command::Bench(bench.into_request()?)),
+        CliCommand::HostCheck(check) => Ok(Command::HostCheck(check.into_request())),
     }
 }
 
@@ -749,6 +804,31 @@ mod tests {
             parse_args(["barge", "--version"]).unwrap_err().kind(),
             ErrorKind::DisplayVersion
         );
+    }
+
+    #[test]
+    fn host_check_flags_are_parsed() {
+        let Command::HostCheck(request) = parse_args([
+            "barge",
+            "host-check",
+            "--device",
+            "vfio=41:00.0",
+            "--device",
+            "vfio=0000:42:00.0",
+            "--json",
+            "--exercise",
+        ])
+        .unwrap() else {
+            panic!("host-check expected");
+        };
+        assert_eq!(request.devices, ["0000:41:00.0", "0000:42:00.0"]);
+        assert!(request.json && request.exercise);
+        let Command::HostCheck(bare) = parse_args(["barge", "host-check"]).unwrap() else {
+            panic!("host-check expected");
+        };
+        assert_eq!(bare, crate::host_check::HostCheckArgs::default());
+        let err = parse_args(["barge", "host-check", "--device", "vfio=nonsense"]).unwrap_err();
+        assert!(err.to_string().contains("DDDD:BB:DD.F"), "{err}");
     }
 
     #[test]

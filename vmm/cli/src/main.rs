@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use clap::error::ErrorKind;
 mod args;
 mod bench;
+mod host_check;
 mod plan;
 
 use crate::args::{self as cli, Command};
@@ -44,6 +45,13 @@ fn main() -> ExitCode {
             Ok(text) => {
                 print!("{text}");
                 ExitCode::SUCCESS
+            }
+            Err(e) => fail(&e.to_string(), vmm::status::ERROR),
+        },
+        Command::HostCheck(request) => match host_check::run(&request) {
+            Ok((text, status)) => {
+                print!("{text}");
+                status_code(status)
             }
             Err(e) => fail(&e.to_string(), vmm::status::ERROR),
         },

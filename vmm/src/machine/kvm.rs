@@ -67,7 +67,13 @@ pub fn kvm_device_path() -> PathBuf {
 
 /// Opens KVM with an error that names the device and says what to do.
 pub fn open_kvm() -> Result<Kvm, KvmError> {
-    let path = kvm_device_path();
+    open_kvm_at(kvm_device_path())
+}
+
+/// Opens the KVM device node at `path` (`barge host-check` looks under its
+/// own device root), with the same errors as [`open_kvm`].
+pub fn open_kvm_at(path: impl Into<PathBuf>) -> Result<Kvm, KvmError> {
+    let path: PathBuf = path.into();
     let c_path = CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| KvmError::Open {
         path: path.clone(),
         source: io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"),
