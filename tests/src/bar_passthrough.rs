@@ -61,6 +61,18 @@ pub fn ivshmem_run(
     offset: u64,
     size: u64,
 ) -> String {
+    ivshmem_run_with_memory(name, "size=512M", device_options, backend, offset, size)
+}
+
+/// [`ivshmem_run`] with guest RAM as `--memory memory` says.
+pub fn ivshmem_run_with_memory(
+    name: &str,
+    memory: &str,
+    device_options: &str,
+    backend: Option<&str>,
+    offset: u64,
+    size: u64,
+) -> String {
     let last = size - 4;
     let backend = backend
         .map(|b| format!(" --vfio-backend {b}"))
@@ -68,7 +80,7 @@ pub fn ivshmem_run(
     format!(
         "RUST_LOG=warn,vfio_ioctls=error,devices::vfio::host=info \
          barge run --kernel /lab/guest/bzImage --initramfs /lab/guest/initramfs \
-         --memory size=512M --device vfio=$LAB_IVSHMEM0{device_options}{backend} \
+         --memory {memory} --device vfio=$LAB_IVSHMEM0{device_options}{backend} \
          --serial file=/out/{name}.guest --report /out/{name}.json \
          --cmdline 'console=ttyS0 panic=-1 -- a=$(pcibar 1af4:1110 2);echo BAR2=$a;\
          echo READ=$(devmem $((a+0x1000)) 32);devmem $((a+{offset:#x})) 32 {FROM_GUEST:#x};\

@@ -28,8 +28,8 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use barge_tests::bar_passthrough::{
-    check_data_path, check_eight_gib_bar2, host_fault_orders, host_ready_seconds, ivshmem_run,
-    COUNT_HOST_FAULTS, FROM_OUTSIDE, GIB, SAVE_HOST_FAULTS,
+    check_data_path, check_eight_gib_bar2, host_fault_orders, host_ready_seconds,
+    ivshmem_run_with_memory, COUNT_HOST_FAULTS, FROM_OUTSIDE, GIB, SAVE_HOST_FAULTS,
 };
 use barge_tests::harness::{lab_script_outcome, output_text as text, sparse_file, write_at};
 use barge_tests::lab::SETUP_COMMAND;
@@ -79,14 +79,23 @@ fn bad_case(name: &str, options: &str) -> String {
 
 /// The lab host's whole command for a cell: the BAR run with host faults
 /// counted, the two NVMe runs, then the bad input.
-fn cell_script(backend: Backend) -> String {
+fn cell_script(host: &str, backend: Backend) -> String {
     let b = Some(backend.name());
     let mut script = String::from(
         "uname -r > /out/host-kernel\n\
          ls /dev/iommu /dev/vfio/devices > /out/devices.txt 2>&1\n",
     );
     script += COUNT_HOST_FAULTS;
-    script += &ivshmem_run("bar", "", b, GUEST_WRITES_AT, BAR_SIZE);
+    // memfd guest RAM: iommufd maps it with IOMMU_IOAS_MAP_FILE where the
+    // kernel has it (6.13+).
+    script += &ivshmem_run_with_memory(
+        "bar",
+        "size=512M,shared=on",
+        "",
+        b,
+        GUEST_WRITES_AT,
+        BAR_SIZE,
+    );
     script += SAVE_HOST_FAULTS;
     script += &nvme_run(&MSIX, b);
     script += &nvme_run(&INTX, b);
@@ -97,6 +106,13 @@ fn cell_script(backend: Backend) -> String {
         "bad-unbound",
         &format!("--device vfio=$LAB_NVME0 --vfio-backend {}", backend.name()),
     );
+    if backend == Backend::Iommufd && host == "6.12" {
+        // iommufd cannot map a BAR for peer to peer before 6.19.
+        script += &bad_case(
+            "bad-p2p-on",
+            "--device vfio=$LAB_IVSHMEM0,p2p=on --vfio-backend iommufd",
+        );
+    }
     if backend == Backend::Legacy {
         // No /dev/iommu on a host booted with the stock vfio modules.
         script += &bad_case(
@@ -218,7 +234,7 @@ fn cell(host: &str, backend: Backend) {
     let (output, dir) = lab_script_outcome(
         env!("CARGO_BIN_EXE_barge-lab"),
         &args,
-        &cell_script(backend),
+        &cell_script(host, backend),
     );
     let run_s = started.elapsed().as_secs_f64();
     let lab = text(&output);
@@ -314,9 +330,30 @@ fn cell(host: &str, backend: Backend) {
         );
         println!("{prefix} --vfio-backend iommufd without /dev/iommu: {no_iommufd}");
     }
+    if backend == Backend::Iommufd && host == "6.12" {
+        let p2p_on = bad_case_error(
+            &dir,
+            "bad-p2p-on",
+            &[
+                "cannot map BAR 2 of",
+                "Linux 6.19 or newer",
+                "this host runs 6.12",
+                "--vfio-backend legacy",
+            ],
+        );
+        println!("{prefix} p2p=on with iommufd on 6.12: {p2p_on}");
+    }
 
     // 4. the report's backend, DMA and P2P fields (last: they are new).
     check_backend_fields(&report, backend, "bar");
+    // The BAR run's guest RAM is a memfd: 7.3's iommufd maps the file,
+    // 6.12's (no IOMMU_IOAS_MAP_FILE) its address range.
+    let memfd_method = match (host, backend) {
+        (_, Backend::Legacy) => "type1-vaddr",
+        ("7.3", Backend::Iommufd) => "iommufd-memfd",
+        (_, Backend::Iommufd) => "iommufd-vaddr",
+    };
+    assert_eq!(report["dma"]["method"], memfd_method, "{}", report["dma"]);
     for (name, report) in &nvme_reports {
         check_backend_fields(report, backend, name);
     }
