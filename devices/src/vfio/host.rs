@@ -487,24 +487,11 @@ impl VfioHostAccess for VfioHost {
     /// Maps the range in the container and the IOAS, whichever devices were
     /// opened into so far.
     unsafe fn dma_map(&self, iova: u64, size: u64, hva: *mut u8) -> Result<DmaMethods, HostError> {
-        let dma_error = |source| HostError::Dma {
-            what: "map",
-            iova,
-            size,
-            source,
-        };
-        let len = usize::try_from(size).unwrap_or(usize::MAX);
         let mut methods = DmaMethods::default();
-        if let Some(container) = self.container() {
-            // SAFETY: vfio-ioctls' contract is this trait method's, which
-            // the caller keeps.
-            unsafe { container.vfio_dma_map(iova, len, hva) }.map_err(dma_error)?;
-            methods.0.push(DmaMethod::Type1Vaddr);
-        }
-        if let Some(iommufd) = self.iommufd() {
-            // SAFETY: as above.
-            unsafe { iommufd.vfio_dma_map(iova, len, hva) }.map_err(dma_error)?;
-            methods.0.push(DmaMethod::IommufdVaddr);
+        // SAFETY: the caller keeps this method's contract, which is theirs.
+        unsafe {
+            self.map_in_container(iova, size, hva, &mut methods)?;
+            self.map_in_ioas_by_address(iova, size, hva, &mut methods)?;
         }
         Ok(methods)
     }
@@ -526,14 +513,10 @@ impl VfioHostAccess for VfioHost {
             size,
             source,
         };
-        let len = usize::try_from(size).unwrap_or(usize::MAX);
         let mut methods = DmaMethods::default();
-        if let Some(container) = self.container() {
-            // SAFETY: vfio-ioctls' contract is this trait method's, which
-            // the caller keeps.
-            unsafe { container.vfio_dma_map(iova, len, hva) }.map_err(dma_error)?;
-            methods.0.push(DmaMethod::Type1Vaddr);
-        }
+        // SAFETY: the caller keeps this method's contract, which is
+        // `map_in_container`'s.
+        unsafe { self.map_in_container(iova, size, hva, &mut methods) }?;
         if let Some(iommufd) = self.iommufd() {
             let by_file = if self.map_file_refused.load(Ordering::Relaxed) {
                 None
@@ -554,15 +537,11 @@ impl VfioHostAccess for VfioHost {
                     Err(error) => return Err(dma_error(VfioError::IommufdIoctlError(error))),
                 }
             };
-            let method = match by_file {
-                Some(method) => method,
-                None => {
-                    // SAFETY: as above.
-                    unsafe { iommufd.vfio_dma_map(iova, len, hva) }.map_err(dma_error)?;
-                    DmaMethod::IommufdVaddr
-                }
-            };
-            methods.0.push(method);
+            match by_file {
+                Some(method) => methods.0.push(method),
+                // SAFETY: as above.
+                None => unsafe { self.map_in_ioas_by_address(iova, size, hva, &mut methods) }?,
+            }
         }
         Ok(methods)
     }
@@ -588,13 +567,9 @@ impl VfioHostAccess for VfioHost {
         };
         let bdf = &device.location.bdf;
         let mut mapping = BarDmaMapping::default();
-        if let Some(container) = self.container() {
-            let len = usize::try_from(size).unwrap_or(usize::MAX);
-            // SAFETY: vfio-ioctls' contract is this trait method's, which
-            // the caller keeps.
-            unsafe { container.vfio_dma_map(iova, len, hva) }.map_err(dma_error)?;
-            mapping.methods.0.push(DmaMethod::Type1Vaddr);
-        }
+        // SAFETY: the caller keeps this method's contract, which is
+        // `map_in_container`'s.
+        unsafe { self.map_in_container(iova, size, hva, &mut mapping.methods) }?;
         if let Some(iommufd) = self.iommufd() {
             let range = VfioRegionDmaRange {
                 offset,
@@ -670,6 +645,64 @@ impl VfioHostAccess for VfioHost {
 }
 
 impl VfioHost {
+    /// Maps `[hva, hva + size)` at `iova` in the container, when there is
+    /// one, adding its method to `methods`.
+    ///
+    /// # Safety
+    ///
+    /// As [`VfioHostAccess::dma_map`].
+    unsafe fn map_in_container(
+        &self,
+        iova: u64,
+        size: u64,
+        hva: *mut u8,
+        methods: &mut DmaMethods,
+    ) -> Result<(), HostError> {
+        let Some(container) = self.container() else {
+            return Ok(());
+        };
+        let len = usize::try_from(size).unwrap_or(usize::MAX);
+        // SAFETY: vfio-ioctls' contract is this method's, which the caller
+        // keeps.
+        unsafe { container.vfio_dma_map(iova, len, hva) }.map_err(|source| HostError::Dma {
+            what: "map",
+            iova,
+            size,
+            source,
+        })?;
+        methods.0.push(DmaMethod::Type1Vaddr);
+        Ok(())
+    }
+
+    /// Maps `[hva, hva + size)` at `iova` in the IOAS by address
+    /// (IOMMU_IOAS_MAP), when there is one, adding its method to `methods`.
+    ///
+    /// # Safety
+    ///
+    /// As [`VfioHostAccess::dma_map`].
+    unsafe fn map_in_ioas_by_address(
+        &self,
+        iova: u64,
+        size: u64,
+        hva: *mut u8,
+        methods: &mut DmaMethods,
+    ) -> Result<(), HostError> {
+        let Some(iommufd) = self.iommufd() else {
+            return Ok(());
+        };
+        let len = usize::try_from(size).unwrap_or(usize::MAX);
+        // SAFETY: vfio-ioctls' contract is this method's, which the caller
+        // keeps.
+        unsafe { iommufd.vfio_dma_map(iova, len, hva) }.map_err(|source| HostError::Dma {
+            what: "map",
+            iova,
+            size,
+            source,
+        })?;
+        methods.0.push(DmaMethod::IommufdVaddr);
+        Ok(())
+    }
+
     /// Undoes the container's half of a BAR map whose IOAS half failed.
     fn undo_container_map(&self, mapping: &BarDmaMapping, iova: u64, size: u64) {
         if !mapping.methods.0.contains(&DmaMethod::Type1Vaddr) {
