@@ -21,6 +21,10 @@
 //!      their planned GPAs, and its interrupts when the VM has a router:
 //!      INTx on GSI [`intx_gsi`] of its pin from the start, MSI and MSI-X
 //!      routed as the guest enables them;
+//!    - an eventfd at VFIO's device request ([`REQ_IRQ_INDEX`]) when the
+//!      device has one: the event loop stops the VM when the host asks for
+//!      the device back (an unbind from vfio-pci), and the teardown's first
+//!      step disables it and closes the eventfd;
 //!    - a [`TrapRegion`] for each trapped range of each BAR, served by VFIO
 //!      region reads and writes (the MSI-X table and PBA by the interrupt
 //!      model);
