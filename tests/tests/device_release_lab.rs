@@ -57,7 +57,9 @@ fn background_run(name: &str, guest: &str) -> String {
          --cmdline 'console=ttyS0 -- {guest}sleep 600' 2> /out/{name}.log &\n\
          pid=$!\n\
          {}",
-        wait_for(&format!("grep -q GUEST-SLEEPS /out/{name}.guest 2>/dev/null"))
+        wait_for(&format!(
+            "grep -q GUEST-SLEEPS /out/{name}.guest 2>/dev/null"
+        ))
     )
 }
 
@@ -157,7 +159,10 @@ impl Results<'_> {
         let guest = self.read(&format!("{name}.guest"));
         let log = self.read(&format!("{name}.log"));
         let status = self.read(&format!("{name}.status"));
-        println!("--- {name}: status {}, barge's stderr:\n{log}", status.trim());
+        println!(
+            "--- {name}: status {}, barge's stderr:\n{log}",
+            status.trim()
+        );
         let tail: Vec<&str> = guest.lines().rev().take(4).collect();
         println!(
             "--- {name}: guest (tail)\n{}",
@@ -283,7 +288,10 @@ fn unbind_stops_barge_with_status_6_and_a_killed_barge_leaves_the_device_usable(
         rebound.trim(),
         results.read("bind.status").trim()
     );
-    results.check(unbound.trim() != "vfio-pci", "the unbind left vfio-pci bound");
+    results.check(
+        unbound.trim() != "vfio-pci",
+        "the unbind left vfio-pci bound",
+    );
     results.check(rebound.trim() == "vfio-pci", "the device did not rebind");
     let rebind = results.data_run("rebind", 0);
     results.check(
@@ -323,7 +331,10 @@ fn unbind_stops_barge_with_status_6_and_a_killed_barge_leaves_the_device_usable(
             after_kill["mapped"], rebind["mapped"]
         ),
     );
-    println!("--- vfio in the lab host's kernel log\n{}", results.read("dmesg.txt"));
+    println!(
+        "--- vfio in the lab host's kernel log\n{}",
+        results.read("dmesg.txt")
+    );
     let _ = std::fs::remove_file(&backing);
     assert!(
         results.failures.is_empty(),
