@@ -37,6 +37,11 @@ const WAIT_S: u32 = 60;
 const GUEST: &str = "--kernel /lab/guest/bzImage --initramfs /lab/guest/initramfs \
                      --memory size=256M --device vfio=$LAB_IVSHMEM0";
 
+/// What the guest says before it sleeps: computed, so that the kernel's
+/// echo of its command line (which has [`SAY_SLEEPING`]) does not match.
+const SLEEPING: &str = "GUEST-SLEEPS-42";
+const SAY_SLEEPING: &str = "echo GUEST-SLEEPS-$((6*7));";
+
 /// Seconds since the lab host booted, with hundredths (busybox `date` has
 /// no sub-second format).
 const NOW: &str = "cut -d' ' -f1 /proc/uptime";
@@ -57,9 +62,7 @@ fn background_run(name: &str, guest: &str) -> String {
          --cmdline 'console=ttyS0 -- {guest}sleep 600' 2> /out/{name}.log &\n\
          pid=$!\n\
          {}",
-        wait_for(&format!(
-            "grep -q GUEST-SLEEPS /out/{name}.guest 2>/dev/null"
-        ))
+        wait_for(&format!("grep -q {SLEEPING} /out/{name}.guest 2>/dev/null"))
     )
 }
 
@@ -105,7 +108,7 @@ fn script() -> String {
          {after_kill}\
          {after_kill_run}\
          dmesg | grep -i vfio > /out/dmesg.txt\n",
-        held = background_run("held", "echo GUEST-SLEEPS;"),
+        held = background_run("held", SAY_SLEEPING),
         wait_barge = wait_for("! kill -0 $pid 2>/dev/null"),
         wait_unbind = wait_for("[ -e /out/unbind.end ]"),
         after_unbind = driver("unbound.driver"),
@@ -115,7 +118,7 @@ fn script() -> String {
             "killed",
             &format!(
                 "a=$(pcibar 1af4:1110 2);devmem $((a+0x3000)) 32 {FROM_KILLED:#x};\
-                 echo GUEST-SLEEPS;"
+                 {SAY_SLEEPING}"
             )
         ),
         after_kill = driver("killed.driver"),
@@ -233,7 +236,7 @@ fn unbind_stops_barge_with_status_6_and_a_killed_barge_leaves_the_device_usable(
     let guest = results.read("held.guest");
     println!("--- held: status {}, barge's stderr:\n{log}", status.trim());
     results.check(
-        guest.contains("GUEST-SLEEPS"),
+        guest.contains(SLEEPING),
         format!("held: the guest did not get to sleep:\n{guest}"),
     );
     results.check(
@@ -308,7 +311,7 @@ fn unbind_stops_barge_with_status_6_and_a_killed_barge_leaves_the_device_usable(
         results.read("killed.driver").trim()
     );
     results.check(
-        killed_guest.contains("GUEST-SLEEPS"),
+        killed_guest.contains(SLEEPING),
         format!("killed: the guest did not write its word:\n{killed_guest}"),
     );
     results.check(
