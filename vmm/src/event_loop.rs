@@ -1,6 +1,7 @@
 //! The main thread's event loop (event-manager): host input for the serial
 //! port, and the EventFds that say the VM should stop (a vCPU's stop request,
-//! a device's power request).
+//! a device's power request, the host asking for a passed-through device
+//! back).
 
 use std::fs::File;
 use std::io::{self, Read};
@@ -122,6 +123,54 @@ impl MutEventSubscriber for StopWatcher {
     }
 }
 
+/// The host's request for a passed-through device (VFIO's device request
+/// eventfd): stops the VM with [`StopCause::DeviceReleaseRequest`] and says
+/// so in one log line, however often vfio-pci signals it (it re-signals
+/// every 10 seconds until the device is closed).
+#[derive(Debug)]
+struct ReleaseRequestWatcher {
+    bdf: String,
+    request: EventFd,
+    control: Arc<VmControl>,
+    announced: bool,
+}
+
+impl MutEventSubscriber for ReleaseRequestWatcher {
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        if events
+            .event_set()
+            .intersects(EventSet::ERROR | EventSet::HANG_UP)
+        {
+            let _ = ops.remove(Events::empty(&self.request));
+        }
+        // Non-blocking: a spurious wake-up reads nothing and stops nothing.
+        if !matches!(self.request.read(), Ok(count) if count > 0) {
+            return;
+        }
+        if !self.announced {
+            self.announced = true;
+            log::warn!(
+                "vfio: {}: the host asks for the device back (VFIO device request, as when it is \
+                 unbound from vfio-pci): stopping the guest and releasing the device",
+                self.bdf
+            );
+        }
+        self.control.request_stop(StopCause::DeviceReleaseRequest {
+            bdf: self.bdf.clone(),
+        });
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.request, EventSet::IN)) {
+            log::error!(
+                "vfio: {}: cannot watch the device request EventFd: {e:?}; an unbind from \
+                 vfio-pci waits until barge exits",
+                self.bdf
+            );
+        }
+    }
+}
+
 /// The main thread's event loop for one VM run.
 pub struct EventLoop {
     manager: EventManager<Subscriber>,
@@ -167,6 +216,25 @@ impl EventLoop {
     {
         self.manager
             .add_subscriber(Arc::new(Mutex::new(SerialInput::new(input, serial))));
+    }
+
+    /// Stops the VM when `request`, the eventfd VFIO signals when the host
+    /// wants device `bdf` back, fires (see [`StopCause::DeviceReleaseRequest`]).
+    /// The loop watches a duplicate of it, closed with the loop.
+    pub fn watch_release_request(
+        &mut self,
+        bdf: &str,
+        request: &EventFd,
+    ) -> Result<(), EventLoopError> {
+        let request = request.try_clone().map_err(EventLoopError::EventFd)?;
+        self.manager
+            .add_subscriber(Arc::new(Mutex::new(ReleaseRequestWatcher {
+                bdf: bdf.to_string(),
+                request,
+                control: self.control.clone(),
+                announced: false,
+            })));
+        Ok(())
     }
 
     /// Dispatches events until a stop is requested or `deadline` passes
@@ -249,6 +317,70 @@ mod tests {
         assert_eq!(cause, StopCause::Timeout);
         assert!(control.is_stopping());
         assert!(start.elapsed() >= Duration::from_millis(30));
+    }
+
+    /// Keeps what this module logs (other tests' records are ignored).
+    struct Capture(Mutex<Vec<String>>);
+
+    impl log::Log for Capture {
+        fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+            true
+        }
+
+        fn log(&self, record: &log::Record<'_>) {
+            if record.target() == "vmm::event_loop" {
+                let mut lines = self.0.lock().unwrap_or_else(|p| p.into_inner());
+                lines.push(format!("{} {}", record.level(), record.args()));
+            }
+        }
+
+        fn flush(&self) {}
+    }
+
+    static CAPTURE: Capture = Capture(Mutex::new(Vec::new()));
+
+    #[test]
+    fn a_device_request_stops_the_loop_with_one_line_however_often_it_fires() {
+        // The only test in this crate that installs a logger.
+        log::set_logger(&CAPTURE).unwrap();
+        log::set_max_level(log::LevelFilter::Trace);
+        const BDF: &str = "0000:5e:00.7";
+        let control = Arc::new(VmControl::new().unwrap());
+        let mut event_loop = EventLoop::new(control.clone(), PowerSignal::new().unwrap()).unwrap();
+        let request = EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap();
+        event_loop.watch_release_request(BDF, &request).unwrap();
+        // Nothing stops the loop before the host asks.
+        let cause = event_loop.run_until_stopped(Some(Instant::now() + Duration::from_millis(30)));
+        assert_eq!(cause, StopCause::Timeout);
+        let control = Arc::new(VmControl::new().unwrap());
+        let mut event_loop = EventLoop::new(control.clone(), PowerSignal::new().unwrap()).unwrap();
+        event_loop.watch_release_request(BDF, &request).unwrap();
+        request.write(1).unwrap();
+        request.write(1).unwrap();
+        let cause = event_loop.run_until_stopped(Some(Instant::now() + Duration::from_secs(5)));
+        let expected = StopCause::DeviceReleaseRequest { bdf: BDF.into() };
+        assert_eq!(cause, expected);
+        // vfio-pci re-signals until the device is closed: no more lines.
+        for _ in 0..5 {
+            request.write(1).unwrap();
+            event_loop.manager.run_with_timeout(100).unwrap();
+        }
+        assert_eq!(control.cause(), Some(expected));
+        let lines: Vec<String> = CAPTURE
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|line| line.contains(BDF))
+            .cloned()
+            .collect();
+        assert_eq!(
+            lines,
+            [format!(
+                "WARN vfio: {BDF}: the host asks for the device back (VFIO device request, as \
+                 when it is unbound from vfio-pci): stopping the guest and releasing the device"
+            )]
+        );
     }
 
     #[test]

@@ -24,7 +24,8 @@
 //!
 //! See [`status`]: 0 poweroff, 1 barge error, 2 usage error, 3 guest reboot
 //! with `on_reboot=stop`, 4 guest failure (triple fault, KVM internal error,
-//! failed entry, crash), 5 timeout, 128 + the signal's number when SIGTERM
+//! failed entry, crash), 5 timeout, 6 the host asked for a passed-through
+//! device back (VFIO device request), 128 + the signal's number when SIGTERM
 //! (143) or SIGINT (130) stopped `barge` (see [`signals`]), 159 when a
 //! thread made a system call its seccomp filter forbids (see [`seccomp`]).
 //!
@@ -89,6 +90,11 @@ pub mod status {
     pub const GUEST_FAILURE: i32 = 4;
     /// The embedder's timeout expired.
     pub const TIMEOUT: i32 = 5;
+    /// The host asked for a passed-through device back (VFIO's device
+    /// request, as when the device is unbound from vfio-pci while the guest
+    /// runs): the guest was stopped and the device released (report reason
+    /// `device_release_request`).
+    pub const DEVICE_RELEASE_REQUEST: i32 = 6;
     /// Added to a signal's number when SIGTERM or SIGINT stopped the VM, as
     /// shells do: 143 for SIGTERM, 130 for SIGINT.
     pub const SIGNAL_BASE: i32 = 128;
@@ -333,6 +339,10 @@ pub fn exit_report(cause: &StopCause) -> ExitReport {
         StopCause::Reset => ("reboot".to_string(), status::REBOOT),
         StopCause::Failed { reason, .. } => (reason.name().to_string(), status::GUEST_FAILURE),
         StopCause::Timeout => ("timeout".to_string(), status::TIMEOUT),
+        StopCause::DeviceReleaseRequest { .. } => (
+            "device_release_request".to_string(),
+            status::DEVICE_RELEASE_REQUEST,
+        ),
         StopCause::Signal(signo) => (
             crate::signals::signal_name(*signo).to_string(),
             status::SIGNAL_BASE + signo,
@@ -364,6 +374,13 @@ mod tests {
                 4,
             ),
             (StopCause::Timeout, "timeout", 5),
+            (
+                StopCause::DeviceReleaseRequest {
+                    bdf: "0000:41:00.0".into(),
+                },
+                "device_release_request",
+                6,
+            ),
             (StopCause::Signal(libc::SIGTERM), "sigterm", 143),
             (StopCause::Signal(libc::SIGINT), "sigint", 130),
             (StopCause::Error("x".into()), "error", 1),

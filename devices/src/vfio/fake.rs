@@ -24,7 +24,7 @@ use super::host::{HostError, OpenedBackend, VfioHostAccess};
 use super::preflight::PreflightError;
 use super::{
     BarRange, RegionInfo, VfioDeviceAccess, CONFIG_REGION_INDEX, INTX_IRQ_INDEX, MSI_IRQ_INDEX,
-    REGION_FLAG_MMAP, REGION_FLAG_READ, REGION_FLAG_WRITE,
+    REGION_FLAG_MMAP, REGION_FLAG_READ, REGION_FLAG_WRITE, REQ_IRQ_INDEX,
 };
 use crate::pci::caps::{
     CAP_ID_MSI, CAP_ID_MSIX, CAP_ID_PCI_EXPRESS, CAP_ID_POWER_MANAGEMENT, EXT_CAP_ID_AER,
@@ -288,6 +288,14 @@ impl FakeVfioDevice {
             return false;
         };
         fd.write(1).is_ok()
+    }
+
+    /// The host asks for the device back, as vfio-pci does when the device
+    /// is unbound from it: signals the eventfd enabled at
+    /// [`REQ_IRQ_INDEX`] (give the fake one with
+    /// `with_irqs(REQ_IRQ_INDEX, 1)`). Returns whether one was enabled.
+    pub fn request_release(&self) -> bool {
+        self.fire(REQ_IRQ_INDEX, 0)
     }
 
     /// Whether the INTx unmask eventfd was signalled (consumes it).

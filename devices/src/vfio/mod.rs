@@ -51,6 +51,11 @@ pub const INTX_IRQ_INDEX: u32 = 0;
 pub const MSI_IRQ_INDEX: u32 = 1;
 /// VFIO IRQ index of MSI-X (`VFIO_PCI_MSIX_IRQ_INDEX`).
 pub const MSIX_IRQ_INDEX: u32 = 2;
+/// VFIO IRQ index of the device request (`VFIO_PCI_REQ_IRQ_INDEX`): not a
+/// device interrupt but vfio-pci asking the user to release the device,
+/// signalled when the host unbinds it (and again every 10 seconds until
+/// the device is closed).
+pub const REQ_IRQ_INDEX: u32 = 4;
 /// Region flag: the region can be read (`VFIO_REGION_INFO_FLAG_READ`).
 pub const REGION_FLAG_READ: u32 = 1 << 0;
 /// Region flag: the region can be written (`VFIO_REGION_INFO_FLAG_WRITE`).
@@ -135,7 +140,8 @@ pub trait VfioDeviceAccess: Send + Sync {
     }
 
     /// How many interrupts VFIO offers at IRQ `index` ([`INTX_IRQ_INDEX`],
-    /// [`MSI_IRQ_INDEX`], [`MSIX_IRQ_INDEX`]); 0 when none.
+    /// [`MSI_IRQ_INDEX`], [`MSIX_IRQ_INDEX`], [`REQ_IRQ_INDEX`]); 0 when
+    /// none.
     fn irq_count(&self, _index: u32) -> u32 {
         0
     }

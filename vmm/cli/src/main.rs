@@ -81,7 +81,9 @@ fn run(config: vmm::config::VmConfig) -> ExitCode {
         Ok(outcome) => {
             let status = outcome.exit.status;
             match status {
-                vmm::status::POWEROFF => {}
+                // The event loop's one warning already named the device
+                // the host asked for back.
+                vmm::status::POWEROFF | vmm::status::DEVICE_RELEASE_REQUEST => {}
                 vmm::status::REBOOT => eprintln!(
                     "barge: the guest rebooted (status {status}; --on-reboot restart boots it again)"
                 ),

@@ -39,6 +39,10 @@ pub enum StopCause {
     Timeout,
     /// `barge` received this stop signal (SIGTERM or SIGINT).
     Signal(i32),
+    /// The host asked for passed-through device `bdf` back (VFIO's device
+    /// request, as when it is unbound from vfio-pci): the guest is stopped
+    /// so that barge closes the device and the host's unbind completes.
+    DeviceReleaseRequest { bdf: String },
     /// barge itself failed while the VM ran (event loop, thread spawn).
     Error(String),
 }

@@ -372,6 +372,11 @@ impl BuiltVm {
         if self.serial_input == SerialInput::Stdin {
             event_loop.add_stdin(self.serial.clone())?;
         }
+        for device in &self.devices {
+            if let Some((bdf, request)) = device.release_request() {
+                event_loop.watch_release_request(bdf, request)?;
+            }
+        }
         let ctx = VcpuContext {
             buses: self.buses.clone(),
             power: self.power.clone(),

@@ -12,7 +12,8 @@
 //! 1. **Stop DMA** ([`HostResources::stop_dma`]): the device initiates no
 //!    more DMA and raises no more interrupts. VFIO clears Bus Master Enable
 //!    in the device's command register and disables its interrupts (VFIO
-//!    IRQs off, irqfds deassigned, routes removed). Shared memory has
+//!    IRQs off, irqfds deassigned, routes removed), then the device request
+//!    (VFIO's request IRQ off, its eventfd closed). Shared memory has
 //!    nothing to stop.
 //! 2. **Unmap from the IOMMU** ([`HostResources::unmap_iommu`]): the
 //!    device's own IOMMU mappings (its BARs, mapped for peer-to-peer DMA)
@@ -40,6 +41,7 @@
 use std::sync::Arc;
 
 use kvm_ioctls::VmFd;
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::machine::kvm::{self, MemslotLog};
 use crate::pci_devices::bar_mapping::MappedBar;
@@ -52,6 +54,14 @@ pub trait HostResources: Send {
 
     /// Step 2: undo the device's IOMMU mappings.
     fn unmap_iommu(&mut self) {}
+
+    /// The device's name and the EventFd the host signals when it wants the
+    /// device back (VFIO's device request), if the device has one: the
+    /// event loop watches it while the VM runs (see
+    /// [`crate::event_loop::EventLoop::watch_release_request`]).
+    fn release_request(&self) -> Option<(&str, &EventFd)> {
+        None
+    }
 
     /// Steps 5 and 6: close the device, then release what it shares with
     /// the VM's other devices.
@@ -100,6 +110,11 @@ impl DeviceResources {
     /// Every memory BAR, trapped ones included, by index (for the report).
     pub fn bars(&self) -> &[MappedBar] {
         &self.bars
+    }
+
+    /// See [`HostResources::release_request`].
+    pub fn release_request(&self) -> Option<(&str, &EventFd)> {
+        self.host.as_ref()?.release_request()
     }
 }
 

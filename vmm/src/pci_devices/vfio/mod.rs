@@ -21,6 +21,10 @@
 //!      their planned GPAs, and its interrupts when the VM has a router:
 //!      INTx on GSI [`intx_gsi`] of its pin from the start, MSI and MSI-X
 //!      routed as the guest enables them;
+//!    - an eventfd at VFIO's device request ([`REQ_IRQ_INDEX`]) when the
+//!      device has one: the event loop stops the VM when the host asks for
+//!      the device back (an unbind from vfio-pci), and the teardown's first
+//!      step disables it and closes the eventfd;
 //!    - a [`TrapRegion`] for each trapped range of each BAR, served by VFIO
 //!      region reads and writes (the MSI-X table and PBA by the interrupt
 //!      model);
@@ -69,9 +73,10 @@ use devices::vfio::host::{HostError, VfioHost, VfioHostAccess};
 use devices::vfio::interrupts::InterruptError;
 use devices::vfio::{
     ProbeError, ProbedBar, VfioBarAccess, VfioDeviceAccess, VfioDeviceError, VfioPciDevice,
-    VfioProbe,
+    VfioProbe, REQ_IRQ_INDEX,
 };
 use resources::placement::{BarPlacement, DeviceInput, DevicePlan, PageSize};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::buses::bus::{BusDevice, SharedBusDevice};
 #[cfg(doc)]
@@ -239,10 +244,12 @@ impl<H: VfioHostAccess + 'static> PciDeviceSetup for VfioSetup<H> {
             model = model.with_interrupts(Arc::clone(interrupts));
         }
         let traps = trap_regions(&model.bar_access(), plan);
+        let release_request = listen_for_release_request(&bdf, &*device);
         let mut parts = VfioTeardown {
             bdf: bdf.clone(),
             device,
             interrupts,
+            release_request,
             ram_dma: None,
             bar_dma: Vec::new(),
             host,
@@ -271,6 +278,38 @@ impl<H: VfioHostAccess + 'static> PciDeviceSetup for VfioSetup<H> {
             attached.resources.bars().len(),
         );
         Ok(attached)
+    }
+}
+
+/// Has VFIO signal a new eventfd when the host asks for `device` back
+/// (VFIO's device request, [`REQ_IRQ_INDEX`]: vfio-pci raises it when the
+/// device is unbound and waits for barge to close it). `None`, with the
+/// reason logged, when the device has no such IRQ or it cannot be enabled:
+/// the VM runs, and an unbind then waits until barge exits.
+fn listen_for_release_request<D: VfioDeviceAccess>(bdf: &str, device: &D) -> Option<EventFd> {
+    if device.irq_count(REQ_IRQ_INDEX) == 0 {
+        log::info!(
+            "vfio: {bdf}: no device request IRQ (VFIO IRQ index {REQ_IRQ_INDEX}): barge will not \
+             hear the host ask for the device back; an unbind waits until barge exits"
+        );
+        return None;
+    }
+    let enabled = EventFd::new(EFD_NONBLOCK).and_then(|request| {
+        device.irq_enable(REQ_IRQ_INDEX, &[&request])?;
+        Ok(request)
+    });
+    match enabled {
+        Ok(request) => {
+            log::debug!("vfio: {bdf}: listening for the host's device request");
+            Some(request)
+        }
+        Err(error) => {
+            log::warn!(
+                "vfio: {bdf}: cannot listen for the host's device request (VFIO IRQ index \
+                 {REQ_IRQ_INDEX}): {error}; an unbind of the device waits until barge exits"
+            );
+            None
+        }
     }
 }
 

@@ -8,7 +8,8 @@ use std::sync::Arc;
 use devices::pci::{COMMAND_BUS_MASTER, COMMAND_OFFSET};
 use devices::vfio::device::SharedInterrupts;
 use devices::vfio::host::VfioHostAccess;
-use devices::vfio::VfioDeviceAccess;
+use devices::vfio::{VfioDeviceAccess, REQ_IRQ_INDEX};
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::pci_devices::teardown::HostResources;
 use crate::pci_devices::vfio::dma::{BarDma, RamDma};
@@ -23,6 +24,9 @@ pub struct VfioTeardown<H: VfioHostAccess> {
     pub device: Arc<H::Device>,
     /// Its interrupts, when wired.
     pub interrupts: Option<SharedInterrupts<H::Device>>,
+    /// The eventfd VFIO signals when the host wants the device back
+    /// (enabled at [`REQ_IRQ_INDEX`]), when the device has that IRQ.
+    pub release_request: Option<EventFd>,
     /// Guest RAM's IOMMU mapping, shared with the VM's other VFIO devices.
     pub ram_dma: Option<Arc<RamDma<H>>>,
     /// This device's BAR areas in the IOMMU (peer to peer).
@@ -35,7 +39,8 @@ pub struct VfioTeardown<H: VfioHostAccess> {
 impl<H: VfioHostAccess + 'static> HostResources for VfioTeardown<H> {
     /// Clears Bus Master Enable on the device (no more DMA, and so no more
     /// MSIs), then disables its interrupts: VFIO IRQs off, irqfds and
-    /// routes gone.
+    /// routes gone; then the device request: VFIO's request IRQ off (the
+    /// kernel lets go of the eventfd) and barge's eventfd closed.
     fn stop_dma(&mut self) {
         let mut command = [0xff; 2];
         self.device
@@ -57,6 +62,19 @@ impl<H: VfioHostAccess + 'static> HostResources for VfioTeardown<H> {
                 .unwrap_or_else(|e| e.into_inner())
                 .shutdown();
         }
+        if let Some(request) = self.release_request.take() {
+            if let Err(error) = self.device.irq_disable(REQ_IRQ_INDEX) {
+                log::warn!(
+                    "vfio: {}: cannot disable the device request IRQ: {error}",
+                    self.bdf
+                );
+            }
+            drop(request);
+        }
+    }
+
+    fn release_request(&self) -> Option<(&str, &EventFd)> {
+        Some((&self.bdf, self.release_request.as_ref()?))
     }
 
     /// Unmaps the device's BAR areas and, when it is the last device

@@ -7,13 +7,14 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use devices::vfio::fake::FakeIrqCall;
 use devices::vfio::fake::{
     pattern_byte, FakeEvent, FakeJournal, FakeRegion, FakeVfioDevice, FakeVfioHost,
 };
 use devices::vfio::host::OpenedBackend;
 use devices::vfio::interrupts::fake::FakeKvmIrqs;
 use devices::vfio::interrupts::KvmIrqs;
-use devices::vfio::{BarRange, INTX_IRQ_INDEX, MSIX_IRQ_INDEX};
+use devices::vfio::{BarRange, INTX_IRQ_INDEX, MSIX_IRQ_INDEX, REQ_IRQ_INDEX};
 use kvm_ioctls::VmFd;
 use resources::gsi::{RouteKind, KVM_MAX_IRQ_ROUTES};
 use resources::placement::{BarPlacement, DevicePlan, PageSize};
@@ -776,6 +777,102 @@ fn teardown_stops_dma_unmaps_frees_the_bars_then_closes_and_releases() {
         &mut rig.slots,
     );
     assert!(again.is_ok(), "{:?}", again.err());
+}
+
+#[test]
+fn the_hosts_device_request_stops_the_loop_and_teardown_disables_and_closes_it() {
+    if !guest_programs::testing::kvm_or_skip(
+        "the_hosts_device_request_stops_the_loop_and_teardown_disables_and_closes_it",
+    ) {
+        return;
+    }
+    use std::time::{Duration, Instant};
+
+    use crate::buses::power::PowerSignal;
+    use crate::event_loop::EventLoop;
+    use crate::machine::vcpu::{StopCause, VmControl};
+
+    let mut rig = Rig::with(small_device(b"").with_irqs(REQ_IRQ_INDEX, 1));
+    let setup = rig.open(&format!("vfio={BDF}"));
+    let fake = Arc::clone(setup.device());
+    let (attached, _plan) = rig.attach(setup);
+    // One eventfd at VFIO's request index, enabled at attach.
+    assert!(fake.irq_calls().contains(&FakeIrqCall::Enable {
+        index: REQ_IRQ_INDEX,
+        count: 1
+    }));
+    let (bdf, request) = attached.resources.release_request().unwrap();
+    assert_eq!(bdf, BDF);
+    let control = Arc::new(VmControl::new().unwrap());
+    let mut event_loop = EventLoop::new(control.clone(), PowerSignal::new().unwrap()).unwrap();
+    event_loop.watch_release_request(bdf, request).unwrap();
+    // vfio-pci signals it on unbind, and again until the device is closed.
+    for _ in 0..3 {
+        assert!(fake.request_release());
+    }
+    let cause = event_loop.run_until_stopped(Some(Instant::now() + Duration::from_secs(5)));
+    assert_eq!(cause, StopCause::DeviceReleaseRequest { bdf: BDF.into() });
+    assert_eq!(crate::exit_report(&cause).reason, "device_release_request");
+    assert_eq!(
+        crate::exit_report(&cause).status,
+        crate::status::DEVICE_RELEASE_REQUEST
+    );
+    drop(event_loop);
+
+    // Teardown: the request IRQ is disabled after the device's interrupts,
+    // before the device is closed, and VFIO holds no eventfd for it.
+    let AttachedDevice {
+        config,
+        traps,
+        resources,
+        ..
+    } = attached;
+    drop((config, traps));
+    let rig_host = std::mem::replace(
+        &mut rig.host,
+        SharedVfioHost::new(FakeVfioHost::new(), None),
+    );
+    drop(rig_host);
+    rig.journal.clear();
+    drop(resources);
+    assert!(!fake.request_release(), "VFIO still signals an eventfd");
+    drop(fake);
+    let events = rig.journal.events();
+    let at = |wanted: &FakeEvent| events.iter().position(|event| event == wanted);
+    let intx_off = at(&FakeEvent::IrqDisable {
+        bdf: BDF.into(),
+        index: INTX_IRQ_INDEX,
+    });
+    let request_off = at(&FakeEvent::IrqDisable {
+        bdf: BDF.into(),
+        index: REQ_IRQ_INDEX,
+    });
+    let closed = at(&FakeEvent::Closed { bdf: BDF.into() });
+    assert!(
+        intx_off.is_some() && request_off > intx_off && closed > request_off,
+        "{events:?}"
+    );
+}
+
+#[test]
+fn a_device_without_a_request_irq_runs_without_one() {
+    if !guest_programs::testing::kvm_or_skip("a_device_without_a_request_irq_runs_without_one") {
+        return;
+    }
+    let mut rig = Rig::with(small_device(b""));
+    let setup = rig.open(&format!("vfio={BDF}"));
+    let fake = Arc::clone(setup.device());
+    let (attached, _plan) = rig.attach(setup);
+    assert!(attached.resources.release_request().is_none());
+    assert!(!fake
+        .irq_calls()
+        .iter()
+        .any(|call| matches!(call, FakeIrqCall::Enable { index, .. } if *index == REQ_IRQ_INDEX)));
+    drop(attached);
+    assert!(!rig.journal.events().contains(&FakeEvent::IrqDisable {
+        bdf: BDF.into(),
+        index: REQ_IRQ_INDEX
+    }));
 }
 
 #[test]
