@@ -249,6 +249,7 @@ fn sibling_binaries() -> Vec<PathBuf> {
         "vfio-region-info",
         "barge-teardown",
         "barge-fork-rig",
+        "barge-pfnmap",
     ]
     .iter()
     .map(|name| dir.join(name))
