@@ -290,6 +290,24 @@ fn ensure_backing_file(file: &Path, size: u64) -> Result<(), LabError> {
     Ok(())
 }
 
+/// Removes the `*.shm` ivshmem backing files of a run folder when dropped:
+/// only a run makes files there (`--ivshmem file=` names files elsewhere).
+struct RunScratch(PathBuf);
+
+impl Drop for RunScratch {
+    fn drop(&mut self) {
+        let Ok(entries) = std::fs::read_dir(&self.0) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.extension().is_some_and(|ext| ext == "shm") {
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+    }
+}
+
 fn new_run_dir(paths: &LabPaths) -> Result<PathBuf, LabError> {
     let runs = paths.runs_dir();
     std::fs::create_dir_all(&runs).map_err(|e| LabError::io("cannot create", &runs, e))?;
@@ -356,6 +374,11 @@ pub fn run(paths: &LabPaths, options: &RunOptions) -> Result<RunOutcome, LabErro
     )
     .map_err(|e| LabError::io("cannot write", &run_dir, e))?;
 
+    // The backing files this run made for its ivshmem devices go when the
+    // run ends (after QEMU: `scratch` is dropped after `qemu`): an 8 GiB
+    // BAR the guest touched is gigabytes of disk, and every lab test makes
+    // a run folder.
+    let _scratch = RunScratch(run_dir.clone());
     let start = Instant::now();
     let child = Command::new(&state.qemu)
         .args(&args)
