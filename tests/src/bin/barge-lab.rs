@@ -226,6 +226,7 @@ fn main() -> ExitCode {
                 Err(e) => {
                     let status = match e {
                         LabError::Run(ref m) if m.contains("timed out") => run::TIMEOUT_STATUS,
+                        LabError::BootHung(_) => run::TIMEOUT_STATUS,
                         _ => run::LAB_FAILURE_STATUS,
                     };
                     eprintln!("barge-lab: error: {e}");

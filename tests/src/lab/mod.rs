@@ -76,6 +76,9 @@ pub enum LabError {
     Usage(String),
     #[error("{0}")]
     Run(String),
+    /// The lab host never reached BARGE-LAB-READY: no command ran.
+    #[error("{0}")]
+    BootHung(String),
 }
 
 impl LabError {

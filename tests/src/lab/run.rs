@@ -332,7 +332,27 @@ impl Drop for QemuGuard {
     }
 }
 
+/// Boots the lab host with `options` and runs its command.
+///
+/// A lab host that hangs before BARGE-LAB-READY (seen under TCG on a
+/// loaded 2-core machine: RCU stalls, one vCPU's timer never firing) is
+/// booted once more, saying so: no command had run, so the retry cannot
+/// hide anything the command did. A second hang is the error.
 pub fn run(paths: &LabPaths, options: &RunOptions) -> Result<RunOutcome, LabError> {
+    match run_once(paths, options) {
+        Err(LabError::BootHung(message)) => {
+            eprintln!(
+                "barge-lab: the lab host hung before it was ready, before the command ran; \
+                 booting it once more. The hung boot: {}",
+                message.lines().next().unwrap_or_default()
+            );
+            run_once(paths, options)
+        }
+        other => other,
+    }
+}
+
+fn run_once(paths: &LabPaths, options: &RunOptions) -> Result<RunOutcome, LabError> {
     let state = LabState::load(paths)?;
     let host = state.host_kernel(options.host_kernel.as_deref())?;
     let run_dir = new_run_dir(paths)?;
@@ -423,11 +443,16 @@ pub fn run(paths: &LabPaths, options: &RunOptions) -> Result<RunOutcome, LabErro
     if !exited {
         let _ = qemu.0.kill();
         let _ = qemu.0.wait();
-        return Err(LabError::Run(format!(
+        let message = format!(
             "the lab timed out during {stage}; console log {}; its last lines:\n{}",
             console_log.display(),
             console_tail(&console_log, 30)
-        )));
+        );
+        return Err(if outcome.ready_line.is_none() {
+            LabError::BootHung(message)
+        } else {
+            LabError::Run(message)
+        });
     }
     let qemu_status = qemu
         .0
