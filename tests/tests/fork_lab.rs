@@ -40,6 +40,9 @@ fn number_after(line: &str, key: &str) -> u64 {
 }
 
 #[test]
+#[ignore = "the lab host kernel panicked (\"corrupted stack end detected inside scheduler\" in \
+            barge's vcpu0 thread) in 2 of 4 runs of this test; out of CI until that is \
+            understood: run it with `cargo test -p barge-tests --test fork_lab -- --ignored`"]
 fn children_started_while_the_guest_runs_leave_the_bar_and_ram_mappings_alone() {
     let script = format!(
         "cd /sys/kernel/tracing && \
