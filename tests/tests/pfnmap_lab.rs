@@ -91,6 +91,19 @@ fn matrix(host: &str) -> Vec<(&'static str, &'static str, String)> {
     lines
 }
 
+/// `line` without `18xK ` before a PMD order in each `faults` list, when
+/// the device maps with 2 MiB pages (`order` is not a PUD one).
+fn without_fallback_pud_attempts(line: &str, order: &str) -> String {
+    if order.starts_with("18x") {
+        return line.to_string();
+    }
+    let mut line = line.to_string();
+    for k in (1..=64).rev() {
+        line = line.replace(&format!("faults 18x{k} 9x"), "faults 9x");
+    }
+    line
+}
+
 fn check(host: &str) {
     let lines = matrix(host);
     for (name, case, line) in &lines {
@@ -101,6 +114,11 @@ fn check(host: &str) {
             .unwrap_or_default();
         let what = format!("{host} {name} {case}: {line}");
         assert!(line.ends_with("| status 0"), "{what}");
+        // The kprobe counts attempts: a 128 MiB mapping sometimes sees a
+        // PUD attempt (order 18) that falls back before its PMD faults
+        // (seen once in CI: `faults 18x1 9x64`). Only the orders that map
+        // are asserted.
+        let line = &without_fallback_pud_attempts(line, order);
         match *case {
             "fault" => assert!(line.contains(&format!("reads, faults {order} |")), "{what}"),
             // mprotect changes the host's huge entries in place: nothing
