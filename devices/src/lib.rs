@@ -9,6 +9,7 @@
 pub mod acpi;
 pub mod guest_log;
 pub mod i8042;
+pub mod interrupts;
 pub mod pci;
 pub mod shmem;
 pub mod vfio;

@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use barge_fuzz::accesses;
 use devices::pci::PciConfigAccess;
 use devices::vfio::fake::FakeVfioDevice;
-use devices::vfio::interrupts::fake::FakeKvmIrqs;
+use devices::interrupts::fake::FakeKvmIrqs;
 use devices::vfio::interrupts::{InterruptRouter, VfioInterrupts};
 use devices::vfio::{VfioPciDevice, VfioProbe, INTX_IRQ_INDEX, MSIX_IRQ_INDEX, MSI_IRQ_INDEX};
 use libfuzzer_sys::fuzz_target;

@@ -6,7 +6,7 @@
 use std::io;
 use std::sync::Arc;
 
-use devices::vfio::interrupts::KvmIrqs;
+use devices::interrupts::KvmIrqs;
 use kvm_bindings::{
     kvm_irq_routing_entry, KvmIrqRouting, KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI,
 };

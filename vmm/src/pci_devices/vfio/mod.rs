@@ -68,9 +68,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use devices::interrupts::InterruptError;
 use devices::vfio::dma_method::DmaMethods;
 use devices::vfio::host::{HostError, VfioHost, VfioHostAccess};
-use devices::vfio::interrupts::InterruptError;
 use devices::vfio::{
     ProbeError, ProbedBar, VfioBarAccess, VfioDeviceAccess, VfioDeviceError, VfioPciDevice,
     VfioProbe, REQ_IRQ_INDEX,

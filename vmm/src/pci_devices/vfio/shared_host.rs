@@ -6,10 +6,11 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Instant;
 
+use devices::interrupts::{InterruptError, InterruptRouter, KvmIrqs};
 use devices::pci::config::INTERRUPT_PIN_OFFSET;
 use devices::vfio::device::SharedInterrupts;
 use devices::vfio::host::{VfioHost, VfioHostAccess};
-use devices::vfio::interrupts::{InterruptError, InterruptRouter, KvmIrqs, VfioInterrupts};
+use devices::vfio::interrupts::VfioInterrupts;
 use devices::vfio::preflight::HostPaths;
 use kvm_bindings::{kvm_create_device, kvm_device_type_KVM_DEV_TYPE_VFIO};
 use kvm_ioctls::VmFd;

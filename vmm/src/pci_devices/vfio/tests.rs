@@ -7,13 +7,13 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use devices::interrupts::fake::FakeKvmIrqs;
+use devices::interrupts::KvmIrqs;
 use devices::vfio::fake::FakeIrqCall;
 use devices::vfio::fake::{
     pattern_byte, FakeEvent, FakeJournal, FakeRegion, FakeVfioDevice, FakeVfioHost,
 };
 use devices::vfio::host::OpenedBackend;
-use devices::vfio::interrupts::fake::FakeKvmIrqs;
-use devices::vfio::interrupts::KvmIrqs;
 use devices::vfio::{BarRange, INTX_IRQ_INDEX, MSIX_IRQ_INDEX, REQ_IRQ_INDEX};
 use kvm_ioctls::VmFd;
 use resources::gsi::{RouteKind, KVM_MAX_IRQ_ROUTES};
