@@ -13,8 +13,7 @@
 pub mod fake;
 
 use std::io;
-use std::sync::Arc;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use resources::gsi::{GsiError, Route, RoutingTable};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
