@@ -13,6 +13,7 @@ pub mod interrupts;
 pub mod pci;
 pub mod shmem;
 pub mod vfio;
+pub mod virtio;
 
 /// A request from the guest to end or restart the machine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
