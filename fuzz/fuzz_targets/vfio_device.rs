@@ -15,10 +15,11 @@
 use std::sync::{Arc, Mutex};
 
 use barge_fuzz::accesses;
+use devices::interrupts::fake::FakeKvmIrqs;
+use devices::interrupts::InterruptRouter;
 use devices::pci::PciConfigAccess;
 use devices::vfio::fake::FakeVfioDevice;
-use devices::interrupts::fake::FakeKvmIrqs;
-use devices::vfio::interrupts::{InterruptRouter, VfioInterrupts};
+use devices::vfio::interrupts::VfioInterrupts;
 use devices::vfio::{VfioPciDevice, VfioProbe, INTX_IRQ_INDEX, MSIX_IRQ_INDEX, MSI_IRQ_INDEX};
 use libfuzzer_sys::fuzz_target;
 use resources::gsi::KVM_MAX_IRQ_ROUTES;
