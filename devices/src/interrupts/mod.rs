@@ -13,6 +13,7 @@
 pub mod fake;
 
 use std::io;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use resources::gsi::{GsiError, Route, RoutingTable};
@@ -47,6 +48,8 @@ pub enum InterruptError {
 pub struct InterruptRouter {
     kvm: Arc<dyn KvmIrqs>,
     table: Mutex<RoutingTable>,
+    /// The last device id handed out.
+    devices: AtomicU32,
 }
 
 impl std::fmt::Debug for InterruptRouter {
@@ -63,7 +66,14 @@ impl InterruptRouter {
         Ok(Self {
             kvm,
             table: Mutex::new(RoutingTable::new(gsi_limit)?),
+            devices: AtomicU32::new(0),
         })
+    }
+
+    /// A device id no other device of this VM has (from 1), for
+    /// [`Self::set_msi`] and [`Self::remove`].
+    pub fn new_device_id(&self) -> u32 {
+        self.devices.fetch_add(1, Ordering::Relaxed) + 1
     }
 
     /// The KVM operations.

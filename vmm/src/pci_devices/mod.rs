@@ -6,6 +6,7 @@
 //! ([`shmem`]) and VFIO passthrough ([`vfio`]).
 
 pub mod bar_mapping;
+pub mod irqchip;
 pub mod open;
 pub mod setup;
 pub mod shmem;

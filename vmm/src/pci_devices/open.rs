@@ -9,8 +9,8 @@ use kvm_ioctls::VmFd;
 
 use crate::config::{DeviceConfig, VmConfig};
 use crate::pci_devices::setup::{DeviceSetupError, PciDeviceSetup};
-use crate::pci_devices::shmem;
 use crate::pci_devices::vfio::{self, VfioSetup};
+use crate::pci_devices::{irqchip, shmem};
 
 /// Opens every device of `config` (step 1 of the module docs), in order.
 /// `sysfs_root` is `/sys` (tests pass a fake tree for huge page pools and
@@ -24,6 +24,7 @@ pub fn open_devices(
     let mut setups: Vec<Box<dyn PciDeviceSetup>> = Vec::new();
     let mut shmem_index = 0;
     let mut vfio_host = None;
+    let router = irqchip::vm_router(vm);
     for device in &config.devices {
         match device {
             DeviceConfig::Shmem(shmem) => {
@@ -31,8 +32,9 @@ pub fn open_devices(
                 shmem_index += 1;
             }
             DeviceConfig::Vfio(vfio) => {
-                let host =
-                    vfio_host.get_or_insert_with(|| vfio::shared_host(vm, config.vfio_backend));
+                let host = vfio_host.get_or_insert_with(|| {
+                    vfio::shared_host(vm, config.vfio_backend, router.clone())
+                });
                 setups.push(Box::new(VfioSetup::open(vfio, host, sysfs_root)?));
             }
         }

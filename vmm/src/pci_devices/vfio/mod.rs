@@ -10,7 +10,7 @@
 //!    KVM knows devices are assigned), the VFIO host of the configured
 //!    [`VfioBackendKind`] (one container, or one iommufd IOAS, for every
 //!    device of the VM) and the GSI router over the shared VM fd
-//!    ([`KvmIrqChip`]). [`VfioSetup::open`] opens and resets each device
+//!    ([`crate::pci_devices::irqchip::KvmIrqChip`]). [`VfioSetup::open`] opens and resets each device
 //!    through it and probes it (region info, config space). Errors say what
 //!    to do (bind to vfio-pci, group not viable, no IOMMU, in use, ...).
 //! 2. **Plan**: the plan input is the probe's BARs with their mmap-able
@@ -53,11 +53,10 @@
 //! The host side is behind [`VfioHostAccess`] (`devices::vfio::host::VfioHost`;
 //! `FakeVfioHost` in tests) and KVM's interrupt side behind `KvmIrqs`, so
 //! the whole path runs in unit tests. Only [`dma`], the thin module that
-//! hands memory to the IOMMU, has `unsafe` code (besides the [`irqchip`]'s
+//! hands memory to the IOMMU, has `unsafe` code (besides the [`crate::pci_devices::irqchip`]'s
 //! tests, which read KVM's routing union).
 
 pub mod dma;
-pub mod irqchip;
 pub mod shared_host;
 pub mod teardown;
 
@@ -90,7 +89,6 @@ use crate::pci_devices::teardown::DeviceResources;
 use crate::report::{DmaReport, P2pReport};
 
 pub use dma::{BarDma, DmaError, RamDma};
-pub use irqchip::KvmIrqChip;
 pub use shared_host::{create_kvm_vfio_device, shared_host, SharedVfioHost};
 use teardown::VfioTeardown;
 

@@ -2,11 +2,10 @@
 //! domain (container or IOAS) with guest RAM mapped into it once, and the
 //! VM's GSI router for the devices' interrupts.
 
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Instant;
 
-use devices::interrupts::{InterruptError, InterruptRouter, KvmIrqs};
+use devices::interrupts::{InterruptError, InterruptRouter};
 use devices::pci::config::INTERRUPT_PIN_OFFSET;
 use devices::vfio::device::SharedInterrupts;
 use devices::vfio::host::{VfioHost, VfioHostAccess};
@@ -20,17 +19,17 @@ use crate::config::devices::VfioBackendKind;
 use crate::machine::memory::GuestRam;
 use crate::pci_devices::vfio::dma::{DmaError, RamDma};
 use crate::pci_devices::vfio::intx_gsi;
-use crate::pci_devices::vfio::irqchip::KvmIrqChip;
 use crate::report::DmaReport;
 
 /// The VM's real VFIO host: one of `kind`, registered with KVM's VFIO
-/// device when KVM has one, with interrupts through `vm`.
-pub fn shared_host(vm: &Arc<VmFd>, kind: VfioBackendKind) -> Arc<SharedVfioHost<VfioHost>> {
+/// device when KVM has one, with interrupts through the VM's `router`.
+pub fn shared_host(
+    vm: &Arc<VmFd>,
+    kind: VfioBackendKind,
+    router: Option<Arc<InterruptRouter>>,
+) -> Arc<SharedVfioHost<VfioHost>> {
     let domain = VfioHost::new(kind, HostPaths::default(), create_kvm_vfio_device(vm));
-    let chip = KvmIrqChip::new(Arc::clone(vm));
-    let gsi_limit = chip.gsi_limit();
-    let kvm: Arc<dyn KvmIrqs> = Arc::new(chip);
-    SharedVfioHost::new(domain, Some((kvm, gsi_limit)))
+    SharedVfioHost::new(domain, router)
 }
 
 /// Creates KVM's VFIO pseudo-device (`KVM_DEV_TYPE_VFIO`), through which
@@ -63,27 +62,16 @@ pub struct SharedVfioHost<H: VfioHostAccess = VfioHost> {
     /// Guest RAM's mapping in the domain, while a device holds it.
     ram_dma: Mutex<Weak<RamDma<H>>>,
     router: Option<Arc<InterruptRouter>>,
-    /// The last device number handed to the router.
-    devices: AtomicU32,
 }
 
 impl<H: VfioHostAccess> SharedVfioHost<H> {
-    /// Devices of `domain`, with interrupts routed through `kvm` (KVM and
-    /// its GSI limit); without, the devices get no interrupts.
-    pub fn new(domain: H, kvm: Option<(Arc<dyn KvmIrqs>, u32)>) -> Arc<Self> {
-        let router = kvm.and_then(|(kvm, gsi_limit)| {
-            InterruptRouter::new(kvm, gsi_limit)
-                .map_err(|error| {
-                    log::warn!("vfio: {error}; passed-through devices get no interrupts")
-                })
-                .ok()
-                .map(Arc::new)
-        });
+    /// Devices of `domain`, with interrupts routed through the VM's
+    /// `router`; without, the devices get no interrupts.
+    pub fn new(domain: H, router: Option<Arc<InterruptRouter>>) -> Arc<Self> {
         Arc::new(Self {
             domain: Arc::new(domain),
             ram_dma: Mutex::new(Weak::new()),
             router,
-            devices: AtomicU32::new(0),
         })
     }
 
@@ -134,7 +122,7 @@ impl<H: VfioHostAccess> SharedVfioHost<H> {
         let Some(router) = &self.router else {
             return Ok(None);
         };
-        let id = self.devices.fetch_add(1, Ordering::Relaxed) + 1;
+        let id = router.new_device_id();
         let pin = config
             .get(usize::from(INTERRUPT_PIN_OFFSET))
             .copied()

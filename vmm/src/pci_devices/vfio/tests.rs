@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use devices::interrupts::fake::FakeKvmIrqs;
-use devices::interrupts::KvmIrqs;
+use devices::interrupts::{InterruptRouter, KvmIrqs};
 use devices::vfio::fake::FakeIrqCall;
 use devices::vfio::fake::{
     pattern_byte, FakeEvent, FakeJournal, FakeRegion, FakeVfioDevice, FakeVfioHost,
@@ -101,7 +101,12 @@ impl Rig {
         let kvm = Arc::new(FakeKvmIrqs::default());
         let journal = host.journal();
         let irqs: Arc<dyn KvmIrqs> = kvm.clone();
-        let host = SharedVfioHost::new(host, Some((irqs, KVM_MAX_IRQ_ROUTES)));
+        let host = SharedVfioHost::new(
+            host,
+            Some(Arc::new(
+                InterruptRouter::new(irqs, KVM_MAX_IRQ_ROUTES).unwrap(),
+            )),
+        );
         Self {
             vm,
             ram,

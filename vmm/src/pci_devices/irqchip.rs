@@ -6,7 +6,7 @@
 use std::io;
 use std::sync::Arc;
 
-use devices::interrupts::KvmIrqs;
+use devices::interrupts::{InterruptRouter, KvmIrqs};
 use kvm_bindings::{
     kvm_irq_routing_entry, KvmIrqRouting, KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI,
 };
@@ -37,6 +37,19 @@ impl KvmIrqChip {
             .filter(|limit| *limit > IOAPIC_PINS)
             .unwrap_or(KVM_MAX_IRQ_ROUTES_OLD)
     }
+}
+
+/// The GSI router every interrupting device of `vm` shares (one routing
+/// table per VM: KVM_SET_GSI_ROUTING replaces the whole table). `None`,
+/// with a warning, when KVM's GSI limit is unusable.
+pub fn vm_router(vm: &Arc<VmFd>) -> Option<Arc<InterruptRouter>> {
+    let chip = KvmIrqChip::new(Arc::clone(vm));
+    let gsi_limit = chip.gsi_limit();
+    let kvm: Arc<dyn KvmIrqs> = Arc::new(chip);
+    InterruptRouter::new(kvm, gsi_limit)
+        .map_err(|error| log::warn!("interrupts: {error}; PCI devices get no MSI or MSI-X"))
+        .ok()
+        .map(Arc::new)
 }
 
 fn io_error(error: kvm_ioctls::Error) -> io::Error {
