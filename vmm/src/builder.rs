@@ -21,8 +21,8 @@ use crate::machine::kvm_stats::KvmStatsFd;
 use crate::machine::memory::{self, MemoryError};
 use crate::machine::vm::{self, BuiltVm, SerialInput, VmError, VmRun};
 use crate::pci_devices::bar_mapping::{BarProver, MappedBar, PrefaultSupport, SlotAllocator};
-use crate::pci_devices::open;
 use crate::pci_devices::setup::{AttachContext, DeviceSetupError};
+use crate::pci_devices::{open, virtio};
 use crate::report::{self, DeviceReport, DmaReport, MemoryRegionReport, ReportError};
 use crate::seccomp::{SeccompError, VmFilters};
 
@@ -117,7 +117,8 @@ pub fn boot_and_run(
     let phys_bits = pci::phys_bits_from_cpuid(vm::supported_cpuid(&kvm)?.as_slice());
     let windows = Windows::new(&ram_regions, phys_bits)?;
     let vm_fd = Arc::new(vm::create_vm(&kvm)?);
-    let setups = open::open_devices(config, &vm_fd, Path::new(memory::SYSFS_ROOT))
+    let worker_init = seccomp.as_ref().map(VmFilters::virtio_worker_init);
+    let setups = open::open_devices(config, &vm_fd, Path::new(memory::SYSFS_ROOT), worker_init)
         .map_err(BuildError::Device)?;
     let inputs: Vec<DeviceInput> = setups.iter().map(|s| s.plan_input()).collect();
     let plan = resources::plan(&inputs, &windows)?;
@@ -190,6 +191,7 @@ pub fn boot_and_run(
     let mut buses = devices_on_buses(serial.clone(), &power)?;
     let mut segment = PciSegment::with_host_bridge();
     let mut device_reports = Vec::with_capacity(attached.len());
+    let mut virtio_counters = Vec::with_capacity(attached.len());
     let dma = attached
         .iter()
         .find_map(|(_, _, device)| device.dma.clone());
@@ -208,7 +210,9 @@ pub fn boot_and_run(
             guest_bdf: format!("0000:00:{number:02x}.0"),
             vfio_backend: device.vfio_backend.map(str::to_string),
             bars: Vec::new(),
+            virtio: None,
         });
+        virtio_counters.push(device.virtio);
         live.push(device.resources);
     }
     pci::attach_segment(&mut buses, &Arc::new(Mutex::new(segment)))?;
@@ -244,6 +248,9 @@ pub fn boot_and_run(
         for (bar, slots) in report.bars.iter_mut().zip(slots) {
             bar.slot_updates = run.memslot_updates.updates_of(slots.iter().copied());
         }
+    }
+    for (report, counters) in device_reports.iter_mut().zip(&virtio_counters) {
+        report.virtio = counters.as_deref().map(virtio::counters_report);
     }
     Ok(BootOutcome {
         run,

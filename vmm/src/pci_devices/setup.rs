@@ -137,6 +137,9 @@ pub struct AttachedDevice {
     /// The VFIO backend a passed-through device was opened with (the
     /// report's `vfio_backend`); `None` for other devices.
     pub vfio_backend: Option<&'static str>,
+    /// A virtio device's counters (the report's `virtio`); `None` for
+    /// other devices.
+    pub virtio: Option<Arc<devices::virtio::DeviceCounters>>,
     /// Its BARs and host resources, torn down in order when dropped.
     pub resources: DeviceResources,
 }

@@ -283,6 +283,7 @@ impl PciDeviceSetup for ShmemSetup {
         let bars = vec![MappedBar::trapped(&self.name, registers), memory_bar];
         Ok(AttachedDevice {
             vfio_backend: None,
+            virtio: None,
             config: Box::new(config),
             traps,
             dma: None,

@@ -16,6 +16,11 @@ const SYSCALLS: &[(i64, &str)] = table!(
     SYS_writev,
     SYS_pread64,
     SYS_pwrite64,
+    SYS_preadv,
+    SYS_pwritev,
+    SYS_preadv2,
+    SYS_pwritev2,
+    SYS_flock,
     SYS_open,
     SYS_openat,
     SYS_close,
@@ -166,6 +171,7 @@ mod tests {
         for kind in [
             super::super::ThreadKind::Vmm,
             super::super::ThreadKind::Vcpu,
+            super::super::ThreadKind::Virtio,
         ] {
             for call in super::super::allow_list(kind).unwrap().keys() {
                 assert_ne!(syscall_name(*call), "unknown", "syscall {call}");

@@ -261,6 +261,7 @@ impl<H: VfioHostAccess + 'static> PciDeviceSetup for VfioSetup<H> {
             traps,
             dma: None,
             vfio_backend: Some(backend),
+            virtio: None,
             resources: DeviceResources::new(
                 Arc::clone(ctx.vm),
                 ctx.memslots.clone(),
