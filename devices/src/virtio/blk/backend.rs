@@ -1,7 +1,7 @@
 //! Where a disk's bytes live: the [`BlockBackend`] trait the request path
 //! is generic over, the raw image it serves in barge ([`FileBackend`]:
 //! a regular file or a block device, locked with `flock`) and, for tests
-//! and fuzzing, [`MemoryBackend`].
+//! and fuzzing, `MemoryBackend` (with the `fake` feature).
 
 use std::fs::{self, File, FileType, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
