@@ -31,6 +31,36 @@ def ecam(dev, reg, fn=0):
     return dev << 15 | fn << 12 | reg
 
 
+# virtio_blk: a setup byte, then guest memory (fuzz_targets/virtio_blk.rs):
+# descriptor table at 0, avail ring at 0x100, used ring at 0x200, buffers
+# above. Descriptor flags: NEXT 1, WRITE 2, INDIRECT 4.
+BLK_EVENT_IDX, BLK_RO, BLK_FLUSH, BLK_DISCARD, BLK_WZ, BLK_FAIL = 1, 2, 4, 8, 16, 32
+BLK_QUEUE_16 = 3 << 6
+
+
+def blk_desc(addr, length, flags=0, nxt=0):
+    return struct.pack("<QIHH", addr, length, flags, nxt)
+
+
+def blk_header(kind, sector=0):
+    return struct.pack("<IIQ", kind, 0, sector)
+
+
+def blk_image(setup, descriptors, heads, buffers):
+    """descriptors: table entries from index 0; heads: the avail ring;
+    buffers: {address: bytes}. Trailing zeroes are left out (the target's
+    memory starts zeroed), so a seed stays under 4 KiB."""
+    memory = bytearray(0x1000 - 1)
+    table = b"".join(descriptors)
+    memory[:len(table)] = table
+    memory[0x100:0x104] = struct.pack("<HH", 0, len(heads))
+    for i, head in enumerate(heads):
+        memory[0x104 + 2 * i:0x106 + 2 * i] = struct.pack("<H", head)
+    for address, data in buffers.items():
+        memory[address:address + len(data)] = data
+    return bytes([setup]) + bytes(memory).rstrip(b"\0")
+
+
 SEEDS = {
     "pci_segment": {
         # Linux's pci_direct probe, then a BAR sizing dance on 00:01.0 over CF8/CFC.
@@ -142,6 +172,42 @@ SEEDS = {
                                     wr(8, ecam(1, 4), 2, 6), rd(12, 0xfee0_0000, 4),
                                     rd(13, 0, 8), wr(0, 0x204, 1, 0xfe),
                                     wr(0, 0x100, 1, 0x34), wr(14, 7, 1, 0), wr(14, 2, 1, 0)]),
+    },
+    "virtio_blk": {
+        # OUT sector 1, IN it back, FLUSH, GET_ID: what a Linux guest sends.
+        "out_in_flush_get_id": blk_image(
+            BLK_EVENT_IDX | BLK_FLUSH | BLK_DISCARD | BLK_WZ | BLK_QUEUE_16,
+            [blk_desc(0x300, 16, 1, 1), blk_desc(0x400, 512, 1, 2), blk_desc(0x700, 1, 2),
+             blk_desc(0x310, 16, 1, 4), blk_desc(0x800, 512, 3, 5), blk_desc(0x701, 1, 2),
+             blk_desc(0x320, 16, 1, 7), blk_desc(0x702, 1, 2),
+             blk_desc(0x330, 16, 1, 9), blk_desc(0xa00, 20, 3, 10), blk_desc(0x703, 1, 2)],
+            [0, 3, 6, 8],
+            {0x300: blk_header(1, 1), 0x310: blk_header(0, 1), 0x320: blk_header(4),
+             0x330: blk_header(8), 0x400: bytes(range(256)) * 2}),
+        # DISCARD and WRITE_ZEROES (unmap) segments, then an IN through an
+        # indirect table whose data crosses the 0x1000 region boundary.
+        "discard_write_zeroes_indirect": blk_image(
+            BLK_FLUSH | BLK_DISCARD | BLK_WZ | BLK_QUEUE_16,
+            [blk_desc(0x300, 16, 1, 1), blk_desc(0x400, 16, 1, 2), blk_desc(0x700, 1, 2),
+             blk_desc(0x310, 16, 1, 4), blk_desc(0x410, 32, 1, 5), blk_desc(0x701, 1, 2),
+             blk_desc(0x600, 48, 4)],
+            [0, 3, 6],
+            {0x300: blk_header(11), 0x310: blk_header(13),
+             0x400: struct.pack("<QII", 2, 2, 0),
+             0x410: struct.pack("<QII", 4, 1, 1) + struct.pack("<QII", 8, 4, 0),
+             0x600: blk_desc(0x320, 16, 1, 1) + blk_desc(0xf00, 512, 3, 2) + blk_desc(0x702, 1, 2),
+             0x320: blk_header(0, 3)}),
+        # A read-only disk: an OUT it refuses, a descriptor loop, a readable
+        # status, a sector past the end, a head index past the table.
+        "read_only_malformed": blk_image(
+            BLK_RO | BLK_QUEUE_16,
+            [blk_desc(0x300, 16, 1, 1), blk_desc(0x400, 512, 1, 2), blk_desc(0x700, 1, 2),
+             blk_desc(0x310, 16, 1, 4), blk_desc(0x800, 512, 3, 3),
+             blk_desc(0x320, 16, 1, 6), blk_desc(0x701, 1, 0),
+             blk_desc(0x330, 16, 1, 8), blk_desc(0x800, 512, 3, 9), blk_desc(0x702, 1, 2)],
+            [0, 3, 5, 7, 200],
+            {0x300: blk_header(1), 0x310: blk_header(0), 0x320: blk_header(4),
+             0x330: blk_header(0, 16)}),
     },
 }
 

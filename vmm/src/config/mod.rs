@@ -39,6 +39,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 pub mod devices;
+pub mod disk;
 pub mod memory;
 pub mod options;
 
