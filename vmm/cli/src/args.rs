@@ -12,8 +12,8 @@ use std::path::PathBuf;
 use clap::error::ErrorKind;
 use clap::{Args, CommandFactory, Parser, Subcommand};
 use vmm::config::{
-    parse_cpus, DeviceConfig, MemoryConfig, OnReboot, SeccompMode, SerialConfig, ShmemConfig,
-    VfioBackendKind, VfioConfig, VmConfig,
+    parse_cpus, DeviceConfig, DiskConfig, MemoryConfig, OnReboot, SeccompMode, SerialConfig,
+    ShmemConfig, VfioBackendKind, VfioConfig, VmConfig,
 };
 
 use crate::plan::PlanRequest;
@@ -358,6 +358,14 @@ pub struct RunArgs {
     #[arg(long = "shmem", value_name = "size=SIZE[,path=FILE][,hugepages=2M|1G][,bar-align=..]", value_parser = parse_shmem)]
     pub shmem: Vec<ShmemConfig>,
 
+    /// Add a virtio-blk disk over a raw image (repeatable; the guest sees
+    /// them as /dev/vda, /dev/vdb, ... in this order). readonly=on gives the
+    /// guest a read-only disk; serial= is what the guest reads as its ID (at
+    /// most 20 characters). A writable image is locked against a second
+    /// barge, e.g. --disk path=rootfs.img --disk path=data.img,readonly=on
+    #[arg(long = "disk", value_name = "path=IMAGE[,readonly=on][,serial=ID]", value_parser = parse_disk)]
+    pub disks: Vec<DiskConfig>,
+
     /// VFIO interface for every --device [default: auto]: legacy
     /// (container/group), iommufd (device cdev) or auto (iommufd where the
     /// kernel has it), e.g. --vfio-backend legacy
@@ -385,6 +393,10 @@ fn parse_vfio(text: &str) -> Result<VfioConfig, vmm::config::DeviceConfigError> 
 }
 
 fn parse_shmem(text: &str) -> Result<ShmemConfig, vmm::config::DeviceConfigError> {
+    text.parse()
+}
+
+fn parse_disk(text: &str) -> Result<DiskConfig, vmm::config::DiskConfigError> {
     text.parse()
 }
 
@@ -448,6 +460,7 @@ impl RunArgs {
             report,
             devices,
             shmem,
+            disks,
             vfio_backend,
             seccomp,
             config: _,
@@ -480,13 +493,16 @@ impl RunArgs {
             config.report = report;
         }
         // Devices given as flags come after the file's: VFIO devices, then
-        // shared memory, each in command-line order.
+        // shared memory, then disks, each in command-line order.
         config
             .devices
             .extend(devices.into_iter().map(DeviceConfig::Vfio));
         config
             .devices
             .extend(shmem.into_iter().map(DeviceConfig::Shmem));
+        config
+            .devices
+            .extend(disks.into_iter().map(DeviceConfig::Disk));
         if let Some(backend) = vfio_backend {
             config.vfio_backend = backend;
         }
@@ -722,6 +738,7 @@ mod tests {
             .map(|d| match d {
                 DeviceConfig::Vfio(v) => v.to_string(),
                 DeviceConfig::Shmem(s) => s.to_string(),
+                DeviceConfig::Disk(d) => d.to_string(),
             })
             .collect();
         assert_eq!(

@@ -30,6 +30,7 @@ pub use devices::vfio::VfioBackendKind;
 use resources::placement::PageSize;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+use crate::config::disk::{validate_disks, DiskConfig, DiskConfigError};
 use crate::config::options::{
     format_option_size, parse_key_values, parse_size, HugePageSize, OptionError,
 };
@@ -82,6 +83,9 @@ pub enum DeviceConfigError {
         hugepages: HugePageSize,
         bar_align: BarAlign,
     },
+    /// A `--disk` value.
+    #[error(transparent)]
+    Disk(#[from] DiskConfigError),
 }
 
 fn prev_power_of_two(size: u64) -> u64 {
@@ -269,6 +273,8 @@ pub enum DeviceConfig {
     Vfio(VfioConfig),
     /// Shared memory (ivshmem).
     Shmem(ShmemConfig),
+    /// A virtio-blk disk (`--disk`).
+    Disk(DiskConfig),
 }
 
 const DEVICE_OPTION: &str = "--device";
@@ -434,8 +440,17 @@ impl ShmemConfig {
 /// Checks every device and that no host device is passed through twice.
 pub fn validate_devices(devices: &[DeviceConfig]) -> Result<(), DeviceConfigError> {
     let mut seen = std::collections::BTreeSet::new();
+    let disks: Vec<DiskConfig> = devices
+        .iter()
+        .filter_map(|device| match device {
+            DeviceConfig::Disk(disk) => Some(disk.clone()),
+            _ => None,
+        })
+        .collect();
+    validate_disks(&disks)?;
     for device in devices {
         match device {
+            DeviceConfig::Disk(_) => {}
             DeviceConfig::Shmem(shmem) => shmem.validate()?,
             DeviceConfig::Vfio(vfio) => {
                 let bdf = parse_bdf(&vfio.bdf)?;

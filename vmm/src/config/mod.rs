@@ -46,6 +46,7 @@ pub mod options;
 pub use crate::config::devices::{
     BarAlign, DeviceConfig, DeviceConfigError, ShmemConfig, VfioBackendKind, VfioConfig,
 };
+pub use crate::config::disk::{DiskConfig, DiskConfigError};
 pub use crate::config::memory::{
     MemoryConfig, MemoryConfigError, BASE_PAGE_SIZE, DEFAULT_MEMORY_SIZE, MIN_MEMORY_SIZE,
 };

@@ -5,12 +5,14 @@
 use std::path::Path;
 use std::sync::Arc;
 
+use devices::virtio::blk::{BlockDevice, BlockOptions};
 use devices::virtio::worker::ThreadInit;
 use kvm_ioctls::VmFd;
 
 use crate::config::{DeviceConfig, VmConfig};
 use crate::pci_devices::setup::{DeviceSetupError, PciDeviceSetup};
 use crate::pci_devices::vfio::{self, VfioSetup};
+use crate::pci_devices::virtio::VirtioSetup;
 use crate::pci_devices::{irqchip, shmem};
 
 /// Opens every device of `config` (step 1 of the module docs), in order.
@@ -25,9 +27,9 @@ pub fn open_devices(
     sysfs_root: &Path,
     worker_init: Option<ThreadInit>,
 ) -> Result<Vec<Box<dyn PciDeviceSetup>>, DeviceSetupError> {
-    let _ = &worker_init;
     let mut setups: Vec<Box<dyn PciDeviceSetup>> = Vec::new();
     let mut shmem_index = 0;
+    let mut disk_index = 0;
     let mut vfio_host = None;
     let router = irqchip::vm_router(vm);
     for device in &config.devices {
@@ -35,6 +37,23 @@ pub fn open_devices(
             DeviceConfig::Shmem(shmem) => {
                 setups.push(Box::new(shmem::open(shmem_index, shmem, sysfs_root)?));
                 shmem_index += 1;
+            }
+            DeviceConfig::Disk(disk) => {
+                let name = format!("virtio-blk{disk_index}");
+                disk_index += 1;
+                let options = BlockOptions {
+                    path: disk.path.clone(),
+                    read_only: disk.readonly,
+                    serial: disk.serial.clone(),
+                    name: name.clone(),
+                };
+                let device = BlockDevice::open(&options, worker_init.clone())
+                    .map_err(|e| format!("--disk {disk}: {e}"))?;
+                setups.push(Box::new(VirtioSetup::new(
+                    name,
+                    Box::new(device),
+                    router.clone(),
+                )));
             }
             DeviceConfig::Vfio(vfio) => {
                 let host = vfio_host.get_or_insert_with(|| {
