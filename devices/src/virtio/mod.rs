@@ -31,6 +31,7 @@
 //! error status or dropped, and what is logged about it is rate-limited
 //! ([`crate::guest_warn!`]).
 
+pub mod net;
 pub mod pci;
 pub mod worker;
 
