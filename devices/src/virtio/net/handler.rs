@@ -206,22 +206,23 @@ struct Region {
     len: usize,
 }
 
-/// An RX chain taken off the queue, checked, not yet used.
+/// An RX chain taken off the queue, checked, not yet used (its ranges are
+/// in [`NetQueues`]' `rx_regions`, allocated once).
 #[derive(Debug)]
 struct RxBuffer {
     head: u16,
-    regions: Vec<Region>,
     capacity: usize,
 }
 
 /// Checks RX `chain` (writable, in guest RAM, room for the header) and
-/// lists its ranges.
+/// lists its ranges in `regions`.
 fn rx_buffer(
     chain: DescriptorChain<&GuestMemoryMmap>,
     memory: &GuestMemoryMmap,
+    regions: &mut Vec<Region>,
 ) -> Result<RxBuffer, ChainProblem> {
     let head = chain.head_index();
-    let mut regions = Vec::new();
+    regions.clear();
     let mut capacity = 0usize;
     walk_chain(chain, |index, descriptor| {
         if !descriptor.is_write_only() {
@@ -253,11 +254,7 @@ fn rx_buffer(
     if capacity < VIRTIO_NET_HDR_LEN {
         return Err(ChainProblem::TooShort { len: capacity });
     }
-    Ok(RxBuffer {
-        head,
-        regions,
-        capacity,
-    })
+    Ok(RxBuffer { head, capacity })
 }
 
 /// The header of a received frame: no offload, one buffer.
@@ -332,6 +329,8 @@ pub struct NetQueues<B> {
     rx_bounce: Vec<u8>,
     /// The RX chain the next frame goes into.
     rx_buffer: Option<RxBuffer>,
+    /// Its guest memory ranges.
+    rx_regions: Vec<Region>,
     /// RX wants the backend's frames: it has a chain and no frame.
     rx_wants_frames: bool,
     /// The header and frame of a TX chain.
@@ -353,6 +352,7 @@ impl<B: PacketBackend> NetQueues<B> {
             queues: None,
             rx_bounce: vec![0; VIRTIO_NET_HDR_LEN + MAX_FRAME_LEN + 1],
             rx_buffer: None,
+            rx_regions: Vec::with_capacity(MAX_CHAIN_DESCRIPTORS),
             rx_wants_frames: false,
             tx_bounce: vec![0; VIRTIO_NET_HDR_LEN + MAX_FRAME_LEN],
             tx_blocked: None,
@@ -501,7 +501,13 @@ impl<B: PacketBackend> NetQueues<B> {
         self.rx_wants_frames = false;
         loop {
             if self.rx_buffer.is_none() {
-                match take_rx_buffer(queues, &self.counters, &mut used, name) {
+                match take_rx_buffer(
+                    queues,
+                    &mut self.rx_regions,
+                    &self.counters,
+                    &mut used,
+                    name,
+                ) {
                     Some(buffer) => self.rx_buffer = Some(buffer),
                     // Not watching the backend until the guest kicks RX.
                     None => break,
@@ -557,7 +563,7 @@ impl<B: PacketBackend> NetQueues<B> {
                 continue;
             }
             self.rx_bounce[..VIRTIO_NET_HDR_LEN].copy_from_slice(&rx_header());
-            let written = write_regions(&queues.memory, &buffer.regions, &self.rx_bounce[..total]);
+            let written = write_regions(&queues.memory, &self.rx_regions, &self.rx_bounce[..total]);
             if written {
                 self.counters.record(0, frame_len as u64);
             } else {
@@ -608,6 +614,7 @@ fn send<B: PacketBackend>(
 /// `None` (notifications on) when the queue has none.
 fn take_rx_buffer(
     queues: &mut ActiveQueues,
+    regions: &mut Vec<Region>,
     counters: &DeviceCounters,
     used: &mut bool,
     name: &str,
@@ -630,7 +637,7 @@ fn take_rx_buffer(
             }
         };
         let head = chain.head_index();
-        match rx_buffer(chain, &queues.memory) {
+        match rx_buffer(chain, &queues.memory, regions) {
             Ok(buffer) => {
                 if let Err(e) = queues.rx.disable_notification(&queues.memory) {
                     crate::guest_warn!("{name}: RX queue: {e}");
