@@ -61,6 +61,39 @@ def blk_image(setup, descriptors, heads, buffers):
     return bytes([setup]) + bytes(memory).rstrip(b"\0")
 
 
+def net_desc(addr, length, flags, nxt):
+    return struct.pack("<QIHH", addr, length, flags, nxt)
+
+
+def net_input(setup, placed, ops):
+    """A virtio_net input: the setup byte, the first 0x800 bytes of guest
+    RAM (`placed`: {address: bytes}), then the operation bytes."""
+    ram = bytearray(0x800)
+    for addr, data in placed.items():
+        ram[addr:addr + len(data)] = data
+    return bytes([setup]) + bytes(ram) + bytes(ops)
+
+
+# virtio_net: 16-entry queues; RX rings at 0x000/0x100/0x200, TX at
+# 0x400/0x500/0x600; VRING_DESC_F_NEXT = 1, VRING_DESC_F_WRITE = 2.
+NET_TX_AND_RX = {
+    0x000: net_desc(0x2000, 1530, 2, 0),
+    0x100: struct.pack("<HHH", 0, 1, 0),
+    0x400: net_desc(0x700, 12, 1, 1) + net_desc(0x740, 60, 0, 0),
+    0x500: struct.pack("<HHH", 0, 1, 0),
+    0x740: bytes(range(60)),
+}
+# TX chain 0 loops (0 -> 1 -> 0); TX chain 2 has a writable descriptor; RX
+# chain 0 is readable, RX chain 1 points outside RAM.
+NET_MALFORMED = {
+    0x000: net_desc(0x2000, 1530, 0, 0) + net_desc(0xffff_0000, 1530, 2, 0),
+    0x100: struct.pack("<HHHH", 0, 2, 0, 1),
+    0x400: net_desc(0x700, 12, 1, 1) + net_desc(0x740, 60, 1, 0)
+    + net_desc(0x700, 12, 1, 3) + net_desc(0x740, 60, 2, 0),
+    0x500: struct.pack("<HHHH", 0, 2, 0, 2),
+}
+
+
 SEEDS = {
     "pci_segment": {
         # Linux's pci_direct probe, then a BAR sizing dance on 00:01.0 over CF8/CFC.
@@ -208,6 +241,16 @@ SEEDS = {
             [0, 3, 5, 7, 200],
             {0x300: blk_header(1), 0x310: blk_header(0), 0x320: blk_header(4),
              0x330: blk_header(0, 16)}),
+    },
+    "virtio_net": {
+        # A TX frame to the peer, a peer frame into the RX buffer, resets.
+        "tx_and_rx": net_input(4, NET_TX_AND_RX, [1, 3, 2, 60, 0, 0, 6, 5, 0, 5, 1, 3]),
+        # The same with EVENT_IDX, the frame sent before the RX buffer is
+        # offered (avail idx bumped by an 8-byte write at 0x100).
+        "rx_waits_for_a_buffer": net_input(
+            12, {**NET_TX_AND_RX, 0x100: struct.pack("<HHH", 0, 0, 0)},
+            [0, 2, 64, 0, 0, 4, 0x00, 0x01, 0, 0, 1, 0, 0, 0, 0, 0, 0, 1, 3]),
+        "malformed_chains": net_input(4, NET_MALFORMED, [1, 2, 60, 0, 0, 3, 6]),
     },
 }
 

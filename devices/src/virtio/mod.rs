@@ -32,6 +32,7 @@
 //! ([`crate::guest_warn!`]).
 
 pub mod blk;
+pub mod net;
 pub mod pci;
 pub mod worker;
 

@@ -41,6 +41,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 pub mod devices;
 pub mod disk;
 pub mod memory;
+pub mod net;
 pub mod options;
 
 pub use crate::config::devices::{
