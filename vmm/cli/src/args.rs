@@ -12,8 +12,8 @@ use std::path::PathBuf;
 use clap::error::ErrorKind;
 use clap::{Args, CommandFactory, Parser, Subcommand};
 use vmm::config::{
-    parse_cpus, DeviceConfig, DiskConfig, MemoryConfig, OnReboot, SeccompMode, SerialConfig,
-    ShmemConfig, VfioBackendKind, VfioConfig, VmConfig,
+    parse_cpus, DeviceConfig, DiskConfig, MemoryConfig, NetConfig, OnReboot, SeccompMode,
+    SerialConfig, ShmemConfig, VfioBackendKind, VfioConfig, VmConfig,
 };
 
 use crate::plan::PlanRequest;
@@ -366,6 +366,13 @@ pub struct RunArgs {
     #[arg(long = "disk", value_name = "path=IMAGE[,readonly=on][,serial=ID]", value_parser = parse_disk)]
     pub disks: Vec<DiskConfig>,
 
+    /// Add a virtio-net card on an existing tap interface (repeatable; the
+    /// tap must exist: ip tuntap add dev NAME mode tap). mac= sets the
+    /// guest's MAC address [default: a random locally administered one],
+    /// e.g. --net tap=tap0,mac=52:54:00:12:34:56
+    #[arg(long = "net", value_name = "tap=NAME[,mac=MAC]", value_parser = parse_net)]
+    pub nets: Vec<NetConfig>,
+
     /// VFIO interface for every --device [default: auto]: legacy
     /// (container/group), iommufd (device cdev) or auto (iommufd where the
     /// kernel has it), e.g. --vfio-backend legacy
@@ -397,6 +404,10 @@ fn parse_shmem(text: &str) -> Result<ShmemConfig, vmm::config::DeviceConfigError
 }
 
 fn parse_disk(text: &str) -> Result<DiskConfig, vmm::config::DiskConfigError> {
+    text.parse()
+}
+
+fn parse_net(text: &str) -> Result<NetConfig, vmm::config::NetConfigError> {
     text.parse()
 }
 
@@ -461,6 +472,7 @@ impl RunArgs {
             devices,
             shmem,
             disks,
+            nets,
             vfio_backend,
             seccomp,
             config: _,
@@ -493,7 +505,7 @@ impl RunArgs {
             config.report = report;
         }
         // Devices given as flags come after the file's: VFIO devices, then
-        // shared memory, then disks, each in command-line order.
+        // shared memory, then disks, then network cards, each in command-line order.
         config
             .devices
             .extend(devices.into_iter().map(DeviceConfig::Vfio));
@@ -503,6 +515,9 @@ impl RunArgs {
         config
             .devices
             .extend(disks.into_iter().map(DeviceConfig::Disk));
+        config
+            .devices
+            .extend(nets.into_iter().map(DeviceConfig::Net));
         if let Some(backend) = vfio_backend {
             config.vfio_backend = backend;
         }
@@ -739,6 +754,7 @@ mod tests {
                 DeviceConfig::Vfio(v) => v.to_string(),
                 DeviceConfig::Shmem(s) => s.to_string(),
                 DeviceConfig::Disk(d) => d.to_string(),
+                DeviceConfig::Net(n) => n.to_string(),
             })
             .collect();
         assert_eq!(

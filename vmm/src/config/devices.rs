@@ -31,6 +31,7 @@ use resources::placement::PageSize;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::config::disk::{validate_disks, DiskConfig, DiskConfigError};
+use crate::config::net::{NetConfig, NetConfigError};
 use crate::config::options::{
     format_option_size, parse_key_values, parse_size, HugePageSize, OptionError,
 };
@@ -86,6 +87,12 @@ pub enum DeviceConfigError {
     /// A `--disk` value.
     #[error(transparent)]
     Disk(#[from] DiskConfigError),
+    /// A `--net` value.
+    #[error(transparent)]
+    Net(#[from] NetConfigError),
+    /// The same tap twice.
+    #[error("--net tap={0}: the tap is given twice; a tap carries one virtio-net card, so give each --net its own tap")]
+    DuplicateTap(String),
 }
 
 fn prev_power_of_two(size: u64) -> u64 {
@@ -275,6 +282,8 @@ pub enum DeviceConfig {
     Shmem(ShmemConfig),
     /// A virtio-blk disk (`--disk`).
     Disk(DiskConfig),
+    /// A virtio-net card on a tap (`--net`).
+    Net(NetConfig),
 }
 
 const DEVICE_OPTION: &str = "--device";
@@ -451,6 +460,12 @@ pub fn validate_devices(devices: &[DeviceConfig]) -> Result<(), DeviceConfigErro
     for device in devices {
         match device {
             DeviceConfig::Disk(_) => {}
+            DeviceConfig::Net(net) => {
+                net.validate()?;
+                if !seen.insert(format!("tap {}", net.tap)) {
+                    return Err(DeviceConfigError::DuplicateTap(net.tap.clone()));
+                }
+            }
             DeviceConfig::Shmem(shmem) => shmem.validate()?,
             DeviceConfig::Vfio(vfio) => {
                 let bdf = parse_bdf(&vfio.bdf)?;

@@ -51,6 +51,7 @@ pub use crate::config::disk::{DiskConfig, DiskConfigError};
 pub use crate::config::memory::{
     MemoryConfig, MemoryConfigError, BASE_PAGE_SIZE, DEFAULT_MEMORY_SIZE, MIN_MEMORY_SIZE,
 };
+pub use crate::config::net::{MacAddress, NetConfig, NetConfigError};
 pub use crate::config::options::{format_option_size, parse_size, HugePageSize, OptionError};
 pub use crate::seccomp::SeccompMode;
 

@@ -6,6 +6,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use devices::virtio::blk::{BlockDevice, BlockOptions};
+use devices::virtio::net::NetDevice;
 use devices::virtio::worker::ThreadInit;
 use kvm_ioctls::VmFd;
 
@@ -30,6 +31,7 @@ pub fn open_devices(
     let mut setups: Vec<Box<dyn PciDeviceSetup>> = Vec::new();
     let mut shmem_index = 0;
     let mut disk_index = 0;
+    let mut net_index = 0;
     let mut vfio_host = None;
     let router = irqchip::vm_router(vm);
     for device in &config.devices {
@@ -49,6 +51,22 @@ pub fn open_devices(
                 };
                 let device = BlockDevice::open(&options, worker_init.clone())
                     .map_err(|e| format!("--disk {disk}: {e}"))?;
+                setups.push(Box::new(VirtioSetup::new(
+                    name,
+                    Box::new(device),
+                    router.clone(),
+                )));
+            }
+            DeviceConfig::Net(net) => {
+                let name = format!("virtio-net{net_index}");
+                net_index += 1;
+                let device = NetDevice::open(&net.options(&name), worker_init.clone())
+                    .map_err(|e| format!("--net {net}: {e}"))?;
+                log::info!(
+                    "{name}: tap {}, MAC {}",
+                    net.tap,
+                    devices::virtio::net::format_mac(&device.mac())
+                );
                 setups.push(Box::new(VirtioSetup::new(
                     name,
                     Box::new(device),
