@@ -1,5 +1,6 @@
 //! The bad-input matrix: `barge run` with bad kernels, initramfs, memory,
-//! cpus, devices, shared memory, serial, report and config files. One row per
+//! cpus, devices, shared memory, disks, network cards, serial, report and
+//! config files. One row per
 //! case: the arguments, the exit status, and the key part of the one-line
 //! `barge: error: ...` message. Every case also checks that barge did not
 //! panic and left nothing behind: the scratch directory (inputs, and the
@@ -111,6 +112,27 @@ fn bad_input_matrix() {
     let console = s(&dir.join("console.log"));
     let shm = s(&dir.join("shm"));
     let config = |name: &str| s(&dir.join(name));
+    let locked = s(&dir.join("locked.img"));
+    std::fs::File::create(&locked)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let odd = s(&dir.join("odd.img"));
+    std::fs::write(&odd, [0u8; 1000]).unwrap();
+    // Another process holds the write lock barge takes (as a second barge
+    // on the same image would).
+    let mut holder = Command::new("flock")
+        .args(["--exclusive", &locked, "sleep", "300"])
+        .spawn()
+        .expect("flock (util-linux) runs");
+    while Command::new("flock")
+        .args(["--exclusive", "--nonblock", &locked, "true"])
+        .status()
+        .unwrap()
+        .success()
+    {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
 
     let mut cases = vec![
         // kernel
@@ -262,6 +284,92 @@ fn bad_input_matrix() {
             &["run", "--kernel", &k, "--shmem", "size=1M,colour=red"],
             2,
             "--shmem: unknown key \"colour\"",
+        ),
+        // disks (virtio-blk)
+        kvm_case(
+            "disk: missing image",
+            &[
+                "run",
+                "--kernel",
+                &k,
+                "--disk",
+                &format!("path={}", missing("disk.img")),
+            ],
+            1,
+            &format!("disk image {} does not exist", missing("disk.img")),
+        ),
+        kvm_case(
+            "disk: a directory",
+            &["run", "--kernel", &k, "--disk", &format!("path={d}")],
+            1,
+            "is a directory; give the path of a raw disk image",
+        ),
+        kvm_case(
+            "disk: image locked by another process",
+            &["run", "--kernel", &k, "--disk", &format!("path={locked}")],
+            1,
+            "is in use by another process (another barge?), which holds a lock",
+        ),
+        kvm_case(
+            "disk: not whole sectors",
+            &["run", "--kernel", &k, "--disk", &format!("path={odd}")],
+            1,
+            "not a whole number of 512-byte sectors",
+        ),
+        case(
+            "disk: serial too long",
+            &[
+                "run",
+                "--kernel",
+                &k,
+                "--disk",
+                "path=x.img,serial=abcdefghijklmnopqrstu",
+            ],
+            2,
+            "a virtio-blk serial is at most 20 bytes",
+        ),
+        case(
+            "disk: unknown key",
+            &["run", "--kernel", &k, "--disk", "path=x.img,cache=none"],
+            2,
+            "--disk: unknown key \"cache\"",
+        ),
+        // network cards (virtio-net)
+        kvm_case(
+            "net: a tap that does not exist",
+            &["run", "--kernel", &k, "--net", "tap=bargenotap9"],
+            1,
+            "tap \"bargenotap9\" does not exist",
+        ),
+        case(
+            "net: a MAC that does not parse",
+            &[
+                "run",
+                "--kernel",
+                &k,
+                "--net",
+                "tap=tap0,mac=52:54:00:zz:00:01",
+            ],
+            2,
+            "--net mac=\"52:54:00:zz:00:01\" is not a MAC address",
+        ),
+        case(
+            "net: a multicast MAC",
+            &[
+                "run",
+                "--kernel",
+                &k,
+                "--net",
+                "tap=tap0,mac=01:00:5e:00:00:01",
+            ],
+            2,
+            "a multicast address",
+        ),
+        case(
+            "net: a tap name too long",
+            &["run", "--kernel", &k, "--net", "tap=abcdefghijklmnop"],
+            2,
+            "--net tap=\"abcdefghijklmnop\"",
         ),
         // serial
         case(
@@ -444,6 +552,8 @@ fn bad_input_matrix() {
         ran - failures.len(),
         failures.len()
     );
+    let _ = holder.kill();
+    let _ = holder.wait();
     assert!(failures.is_empty(), "failed cases: {failures:?}");
     let _ = std::fs::remove_dir_all(&dir);
 }
