@@ -33,6 +33,9 @@
 //!   fails sets DEVICE_NEEDS_RESET instead.
 //! - Queue registers change only before DRIVER_OK; a status write of 0
 //!   resets the device (the worker drops the queues first).
+//! - FEATURES_OK and DRIVER_OK, once set, stay set until that reset: a
+//!   write that would clear them keeps them (the device is activated at
+//!   most once between resets).
 //! - Accesses of odd widths or offsets read 0 and are ignored.
 
 use std::sync::Arc;
@@ -671,7 +674,20 @@ impl VirtioPciDevice {
             return;
         }
         let old = self.status;
-        let mut new = value | (old & VIRTIO_CONFIG_S_NEEDS_RESET as u8);
+        // A driver must not clear status bits (virtio 1.2 2.1.2); only a
+        // reset does. FEATURES_OK and DRIVER_OK stay set, so the accepted
+        // features and the queues cannot change under a running device and
+        // a second DRIVER_OK cannot activate it twice.
+        let sticky = (VIRTIO_CONFIG_S_NEEDS_RESET
+            | VIRTIO_CONFIG_S_FEATURES_OK
+            | VIRTIO_CONFIG_S_DRIVER_OK) as u8;
+        if old & sticky & !value & !(VIRTIO_CONFIG_S_NEEDS_RESET as u8) != 0 {
+            crate::guest_warn!(
+                "{}: status write {value:#x} clears bits of {old:#x} without a reset; kept",
+                self.name
+            );
+        }
+        let mut new = value | (old & sticky);
         let features_ok = VIRTIO_CONFIG_S_FEATURES_OK as u8;
         if new & features_ok != 0 && old & features_ok == 0 {
             let unoffered = self.acked & !self.offered;

@@ -239,6 +239,38 @@ fn driver_ok_activates_enabled_queues_and_reset_stops_the_device() {
     );
 }
 
+/// Found by the `virtio_pci` fuzz target: status 0x0f, 0x0b, 0x0f
+/// activated the device twice without a reset.
+#[test]
+fn clearing_driver_ok_or_features_ok_without_a_reset_is_ignored() {
+    let mut rig = rig();
+    negotiate(&mut rig.device, VIRTIO_F_VERSION_1);
+    set_up_queue(&mut rig.device, 0, 0x4000, 0);
+    let running = (VIRTIO_CONFIG_S_ACKNOWLEDGE
+        | VIRTIO_CONFIG_S_DRIVER
+        | VIRTIO_CONFIG_S_FEATURES_OK
+        | VIRTIO_CONFIG_S_DRIVER_OK) as u64;
+    write(&mut rig.device, common::DEVICE_STATUS, running, 1);
+    assert_eq!(rig.log.lock().unwrap().activations.len(), 1);
+    // DRIVER_OK and FEATURES_OK cleared: both stay set.
+    let cleared = (VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER) as u64;
+    write(&mut rig.device, common::DEVICE_STATUS, cleared, 1);
+    assert_eq!(read(&mut rig.device, common::DEVICE_STATUS, 1), running);
+    // So the features stay frozen and DRIVER_OK again is no activation.
+    write(&mut rig.device, common::DRIVER_FEATURE_SELECT, 0, 4);
+    write(&mut rig.device, common::DRIVER_FEATURE, 1 << 9, 4);
+    assert_eq!(rig.device.acked_features(), VIRTIO_F_VERSION_1);
+    write(&mut rig.device, common::DEVICE_STATUS, running, 1);
+    assert_eq!(rig.log.lock().unwrap().activations.len(), 1);
+    // After a reset the driver starts over and activates once more.
+    write(&mut rig.device, common::DEVICE_STATUS, 0, 1);
+    assert_eq!(rig.log.lock().unwrap().resets, 1);
+    negotiate(&mut rig.device, VIRTIO_F_VERSION_1);
+    set_up_queue(&mut rig.device, 0, 0x4000, 0);
+    write(&mut rig.device, common::DEVICE_STATUS, running, 1);
+    assert_eq!(rig.log.lock().unwrap().activations.len(), 2);
+}
+
 #[test]
 fn rings_outside_guest_ram_need_a_reset_instead_of_activating() {
     let mut rig = rig();
