@@ -94,6 +94,59 @@ NET_MALFORMED = {
 }
 
 
+# virtio_pci: selector 0 BAR 0 (common configuration at 0, ISR 0x1000,
+# device configuration 0x2000, notify 0x3000, MSI-X table 0x4000, PBA
+# 0x5000), 8 configuration space, 12 the device signals queue `offset`, 13
+# it signals a configuration change, 14 the VMM resets the function.
+VP_BAR, VP_CFG, VP_QUEUE_IRQ, VP_CONFIG_IRQ, VP_VMM_RESET = 0, 8, 12, 13, 14
+VP_STATUS = 0x14
+VP_ACK, VP_DRIVER, VP_DRIVER_OK, VP_FEATURES_OK, VP_NEEDS_RESET, VP_FAILED = 1, 2, 4, 8, 64, 128
+
+
+def vp_status(value):
+    return wr(VP_BAR, VP_STATUS, 1, value) + rd(VP_BAR, VP_STATUS, 1)
+
+
+def vp_features(low, high):
+    """Reads both device feature words, writes both driver ones."""
+    return b"".join([wr(VP_BAR, 0x00, 4, 0), rd(VP_BAR, 0x04, 4), wr(VP_BAR, 0x00, 4, 1),
+                     rd(VP_BAR, 0x04, 4), wr(VP_BAR, 0x08, 4, 0), wr(VP_BAR, 0x0c, 4, low),
+                     wr(VP_BAR, 0x08, 4, 1), wr(VP_BAR, 0x0c, 4, high)])
+
+
+def vp_queue(index, size, desc, vector):
+    """Linux's vp_modern setup of one queue: rings after the descriptor
+    table, 64-bit addresses as two 32-bit halves."""
+    avail = desc + 16 * size
+    used = (avail + 6 + 2 * size + 3) & ~3
+    return b"".join(
+        [wr(VP_BAR, 0x16, 2, index), rd(VP_BAR, 0x18, 2), wr(VP_BAR, 0x18, 2, size),
+         rd(VP_BAR, 0x1e, 2)]
+        + [wr(VP_BAR, reg + half, 4, (addr >> (32 * half // 4)) & 0xffff_ffff)
+           for reg, addr in ((0x20, desc), (0x28, avail), (0x30, used)) for half in (0, 4)]
+        + [wr(VP_BAR, 0x1a, 2, vector), rd(VP_BAR, 0x1a, 2), wr(VP_BAR, 0x1c, 2, 1)])
+
+
+def vp_msix_entry(vector, data, masked=0):
+    entry = 0x4000 + 16 * vector
+    return b"".join([wr(VP_BAR, entry, 4, 0xfee0_0000), wr(VP_BAR, entry + 4, 4, 0),
+                     wr(VP_BAR, entry + 8, 4, data), wr(VP_BAR, entry + 12, 4, masked)])
+
+
+# Enumeration: IDs, class, BAR 0 sizing, the capability list (MSI-X at
+# 0x40, the virtio vendor capabilities at 0x50..0x80), memory decode on.
+VP_ENUMERATE = b"".join(
+    [rd(VP_CFG, 0, 4), rd(VP_CFG, 8, 4), rd(VP_CFG, 0x2c, 4), rd(VP_CFG, 6, 2),
+     rd(VP_CFG, 0x34, 1), wr(VP_CFG, 0x10, 4, 0xffff_ffff), rd(VP_CFG, 0x10, 4),
+     wr(VP_CFG, 0x10, 4, 0xe000_0000)]
+    + [rd(VP_CFG, cap + i, 4) for cap in (0x40, 0x50, 0x60, 0x70, 0x80) for i in (0, 4, 8, 12)]
+    + [rd(VP_CFG, 0x90, 4), wr(VP_CFG, 4, 2, 0x0006)])
+
+# Feature words Linux accepts on this fake: its own bit 6, INDIRECT_DESC
+# (28), EVENT_IDX (29); VERSION_1 is bit 0 of the high word.
+VP_LOW, VP_HIGH = 1 << 6 | 1 << 28 | 1 << 29, 1
+
+
 SEEDS = {
     "pci_segment": {
         # Linux's pci_direct probe, then a BAR sizing dance on 00:01.0 over CF8/CFC.
@@ -241,6 +294,57 @@ SEEDS = {
             [0, 3, 5, 7, 200],
             {0x300: blk_header(1), 0x310: blk_header(0), 0x320: blk_header(4),
              0x330: blk_header(0, 16)}),
+    },
+    "virtio_pci": {
+        # Linux's virtio-pci modern probe and virtio core init: reset, ACK,
+        # DRIVER, features, FEATURES_OK, MSI-X (masked while programmed),
+        # config vector, two queues (one in each RAM region) with their
+        # vectors, DRIVER_OK, notifies, the device's interrupts, ISR and
+        # device configuration reads, then the reset of a shutdown.
+        "linux_init": bytes([0]) + b"".join([
+            VP_ENUMERATE, vp_status(0), vp_status(VP_ACK), vp_status(VP_ACK | VP_DRIVER),
+            vp_features(VP_LOW, VP_HIGH),
+            vp_status(VP_ACK | VP_DRIVER | VP_FEATURES_OK),
+            wr(VP_CFG, 0x42, 2, 0xc000), vp_msix_entry(0, 0x40), vp_msix_entry(1, 0x41),
+            vp_msix_entry(2, 0x42), wr(VP_CFG, 0x42, 2, 0x8000), rd(VP_CFG, 0x40, 4),
+            wr(VP_BAR, 0x10, 2, 0), rd(VP_BAR, 0x10, 2), rd(VP_BAR, 0x12, 2),
+            vp_queue(0, 128, 0x1000, 1), vp_queue(1, 16, 0x2_1000, 2),
+            rd(VP_BAR, 0x2000, 4), rd(VP_BAR, 0x2004, 4), rd(VP_BAR, 0x15, 1),
+            vp_status(VP_ACK | VP_DRIVER | VP_FEATURES_OK | VP_DRIVER_OK),
+            wr(VP_BAR, 0x3000, 2, 0), wr(VP_BAR, 0x3004, 2, 1),
+            wr(VP_QUEUE_IRQ, 0, 1, 0), wr(VP_QUEUE_IRQ, 1, 1, 0), wr(VP_CONFIG_IRQ, 0, 1, 0),
+            rd(VP_BAR, 0x1000, 1), wr(VP_BAR, 0x2000, 1, 9), rd(VP_BAR, 0x2000, 8),
+            wr(VP_BAR, 0x401c, 4, 1), wr(VP_QUEUE_IRQ, 0, 1, 0), rd(VP_BAR, 0x5000, 8),
+            wr(VP_BAR, 0x401c, 4, 0), vp_status(0), rd(VP_BAR, 0x1c, 2)]),
+        # What a broken or hostile driver does: a legacy driver without
+        # VERSION_1, a feature never offered, a queue in the RAM hole (so
+        # DEVICE_NEEDS_RESET), vectors beyond the table, queue registers
+        # written after DRIVER_OK; after a reset, good queues but an
+        # activation the device refuses (first byte 1); a PCI-level reset.
+        "refused_and_malformed": bytes([1]) + b"".join([
+            vp_status(VP_ACK | VP_DRIVER), vp_features(1 << 6, 0),
+            vp_status(VP_ACK | VP_DRIVER | VP_FEATURES_OK), vp_status(0),
+            vp_status(VP_ACK | VP_DRIVER), vp_features(1 << 3, 1),
+            vp_status(VP_ACK | VP_DRIVER | VP_FEATURES_OK), vp_status(0),
+            vp_status(VP_ACK | VP_DRIVER), vp_features(0, 1),
+            vp_status(VP_ACK | VP_DRIVER | VP_FEATURES_OK),
+            wr(VP_CFG, 0x42, 2, 0xc000), vp_msix_entry(1, 0x51), vp_msix_entry(2, 0x52, 1),
+            vp_queue(0, 64, 0x1_0000, 1), vp_queue(1, 32, 0x3000, 7), vp_queue(5, 16, 0, 0),
+            wr(VP_BAR, 0x10, 2, 2),
+            vp_status(VP_ACK | VP_DRIVER | VP_FEATURES_OK | VP_DRIVER_OK),
+            rd(VP_BAR, 0x5000, 8), wr(VP_BAR, 0x3008, 4, 0), rd(VP_BAR, 0x13, 2),
+            rd(VP_BAR, 0x24, 4), rd(VP_BAR, 0x20, 8), wr(VP_BAR, 0x20, 8, 0x1000),
+            vp_status(0), vp_status(VP_ACK | VP_DRIVER), vp_features(0, 1),
+            vp_status(VP_ACK | VP_DRIVER | VP_FEATURES_OK), vp_queue(0, 64, 0xf000, 1),
+            vp_status(VP_ACK | VP_DRIVER | VP_FEATURES_OK | VP_DRIVER_OK),
+            wr(VP_VMM_RESET, 0, 1, 0), rd(VP_BAR, VP_STATUS, 1)]),
+        # Found by the fuzzer (devices/src/virtio/pci/tests.rs): DRIVER_OK
+        # cleared without a reset and set again activated the device twice.
+        "driver_ok_cleared_and_set_again": bytes([0]) + b"".join([
+            wr(VP_BAR, 0x08, 4, 1), wr(VP_BAR, 0x0c, 4, 1),
+            wr(VP_BAR, VP_STATUS, 1, VP_ACK | VP_DRIVER | VP_FEATURES_OK | VP_DRIVER_OK),
+            wr(VP_BAR, VP_STATUS, 1, VP_ACK | VP_DRIVER | VP_FEATURES_OK),
+            wr(VP_BAR, VP_STATUS, 1, VP_ACK | VP_DRIVER | VP_FEATURES_OK | VP_DRIVER_OK)]),
     },
     "virtio_net": {
         # A TX frame to the peer, a peer frame into the RX buffer, resets.
