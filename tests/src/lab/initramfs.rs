@@ -350,6 +350,8 @@ mod tests {
             generic: None,
             more_host_kernels: Vec::new(),
             iommufd: None,
+            debian: None,
+            extra_modules: None,
         };
         let generic = GenericKernel {
             package: "g".into(),
