@@ -42,6 +42,16 @@ const MMDEBSTRAP: &str = "/usr/bin/mmdebstrap";
 /// mmdebstrap's hook that makes a local .deb given to --include visible
 /// inside the chroot (and removes it afterwards).
 const LOCAL_DEB_HOOKS: &str = "/usr/share/mmdebstrap/hooks/file-mirror-automount";
+/// The initrd carries the modules it needs to mount root=/dev/vda and no
+/// others (initramfs-tools' default, MODULES=most, carries every storage
+/// driver, and its udev then loads AHCI and SCSI for QEMU's q35 under
+/// nested virtualization: seconds): MODULES=list with virtio_blk (the cloud
+/// kernel has virtio_pci, ext4 and nvme built in). Written before the
+/// kernel is installed, so its initrd is built once, with them.
+const INITRD_MODULES: &[&str] = &["virtio_blk"];
+const INITRD_CONFIG: &str = "etc/initramfs-tools/conf.d/barge-lab.conf";
+const INITRD_MODULES_LIST: &str = "usr/share/initramfs-tools/modules.d/barge-lab";
+
 /// Documentation and translations stay out (copyright files stay in).
 const DPKG_OPTIONS: &[&str] = &[
     "path-exclude=/usr/share/man/*",
@@ -94,8 +104,11 @@ const GUEST_SERVICE: &str = "\
 [Unit]
 Description=barge lab guest: GUEST-UP, the kernel command line's command, GUEST-EXIT
 After=multi-user.target
-SuccessAction=poweroff
-FailureAction=poweroff
+# poweroff-force: no orderly stop of every unit (seconds under nested
+# virtualization); processes are still killed and the file systems
+# unmounted or remounted read-only, so the disk is clean.
+SuccessAction=poweroff-force
+FailureAction=poweroff-force
 
 [Service]
 # idle: after every other start-up job, so that systemd's status lines do
@@ -149,6 +162,10 @@ const MASKED_UNITS: &[(&str, &str)] = &[
         "no login prompt on ttyS0 (console=ttyS0)",
     ),
     ("console-getty.service", "no login prompt on /dev/console"),
+    (
+        "getty-static.service",
+        "it starts gettys on tty2-tty6 when logind is missing, and fails",
+    ),
     (
         "systemd-firstboot.service",
         "it would prompt on the console on a first boot",
@@ -255,9 +272,11 @@ fn image_files() -> Vec<ImageFile> {
 /// whose recipe differs is built again.
 fn recipe_text(kernel_package: &str) -> String {
     let mut text = format!(
-        "suite {SUITE}\nkernel {kernel_package}\npackages {}\ndpkg {}\nrootfs {ROOTFS_SIZE}\n",
+        "suite {SUITE}\nkernel {kernel_package}\npackages {}\ndpkg {}\nrootfs {ROOTFS_SIZE}\n\
+         initrd modules {}\n",
         PACKAGES.join(","),
-        DPKG_OPTIONS.join(",")
+        DPKG_OPTIONS.join(","),
+        INITRD_MODULES.join(",")
     );
     for file in image_files() {
         text.push_str(&format!(
@@ -432,6 +451,10 @@ fn disk_size(payload: u64) -> u64 {
     (payload + DISK_SLACK).div_ceil(1 << 20) << 20
 }
 
+fn parent(path: &str) -> &str {
+    path.rsplit_once('/').map_or("", |(dir, _)| dir)
+}
+
 /// A one-line apt source for the image's suite on the machine's mirror.
 fn mirror_line(uri: &str, signed_by: Option<&str>) -> String {
     match signed_by {
@@ -458,6 +481,13 @@ fn mmdebstrap_args(
         format!("--hook-dir={LOCAL_DEB_HOOKS}"),
     ];
     args.extend(DPKG_OPTIONS.iter().map(|o| format!("--dpkgopt={o}")));
+    args.push(format!(
+        "--essential-hook=mkdir -p \"$1/{}\" \"$1/{}\" && echo MODULES=list > \"$1/{INITRD_CONFIG}\" \
+         && printf '{}\\n' > \"$1/{INITRD_MODULES_LIST}\"",
+        parent(INITRD_CONFIG),
+        parent(INITRD_MODULES_LIST),
+        INITRD_MODULES.join("\\n"),
+    ));
     args.push(format!(
         "--customize-hook=chroot \"$1\" dpkg-divert --quiet --local --rename --divert \
          {INIT_DIVERSION} --add /sbin/init"
@@ -686,8 +716,8 @@ printf '%s|%s' "$command" "${cmdline%% -- *}""#;
     #[test]
     fn the_unit_powers_off_after_multi_user_and_the_target_is_default() {
         assert!(GUEST_SERVICE.contains("After=multi-user.target\n"));
-        assert!(GUEST_SERVICE.contains("SuccessAction=poweroff\n"));
-        assert!(GUEST_SERVICE.contains("FailureAction=poweroff\n"));
+        assert!(GUEST_SERVICE.contains("SuccessAction=poweroff-force\n"));
+        assert!(GUEST_SERVICE.contains("FailureAction=poweroff-force\n"));
         assert!(GUEST_SERVICE.contains(&format!("ExecStart=/{GUEST_SCRIPT_PATH}\n")));
         assert!(GUEST_TARGET.contains("Requires=multi-user.target barge-guest.service\n"));
         assert!(LINKS
