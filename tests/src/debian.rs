@@ -66,7 +66,8 @@ pub struct DebianBoot {
     /// the console (each costs milliseconds on an emulated UART under
     /// nested virtualization: seconds per boot).
     pub verbose: bool,
-    /// Seconds the VMM may run before the boot script kills it.
+    /// Seconds the VMM may run before the boot script kills it (SIGKILL:
+    /// QEMU exits 0 on SIGTERM; killed, its status is 137).
     pub timeout_secs: u32,
     /// The guest's shell command (after ` -- ` on its command line).
     pub command: String,
@@ -88,13 +89,22 @@ impl DebianBoot {
         }
     }
 
-    /// The guest kernel's command line, the command after ` -- `.
+    /// The guest kernel's command line, the command after ` -- `: in double
+    /// quotes (unless it holds one), so that it is one word to the kernel,
+    /// which panics when init would get more than 31 arguments ("Too many
+    /// boot init vars"); both lab guests unwrap it. `panic=-1`: a guest
+    /// kernel that panics reboots, and the VMM exits (QEMU runs with
+    /// `-no-reboot`).
     pub fn cmdline(&self) -> String {
+        let command = if self.command.contains('"') {
+            self.command.clone()
+        } else {
+            format!("\"{}\"", self.command)
+        };
         format!(
-            "console=ttyS0 root=/dev/vda {}{} -- {}",
+            "console=ttyS0 root=/dev/vda {}{} panic=-1 -- {command}",
             if self.writable { "rw" } else { "ro" },
             if self.verbose { "" } else { " quiet" },
-            self.command
         )
     }
 
@@ -172,7 +182,7 @@ impl DebianBoot {
     pub fn script(&self) -> String {
         format!(
             "# The Debian guest `{name}` under {vmm}.\n\
-             {{\n    echo {VMM_START}\n    timeout {timeout} {argv} < /dev/null 2>&1\n    \
+             {{\n    echo {VMM_START}\n    timeout -s KILL {timeout} {argv} < /dev/null 2>&1\n    \
              echo \"{VMM_EXIT} $?\"\n}} | {STAMP} > /out/{name}.console\n",
             name = self.name,
             vmm = self.vmm.name(),
@@ -355,8 +365,7 @@ impl GuestConsole {
             .ok()
     }
 
-    /// The VMM's exit status (124 or 143 when the boot script's timeout
-    /// killed it).
+    /// The VMM's exit status (137 when the boot script's timeout killed it).
     pub fn vmm_exit(&self) -> Option<i32> {
         self.lines
             .iter()
@@ -418,7 +427,7 @@ mod tests {
         let mut boot = DebianBoot::new("boot1", "echo 'hi there'");
         assert_eq!(
             boot.cmdline(),
-            "console=ttyS0 root=/dev/vda rw quiet -- echo 'hi there'"
+            "console=ttyS0 root=/dev/vda rw quiet panic=-1 -- \"echo 'hi there'\""
         );
         let argv = boot.vmm_argv().join(" ");
         assert!(argv.starts_with("qemu-system-x86_64 -accel kvm -cpu host -M q35 -smp 2 -m 1024M"));
@@ -433,18 +442,22 @@ mod tests {
             .contains("-netdev tap,id=net0,ifname=barge0,script=no,downscript=no -device virtio-net-pci,netdev=net0"));
         assert_eq!(
             argv.last().unwrap(),
-            "console=ttyS0 root=/dev/vda ro -- echo 'hi there'"
+            "console=ttyS0 root=/dev/vda ro panic=-1 -- \"echo 'hi there'\""
         );
         let script = boot.script();
         assert!(
-            script.contains("timeout 600 qemu-system-x86_64 "),
+            script.contains("timeout -s KILL 600 qemu-system-x86_64 "),
             "{script}"
         );
         // The command line reaches QEMU as one word.
         assert!(
-            script.contains(r"-append 'console=ttyS0 root=/dev/vda ro -- echo '\''hi there'\'''"),
+            script.contains(
+                r#"-append 'console=ttyS0 root=/dev/vda ro panic=-1 -- "echo '\''hi there'\''"'"#
+            ),
             "{script}"
         );
+        boot.command = "echo \"a b\"".into();
+        assert!(boot.cmdline().ends_with(" -- echo \"a b\""));
         assert!(script.contains("} | while IFS= read -r line"), "{script}");
         assert!(script.ends_with("> /out/boot1.console\n"), "{script}");
         assert!(boot.background_script().ends_with(") &\n"));
@@ -459,7 +472,7 @@ mod tests {
             boot.vmm_argv().join(" "),
             "barge run --kernel /lab/guest/debian/vmlinuz --initramfs /lab/guest/debian/initrd.img \
              --disk path=/lab/guest/debian/rootfs.img --cpus 2 --memory size=1024M --net tap=barge0 \
-             --cmdline console=ttyS0 root=/dev/vda rw quiet -- true"
+             --cmdline console=ttyS0 root=/dev/vda rw quiet panic=-1 -- \"true\""
         );
     }
 

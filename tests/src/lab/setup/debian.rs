@@ -79,6 +79,10 @@ const GUEST_SCRIPT: &str = r#"#!/bin/sh
 # follows " -- " on the kernel command line (read from /proc/cmdline, as it
 # was given), print GUEST-EXIT with its status. barge-guest.service powers
 # the guest off when this ends.
+#
+# The kernel hands the words after "--" to init as its arguments and
+# panics beyond 31 of them ("Too many boot init vars"); a command wrapped
+# whole in double quotes is one word to the kernel, and is unwrapped here.
 cpus=$(grep -c '^processor' /proc/cpuinfo)
 mem_kb=0
 while read -r key value _; do
@@ -88,6 +92,9 @@ cmdline=$(cat /proc/cmdline)
 command=
 case "$cmdline" in
 *" -- "*) command=${cmdline#* -- } ;;
+esac
+case "$command" in
+\"*\") command=${command#\"}; command=${command%\"} ;;
 esac
 echo "GUEST-UP cpus=$cpus mem_kb=$mem_kb"
 status=0
@@ -703,14 +710,30 @@ mod tests {
     fn the_guest_command_is_split_off_the_kernel_command_line() {
         // The same expansions the script and the init wrapper use, run by
         // this machine's shell.
-        let script = r#"cmdline='console=ttyS0 root=/dev/vda rw -- echo 1 -- -h'
-case "$cmdline" in *" -- "*) command=${cmdline#* -- } ;; esac
-printf '%s|%s' "$command" "${cmdline%% -- *}""#;
-        let output = Command::new("sh").args(["-c", script]).output().unwrap();
+        let split = |cmdline: &str| {
+            let start = GUEST_SCRIPT.find("command=\n").unwrap();
+            let end = GUEST_SCRIPT.find("echo \"GUEST-UP").unwrap();
+            let script = format!(
+                "cmdline='{cmdline}'\n{}\nprintf '%s|%s' \"$command\" \"${{cmdline%% -- *}}\"",
+                &GUEST_SCRIPT[start..end]
+            );
+            let output = Command::new("sh").args(["-c", &script]).output().unwrap();
+            String::from_utf8_lossy(&output.stdout).into_owned()
+        };
         assert_eq!(
-            String::from_utf8_lossy(&output.stdout),
+            split("console=ttyS0 root=/dev/vda rw -- echo 1 -- -h"),
             "echo 1 -- -h|console=ttyS0 root=/dev/vda rw"
         );
+        assert_eq!(
+            split("console=ttyS0 rw -- \"set -e; echo a b\""),
+            "set -e; echo a b|console=ttyS0 rw"
+        );
+        assert_eq!(
+            split("console=ttyS0 -- echo \"a b\""),
+            "echo \"a b\"|console=ttyS0"
+        );
+        assert_eq!(split("console=ttyS0 -- \""), "\"|console=ttyS0");
+        assert_eq!(split("console=ttyS0"), "|console=ttyS0");
     }
 
     #[test]
