@@ -119,6 +119,23 @@ enum LabCommand {
         /// /dev/vfio/devices/vfioN appear, and the group interface stays.
         #[arg(long)]
         iommufd: bool,
+        /// Give the host the Debian bookworm guest that setup built, mounted
+        /// at /lab/guest/debian: rootfs.img (raw ext4, writable; its writes
+        /// last for this run only), vmlinuz and initrd.img. Boot it with
+        /// `root=/dev/vda rw -- COMMAND`: it prints GUEST-UP once systemd
+        /// reaches multi-user, runs COMMAND, prints GUEST-EXIT and powers
+        /// off.
+        #[arg(long)]
+        debian: bool,
+        /// Make the tap barge0 with 192.168.100.1/24 in the host (a guest
+        /// takes 192.168.100.2/24 by convention; $LAB_TAP, $LAB_TAP_HOST,
+        /// $LAB_TAP_GUEST) and carry socat there.
+        #[arg(long)]
+        tap: bool,
+        /// Carry the lab's QEMU into the host as qemu-system-x86_64, with its
+        /// libraries and firmware: a peer VMM to compare barge with.
+        #[arg(long)]
+        peer_qemu: bool,
         /// The command: its words are joined with spaces and run by the lab
         /// host's shell (as ssh does), so `$LAB_IVSHMEM0`, pipes and `&&`
         /// work when quoted for the outer shell.
@@ -174,6 +191,9 @@ fn main() -> ExitCode {
             host_drivers,
             host_kernel,
             iommufd,
+            debian,
+            tap,
+            peer_qemu,
             command,
         } => {
             let script = match (script, command.is_empty()) {
@@ -209,6 +229,9 @@ fn main() -> ExitCode {
                 host_drivers,
                 host_kernel,
                 iommufd,
+                debian,
+                tap,
+                peer_qemu,
             };
             match run::run(&paths, &options) {
                 Ok(outcome) => {

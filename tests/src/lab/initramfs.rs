@@ -18,6 +18,19 @@ pub const OUT_BEGIN: &str = "BARGE-LAB-OUT-BEGIN";
 pub const OUT_END: &str = "BARGE-LAB-OUT-END";
 pub const STATUS_MARKER: &str = "BARGE-LAB-STATUS";
 
+/// Where the lab host mounts the Debian guest's disk (`run --debian`):
+/// `rootfs.img`, `vmlinuz`, `initrd.img`.
+pub const DEBIAN_GUEST_DIR: &str = "/lab/guest/debian";
+/// The serial number of the lab host's virtio disk that holds it.
+pub const DEBIAN_DISK_SERIAL: &str = "barge-lab-debian";
+/// The tap device `run --tap` makes in the lab host, and its address there.
+pub const TAP_NAME: &str = "barge0";
+pub const TAP_HOST_ADDRESS: &str = "192.168.100.1";
+/// The address a guest on the tap takes by convention (its test command
+/// configures it), and the prefix length of both.
+pub const TAP_GUEST_ADDRESS: &str = "192.168.100.2";
+pub const TAP_PREFIX_LEN: u8 = 24;
+
 /// Where a guest initramfs lists the modules it carries, in load order.
 const GUEST_MODULE_ORDER: &str = "lib/modules/load-order";
 
@@ -99,6 +112,33 @@ for m in MODULES; do
     insmod /lib/modules/$m.ko || fail "insmod $m failed"
 done
 [ -c /dev/kvm ] || fail "/dev/kvm did not appear after loading kvm-amd"
+for m in @EXTRA_MODULES@; do
+    insmod /lib/modules/$m.ko || fail "insmod $m failed"
+done
+if [ @DEBIAN@ = 1 ]; then
+    disk=
+    for i in $(seq 50); do
+        for b in /sys/block/vd*; do
+            [ "$(cat "$b/serial" 2>/dev/null)" = @DEBIAN_SERIAL@ ] && disk=/dev/${b##*/}
+        done
+        [ -n "$disk" ] && [ -b "$disk" ] && break
+        disk=
+        sleep 0.1
+    done
+    [ -n "$disk" ] || fail "the Debian guest's disk (virtio, serial @DEBIAN_SERIAL@) did not appear"
+    mkdir -p @DEBIAN_DIR@
+    mount -t ext4 "$disk" @DEBIAN_DIR@ || fail "cannot mount the Debian guest's disk $disk"
+    export LAB_DEBIAN=@DEBIAN_DIR@
+    echo "barge-lab: Debian guest disk $disk at @DEBIAN_DIR@"
+fi
+if [ @TAP@ = 1 ]; then
+    [ -c /dev/net/tun ] || fail "/dev/net/tun did not appear after loading tun"
+    tunctl -t @TAP_NAME@ > /dev/null || fail "cannot create the tap @TAP_NAME@"
+    ip addr add @TAP_HOST@/@TAP_PREFIX@ dev @TAP_NAME@ || fail "cannot address the tap @TAP_NAME@"
+    ip link set @TAP_NAME@ up || fail "cannot bring the tap @TAP_NAME@ up"
+    export LAB_TAP=@TAP_NAME@ LAB_TAP_HOST=@TAP_HOST@ LAB_TAP_GUEST=@TAP_GUEST@
+    echo "barge-lab: tap @TAP_NAME@ @TAP_HOST@/@TAP_PREFIX@ (a guest takes @TAP_GUEST@)"
+fi
 iommufd=@IOMMUFD@
 if [ "$iommufd" = 1 ]; then
     [ -c /dev/iommu ] || fail "/dev/iommu did not appear after loading the rebuilt iommufd module"
@@ -140,12 +180,43 @@ echo "BARGE-LAB-EXIT $status"
 results $status
 "#;
 
-/// The host's init, loading `modules` in this order; with `iommufd` it also
-/// checks that /dev/iommu and the device cdevs appeared.
-fn host_init(modules: &[&str], iommufd: bool) -> String {
+/// What the host's init does besides binding devices.
+#[derive(Debug, Default, Clone, Copy)]
+struct InitOptions<'a> {
+    /// The modules it loads first, in this order.
+    modules: &'a [&'a str],
+    /// It checks that /dev/iommu and the device cdevs appeared.
+    iommufd: bool,
+    /// Modules it loads after KVM's (virtio_blk, tun), in this order.
+    extra_modules: &'a [&'a str],
+    /// It mounts the Debian guest's disk at [`DEBIAN_GUEST_DIR`].
+    debian: bool,
+    /// It makes the tap [`TAP_NAME`] with [`TAP_HOST_ADDRESS`].
+    tap: bool,
+}
+
+fn flag(on: bool) -> &'static str {
+    if on {
+        "1"
+    } else {
+        "0"
+    }
+}
+
+/// The host's init for `options`.
+fn host_init(options: &InitOptions) -> String {
     HOST_INIT
-        .replace("MODULES", &modules.join(" "))
-        .replace("@IOMMUFD@", if iommufd { "1" } else { "0" })
+        .replace("@EXTRA_MODULES@", &options.extra_modules.join(" "))
+        .replace("MODULES", &options.modules.join(" "))
+        .replace("@IOMMUFD@", flag(options.iommufd))
+        .replace("@DEBIAN@", flag(options.debian))
+        .replace("@DEBIAN_SERIAL@", DEBIAN_DISK_SERIAL)
+        .replace("@DEBIAN_DIR@", DEBIAN_GUEST_DIR)
+        .replace("@TAP@", flag(options.tap))
+        .replace("@TAP_NAME@", TAP_NAME)
+        .replace("@TAP_HOST@", TAP_HOST_ADDRESS)
+        .replace("@TAP_GUEST@", TAP_GUEST_ADDRESS)
+        .replace("@TAP_PREFIX@", &TAP_PREFIX_LEN.to_string())
 }
 
 fn busybox_archive(state: &LabState, init: &str) -> Result<Archive, LabError> {
@@ -203,6 +274,16 @@ pub struct HostContents<'a> {
     pub command_script: &'a str,
     /// Load the vfio modules rebuilt with iommufd instead of the stock ones.
     pub iommufd: bool,
+    /// Modules to load after the host modules (virtio_blk, tun), in order,
+    /// each with its file.
+    pub extra_modules: &'a [(String, PathBuf)],
+    /// Mount the Debian guest's disk at [`DEBIAN_GUEST_DIR`].
+    pub debian: bool,
+    /// Make the tap [`TAP_NAME`] with [`TAP_HOST_ADDRESS`].
+    pub tap: bool,
+    /// Carry this QEMU (with its libraries and firmware) as
+    /// /usr/bin/qemu-system-x86_64, a peer VMM for side-by-side runs.
+    pub peer_qemu: Option<&'a Path>,
 }
 
 /// The lab host's initramfs for `host`, its kernel (the modules are
@@ -215,10 +296,25 @@ pub fn host_initramfs(
 ) -> Result<Vec<u8>, LabError> {
     let modules = state.host_modules(host, contents.iommufd)?;
     let names: Vec<&str> = modules.iter().map(|(name, _)| name.as_str()).collect();
-    let mut archive = busybox_archive(state, &host_init(&names, contents.iommufd))?;
-    for (module, path) in &modules {
+    let extra: Vec<&str> = contents
+        .extra_modules
+        .iter()
+        .map(|(name, _)| name.as_str())
+        .collect();
+    let init = host_init(&InitOptions {
+        modules: &names,
+        iommufd: contents.iommufd,
+        extra_modules: &extra,
+        debian: contents.debian,
+        tap: contents.tap,
+    });
+    let mut archive = busybox_archive(state, &init)?;
+    for (module, path) in modules.iter().chain(contents.extra_modules) {
         let data = std::fs::read(path).map_err(|e| LabError::io("cannot read", path, e))?;
         archive.add_file(&format!("lib/modules/{module}.ko"), data, false);
+    }
+    if let Some(qemu) = contents.peer_qemu {
+        add_peer_qemu(&mut archive, qemu)?;
     }
     for binary in contents.binaries {
         let name = binary
@@ -260,6 +356,52 @@ pub fn host_initramfs(
         true,
     );
     Ok(archive.to_bytes())
+}
+
+/// The firmware a peer QEMU needs to boot a Linux guest with `-kernel`
+/// (SeaBIOS, its option ROMs for direct kernel boot, the virtio NIC's ROM),
+/// at the absolute paths QEMU searches (`qemu-system-x86_64 -L help`).
+const PEER_QEMU_FIRMWARE_DIRS: &[(&str, &[&str])] = &[
+    ("/usr/share/seabios", &[]),
+    (
+        "/usr/share/qemu",
+        &[
+            "kvmvapic.bin",
+            "linuxboot.bin",
+            "linuxboot_dma.bin",
+            "multiboot.bin",
+            "multiboot_dma.bin",
+            "pvh.bin",
+        ],
+    ),
+    ("/usr/lib/ipxe/qemu", &["efi-virtio.rom"]),
+];
+
+/// Adds `qemu` as /usr/bin/qemu-system-x86_64 with its libraries and the
+/// firmware of [`PEER_QEMU_FIRMWARE_DIRS`] (a folder with no names listed:
+/// all of its files), each at its own path.
+fn add_peer_qemu(archive: &mut Archive, qemu: &Path) -> Result<(), LabError> {
+    add_elf(archive, qemu, "usr/bin/qemu-system-x86_64")?;
+    for (dir, names) in PEER_QEMU_FIRMWARE_DIRS {
+        let dir = Path::new(dir);
+        let files: Vec<PathBuf> = if names.is_empty() {
+            let entries =
+                std::fs::read_dir(dir).map_err(|e| LabError::io("cannot list", dir, e))?;
+            let mut files: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
+            files.sort();
+            files
+        } else {
+            names.iter().map(|n| dir.join(n)).collect()
+        };
+        for file in files {
+            // Links are followed: the copy is a plain file.
+            let data = std::fs::read(&file)
+                .map_err(|e| LabError::io("cannot read the peer QEMU's firmware", &file, e))?;
+            let path = file.to_string_lossy();
+            archive.add_file(path.trim_start_matches('/'), data, false);
+        }
+    }
+    Ok(())
 }
 
 /// Adds an executable at `path` and every shared library `ldd` says it
@@ -350,6 +492,8 @@ mod tests {
             generic: None,
             more_host_kernels: Vec::new(),
             iommufd: None,
+            debian: None,
+            extra_modules: None,
         };
         let generic = GenericKernel {
             package: "g".into(),
@@ -378,7 +522,10 @@ mod tests {
 
     #[test]
     fn host_init_loads_modules_in_order() {
-        let init = host_init(super::super::HOST_MODULES, false);
+        let init = host_init(&InitOptions {
+            modules: super::super::HOST_MODULES,
+            ..InitOptions::default()
+        });
         assert!(init.contains(
             "for m in irqbypass kvm kvm-amd vfio vfio_iommu_type1 vfio-pci-core vfio-pci; do"
         ));
@@ -390,11 +537,44 @@ mod tests {
 
     #[test]
     fn iommufd_host_init_requires_dev_iommu_and_the_cdevs() {
-        let init = host_init(&["kvm", "iommufd", "vfio"], true);
+        let init = host_init(&InitOptions {
+            modules: &["kvm", "iommufd", "vfio"],
+            iommufd: true,
+            ..InitOptions::default()
+        });
         assert!(init.contains("for m in kvm iommufd vfio; do"));
         assert!(init.contains("iommufd=1\n"));
         let check = init.find("[ -c /dev/iommu ]").unwrap();
         assert!(check < init.find(READY_MARKER).unwrap());
         assert!(init.contains("got no /dev/vfio/devices/"));
+    }
+
+    #[test]
+    fn debian_and_tap_are_set_up_after_kvm_and_before_ready() {
+        let plain = host_init(&InitOptions {
+            modules: &["kvm"],
+            ..InitOptions::default()
+        });
+        assert!(plain.contains("for m in ; do"));
+        assert!(plain.contains("if [ 0 = 1 ]; then\n    disk="));
+        let init = host_init(&InitOptions {
+            modules: &["kvm"],
+            extra_modules: &["virtio_blk", "tun"],
+            debian: true,
+            tap: true,
+            ..InitOptions::default()
+        });
+        assert!(!init.contains('@'), "{init}");
+        let kvm = init.find("[ -c /dev/kvm ]").unwrap();
+        let extra = init.find("for m in virtio_blk tun; do").unwrap();
+        let mount = init
+            .find("mount -t ext4 \"$disk\" /lab/guest/debian")
+            .unwrap();
+        let tap = init.find("tunctl -t barge0").unwrap();
+        let ready = init.find(READY_MARKER).unwrap();
+        assert!(kvm < extra && extra < mount && mount < tap && tap < ready);
+        assert!(init.contains("ip addr add 192.168.100.1/24 dev barge0"));
+        assert!(init.contains("= barge-lab-debian ]"));
+        assert!(init.contains("for m in kvm; do"));
     }
 }

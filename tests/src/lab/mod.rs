@@ -40,6 +40,12 @@ pub const IOMMUFD_MODULES: &[&str] = &[
 /// before the ones they depend on are added by `setup`.
 pub const GENERIC_GUEST_MODULES: &[&str] = &["e1000e"];
 
+/// The modules of the main host kernel the lab host loads only when a run
+/// asks for them: virtio_blk for the Debian guest's disk (`run --debian`),
+/// tun for the tap device (`run --tap`). Cached by `setup` with what they
+/// depend on.
+pub const HOST_EXTRA_MODULES: &[&str] = &["virtio_blk", "tun"];
+
 /// The command that sets the lab up, named in every "not set up" error.
 pub const SETUP_COMMAND: &str = "cargo run -p barge-tests --bin barge-lab -- setup";
 
@@ -158,6 +164,22 @@ impl LabPaths {
         self.kernel_dir().join("iommufd").join(kernel_version)
     }
 
+    /// Where the Debian guest image is built and cached.
+    pub fn debian_dir(&self) -> PathBuf {
+        self.root.join("debian")
+    }
+
+    /// The disk the lab host mounts at /lab/guest/debian: an ext4 file
+    /// system holding `rootfs.img`, `vmlinuz` and `initrd.img`.
+    pub fn debian_disk(&self) -> PathBuf {
+        self.debian_dir().join("disk.img")
+    }
+
+    /// Where the main host kernel's [`HOST_EXTRA_MODULES`] are cached.
+    pub fn extra_modules_dir(&self) -> PathBuf {
+        self.kernel_dir().join("extra-modules")
+    }
+
     pub fn runs_dir(&self) -> PathBuf {
         self.root.join("runs")
     }
@@ -193,6 +215,84 @@ pub struct LabState {
     /// host kernel was supplied by hand.
     #[serde(default)]
     pub iommufd: Option<IommufdModules>,
+    /// The Debian bookworm guest image (`run --debian`); absent from a lab
+    /// set up before it existed (until `setup` runs again) and without apt.
+    #[serde(default)]
+    pub debian: Option<DebianImage>,
+    /// The main host kernel's [`HOST_EXTRA_MODULES`] (`run --debian`,
+    /// `run --tap`); absent like [`LabState::debian`].
+    #[serde(default)]
+    pub extra_modules: Option<ExtraModules>,
+}
+
+/// The Debian bookworm system `setup` builds with mmdebstrap from the
+/// machine's own mirror: systemd, udev, iproute2, socat and Debian's kernel
+/// (the lab's own cloud kernel package) with the initramfs-tools initrd it
+/// built inside, as a raw ext4 `rootfs.img`. The lab host mounts [`Self::disk`]
+/// at /lab/guest/debian.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DebianImage {
+    /// An ext4 file system holding `rootfs.img`, `vmlinuz` and `initrd.img`.
+    pub disk: PathBuf,
+    /// The guest kernel's package and release (`uname -r`).
+    pub kernel_package: String,
+    pub kernel_version: String,
+    /// `rootfs.img`'s size in bytes (sparse).
+    pub rootfs_size: u64,
+    /// A fingerprint of what setup puts into the image (packages, files,
+    /// masked units): a recipe that changed is built again.
+    pub recipe: String,
+}
+
+/// Modules of the main host kernel loaded only on demand, decompressed,
+/// with what they depend on.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ExtraModules {
+    /// The kernel they were taken from (`uname -r`).
+    pub kernel_version: String,
+    /// Holds `NAME.ko` for every module of every load order.
+    pub modules_dir: PathBuf,
+    /// For each of [`HOST_EXTRA_MODULES`], the modules to load for it in
+    /// order: what it depends on, then itself.
+    pub load_orders: std::collections::BTreeMap<String, Vec<String>>,
+}
+
+impl ExtraModules {
+    fn files(&self) -> Vec<PathBuf> {
+        self.load_order_for(
+            &self
+                .load_orders
+                .keys()
+                .map(String::as_str)
+                .collect::<Vec<_>>(),
+        )
+        .map(|list| list.into_iter().map(|(_, path)| path).collect())
+        .unwrap_or_default()
+    }
+
+    /// The modules to load for `wanted` (names from [`HOST_EXTRA_MODULES`]),
+    /// in order, each once, with its file; an error names a module that was
+    /// not cached.
+    pub fn load_order_for(&self, wanted: &[&str]) -> Result<Vec<(String, PathBuf)>, LabError> {
+        let mut order: Vec<(String, PathBuf)> = Vec::new();
+        for name in wanted {
+            let list = self.load_orders.get(*name).ok_or_else(|| {
+                LabError::Setup(format!(
+                    "the lab has no {name} module cached for kernel {}: run `{SETUP_COMMAND}`",
+                    self.kernel_version
+                ))
+            })?;
+            for module in list {
+                if !order.iter().any(|(m, _)| m == module) {
+                    order.push((
+                        module.clone(),
+                        self.modules_dir.join(format!("{module}.ko")),
+                    ));
+                }
+            }
+        }
+        Ok(order)
+    }
 }
 
 /// A kernel the lab host boots: its bzImage and the host modules.
@@ -321,6 +421,12 @@ impl LabState {
         }
         if let Some(iommufd) = &self.iommufd {
             needed.extend(iommufd.files());
+        }
+        if let Some(debian) = &self.debian {
+            needed.push(debian.disk.clone());
+        }
+        if let Some(extra) = &self.extra_modules {
+            needed.extend(extra.files());
         }
         match needed.into_iter().find(|p| !p.exists()) {
             Some(missing) => Err(LabError::NotSetUp(missing)),

@@ -23,6 +23,11 @@ const MIN_IVSHMEM: u64 = 2 << 20;
 const MAX_IVSHMEM: u64 = 64 << 30;
 /// The first PCI slot the lab's devices get on the root bus.
 const FIRST_SLOT: u32 = 0x10;
+/// The slot of the Debian guest's disk on the root bus (clear of the
+/// devices' slots and of the bridge's, 0x1e).
+const DEBIAN_DISK_SLOT: u32 = 0x1d;
+/// The host's end of a TCP check with a guest on the tap.
+const SOCAT: &str = "/usr/bin/socat";
 
 /// An emulated device of the lab host, passed through to barge's guests.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -96,6 +101,16 @@ pub struct RunOptions {
     /// Load the vfio modules `setup` rebuilt with iommufd (/dev/iommu and
     /// /dev/vfio/devices/vfioN) instead of the stock ones.
     pub iommufd: bool,
+    /// Give the host the Debian guest's disk (a virtio disk, its writes kept
+    /// in a temporary overlay for this run only), mounted at
+    /// /lab/guest/debian.
+    pub debian: bool,
+    /// Make the tap `barge0` with 192.168.100.1/24 in the host (and carry
+    /// socat there for the host's end of a TCP check).
+    pub tap: bool,
+    /// Carry the lab's QEMU into the host as a peer VMM
+    /// (`qemu-system-x86_64`, with its libraries and firmware).
+    pub peer_qemu: bool,
 }
 
 impl Default for RunOptions {
@@ -114,6 +129,9 @@ impl Default for RunOptions {
             host_drivers: Vec::new(),
             host_kernel: None,
             iommufd: false,
+            debian: false,
+            tap: false,
+            peer_qemu: false,
         }
     }
 }
@@ -158,6 +176,7 @@ pub type DeviceAddresses = Vec<(String, String)>;
 fn qemu_args(
     host: &HostKernel,
     options: &RunOptions,
+    debian_disk: Option<&Path>,
     run_dir: &Path,
     initrd: &Path,
 ) -> Result<(Vec<String>, DeviceAddresses), LabError> {
@@ -216,6 +235,22 @@ fn qemu_args(
         "-serial".into(),
         format!("file:{}", run_dir.join("results.serial").display()),
     ]);
+    if let Some(disk) = debian_disk {
+        // snapshot=on: the guest's writes go to a temporary overlay QEMU
+        // deletes when it exits; the cached disk is never written.
+        args.extend([
+            "-drive".into(),
+            format!(
+                "file={},format=raw,if=none,id=debian,snapshot=on",
+                disk.display()
+            ),
+            "-device".into(),
+            format!(
+                "virtio-blk-pci,drive=debian,serial={},bus=pcie.0,addr=0x{DEBIAN_DISK_SLOT:x}",
+                initramfs::DEBIAN_DISK_SERIAL
+            ),
+        ]);
+    }
     let mut names = Vec::new();
     let mut counts = std::collections::HashMap::new();
     for (i, device) in options.devices.iter().enumerate() {
@@ -355,9 +390,32 @@ pub fn run(paths: &LabPaths, options: &RunOptions) -> Result<RunOutcome, LabErro
 fn run_once(paths: &LabPaths, options: &RunOptions) -> Result<RunOutcome, LabError> {
     let state = LabState::load(paths)?;
     let host = state.host_kernel(options.host_kernel.as_deref())?;
+    let extra_modules = extra_modules(&state, &host, options)?;
+    let debian_disk = match (&state.debian, options.debian) {
+        (Some(image), true) => Some(image.disk.clone()),
+        (None, true) => {
+            return Err(LabError::Setup(format!(
+                "the lab has no Debian guest image: run `{}` (as root with apt: it builds one \
+                 with mmdebstrap)",
+                super::SETUP_COMMAND
+            )))
+        }
+        (_, false) => None,
+    };
+    let mut binaries = options.binaries.clone();
+    if options.tap {
+        if !Path::new(SOCAT).exists() {
+            return Err(LabError::Setup(format!(
+                "--tap carries {SOCAT} into the lab host for TCP checks, and it is missing: run \
+                 `{}` (it installs socat) or `apt-get install socat`",
+                super::SETUP_COMMAND
+            )));
+        }
+        binaries.push(PathBuf::from(SOCAT));
+    }
     let run_dir = new_run_dir(paths)?;
     let initrd = run_dir.join("host-initramfs.cpio");
-    let (args, devices) = qemu_args(&host, options, &run_dir, &initrd)?;
+    let (args, devices) = qemu_args(&host, options, debian_disk.as_deref(), &run_dir, &initrd)?;
     // Without an IOMMU vfio-pci cannot bind: every device keeps its driver.
     let host_drivers: Vec<String> = if options.iommu {
         options.host_drivers.clone()
@@ -365,11 +423,15 @@ fn run_once(paths: &LabPaths, options: &RunOptions) -> Result<RunOutcome, LabErr
         devices.iter().map(|(name, _)| name.clone()).collect()
     };
     let contents = HostContents {
-        binaries: &options.binaries,
+        binaries: &binaries,
         devices: &devices,
         host_drivers: &host_drivers,
         command_script: &options.script,
         iommufd: options.iommufd,
+        extra_modules: &extra_modules,
+        debian: options.debian,
+        tap: options.tap,
+        peer_qemu: options.peer_qemu.then_some(state.qemu.as_path()),
     };
     let image = initramfs::host_initramfs(&state, &host, &contents)?;
     std::fs::write(&initrd, image).map_err(|e| LabError::io("cannot write", &initrd, e))?;
@@ -483,6 +545,49 @@ fn run_once(paths: &LabPaths, options: &RunOptions) -> Result<RunOutcome, LabErr
         }
     }
     Ok(outcome)
+}
+
+/// The host modules `--debian` (virtio_blk) and `--tap` (tun) need, in load
+/// order with their files: cached by setup for the main host kernel only.
+fn extra_modules(
+    state: &LabState,
+    host: &HostKernel,
+    options: &RunOptions,
+) -> Result<Vec<(String, PathBuf)>, LabError> {
+    let wanted: Vec<&str> = [(options.debian, "virtio_blk"), (options.tap, "tun")]
+        .iter()
+        .filter(|(on, _)| *on)
+        .map(|(_, name)| *name)
+        .collect();
+    if wanted.is_empty() {
+        return Ok(Vec::new());
+    }
+    let flags = || {
+        [(options.debian, "--debian"), (options.tap, "--tap")]
+            .iter()
+            .filter(|(on, _)| *on)
+            .map(|(_, flag)| *flag)
+            .collect::<Vec<_>>()
+            .join(" and ")
+    };
+    match &state.extra_modules {
+        Some(extra) if extra.kernel_version == host.version => extra.load_order_for(&wanted),
+        Some(extra) => Err(LabError::Usage(format!(
+            "{} need the host modules {} that setup caches for the main host kernel {} only, \
+             not for {} ({}): drop --host-kernel",
+            flags(),
+            wanted.join(", "),
+            extra.kernel_version,
+            host.version,
+            host.name
+        ))),
+        None => Err(LabError::Setup(format!(
+            "{} need the host modules {}, which the lab has not cached: run `{}`",
+            flags(),
+            wanted.join(", "),
+            super::SETUP_COMMAND
+        ))),
+    }
 }
 
 /// Copies QEMU's stdout (the host console) into the log, optionally to

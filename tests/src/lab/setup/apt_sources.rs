@@ -133,7 +133,7 @@ pub(super) fn ensure_backports_source() -> Result<(), LabError> {
 }
 
 /// The URI and Signed-By key of the machine's Debian bookworm source.
-fn machine_mirror() -> Result<(String, Option<String>), LabError> {
+pub(super) fn machine_mirror() -> Result<(String, Option<String>), LabError> {
     mirror_of(&read_apt_sources())
 }
 

@@ -12,6 +12,7 @@
 //! modules) and `linux-base-VERSION` (config, System.map); the first two
 //! are downloaded in its place.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
@@ -108,39 +109,8 @@ fn download_and_unpack(
     package: &str,
 ) -> Result<(PathBuf, String), LabError> {
     let downloads = paths.downloads_dir();
-    std::fs::create_dir_all(&downloads)
-        .map_err(|e| LabError::io("cannot create", &downloads, e))?;
     let parts = kernel_parts(&apt.output("apt-cache", &["show", package])?, package);
-    let missing: Vec<&str> = parts
-        .iter()
-        .filter(|part| find_deb(&downloads, part).is_none())
-        .map(String::as_str)
-        .collect();
-    if !missing.is_empty() {
-        let started = Instant::now();
-        eprintln!("barge-lab: downloading {}", missing.join(" "));
-        let rendered = format!("apt-get download {}", missing.join(" "));
-        let status = apt
-            .command("apt-get")
-            .args(["download", "-q"])
-            .args(&missing)
-            .current_dir(&downloads)
-            .status()
-            .map_err(|e| LabError::Command {
-                command: rendered.clone(),
-                detail: e.to_string(),
-            })?;
-        if !status.success() {
-            return Err(LabError::Command {
-                command: rendered,
-                detail: status.to_string(),
-            });
-        }
-        eprintln!(
-            "barge-lab: downloaded in {:.1} s",
-            started.elapsed().as_secs_f64()
-        );
-    }
+    download_missing(paths, apt, &parts)?;
     let started = Instant::now();
     let unpacked = downloads.join("unpacked");
     let _ = std::fs::remove_dir_all(&unpacked);
@@ -166,6 +136,63 @@ fn download_and_unpack(
         .unwrap_or(package)
         .to_string();
     Ok((unpacked, version))
+}
+
+/// Downloads those of `packages` whose .deb is not in the downloads folder.
+fn download_missing(paths: &LabPaths, apt: &AptSuite, packages: &[String]) -> Result<(), LabError> {
+    let downloads = paths.downloads_dir();
+    std::fs::create_dir_all(&downloads)
+        .map_err(|e| LabError::io("cannot create", &downloads, e))?;
+    let missing: Vec<&str> = packages
+        .iter()
+        .filter(|part| find_deb(&downloads, part).is_none())
+        .map(String::as_str)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let started = Instant::now();
+    eprintln!("barge-lab: downloading {}", missing.join(" "));
+    let rendered = format!("apt-get download {}", missing.join(" "));
+    let status = apt
+        .command("apt-get")
+        .args(["download", "-q"])
+        .args(&missing)
+        .current_dir(&downloads)
+        .status()
+        .map_err(|e| LabError::Command {
+            command: rendered.clone(),
+            detail: e.to_string(),
+        })?;
+    if !status.success() {
+        return Err(LabError::Command {
+            command: rendered,
+            detail: status.to_string(),
+        });
+    }
+    eprintln!(
+        "barge-lab: downloaded in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// The .deb of the main (bookworm-backports, whole: before Linux 6.16)
+/// kernel package `package`, from the downloads folder, downloaded again
+/// when it is gone.
+pub(super) fn main_kernel_deb(paths: &LabPaths, package: &str) -> Result<PathBuf, LabError> {
+    let downloads = paths.downloads_dir();
+    if let Some(deb) = find_deb(&downloads, package) {
+        return Ok(deb);
+    }
+    let apt = AptSuite::bookworm_backports()?;
+    download_missing(paths, &apt, &[package.to_string()])?;
+    find_deb(&downloads, package).ok_or_else(|| {
+        LabError::Setup(format!(
+            "apt-get download {package} left no .deb in {}",
+            downloads.display()
+        ))
+    })
 }
 
 /// The packages that carry a kernel, from `apt-cache show` of its versioned
@@ -475,6 +502,41 @@ fn install_with_modules(
         names.push(name);
     }
     Ok(names)
+}
+
+/// Writes each of `roots` and the modules it depends on (found under
+/// `modules`) into `target_modules`, emptied first, decompressed; returns
+/// each root's load order (dependencies first, the root last).
+pub(super) fn cache_module_orders(
+    modules: &Path,
+    target_modules: &Path,
+    roots: &[&str],
+) -> Result<BTreeMap<String, Vec<String>>, LabError> {
+    let _ = std::fs::remove_dir_all(target_modules);
+    std::fs::create_dir_all(target_modules)
+        .map_err(|e| LabError::io("cannot create", target_modules, e))?;
+    let found = list_files(modules);
+    let mut read = |name: &str| {
+        let source = find_module(&found, name).ok_or_else(|| {
+            LabError::Setup(format!(
+                "module {name} not found under {} (looked for .ko, .ko.xz, .ko.zst)",
+                modules.display()
+            ))
+        })?;
+        read_module(source)
+    };
+    let mut orders = BTreeMap::new();
+    for root in roots {
+        let order = load_order(&[root], &mut read)?;
+        let mut names = Vec::new();
+        for (name, bytes) in order {
+            let target = target_modules.join(format!("{name}.ko"));
+            std::fs::write(&target, bytes).map_err(|e| LabError::io("cannot write", &target, e))?;
+            names.push(name);
+        }
+        orders.insert(root.to_string(), names);
+    }
+    Ok(orders)
 }
 
 /// The kernel release a bzImage carries in its setup header (the first

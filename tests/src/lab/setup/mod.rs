@@ -21,6 +21,7 @@
 //! - `elf.rs`: the ELF section reader `.modinfo` is read with.
 
 mod apt_sources;
+mod debian;
 mod elf;
 mod iommufd;
 mod kbuild;
@@ -113,19 +114,27 @@ pub fn setup(paths: &LabPaths, options: &SetupOptions) -> Result<LabState, LabEr
                     state.save(paths)?;
                 }
             }
+            if debian::ensure_debian(paths, &mut state, have_apt())? {
+                state.check()?;
+                state.save(paths)?;
+            }
             eprintln!(
-                "barge-lab: already set up: kernel {} ({}), {}, {}, {}, QEMU {} ({:.1} s)",
+                "barge-lab: already set up: kernel {} ({}), {}, {}, {}, {}, QEMU {} ({:.1} s)",
                 state.kernel_version,
                 state.kernel_package,
                 describe_generic(&state.generic),
                 describe_iommufd(&state.iommufd),
                 describe_more_hosts(&state),
+                describe_debian(&state),
                 state.qemu_version,
                 started.elapsed().as_secs_f64()
             );
             return Ok(state);
         }
     }
+    // A Debian image built before stays when it still fits (ensure_debian
+    // checks its recipe and kernel).
+    let previous = LabState::load(paths).ok();
     let apt = have_apt();
     let (qemu, qemu_version) = host_qemu(options, apt)?;
     let busybox = host_busybox(options, apt)?;
@@ -154,6 +163,8 @@ pub fn setup(paths: &LabPaths, options: &SetupOptions) -> Result<LabState, LabEr
         generic,
         more_host_kernels: Vec::new(),
         iommufd,
+        debian: previous.as_ref().and_then(|p| p.debian.clone()),
+        extra_modules: previous.and_then(|p| p.extra_modules),
     };
     state.check()?;
     // Saved before the second host kernel: the main lab works without it.
@@ -170,14 +181,19 @@ pub fn setup(paths: &LabPaths, options: &SetupOptions) -> Result<LabState, LabEr
             state.save(paths)?;
         }
     }
+    if debian::ensure_debian(paths, &mut state, apt)? {
+        state.check()?;
+        state.save(paths)?;
+    }
     eprintln!(
-        "barge-lab: set up: kernel {} ({}), {}, {}, {}, QEMU {}, busybox {}; cached in {} \
+        "barge-lab: set up: kernel {} ({}), {}, {}, {}, {}, QEMU {}, busybox {}; cached in {} \
          ({:.1} s)",
         state.kernel_version,
         state.kernel_package,
         describe_generic(&state.generic),
         describe_iommufd(&state.iommufd),
         describe_more_hosts(&state),
+        describe_debian(&state),
         state.qemu_version,
         state.busybox.display(),
         paths.root.display(),
@@ -250,6 +266,17 @@ fn describe_more_hosts(state: &LabState) -> String {
         })
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+fn describe_debian(state: &LabState) -> String {
+    match &state.debian {
+        Some(image) => format!(
+            "Debian bookworm guest image with kernel {} ({})",
+            image.kernel_version,
+            image.disk.display()
+        ),
+        None => "no Debian guest image".into(),
+    }
 }
 
 fn describe_iommufd(iommufd: &Option<IommufdModules>) -> String {
@@ -361,7 +388,7 @@ fn qemu_major(version: &str) -> u32 {
         .unwrap_or(0)
 }
 
-fn apt_install(packages: &[&str], suite: Option<&str>) -> Result<(), LabError> {
+pub(super) fn apt_install(packages: &[&str], suite: Option<&str>) -> Result<(), LabError> {
     let mut args = vec!["install", "-y", "--no-install-recommends"];
     if let Some(suite) = suite {
         args.extend(["-t", suite]);
