@@ -71,6 +71,10 @@ pub struct DebianBoot {
     pub timeout_secs: u32,
     /// The guest's shell command (after ` -- ` on its command line).
     pub command: String,
+    /// barge only: pass through the lab device whose BDF is in this
+    /// environment variable of the lab host (e.g. `LAB_NVME0`), as
+    /// `--device vfio=$VAR`.
+    pub passthrough_env: Option<&'static str>,
 }
 
 impl DebianBoot {
@@ -86,6 +90,7 @@ impl DebianBoot {
             verbose: false,
             timeout_secs: 600,
             command: command.to_string(),
+            passthrough_env: None,
         }
     }
 
@@ -171,6 +176,8 @@ impl DebianBoot {
                     let net = format!("tap={TAP_NAME}");
                     push(&["--net", &net]);
                 }
+                let report = format!("/out/{}.report.json", self.name);
+                push(&["--report", &report]);
                 push(&["--cmdline", &self.cmdline()]);
             }
         }
@@ -182,12 +189,16 @@ impl DebianBoot {
     pub fn script(&self) -> String {
         format!(
             "# The Debian guest `{name}` under {vmm}.\n\
-             {{\n    echo {VMM_START}\n    timeout -s KILL {timeout} {argv} < /dev/null 2>&1\n    \
+             {{\n    echo {VMM_START}\n    timeout -s KILL {timeout} {argv}{passthrough} < /dev/null 2>&1\n    \
              echo \"{VMM_EXIT} $?\"\n}} | {STAMP} > /out/{name}.console\n",
             name = self.name,
             vmm = self.vmm.name(),
             timeout = self.timeout_secs,
             argv = shell_quote(&self.vmm_argv()),
+            passthrough = match (self.vmm, self.passthrough_env) {
+                (Vmm::Barge, Some(var)) => format!(" --device \"vfio=${var}\""),
+                _ => String::new(),
+            },
         )
     }
 
