@@ -26,9 +26,11 @@ enum LabCommand {
     /// cache the current bookworm-backports cloud kernel with its modules,
     /// the generic kernel of the same version with e1000e, that cloud
     /// kernel's vfio modules rebuilt with iommufd from its Debian headers and
-    /// source, and the current trixie-backports cloud kernel as a second host
-    /// kernel (under $BARGE_LAB_DIR, default target/lab). Idempotent; offline
-    /// once cached. Without apt, give the files by hand.
+    /// source, the current trixie-backports cloud kernel as a second host
+    /// kernel, and a Debian bookworm guest image (mmdebstrap from the
+    /// machine's mirror, with that cloud kernel and its initrd; `run
+    /// --debian`) (under $BARGE_LAB_DIR, default target/lab). Idempotent;
+    /// offline once cached. Without apt, give the files by hand.
     Setup {
         /// A bzImage to use instead of Debian's (needs --modules).
         #[arg(long, value_name = "BZIMAGE")]

@@ -562,18 +562,15 @@ fn extra_modules(
     if wanted.is_empty() {
         return Ok(Vec::new());
     }
-    let flags = || {
-        [(options.debian, "--debian"), (options.tap, "--tap")]
-            .iter()
-            .filter(|(on, _)| *on)
-            .map(|(_, flag)| *flag)
-            .collect::<Vec<_>>()
-            .join(" and ")
+    let flags = || match (options.debian, options.tap) {
+        (true, true) => "--debian and --tap need",
+        (true, false) => "--debian needs",
+        _ => "--tap needs",
     };
     match &state.extra_modules {
         Some(extra) if extra.kernel_version == host.version => extra.load_order_for(&wanted),
         Some(extra) => Err(LabError::Usage(format!(
-            "{} need the host modules {} that setup caches for the main host kernel {} only, \
+            "{} the host modules {} that setup caches for the main host kernel {} only, \
              not for {} ({}): drop --host-kernel",
             flags(),
             wanted.join(", "),
@@ -582,7 +579,7 @@ fn extra_modules(
             host.name
         ))),
         None => Err(LabError::Setup(format!(
-            "{} need the host modules {}, which the lab has not cached: run `{}`",
+            "{} the host modules {}, which the lab has not cached: run `{}`",
             flags(),
             wanted.join(", "),
             super::SETUP_COMMAND

@@ -3,10 +3,11 @@
 //! current bookworm-backports cloud kernel with the modules the lab host loads,
 //! the generic kernel of the same version with the modules its guests
 //! load (e1000e, which the cloud kernel lacks), the cloud kernel's vfio
-//! modules rebuilt with iommufd, and trixie-backports' current cloud kernel
-//! as a second host kernel (only unpacked, never installed). It is
-//! idempotent, and offline once cached. Without apt, the files can be
-//! supplied by hand.
+//! modules rebuilt with iommufd, trixie-backports' current cloud kernel
+//! as a second host kernel (only unpacked, never installed), and a Debian
+//! bookworm guest image built with mmdebstrap (with the host's virtio_blk and
+//! tun modules). It is idempotent, and offline once cached. Without apt, the
+//! files can be supplied by hand (all but the Debian image).
 //!
 //! # Files
 //!
@@ -15,6 +16,7 @@
 //!   trixie-backports' private apt configuration.
 //! - `kernel.rs`: the cloud and generic kernel packages, whole or split.
 //! - `iommufd.rs`: each host kernel's vfio modules rebuilt with iommufd.
+//! - `debian.rs`: the Debian guest image and the host modules it needs.
 //! - `kbuild.rs`: making a newer Debian kernel's build tools work here
 //!   (7.3's kbuild programs and gcc-14).
 //! - `modules.rs`: finding, decompressing and ordering kernel modules.
