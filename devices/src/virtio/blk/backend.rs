@@ -216,7 +216,8 @@ impl FileBackend {
             ImageKind::File => format!("{:x}-{:x}", self.identity.0, self.identity.1),
             ImageKind::BlockDevice => format!("dev-{:x}", self.identity.1),
         };
-        let skip = serial.len().saturating_sub(super::request::ID_BYTES);
+        let id_bytes = virtio_bindings::virtio_blk::VIRTIO_BLK_ID_BYTES as usize;
+        let skip = serial.len().saturating_sub(id_bytes);
         serial[skip..].to_string()
     }
 
