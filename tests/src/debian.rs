@@ -335,6 +335,16 @@ impl GuestConsole {
             .collect::<String>()
     }
 
+    /// The last `count` lines, without the stamps (for failure messages).
+    pub fn tail(&self, count: usize) -> String {
+        let start = self.lines.len().saturating_sub(count);
+        self.lines[start..]
+            .iter()
+            .map(|(_, l)| l.as_str())
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
     /// The first line holding `marker` (from the marker on: a line may
     /// start with the tail of the kernel's output), and when it came.
     pub fn find(&self, marker: &str) -> Option<(f64, &str)> {

@@ -71,14 +71,7 @@ fn debian_boots_under_qemu_in_the_lab_keeps_its_files_and_talks_tcp_over_the_tap
         .map(|boot| (boot, GuestConsole::read(&dir, &boot.name)))
         .collect();
     for (boot, console) in &consoles {
-        let tail: Vec<&str> = console
-            .lines
-            .iter()
-            .rev()
-            .take(40)
-            .map(|(_, l)| l.as_str())
-            .collect();
-        let tail = tail.into_iter().rev().collect::<Vec<_>>().join("\n");
+        let tail = console.tail(40);
         let up = console
             .guest_up()
             .unwrap_or_else(|| panic!("{}: no GUEST-UP; the console's end:\n{tail}", boot.name));

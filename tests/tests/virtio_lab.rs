@@ -119,14 +119,7 @@ fn debian_boots_from_barge_virtio_blk_talks_over_virtio_net_and_reads_a_passed_t
         .map(|boot| GuestConsole::read(&dir, &boot.name))
         .collect();
     for (boot, console) in boots.iter().zip(&consoles) {
-        let tail: Vec<&str> = console
-            .lines
-            .iter()
-            .rev()
-            .take(40)
-            .map(|(_, l)| l.as_str())
-            .collect();
-        let tail = tail.into_iter().rev().collect::<Vec<_>>().join("\n");
+        let tail = console.tail(40);
         let up = console
             .guest_up()
             .unwrap_or_else(|| panic!("{}: no GUEST-UP; the console's end:\n{tail}", boot.name));

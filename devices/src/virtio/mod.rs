@@ -136,6 +136,20 @@ pub struct Activation {
     pub interrupt: Arc<dyn VirtioInterrupt>,
 }
 
+impl Activation {
+    /// `Ok` when the driver enabled every queue in `needed`; else the first
+    /// missing one.
+    pub fn require_queues(&self, needed: &[u16]) -> Result<(), ActivateError> {
+        match needed
+            .iter()
+            .find(|index| !self.queues.iter().any(|queue| queue.index == **index))
+        {
+            Some(missing) => Err(ActivateError::QueueMissing(*missing)),
+            None => Ok(()),
+        }
+    }
+}
+
 impl fmt::Debug for Activation {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Activation")

@@ -429,9 +429,7 @@ impl VirtioDevice for BlockDevice {
     }
 
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
-        if !activation.queues.iter().any(|q| q.index == 0) {
-            return Err(ActivateError::QueueMissing(0));
-        }
+        activation.require_queues(&[0])?;
         self.worker.activate(activation)
     }
 

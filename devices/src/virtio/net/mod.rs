@@ -252,11 +252,7 @@ impl VirtioDevice for NetDevice {
     }
 
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
-        for index in [RX_QUEUE, TX_QUEUE] {
-            if !activation.queues.iter().any(|queue| queue.index == index) {
-                return Err(ActivateError::QueueMissing(index));
-            }
-        }
+        activation.require_queues(&[RX_QUEUE, TX_QUEUE])?;
         self.worker.activate(activation)
     }
 
