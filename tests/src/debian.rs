@@ -493,8 +493,12 @@ mod tests {
             boot.vmm_argv().join(" "),
             "barge run --kernel /lab/guest/debian/vmlinuz --initramfs /lab/guest/debian/initrd.img \
              --disk path=/lab/guest/debian/rootfs.img --cpus 2 --memory size=1024M --net tap=barge0 \
-             --cmdline console=ttyS0 root=/dev/vda rw quiet panic=-1 -- \"true\""
+             --report /out/b.report.json --cmdline console=ttyS0 root=/dev/vda rw quiet panic=-1 -- \"true\""
         );
+        boot.passthrough_env = Some("LAB_NVME0");
+        assert!(boot.script().contains(" --device \"vfio=$LAB_NVME0\" < /dev/null"));
+        boot.vmm = Vmm::Qemu;
+        assert!(!boot.script().contains("--device \"vfio"));
     }
 
     #[test]
