@@ -496,7 +496,9 @@ mod tests {
              --report /out/b.report.json --cmdline console=ttyS0 root=/dev/vda rw quiet panic=-1 -- \"true\""
         );
         boot.passthrough_env = Some("LAB_NVME0");
-        assert!(boot.script().contains(" --device \"vfio=$LAB_NVME0\" < /dev/null"));
+        assert!(boot
+            .script()
+            .contains(" --device \"vfio=$LAB_NVME0\" < /dev/null"));
         boot.vmm = Vmm::Qemu;
         assert!(!boot.script().contains("--device \"vfio"));
     }
