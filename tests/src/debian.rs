@@ -258,6 +258,38 @@ pub fn tcp_host_script(bytes: u64, timeout_secs: u32) -> String {
     )
 }
 
+/// `/out/NAME` as the lab brought it back under `out_dir`, trimmed (empty
+/// when the file is missing).
+pub fn out_file(out_dir: &Path, name: &str) -> String {
+    std::fs::read_to_string(out_dir.join(name))
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+}
+
+/// Checks what [`tcp_host_script`] and [`tcp_guest_command`] (on the boot
+/// whose console is `console`) left: both transfers worked, and each end
+/// saw the sha256 the other sent (two different sums). Prints both.
+pub fn assert_tcp_transfer(out_dir: &Path, console: &GuestConsole, bytes: u64) {
+    let file = |name: &str| out_file(out_dir, name);
+    assert_eq!(file("tcp.status"), "0", "{}", console.text());
+    let (to_guest, from_guest) = (file("tcp-to-guest.sha256"), file("tcp-from-guest.sha256"));
+    let (guest_received, guest_sent) = (
+        console.guest_sha256("from-host").unwrap_or_default(),
+        console.guest_sha256("to-host").unwrap_or_default(),
+    );
+    println!(
+        "tcp: {bytes} bytes lab host -> guest: sent {to_guest}, guest received {guest_received}"
+    );
+    println!(
+        "tcp: {bytes} bytes guest -> lab host: guest sent {guest_sent}, received {from_guest}"
+    );
+    assert_eq!(to_guest.len(), 64);
+    assert_eq!(to_guest, guest_received);
+    assert_eq!(from_guest, guest_sent);
+    assert_ne!(to_guest, from_guest);
+}
+
 /// Sequential write then read of `mib` MiB with dd inside the guest,
 /// direct I/O (the page cache out of the way), in a file on the root file
 /// system: `GUEST-DD write <dd's summary line>` and `GUEST-DD read ...`.
@@ -333,6 +365,21 @@ impl GuestConsole {
             .iter()
             .map(|(_, l)| format!("{l}\n"))
             .collect::<String>()
+    }
+
+    /// Checks that boot `name` ran to its end: GUEST-UP with `cpus` vCPUs
+    /// and more than 900 MB of memory, GUEST-EXIT 0, the VMM's status 0
+    /// (each failure shows the console's last 40 lines). Returns GUEST-UP.
+    pub fn assert_ran(&self, name: &str, cpus: u32) -> GuestUp {
+        let tail = self.tail(40);
+        let up = self
+            .guest_up()
+            .unwrap_or_else(|| panic!("{name}: no GUEST-UP; the console's end:\n{tail}"));
+        assert_eq!(up.cpus, cpus, "{name}");
+        assert!(up.mem_kb > 900_000, "{name}: {up:?}");
+        assert_eq!(self.guest_exit(), Some(0), "{name}:\n{tail}");
+        assert_eq!(self.vmm_exit(), Some(0), "{name}: the VMM's status\n{tail}");
+        up
     }
 
     /// The last `count` lines, without the stamps (for failure messages).

@@ -8,7 +8,8 @@
 //! barge's virtio-blk will be compared with).
 
 use barge_tests::debian::{
-    dd_command, tcp_guest_command, tcp_host_script, DebianBoot, GuestConsole,
+    assert_tcp_transfer, dd_command, out_file, tcp_guest_command, tcp_host_script, DebianBoot,
+    GuestConsole,
 };
 use barge_tests::harness::{lab_script, output_text};
 
@@ -58,32 +59,14 @@ fn debian_boots_under_qemu_in_the_lab_keeps_its_files_and_talks_tcp_over_the_tap
         &script,
     );
     assert!(output.status.success(), "{}", output_text(&output));
-    let file = |name: &str| {
-        std::fs::read_to_string(dir.join(name))
-            .unwrap_or_default()
-            .trim()
-            .to_string()
-    };
-    println!("peer VMM: {}", file("qemu-version"));
+    println!("peer VMM: {}", out_file(&dir, "qemu-version"));
 
     let consoles: Vec<(&DebianBoot, GuestConsole)> = [&write, &read, &tcp, &dd]
         .into_iter()
         .map(|boot| (boot, GuestConsole::read(&dir, &boot.name)))
         .collect();
     for (boot, console) in &consoles {
-        let tail = console.tail(40);
-        let up = console
-            .guest_up()
-            .unwrap_or_else(|| panic!("{}: no GUEST-UP; the console's end:\n{tail}", boot.name));
-        assert_eq!(up.cpus, 2, "{}", boot.name);
-        assert!(up.mem_kb > 900_000, "{}: {up:?}", boot.name);
-        assert_eq!(console.guest_exit(), Some(0), "{}:\n{tail}", boot.name);
-        assert_eq!(
-            console.vmm_exit(),
-            Some(0),
-            "{}: QEMU's status\n{tail}",
-            boot.name
-        );
+        console.assert_ran(&boot.name, 2);
         for marker in ["GUEST-UP", "GUEST-EXIT"] {
             println!(
                 "{}: {}",
@@ -131,23 +114,7 @@ fn debian_boots_under_qemu_in_the_lab_keeps_its_files_and_talks_tcp_over_the_tap
     );
 
     // TCP over the tap, both ways.
-    let net = console("tcp");
-    assert_eq!(file("tcp.status"), "0", "{}", net.text());
-    let (to_guest, from_guest) = (file("tcp-to-guest.sha256"), file("tcp-from-guest.sha256"));
-    let (guest_received, guest_sent) = (
-        net.guest_sha256("from-host").unwrap_or_default(),
-        net.guest_sha256("to-host").unwrap_or_default(),
-    );
-    println!(
-        "tcp: {TCP_BYTES} bytes lab host -> guest: sent {to_guest}, guest received {guest_received}"
-    );
-    println!(
-        "tcp: {TCP_BYTES} bytes guest -> lab host: guest sent {guest_sent}, received {from_guest}"
-    );
-    assert_eq!(to_guest.len(), 64);
-    assert_eq!(to_guest, guest_received);
-    assert_eq!(from_guest, guest_sent);
-    assert_ne!(to_guest, from_guest);
+    assert_tcp_transfer(&dir, console("tcp"), TCP_BYTES);
 
     // QEMU's virtio-blk throughput (printed: the reference for barge's).
     let throughput = console("dd");

@@ -19,7 +19,8 @@
 //! entry (kind, guest BDF, requests and bytes served).
 
 use barge_tests::debian::{
-    dd_command, tcp_guest_command, tcp_host_script, DebianBoot, GuestConsole, Vmm, UDEV_SETTLE,
+    assert_tcp_transfer, dd_command, out_file, tcp_guest_command, tcp_host_script, DebianBoot,
+    GuestConsole, Vmm, UDEV_SETTLE,
 };
 use barge_tests::harness::{lab_script, output_text};
 use barge_tests::nvme::{expected_sha256, fresh_image, CHECKED};
@@ -102,14 +103,8 @@ fn debian_boots_from_barge_virtio_blk_talks_over_virtio_net_and_reads_a_passed_t
         &script,
     );
     assert!(output.status.success(), "{}", output_text(&output));
-    let file = |name: &str| {
-        std::fs::read_to_string(dir.join(name))
-            .unwrap_or_default()
-            .trim()
-            .to_string()
-    };
     let report = |name: &str| -> Value {
-        serde_json::from_str(&file(&format!("{name}.report.json")))
+        serde_json::from_str(&out_file(&dir, &format!("{name}.report.json")))
             .unwrap_or_else(|e| panic!("{name}: no report ({e})"))
     };
 
@@ -119,18 +114,7 @@ fn debian_boots_from_barge_virtio_blk_talks_over_virtio_net_and_reads_a_passed_t
         .map(|boot| GuestConsole::read(&dir, &boot.name))
         .collect();
     for (boot, console) in boots.iter().zip(&consoles) {
-        let tail = console.tail(40);
-        let up = console
-            .guest_up()
-            .unwrap_or_else(|| panic!("{}: no GUEST-UP; the console's end:\n{tail}", boot.name));
-        assert_eq!(up.cpus, 2, "{}", boot.name);
-        assert_eq!(console.guest_exit(), Some(0), "{}:\n{tail}", boot.name);
-        assert_eq!(
-            console.vmm_exit(),
-            Some(0),
-            "{}: the VMM's status\n{tail}",
-            boot.name
-        );
+        console.assert_ran(&boot.name, 2);
         println!(
             "{} ({}): {} | GUEST-EXIT 0 | start to GUEST-UP {:.1} s (lab host uptime)",
             boot.name,
@@ -185,20 +169,7 @@ fn debian_boots_from_barge_virtio_blk_talks_over_virtio_net_and_reads_a_passed_t
     assert_eq!(blk["virtio"]["errors"], 0, "{blk}");
 
     // TCP over barge's virtio-net, both ways.
-    let net = console("tcp");
-    assert_eq!(file("tcp.status"), "0", "{}", net.text());
-    let (to_guest, from_guest) = (file("tcp-to-guest.sha256"), file("tcp-from-guest.sha256"));
-    let (guest_received, guest_sent) = (
-        net.guest_sha256("from-host").unwrap_or_default(),
-        net.guest_sha256("to-host").unwrap_or_default(),
-    );
-    println!("tcp: {TCP_BYTES} bytes lab host -> guest: sent {to_guest}, guest received {guest_received}");
-    println!(
-        "tcp: {TCP_BYTES} bytes guest -> lab host: guest sent {guest_sent}, received {from_guest}"
-    );
-    assert_eq!(to_guest.len(), 64);
-    assert_eq!(to_guest, guest_received);
-    assert_eq!(from_guest, guest_sent);
+    assert_tcp_transfer(&dir, console("tcp"), TCP_BYTES);
     let tcp_report = report("tcp");
     let virtio_net = device(&tcp_report, "virtio-net");
     println!("tcp: report virtio-net {virtio_net}");
