@@ -23,6 +23,9 @@ pub const INITRD: &str = "/lab/guest/debian/initrd.img";
 /// Console lines the boot script adds around the VMM's own output.
 pub const VMM_START: &str = "VMM-START";
 pub const VMM_EXIT: &str = "VMM-EXIT";
+/// The line the boot script adds before it boots a guest once more (see
+/// [`DebianBoot::attempts`]).
+pub const VMM_RETRY: &str = "VMM-RETRY";
 
 /// The TCP check's ports in the guest: the lab host sends to the first,
 /// receives from the second.
@@ -75,6 +78,14 @@ pub struct DebianBoot {
     /// environment variable of the lab host (e.g. `LAB_NVME0`), as
     /// `--device vfio=$VAR`.
     pub passthrough_env: Option<&'static str>,
+    /// How many times the boot script boots the guest while a boot ends
+    /// without GUEST-EXIT (1: once, whatever happens). Only for boots whose
+    /// VMM is not under test: the lab's nested emulation (TCG emulating
+    /// SVM) has, rarely, reset a guest without a message (QEMU, with
+    /// `-no-reboot`, then exits 0), and the peer VMM's runs are reference
+    /// figures, not checks of barge. Each retry leaves a [`VMM_RETRY`]
+    /// line on the console; [`GuestConsole::retries`] has them.
+    pub attempts: u32,
 }
 
 impl DebianBoot {
@@ -91,6 +102,7 @@ impl DebianBoot {
             timeout_secs: 600,
             command: command.to_string(),
             passthrough_env: None,
+            attempts: 1,
         }
     }
 
@@ -185,14 +197,22 @@ impl DebianBoot {
     }
 
     /// The lab host's shell lines that run the boot to its end and log its
-    /// console (stamped) to `/out/NAME.console`.
+    /// console (stamped) to `/out/NAME.console`, booting it again (up to
+    /// [`DebianBoot::attempts`] boots) while a boot ends without GUEST-EXIT.
     pub fn script(&self) -> String {
         format!(
-            "# The Debian guest `{name}` under {vmm}.\n\
-             {{\n    echo {VMM_START}\n    timeout -s KILL {timeout} {argv}{passthrough} < /dev/null 2>&1\n    \
-             echo \"{VMM_EXIT} $?\"\n}} | {STAMP} > /out/{name}.console\n",
+            "# The Debian guest `{name}` under {vmm} (at most {attempts} boots).\n\
+             {{\n    attempt=1\n    while :; do\n        \
+             {{ echo {VMM_START}; timeout -s KILL {timeout} {argv}{passthrough} < /dev/null 2>&1; \
+             echo \"{VMM_EXIT} $?\"; }} | tee /tmp/{name}.boot\n        \
+             if grep -q 'GUEST-EXIT ' /tmp/{name}.boot || [ $attempt -ge {attempts} ]; then break; fi\n        \
+             attempt=$((attempt + 1))\n        \
+             echo \"{VMM_RETRY} no GUEST-EXIT: booting {name} again ($attempt of {attempts})\"\n    \
+             done\n    rm -f /tmp/{name}.boot\n\
+             }} | {STAMP} > /out/{name}.console\n",
             name = self.name,
             vmm = self.vmm.name(),
+            attempts = self.attempts.max(1),
             timeout = self.timeout_secs,
             argv = shell_quote(&self.vmm_argv()),
             passthrough = match (self.vmm, self.passthrough_env) {
@@ -333,10 +353,15 @@ pub struct GuestUp {
     pub mem_kb: u64,
 }
 
-/// A boot's console, each line with the lab host's uptime when it came.
+/// A boot's console, each line with the lab host's uptime when it came:
+/// the last boot's (from its `VMM-START` on) when the boot script booted
+/// the guest more than once.
 #[derive(Debug, Clone, Default)]
 pub struct GuestConsole {
     pub lines: Vec<(f64, String)>,
+    /// The [`VMM_RETRY`] lines, one per boot before the last, with the
+    /// console's last lines before each (what the failed boot printed).
+    pub retries: Vec<String>,
 }
 
 impl GuestConsole {
@@ -348,15 +373,28 @@ impl GuestConsole {
     }
 
     pub fn parse(text: &str) -> Self {
-        let lines = text
-            .lines()
-            .filter_map(|line| {
-                let (stamp, rest) = line.split_once(' ').unwrap_or((line, ""));
-                let stamp: f64 = stamp.parse().ok()?;
-                Some((stamp, rest.trim_end_matches('\r').to_string()))
-            })
-            .collect();
-        GuestConsole { lines }
+        let mut lines: Vec<(f64, String)> = Vec::new();
+        let mut retries = Vec::new();
+        for line in text.lines() {
+            let (stamp, rest) = line.split_once(' ').unwrap_or((line, ""));
+            let Ok(stamp) = stamp.parse::<f64>() else {
+                continue;
+            };
+            let rest = rest.trim_end_matches('\r').to_string();
+            if rest.starts_with(VMM_RETRY) {
+                let before = GuestConsole {
+                    lines: std::mem::take(&mut lines),
+                    retries: Vec::new(),
+                };
+                retries.push(format!(
+                    "{rest}; the boot before it ended:\n{}",
+                    before.tail(15)
+                ));
+            } else {
+                lines.push((stamp, rest));
+            }
+        }
+        GuestConsole { lines, retries }
     }
 
     /// The console as the VMM printed it, without the stamps.
@@ -548,6 +586,96 @@ mod tests {
             .contains(" --device \"vfio=$LAB_NVME0\" < /dev/null"));
         boot.vmm = Vmm::Qemu;
         assert!(!boot.script().contains("--device \"vfio"));
+    }
+
+    /// Runs `boot`'s script with `qemu-system-x86_64` a stub that ends its
+    /// first boot without GUEST-EXIT (as a guest reset would) and runs
+    /// later ones to the end; /out and /tmp are a scratch folder.
+    fn run_with_a_stub_vmm(boot: &DebianBoot) -> GuestConsole {
+        let dir = std::env::temp_dir().join(format!(
+            "barge-debian-script-{}-{}",
+            std::process::id(),
+            boot.attempts
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let stub = dir.join("qemu-system-x86_64");
+        std::fs::write(
+            &stub,
+            format!(
+                "#!/bin/sh\necho GUEST-UP cpus=2 mem_kb=990064\n\
+                 if [ -e {d}/booted ]; then echo GUEST-EXIT 0; else touch {d}/booted; echo reset; fi\n",
+                d = dir.display()
+            ),
+        )
+        .unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&stub, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let script = boot
+            .script()
+            .replace("/tmp/", &format!("{}/", dir.display()))
+            .replace("/out/", &format!("{}/", dir.display()));
+        let status = std::process::Command::new("sh")
+            .args(["-c", &script])
+            .env(
+                "PATH",
+                format!(
+                    "{}:{}",
+                    dir.display(),
+                    std::env::var("PATH").unwrap_or_default()
+                ),
+            )
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let console = GuestConsole::read(&dir, &boot.name);
+        let left: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert!(
+            !left.iter().any(|n| n.to_string_lossy().ends_with(".boot")),
+            "{left:?}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+        console
+    }
+
+    #[test]
+    fn a_boot_without_guest_exit_is_booted_again_only_when_attempts_allow() {
+        let mut boot = DebianBoot::new("retry", "true");
+        let once = run_with_a_stub_vmm(&boot);
+        assert!(once.retries.is_empty());
+        assert_eq!(once.guest_up().map(|u| u.cpus), Some(2));
+        assert_eq!(once.guest_exit(), None);
+        assert_eq!(once.vmm_exit(), Some(0));
+
+        boot.attempts = 2;
+        let twice = run_with_a_stub_vmm(&boot);
+        assert_eq!(twice.retries.len(), 1, "{twice:?}");
+        assert!(
+            twice.retries[0].starts_with("VMM-RETRY no GUEST-EXIT: booting retry again (2 of 2)"),
+            "{}",
+            twice.retries[0]
+        );
+        // The failed boot's lines are with its retry, not in the console.
+        assert!(
+            twice.retries[0].ends_with("reset\nVMM-EXIT 0"),
+            "{}",
+            twice.retries[0]
+        );
+        assert_eq!(twice.lines[0].1, VMM_START);
+        assert_eq!(
+            twice
+                .lines
+                .iter()
+                .filter(|(_, l)| l.starts_with("GUEST-UP"))
+                .count(),
+            1
+        );
+        assert_eq!(twice.guest_exit(), Some(0));
+        assert_eq!(twice.vmm_exit(), Some(0));
     }
 
     #[test]
