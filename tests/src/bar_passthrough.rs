@@ -166,7 +166,26 @@ pub fn check_data_path(
         report["dma"]["gib_per_s"].as_f64().unwrap_or(0.0) > 0.0,
         "{report}"
     );
+    check_phases(&report);
     (log, report)
+}
+
+/// Checks the report's `phases_ms` of a run with a passed-through device:
+/// the phases add up to `start_to_first_run_ms`, and the RAM DMA map's
+/// phase is the DMA map's own time (`dma.ms`, within the millisecond the
+/// rounding may move). Prints them.
+pub fn check_phases(report: &serde_json::Value) {
+    let phases: vmm::report::PhasesReport = serde_json::from_value(report["phases_ms"].clone())
+        .unwrap_or_else(|e| panic!("phases_ms: {e}: {report}"));
+    let first_run = report["start_to_first_run_ms"].as_u64().unwrap_or(0);
+    assert_eq!(phases.total(), first_run, "{report}");
+    let dma_ms = report["dma"]["ms"].as_f64().unwrap_or(-10.0);
+    let phase = phases.ram_dma_map as f64;
+    assert!(
+        (phase - dma_ms).abs() < 1.0,
+        "ram_dma_map {phase} vs dma.ms {dma_ms}: {report}"
+    );
+    println!("{}", phases.summary_line(first_run));
 }
 
 /// Checks the one-boot run of [`barge_script`]; returns the report.

@@ -99,6 +99,15 @@ fn payload_prints_through_com1_and_powers_off_via_acpi() {
         .start_to_first_run_ms
         .expect("start_to_first_run_ms is set once a vCPU ran");
     assert!(first_run <= report.wall_ms, "{report:?}");
+    // The phases are back to back from the process start (here: the run's
+    // start) to the first KVM_RUN: they add up to it.
+    let phases = report.phases_ms.expect("phases_ms is set once a vCPU ran");
+    assert_eq!(
+        phases.total(),
+        first_run,
+        "phases {phases:?} against {first_run} ms to the first KVM_RUN"
+    );
+    assert_eq!(phases.ram_dma_map, 0, "no device needs DMA: {phases:?}");
     assert_eq!(report.memory.len(), 1, "{:?}", report.memory);
     assert_eq!(report.memory[0].gpa, 0);
     assert_eq!(report.memory[0].size, vmm::config::MIN_MEMORY_SIZE);

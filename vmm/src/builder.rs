@@ -1,14 +1,17 @@
 //! The boot sequence, in one straight-line function: [`boot_and_run`].
 
+pub mod phases;
+
 use std::io;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use arch::layout::{ACPI_SLEEP_CONTROL_PORT, COM1_PORT, COM1_PORT_COUNT, I8042_DATA_PORT};
 use devices::pci::PciSegment;
 use resources::placement::{DeviceInput, PlacementError, Windows};
 
+use crate::builder::phases::{BootPhase, PhaseClock};
 use crate::buses::bus::{BusError, Buses};
 use crate::buses::console::ConsoleError;
 use crate::buses::pci;
@@ -89,6 +92,9 @@ pub struct BootOutcome {
     pub devices: Vec<DeviceReport>,
     /// Guest RAM mapped for device DMA, when a device needed it.
     pub dma: Option<DmaReport>,
+    /// The boot's phases up to the vCPU threads' start (the caller ends
+    /// [`BootPhase::VcpuStart`] at the first KVM_RUN).
+    pub phases: PhaseClock,
 }
 
 /// Builds the VM described by `config` and runs it until it stops or
@@ -100,6 +106,7 @@ pub fn boot_and_run(
     input: SerialInput,
     deadline: Option<Instant>,
 ) -> Result<BootOutcome, BuildError> {
+    let mut clock = PhaseClock::starting_now();
     // Everything that can be checked without KVM first.
     config.validate()?;
     loader::inspect_kernel(&config.kernel)?;
@@ -107,6 +114,7 @@ pub fn boot_and_run(
         report::check_writable(path)?;
     }
     let seccomp = VmFilters::compile(config.seccomp)?;
+    clock.end(BootPhase::Checks);
 
     let kvm = kvm::open_kvm()?;
     vm::check_cpu_count(&kvm, config.cpus)?;
@@ -117,16 +125,20 @@ pub fn boot_and_run(
     let phys_bits = pci::phys_bits_from_cpuid(vm::supported_cpuid(&kvm)?.as_slice());
     let windows = Windows::new(&ram_regions, phys_bits)?;
     let vm_fd = Arc::new(vm::create_vm(&kvm)?);
+    clock.end(BootPhase::CreateVm);
     let worker_init = seccomp.as_ref().map(VmFilters::virtio_worker_init);
     let setups = open::open_devices(config, &vm_fd, Path::new(memory::SYSFS_ROOT), worker_init)
         .map_err(BuildError::Device)?;
+    clock.end(BootPhase::OpenDevices);
     let inputs: Vec<DeviceInput> = setups.iter().map(|s| s.plan_input()).collect();
     let plan = resources::plan(&inputs, &windows)?;
+    clock.end(BootPhase::Plan);
 
     let ram = memory::create_guest_memory(&ram_layout, &config.memory)?;
     // Every memslot set goes through this log; the report reads it.
     let memslots = MemslotLog::new();
     vm::map_ram(&vm_fd, &memslots, &ram)?;
+    clock.end(BootPhase::RamAllocation);
     let mut slots = SlotAllocator::new(ram.regions.len() as u32);
     let mut attached = Vec::with_capacity(setups.len());
     for (setup, device_plan) in setups.into_iter().zip(&plan.devices) {
@@ -143,6 +155,18 @@ pub fn boot_and_run(
             .map_err(BuildError::Device)?;
         attached.push((name, kind, device));
     }
+    clock.end(BootPhase::BarMapping);
+    // The RAM DMA map ran inside the attachment of the device that needed
+    // it first; its own measurement moves that part to its phase.
+    let ram_dma_ms: f64 = attached
+        .iter()
+        .filter_map(|(_, _, device)| device.dma.as_ref().map(|dma| dma.ms))
+        .sum();
+    clock.carve(
+        BootPhase::BarMapping,
+        BootPhase::RamDmaMap,
+        Duration::from_secs_f64(ram_dma_ms.max(0.0) / 1000.0),
+    );
 
     let kernel = loader::load_kernel(&ram.memory, &config.kernel)?;
     let initramfs = match &config.initramfs {
@@ -174,6 +198,7 @@ pub fn boot_and_run(
             },
         },
     )?;
+    clock.end(BootPhase::KernelLoad);
 
     let power = PowerSignal::new().map_err(|source| BuildError::Host {
         what: "the power-event EventFd",
@@ -218,6 +243,7 @@ pub fn boot_and_run(
     pci::attach_segment(&mut buses, &Arc::new(Mutex::new(segment)))?;
 
     let vcpus = vm::create_vcpus(&kvm, &vm_fd, config.cpus, &boot_state)?;
+    clock.end(BootPhase::VcpuCreate);
 
     // Proof: pre-fault every BAR before the guest runs, count what KVM mapped.
     if let Some(vcpu) = vcpus.first() {
@@ -231,6 +257,8 @@ pub fn boot_and_run(
             report.bars = device.bars().iter().map(|bar| prover.prove(bar)).collect();
         }
     }
+
+    clock.end(BootPhase::Prefault);
 
     let memory = ram.region_reports();
     let bar_slots: Vec<Vec<Vec<u32>>> = live
@@ -257,6 +285,7 @@ pub fn boot_and_run(
         memory,
         devices: device_reports,
         dma,
+        phases: clock,
     })
 }
 

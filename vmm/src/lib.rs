@@ -63,12 +63,13 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use crate::builder::phases::{BootPhase, PhaseClock};
 use crate::builder::{boot_and_run, BuildError};
 use crate::buses::console::{ConsoleOutput, RawModeGuard};
 use crate::config::{OnReboot, SerialConfig, VmConfig};
 use crate::machine::vcpu::StopCause;
 use crate::machine::vm::SerialInput;
-use crate::report::{ExitReport, Report};
+use crate::report::{ExitReport, PhasesReport, Report};
 
 /// The error type of the embedding API: everything that prevents a VM from
 /// being built or run. A guest that crashes is not an error: it is a
@@ -234,6 +235,7 @@ impl Vm {
         };
         let console = Arc::new(Mutex::new(sink));
         let mut first_run = None;
+        let mut phases = None;
         let outcome = loop {
             let mut boot = boot_and_run(
                 &self.config,
@@ -241,6 +243,11 @@ impl Vm {
                 input,
                 deadline,
             )?;
+            if first_run.is_none() {
+                if let Some(at) = boot.run.first_run {
+                    phases = Some(boot_phases(&boot.phases, start, at));
+                }
+            }
             first_run = first_run.or(boot.run.first_run);
             if boot_again(&mut boot.run, self.config.on_reboot) {
                 log::info!("guest rebooted; booting again (on_reboot=restart)");
@@ -252,6 +259,7 @@ impl Vm {
             exit: exit_report(&outcome.run.cause),
             wall_ms: millis(start.elapsed()),
             start_to_first_run_ms: first_run.map(|t| millis(t.saturating_duration_since(start))),
+            phases_ms: phases,
             memory: outcome.memory,
             kvm_stats: outcome.run.kvm_stats,
             devices: outcome.devices,
@@ -265,6 +273,19 @@ impl Vm {
             report,
         })
     }
+}
+
+/// The phases of a boot that first ran a vCPU at `first_run`: the time
+/// from the process start (`start`) to the boot sequence is the start-up,
+/// the time from the vCPU threads' start to `first_run` the vCPU start.
+fn boot_phases(clock: &PhaseClock, start: Instant, first_run: Instant) -> PhasesReport {
+    let mut clock = clock.clone();
+    clock.end_at(BootPhase::VcpuStart, first_run);
+    clock.add(
+        BootPhase::Startup,
+        clock.started().saturating_duration_since(start),
+    );
+    clock.report()
 }
 
 /// Whether to boot again after `run`: the guest reset, `on_reboot` is

@@ -5,6 +5,9 @@
 //!   "exit": { "reason": "poweroff", "status": 0 },
 //!   "wall_ms": 5123,
 //!   "start_to_first_run_ms": 41,
+//!   "phases_ms": { "startup": 0, "checks": 2, "create_vm": 5, "open_devices": 1, "plan": 0,
+//!                  "ram_allocation": 1, "ram_dma_map": 0, "bar_mapping": 3, "kernel_load": 12,
+//!                  "vcpu_create": 4, "prefault": 1, "vcpu_start": 11 },
 //!   "memory": [
 //!     { "gpa": 0, "size": 536870912, "backing": "anonymous", "page_size": 4096 }
 //!   ],
@@ -64,6 +67,12 @@ pub struct Report {
     /// Process start to the first KVM_RUN, in milliseconds; `null` when no
     /// vCPU ever ran.
     pub start_to_first_run_ms: Option<u64>,
+    /// Where the time to the first KVM_RUN went, step by step (the first
+    /// boot's); `null` when no vCPU ever ran. The phases are back to back:
+    /// they add up to `start_to_first_run_ms` at most (each is rounded
+    /// down).
+    #[serde(default)]
+    pub phases_ms: Option<PhasesReport>,
     /// Guest RAM regions in address order.
     pub memory: Vec<MemoryRegionReport>,
     /// KVM's VM statistics at exit, by KVM's names (pages_4k, pages_2m, ...).
@@ -74,6 +83,82 @@ pub struct Report {
     /// (IOVA = GPA) before the guest ran; `null` without VFIO devices.
     #[serde(default)]
     pub dma: Option<DmaReport>,
+}
+
+/// The boot's phases from the process start to the first KVM_RUN, in
+/// milliseconds, in boot order.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PhasesReport {
+    /// Process start to the boot sequence (command line, configuration).
+    pub startup: u64,
+    /// Configuration, kernel format, report path, seccomp filters.
+    pub checks: u64,
+    /// /dev/kvm, CPUID, KVM_CREATE_VM.
+    pub create_vm: u64,
+    /// Opening VFIO devices, images, taps and shared memory.
+    pub open_devices: u64,
+    /// Placing the MMIO windows and BARs.
+    pub plan: u64,
+    /// Guest RAM allocation and its memslots.
+    pub ram_allocation: u64,
+    /// Guest RAM mapped into the IOMMU for device DMA (`dma.ms`, whole).
+    pub ram_dma_map: u64,
+    /// The rest of the devices' attachment: BAR mmaps and memslots, P2P
+    /// DMA maps of BARs, interrupts.
+    pub bar_mapping: u64,
+    /// Kernel, initramfs, command line, ACPI and boot structures.
+    pub kernel_load: u64,
+    /// Buses, PCI segment, vCPUs.
+    pub vcpu_create: u64,
+    /// Pre-faulting the BARs and reading KVM's counters.
+    pub prefault: u64,
+    /// vCPU threads started, to the first KVM_RUN.
+    pub vcpu_start: u64,
+}
+
+impl PhasesReport {
+    /// (name, milliseconds) of each phase, in boot order.
+    pub fn fields(&self) -> [(&'static str, u64); 12] {
+        [
+            ("startup", self.startup),
+            ("checks", self.checks),
+            ("create_vm", self.create_vm),
+            ("open_devices", self.open_devices),
+            ("plan", self.plan),
+            ("ram_allocation", self.ram_allocation),
+            ("ram_dma_map", self.ram_dma_map),
+            ("bar_mapping", self.bar_mapping),
+            ("kernel_load", self.kernel_load),
+            ("vcpu_create", self.vcpu_create),
+            ("prefault", self.prefault),
+            ("vcpu_start", self.vcpu_start),
+        ]
+    }
+
+    /// The phases' sum.
+    pub fn total(&self) -> u64 {
+        self.fields().iter().map(|(_, ms)| ms).sum()
+    }
+
+    /// One line: `boot phases (ms): startup 0, checks 2, ... = 41 of 41 to
+    /// the first KVM_RUN; longest: prefault`.
+    pub fn summary_line(&self, start_to_first_run_ms: u64) -> String {
+        let fields = self.fields();
+        let list: Vec<String> = fields
+            .iter()
+            .map(|(name, ms)| format!("{name} {ms}"))
+            .collect();
+        let longest = fields
+            .iter()
+            .max_by_key(|(_, ms)| *ms)
+            .map(|(name, _)| *name)
+            .unwrap_or("startup");
+        format!(
+            "boot phases (ms): {} = {} of {start_to_first_run_ms} to the first KVM_RUN; longest: {longest}",
+            list.join(", "),
+            self.total()
+        )
+    }
 }
 
 /// The IOMMU mapping of guest RAM for device DMA.
@@ -321,6 +406,12 @@ mod tests {
             },
             wall_ms: 1234,
             start_to_first_run_ms: Some(56),
+            phases_ms: Some(PhasesReport {
+                checks: 2,
+                ram_dma_map: 3,
+                vcpu_start: 50,
+                ..Default::default()
+            }),
             memory: vec![MemoryRegionReport {
                 gpa: 0,
                 size: 512 << 20,
@@ -377,6 +468,18 @@ mod tests {
         assert_eq!(value["exit"]["status"], 0);
         assert_eq!(value["wall_ms"], 1234);
         assert_eq!(value["start_to_first_run_ms"], 56);
+        let phases = value["phases_ms"].as_object().unwrap();
+        assert_eq!(phases.len(), 12);
+        // Written in boot order, one key per field.
+        let json = sample_report().to_json_string();
+        let at: Vec<usize> = PhasesReport::default()
+            .fields()
+            .iter()
+            .map(|(name, _)| json.find(&format!("\"{name}\":")).unwrap())
+            .collect();
+        assert!(at.windows(2).all(|w| w[0] < w[1]), "{json}");
+        assert_eq!(phases["ram_dma_map"], 3);
+        assert_eq!(phases["vcpu_start"], 50);
         assert_eq!(value["memory"][0]["gpa"], 0);
         assert_eq!(value["memory"][0]["size"], 536870912u64);
         assert_eq!(value["memory"][0]["backing"], "anonymous");
@@ -404,10 +507,33 @@ mod tests {
     }
 
     #[test]
+    fn phases_summary_names_each_phase_the_sum_and_the_longest() {
+        let phases = PhasesReport {
+            checks: 2,
+            prefault: 30,
+            vcpu_start: 9,
+            ..Default::default()
+        };
+        assert_eq!(phases.total(), 41);
+        let line = phases.summary_line(43);
+        assert!(
+            line.starts_with("boot phases (ms): startup 0, checks 2, create_vm 0, "),
+            "{line}"
+        );
+        assert!(
+            line.ends_with(
+                "prefault 30, vcpu_start 9 = 41 of 43 to the first KVM_RUN; longest: prefault"
+            ),
+            "{line}"
+        );
+    }
+
+    #[test]
     fn report_without_first_run_says_null() {
         let report = Report::default();
         let value: serde_json::Value = serde_json::from_str(&report.to_json_string()).unwrap();
         assert!(value["start_to_first_run_ms"].is_null());
+        assert!(value["phases_ms"].is_null());
     }
 
     #[test]

@@ -389,6 +389,11 @@ pub struct RunArgs {
     /// e.g. --config vm.json
     #[arg(long, value_name = "PATH")]
     pub config: Option<PathBuf>,
+
+    /// Print where the time to the guest's first instruction went (the
+    /// report's phases_ms) as one line on stderr when the run ends
+    #[arg(long)]
+    pub verbose: bool,
 }
 
 fn parse_seccomp(text: &str) -> Result<SeccompMode, vmm::seccomp::SeccompError> {
@@ -431,8 +436,8 @@ fn parse_on_reboot(text: &str) -> Result<OnReboot, vmm::config::ConfigError> {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Command {
     /// `barge run`: the complete VM configuration (not yet validated; see
-    /// [`VmConfig::validate`]).
-    Run(VmConfig),
+    /// [`VmConfig::validate`]), and `--verbose`.
+    Run { config: VmConfig, verbose: bool },
     /// `barge plan`.
     Plan(PlanRequest),
     /// `barge bench`.
@@ -476,6 +481,7 @@ impl RunArgs {
             vfio_backend,
             seccomp,
             config: _,
+            verbose: _,
         } = self;
         if let Some(kernel) = kernel {
             config.kernel = kernel;
@@ -536,7 +542,13 @@ where
 {
     let cli = Cli::try_parse_from(args)?;
     match cli.command {
-        CliCommand::Run(run) => Ok(Command::Run(run.into_config()?)),
+        CliCommand::Run(run) => {
+            let verbose = run.verbose;
+            Ok(Command::Run {
+                config: run.into_config()?,
+                verbose,
+            })
+        }
         CliCommand::Plan(plan) => Ok(Command::Plan(plan.into_request())),
         CliCommand::Bench(bench) => Ok(Command::Bench(bench.into_request()?)),
         CliCommand::HostCheck(check) => Ok(Command::HostCheck(check.into_request())),
@@ -570,7 +582,7 @@ mod tests {
         let mut full = vec!["barge", "run"];
         full.extend_from_slice(args);
         match parse_args(full)? {
-            Command::Run(config) => Ok(config),
+            Command::Run { config, .. } => Ok(config),
             _ => panic!("barge run parsed as another command"),
         }
     }

@@ -33,13 +33,13 @@ fn main() -> ExitCode {
         Err(e) => return fail(&clap_message(&e), vmm::status::USAGE),
     };
     match command {
-        Command::Run(config) => {
+        Command::Run { config, verbose } => {
             // SIGTERM/SIGINT stop the VM like a timeout; the report is
             // still written and the status is 128 + the signal's number.
             if let Err(e) = vmm::signals::install_stop_handlers() {
                 return fail(&e.to_string(), vmm::status::ERROR);
             }
-            run(config)
+            run(config, verbose)
         }
         Command::Bench(request) => match bench::run(&request) {
             Ok(text) => {
@@ -75,11 +75,23 @@ fn clap_message(e: &clap::Error) -> String {
     first.strip_prefix("error: ").unwrap_or(first).to_string()
 }
 
-/// Runs the VM and turns its outcome into barge's exit status.
-fn run(config: vmm::config::VmConfig) -> ExitCode {
+/// Runs the VM and turns its outcome into barge's exit status; `verbose`
+/// prints the boot phases.
+fn run(config: vmm::config::VmConfig, verbose: bool) -> ExitCode {
     match vmm::Vm::new(config).run() {
         Ok(outcome) => {
             let status = outcome.exit.status;
+            if verbose {
+                match (
+                    outcome.report.phases_ms,
+                    outcome.report.start_to_first_run_ms,
+                ) {
+                    (Some(phases), Some(total)) => {
+                        eprintln!("barge: {}", phases.summary_line(total))
+                    }
+                    _ => eprintln!("barge: boot phases: no vCPU ran"),
+                }
+            }
             match status {
                 // The event loop's one warning already named the device
                 // the host asked for back.

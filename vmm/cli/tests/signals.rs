@@ -65,7 +65,14 @@ fn signal_stops_the_guest(test: &str, signo: libc::c_int, reason: &str, status: 
     let child = Command::new(env!("CARGO_BIN_EXE_barge"))
         .args(["run", "--kernel"])
         .arg(&kernel)
-        .args(["--memory", "size=64M", "--serial", "none", "--report"])
+        .args([
+            "--memory",
+            "size=64M",
+            "--serial",
+            "none",
+            "--verbose",
+            "--report",
+        ])
         .arg(&report)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -104,6 +111,25 @@ fn signal_stops_the_guest(test: &str, signo: libc::c_int, reason: &str, status: 
     assert!(
         value["start_to_first_run_ms"].is_u64(),
         "the guest ran before the signal: {json}"
+    );
+    // --verbose: the boot phases on stderr, the report's numbers.
+    let phases = &value["phases_ms"];
+    let total: u64 = phases
+        .as_object()
+        .expect("phases_ms is an object once the guest ran")
+        .values()
+        .map(|ms| ms.as_u64().expect("whole milliseconds"))
+        .sum();
+    let first_run = value["start_to_first_run_ms"].as_u64().unwrap();
+    assert_eq!(total, first_run, "{json}");
+    let line = format!(
+        "barge: boot phases (ms): startup {}, checks {}, ",
+        phases["startup"], phases["checks"]
+    );
+    assert!(stderr.contains(&line), "{line:?} not in: {stderr}");
+    assert!(
+        stderr.contains(&format!("= {total} of {first_run} to the first KVM_RUN")),
+        "{stderr}"
     );
     println!("{test}: report exit = {}", value["exit"]);
     let _ = std::fs::remove_dir_all(&dir);
