@@ -21,6 +21,7 @@ pub mod sysfs;
 pub use ram::{mmio64_window_start, ram_regions, RamError, RamRegion, MIN_RAM_SIZE};
 
 pub use placement::{
-    plan, render_table, AreaPlacement, BarInput, BarPlacement, BarRange, BarWidth, DeviceInput,
-    DevicePlan, PageCounts, PageSize, PlacementError, Plan, Window, WindowKind, Windows,
+    plan, plan_for_host, render_table, AreaPlacement, BarInput, BarPlacement, BarRange, BarWidth,
+    DeviceInput, DevicePlan, PageCounts, PageSize, PlacementError, Plan, Window, WindowKind,
+    Windows,
 };

@@ -131,7 +131,7 @@ pub fn boot_and_run(
         .map_err(BuildError::Device)?;
     clock.end(BootPhase::OpenDevices);
     let inputs: Vec<DeviceInput> = setups.iter().map(|s| s.plan_input()).collect();
-    let plan = resources::plan(&inputs, &windows)?;
+    let plan = resources::plan_for_host(&inputs, &ram_regions, &windows)?;
     clock.end(BootPhase::Plan);
 
     let ram = memory::create_guest_memory(&ram_layout, &config.memory)?;

@@ -68,7 +68,7 @@ mod types;
 #[cfg(test)]
 mod fixtures;
 
-pub use planner::{area_pages, plan};
+pub use planner::{area_pages, plan, plan_for_host, with_phys_bits_needed};
 pub use render::render_table;
 
 pub use crate::size::format_size;

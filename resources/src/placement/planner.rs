@@ -10,9 +10,10 @@ use vm_allocator::{AddressAllocator, AllocPolicy};
 
 use super::types::{
     natural_align, reservation, AreaPlacement, BarInput, BarPlacement, BarRange, BarWidth,
-    DeviceInput, DevicePlan, PageCounts, PageSize, PlacementError, Plan, Window, Windows,
-    HOST_PAGE_SIZE, MAX_BAR_INDEX, MAX_BAR_SIZE,
+    DeviceInput, DevicePlan, PageCounts, PageSize, PlacementError, Plan, Window, WindowKind,
+    Windows, HOST_PAGE_SIZE, MAX_BAR_INDEX, MAX_BAR_SIZE, MAX_PHYS_BITS,
 };
+use crate::ram::RamRegion;
 
 /// A validated BAR waiting for its address.
 struct PreparedBar<'a> {
@@ -23,6 +24,54 @@ struct PreparedBar<'a> {
     areas: Vec<BarRange>,
     msix_table_pages: Option<BarRange>,
     msix_pba_pages: Option<BarRange>,
+}
+
+/// [`plan`] for a guest with RAM `ram` in `windows` (the windows of `ram`
+/// on some host): when the devices do not fit for want of 64-bit address
+/// space, the error names the smallest phys-bits that would fit them
+/// ([`with_phys_bits_needed`]).
+pub fn plan_for_host(
+    devices: &[DeviceInput],
+    ram: &[RamRegion],
+    windows: &Windows,
+) -> Result<Plan, PlacementError> {
+    plan(devices, windows).map_err(|error| with_phys_bits_needed(error, devices, ram))
+}
+
+/// `error`, when it is a lack of 64-bit address space (no MMIO64 window
+/// above `ram`, or a 64-bit BAR that found no room in it), as
+/// [`PlacementError::NeedsPhysBits`] with the smallest phys-bits whose
+/// windows fit every BAR of `devices` (found by planning again at each
+/// larger value: pure and cheap), or [`PlacementError::BeyondEveryHost`].
+/// Other errors are returned as they are.
+pub fn with_phys_bits_needed(
+    error: PlacementError,
+    devices: &[DeviceInput],
+    ram: &[RamRegion],
+) -> PlacementError {
+    let phys_bits = match &error {
+        PlacementError::NoMmio64Window { phys_bits, .. }
+        | PlacementError::WindowExhausted {
+            window: WindowKind::Mmio64,
+            phys_bits,
+            ..
+        } => *phys_bits,
+        _ => return error,
+    };
+    let fits = |bits: u8| {
+        Windows::new(ram, bits)
+            .and_then(|windows| plan(devices, &windows))
+            .is_ok()
+    };
+    match (phys_bits.saturating_add(1)..=MAX_PHYS_BITS).find(|bits| fits(*bits)) {
+        Some(needed) => PlacementError::NeedsPhysBits {
+            needed,
+            source: Box::new(error),
+        },
+        None => PlacementError::BeyondEveryHost {
+            source: Box::new(error),
+        },
+    }
 }
 
 /// Places every BAR of `devices` in `windows`. See the module docs for the rules.
@@ -350,6 +399,7 @@ mod tests {
     use crate::placement::fixtures::{device, h100, ivshmem, windows, GIB, KIB, MIB};
     use crate::placement::render::render_table;
     use crate::placement::types::WindowKind;
+    use crate::ram::ram_regions;
 
     #[test]
     fn h100_gets_natural_alignment_and_1g_pages_for_bar1() {
@@ -643,5 +693,95 @@ mod tests {
         );
         let (page, _) = area_pages(0, 2 * GIB, 2 * MIB);
         assert_eq!(page, PageSize::Size2M);
+    }
+
+    fn eight_h100s() -> Vec<DeviceInput> {
+        (0..8).map(|i| h100(&format!("h100-{i}"))).collect()
+    }
+
+    #[test]
+    fn a_plan_without_room_names_the_phys_bits_that_would_fit_it() {
+        let devices = eight_h100s();
+        let ram = ram_regions(512 * MIB).unwrap();
+        // Eight 128 GiB BARs from 4 GiB up: 1 TiB of them, naturally aligned,
+        // end at 1 TiB + 128 GiB: a 40-bit host has no room, a 41-bit one has.
+        let err = plan_for_host(&devices, &ram, &windows(512 * MIB, 40)).unwrap_err();
+        let PlacementError::NeedsPhysBits { needed, source } = &err else {
+            panic!("{err:?}");
+        };
+        assert_eq!(*needed, 41);
+        assert!(matches!(
+            **source,
+            PlacementError::WindowExhausted {
+                window: WindowKind::Mmio64,
+                phys_bits: 40,
+                ..
+            }
+        ));
+        assert!(
+            err.to_string()
+                .ends_with("(a host with phys-bits 41 or more would fit every BAR)"),
+            "{err}"
+        );
+        // What it says is true: 41 fits.
+        assert!(plan_for_host(&devices, &ram, &windows(512 * MIB, 41)).is_ok());
+
+        // RAM that leaves no MMIO64 window at all: the bits for RAM and BARs.
+        let big = ram_regions(GIB << 10).unwrap();
+        let no_window = Windows::new(&big, 40).unwrap_err();
+        let err = with_phys_bits_needed(no_window, &devices, &big);
+        assert!(
+            matches!(err, PlacementError::NeedsPhysBits { needed: 42, .. }),
+            "{err:?}"
+        );
+        let windows_42 = Windows::new(&big, 42).unwrap();
+        assert!(plan(&devices, &windows_42).is_ok());
+        assert!(plan(&devices, &Windows::new(&big, 41).unwrap()).is_err());
+    }
+
+    #[test]
+    fn errors_phys_bits_cannot_fix_are_left_alone() {
+        let ram = ram_regions(512 * MIB).unwrap();
+        // Not even 52 bits: a BAR as large as the whole address space.
+        let huge = device(
+            "huge",
+            vec![BarInput::new(0, 1 << 52, BarWidth::Bits64, true)],
+        );
+        let err = plan_for_host(&[huge], &ram, &windows(512 * MIB, 46)).unwrap_err();
+        assert!(
+            matches!(err, PlacementError::BeyondEveryHost { .. }),
+            "{err:?}"
+        );
+        assert!(
+            err.to_string()
+                .contains("not even a host with phys-bits 52"),
+            "{err}"
+        );
+        // The MMIO32 window is the same on every host.
+        let many_32 = (0..40)
+            .map(|i| {
+                device(
+                    &format!("d{i}"),
+                    vec![BarInput::new(0, 16 * MIB, BarWidth::Bits32, false)],
+                )
+            })
+            .collect::<Vec<_>>();
+        let err = plan_for_host(&many_32, &ram, &windows(512 * MIB, 46)).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                PlacementError::WindowExhausted {
+                    window: WindowKind::Mmio32,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        // A bad input is not about address space either.
+        let twice = vec![h100("a"), h100("a")];
+        assert!(matches!(
+            plan_for_host(&twice, &ram, &windows(512 * MIB, 46)),
+            Err(PlacementError::DuplicateDeviceName { .. })
+        ));
     }
 }

@@ -747,6 +747,22 @@ pub enum PlacementError {
         /// The physical address bits.
         phys_bits: u8,
     },
+    /// The devices do not fit this host's 64-bit address space, and a host
+    /// with `needed` physical address bits would fit them (see
+    /// [`crate::placement::plan_for_host`]).
+    #[error("{source} (a host with phys-bits {needed} or more would fit every BAR)")]
+    NeedsPhysBits {
+        /// The smallest phys-bits with room for every BAR.
+        needed: u8,
+        /// Why they do not fit now.
+        source: Box<PlacementError>,
+    },
+    /// The devices do not fit even 52 physical address bits.
+    #[error("{source} (not even a host with phys-bits 52 would fit them: pass fewer devices, give the VM less memory or use smaller BARs)")]
+    BeyondEveryHost {
+        /// Why they do not fit now.
+        source: Box<PlacementError>,
+    },
     /// vm-allocator refused the request for another reason (a bug in the planner).
     #[error("allocating BAR {index} of {device} failed inside vm-allocator: {source}; please report this as a barge bug")]
     Allocator {

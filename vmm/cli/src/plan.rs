@@ -125,8 +125,9 @@ pub fn plan(request: &PlanRequest, sysfs_root: &Path) -> Result<Plan, PlanComman
     let inputs = plan_inputs(request, sysfs_root)?;
     let ram = resources::ram_regions(request.memory_size)?;
     let phys_bits = request.phys_bits.unwrap_or_else(host_phys_bits);
-    let windows = Windows::new(&ram, phys_bits)?;
-    Ok(resources::plan(&inputs, &windows)?)
+    let windows = Windows::new(&ram, phys_bits)
+        .map_err(|e| resources::placement::with_phys_bits_needed(e, &inputs, &ram))?;
+    Ok(resources::plan_for_host(&inputs, &ram, &windows)?)
 }
 
 /// What `barge plan` prints: the table, or pretty JSON.

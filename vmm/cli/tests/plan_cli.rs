@@ -67,6 +67,107 @@ fn plan_spec_prints_a_table_for_an_h100() {
     assert!(stdout.contains("1G"), "{stdout}");
 }
 
+/// `examples/NAME` of the repository.
+fn example(name: &str) -> String {
+    format!("{}/../../examples/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// `barge plan --json` of `spec` for a guest of `memory` on a host with
+/// `phys_bits`: the plan, or the error line.
+fn plan_json(spec: &str, memory: &str, phys_bits: u8) -> Result<serde_json::Value, String> {
+    let output = barge(&[
+        "plan",
+        "--spec",
+        spec,
+        "--memory",
+        &format!("size={memory}"),
+        "--phys-bits",
+        &phys_bits.to_string(),
+        "--json",
+    ]);
+    if output.status.success() {
+        Ok(serde_json::from_slice(&output.stdout).expect("the plan is JSON"))
+    } else {
+        Err(error_line(&output, &[]))
+    }
+}
+
+/// The BAR `index` of every device in `plan`.
+fn bars_of(plan: &serde_json::Value, index: u64) -> Vec<serde_json::Value> {
+    plan["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|device| {
+            device["bars"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|bar| bar["index"] == index)
+                .cloned()
+                .unwrap_or_else(|| panic!("no BAR {index} in {device}"))
+        })
+        .collect()
+}
+
+#[test]
+fn eight_h100s_and_a_gb200_tray_plan_on_46_and_52_bit_hosts() {
+    for phys_bits in [46, 52] {
+        // Eight 128 GiB BARs, each of 128 1 GiB pages, with 1 TiB of RAM.
+        let plan = plan_json(&example("8xh100.json"), "1T", phys_bits).unwrap();
+        let bars = bars_of(&plan, 1);
+        assert_eq!(bars.len(), 8);
+        let mut gpas: Vec<u64> = bars.iter().map(|b| b["gpa"].as_u64().unwrap()).collect();
+        for bar in &bars {
+            assert_eq!(bar["page_size"], 1u64 << 30, "{bar}");
+            assert_eq!(bar["areas"][0]["pages"]["pages_1g"], 128, "{bar}");
+            let gpa = bar["gpa"].as_u64().unwrap();
+            assert_eq!(gpa % (128u64 << 30), 0, "{bar}");
+            assert!(gpa >= 1 << 40, "above the 1 TiB of RAM: {bar}");
+            assert!(gpa + (128u64 << 30) <= 1u64 << phys_bits, "{bar}");
+        }
+        gpas.dedup();
+        assert_eq!(gpas.len(), 8, "eight different places");
+
+        // Device memory that is not a power of two: 0x2F00F00000 bytes
+        // (188 GiB and 15 MiB) reserve 256 GiB; 1 GiB pages for all but the
+        // last 15 MiB, 2 MiB pages then 4 KiB for the last MiB.
+        let plan = plan_json(&example("gb200.json"), "480G", phys_bits).unwrap();
+        let bars = bars_of(&plan, 2);
+        assert_eq!(bars.len(), 4);
+        for bar in &bars {
+            assert_eq!(bar["size"], 0x2F00F00000u64, "{bar}");
+            assert_eq!(bar["reserved"], 256u64 << 30, "{bar}");
+            assert_eq!(bar["page_size"], 1u64 << 30, "{bar}");
+            let area = &bar["areas"][0];
+            assert_eq!(area["size"], 0x2F00F00000u64, "{bar}");
+            assert_eq!(area["pages"]["pages_1g"], 188, "{bar}");
+            assert_eq!(area["pages"]["pages_2m"], 7, "{bar}");
+            assert_eq!(area["pages"]["pages_4k"], 256, "{bar}");
+        }
+    }
+}
+
+#[test]
+fn a_plan_too_big_for_the_host_names_the_phys_bits_it_needs() {
+    // Four 256 GiB reservations above 480 GiB of RAM: no room below 1 TiB.
+    let error = plan_json(&example("gb200.json"), "480G", 40).unwrap_err();
+    assert!(
+        error.contains("does not fit in the MMIO64 window")
+            && error.ends_with("(a host with phys-bits 41 or more would fit every BAR)"),
+        "{error}"
+    );
+    assert!(plan_json(&example("gb200.json"), "480G", 41).is_ok());
+    // RAM past the limit: the bits for RAM and the BARs together.
+    let error = plan_json(&example("8xh100.json"), "2T", 41).unwrap_err();
+    assert!(
+        error.contains("no room for the MMIO64 window")
+            && error.ends_with("(a host with phys-bits 42 or more would fit every BAR)"),
+        "{error}"
+    );
+    assert!(plan_json(&example("8xh100.json"), "2T", 42).is_ok());
+}
+
 #[test]
 fn plan_spec_json_has_the_documented_shape() {
     let dir = scratch_dir("h100-json");
