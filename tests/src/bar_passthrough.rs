@@ -188,6 +188,36 @@ pub fn check_phases(report: &serde_json::Value) {
     println!("{}", phases.summary_line(first_run));
 }
 
+/// Checks the progress lines barge's `log` (its stderr, not a terminal)
+/// holds for the pre-fault of `bar` (the report's entry for BAR `index` of
+/// device `device`): none when the pre-fault took under 2 s, a line per
+/// tenth at most and one closing line when it took over 3 s (by the
+/// report's `prefault_ms`). Prints them.
+pub fn check_prefault_progress(log: &str, bar: &serde_json::Value, device: &str) {
+    let index = bar["index"].as_u64().unwrap_or(99);
+    let prefix = format!("barge: pre-fault of BAR {index} of {device}: ");
+    let lines: Vec<&str> = log.lines().filter(|l| l.starts_with(&prefix)).collect();
+    for line in &lines {
+        println!("{line}");
+    }
+    let ms = bar["prefault_ms"].as_f64().unwrap_or(0.0);
+    if ms < 2000.0 {
+        assert!(lines.is_empty(), "{ms} ms, yet progress: {lines:?}");
+    } else if ms > 3000.0 {
+        let tenths = lines.iter().filter(|l| l.contains("%), ")).count();
+        assert!((1..=9).contains(&tenths), "{ms} ms: {lines:?}");
+        // The lab's BARs are whole GiBs: "8 GiB".
+        let size = format!("{} GiB", bar["size"].as_u64().unwrap_or(0) >> 30);
+        let last = lines.last().copied().unwrap_or_default();
+        assert!(
+            last.starts_with(&format!("{prefix}{size} in ")) && last.ends_with(" GiB/s)"),
+            "{last:?} after {ms} ms"
+        );
+        assert_eq!(lines.len(), tenths + 1, "{lines:?}");
+        assert!(!log.contains('\r'), "not a terminal: no carriage returns");
+    }
+}
+
 /// Checks the one-boot run of [`barge_script`]; returns the report.
 pub fn check_run(output: &Output, dir: &Path, backing: &Path, size: u64) -> serde_json::Value {
     check_data_path(output, dir, "bar", backing, 0x2000, size).1

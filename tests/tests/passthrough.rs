@@ -47,6 +47,10 @@ fn bar_align_4k_forces_pte_mappings() {
     );
     let report = check_run(&output, &dir, &backing, size);
     let bar2 = bar(&report, 2);
+    // A BAR of 2 million 4 KiB pages pre-faults for seconds: its progress.
+    let log = std::fs::read_to_string(dir.join("bar.log")).unwrap_or_default();
+    let device = report["devices"][0]["bdf"].as_str().unwrap_or_default();
+    bar_passthrough::check_prefault_progress(&log, &bar2, device);
     assert_eq!(bar2["planned_page_size"], 4096, "{bar2}");
     assert_eq!(bar2["mapped"]["pages_4k"], size / 4096, "{bar2}");
     assert_eq!(bar2["mapped"]["pages_2m"], 0, "{bar2}");

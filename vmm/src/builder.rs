@@ -26,6 +26,7 @@ use crate::machine::vm::{self, BuiltVm, SerialInput, VmError, VmRun};
 use crate::pci_devices::bar_mapping::{BarProver, MappedBar, PrefaultSupport, SlotAllocator};
 use crate::pci_devices::setup::{AttachContext, DeviceSetupError};
 use crate::pci_devices::{open, virtio};
+use crate::progress::ProgressOutput;
 use crate::report::{self, DeviceReport, DmaReport, MemoryRegionReport, ReportError};
 use crate::seccomp::{SeccompError, VmFilters};
 
@@ -139,6 +140,7 @@ pub fn boot_and_run(
     let memslots = MemslotLog::new();
     vm::map_ram(&vm_fd, &memslots, &ram)?;
     clock.end(BootPhase::RamAllocation);
+    let progress = ProgressOutput::for_stderr(config.progress);
     let mut slots = SlotAllocator::new(ram.regions.len() as u32);
     let mut attached = Vec::with_capacity(setups.len());
     for (setup, device_plan) in setups.into_iter().zip(&plan.devices) {
@@ -149,6 +151,7 @@ pub fn boot_and_run(
             ram: &ram,
             slots: &mut slots,
             memslots: &memslots,
+            progress,
         };
         let device = setup
             .attach(device_plan, &mut ctx)
@@ -251,8 +254,9 @@ pub fn boot_and_run(
         let stats = KvmStatsFd::open(&vm_fd)
             .map_err(|e| log::warn!("{e}; BAR mappings are not measured"))
             .ok();
-        let mut prover =
-            BarProver::new(vcpu, &memslots, stats, support).prefault(config.prefault_bars);
+        let mut prover = BarProver::new(vcpu, &memslots, stats, support)
+            .prefault(config.prefault_bars)
+            .progress(progress);
         for (report, device) in device_reports.iter_mut().zip(&live) {
             report.bars = device.bars().iter().map(|bar| prover.prove(bar)).collect();
         }

@@ -163,6 +163,16 @@ pub struct VmConfig {
     /// seccomp filters for barge's threads (on unless told otherwise).
     #[serde(default)]
     pub seccomp: SeccompMode,
+    /// Show the progress of boot steps that run longer than 2 s (guest RAM
+    /// mapped for device DMA, BARs pre-faulted at small pages) on stderr:
+    /// one line rewritten in place on a terminal, a line per tenth of the
+    /// work at most otherwise (the default). `false`: nothing.
+    #[serde(default = "default_progress", skip_serializing_if = "is_true")]
+    pub progress: bool,
+}
+
+fn default_progress() -> bool {
+    true
 }
 
 fn default_prefault_bars() -> bool {
@@ -197,6 +207,7 @@ impl VmConfig {
             vfio_backend: VfioBackendKind::default(),
             prefault_bars: default_prefault_bars(),
             seccomp: SeccompMode::default(),
+            progress: default_progress(),
         }
     }
 

@@ -41,6 +41,42 @@ pub enum PreFaultError {
     },
 }
 
+/// [`pre_fault`] in pieces that end on multiples of `piece` bytes (a power
+/// of two; KVM maps each page as the host mapping allows, whatever the
+/// range), calling `done` with the bytes done after each: one ioctl runs
+/// to the end of its range, and a large range at small pages takes long.
+pub fn pre_fault_in_pieces(
+    vcpu: &impl AsRawFd,
+    gpa: u64,
+    size: u64,
+    piece: u64,
+    mut done: impl FnMut(u64),
+) -> Result<(), PreFaultError> {
+    let end = gpa.saturating_add(size);
+    let mut at = gpa;
+    while at < end {
+        let next = (at / piece.max(1) + 1)
+            .saturating_mul(piece.max(1))
+            .min(end);
+        pre_fault(vcpu, at, next - at).map_err(|e| match e {
+            PreFaultError::Failed {
+                at: failed_at,
+                source,
+                ..
+            } => PreFaultError::Failed {
+                gpa,
+                size,
+                at: failed_at,
+                source,
+            },
+            other => other,
+        })?;
+        at = next;
+        done(at - gpa);
+    }
+    Ok(())
+}
+
 /// Pre-faults `[gpa, gpa + size)` through `vcpu` (any vCPU of the VM),
 /// resuming where the kernel stopped when it returns early.
 pub fn pre_fault(vcpu: &impl AsRawFd, gpa: u64, size: u64) -> Result<(), PreFaultError> {

@@ -43,6 +43,7 @@ use crate::machine::kvm::{self, KvmError, MemslotLog};
 use crate::machine::kvm_stats::KvmStatsFd;
 use crate::machine::mapping::{AlignedMapping, MappingError};
 use crate::machine::prefault::{self, PreFaultError};
+use crate::progress::{Progress, ProgressOutput};
 use crate::report::{BarReport, P2pReport, PageCountsReport};
 
 /// Errors mapping a BAR.
@@ -307,7 +308,12 @@ pub struct BarProver<'a, V: AsRawFd> {
     support: PrefaultSupport,
     said_unsupported: bool,
     prefault: bool,
+    progress: ProgressOutput,
 }
+
+/// BARs are pre-faulted in pieces of this many bytes, so that the progress
+/// of a large BAR at small pages shows between them.
+const PREFAULT_PIECE: u64 = 1 << 30;
 
 /// The change of KVM's page counters between two reads.
 pub fn page_delta(
@@ -345,7 +351,15 @@ impl<'a, V: AsRawFd> BarProver<'a, V> {
             support,
             said_unsupported: false,
             prefault: true,
+            progress: ProgressOutput::Off,
         }
+    }
+
+    /// Where the progress of a long pre-fault goes ([`ProgressOutput::Off`]
+    /// unless told).
+    pub fn progress(mut self, progress: ProgressOutput) -> Self {
+        self.progress = progress;
+        self
     }
 
     /// Whether [`Self::prove`] pre-faults (the default); without it BARs
@@ -390,8 +404,23 @@ impl<'a, V: AsRawFd> BarProver<'a, V> {
             .map_err(|e| log::warn!("{e}; BAR mappings are not measured"))
             .ok()?;
         let start = Instant::now();
+        let total: u64 = bar.areas.iter().map(|area| area.size).sum();
+        let mut shown = Progress::start(
+            &format!("pre-fault of BAR {} of {}", bar.placement.index, bar.device),
+            total,
+            self.progress,
+        );
+        let mut before_area = 0;
         for area in &bar.areas {
-            if let Err(e) = prefault::pre_fault(self.vcpu, area.gpa, area.size) {
+            let result = prefault::pre_fault_in_pieces(
+                self.vcpu,
+                area.gpa,
+                area.size,
+                PREFAULT_PIECE,
+                |done| shown.update(before_area + done),
+            );
+            before_area += area.size;
+            if let Err(e) = result {
                 eprintln!(
                     "barge: warning: BAR {} of {}: {e}",
                     bar.placement.index, bar.device
@@ -403,6 +432,7 @@ impl<'a, V: AsRawFd> BarProver<'a, V> {
                 return None;
             }
         }
+        shown.finish();
         *elapsed_ms = Some(start.elapsed().as_secs_f64() * 1000.0);
         let after = stats
             .read()

@@ -48,6 +48,7 @@ use crate::machine::kvm::MemslotLog;
 use crate::machine::memory::GuestRam;
 use crate::pci_devices::bar_mapping::{map_bar_areas, BarMappingError, MappedBar, SlotAllocator};
 use crate::pci_devices::teardown::DeviceResources;
+use crate::progress::ProgressOutput;
 use crate::report::DmaReport;
 
 /// Any error a device's open or attach step returns; its message must be a
@@ -85,6 +86,8 @@ pub struct AttachContext<'a> {
     pub slots: &'a mut SlotAllocator,
     /// Counts every KVM_SET_USER_MEMORY_REGION, for the report.
     pub memslots: &'a MemslotLog,
+    /// Where the progress of long steps (the RAM DMA map) goes.
+    pub progress: ProgressOutput,
 }
 
 impl AttachContext<'_> {

@@ -370,7 +370,7 @@ fn map_bars_and_dma<H: VfioHostAccess>(
         }
         bars.push(bar);
     }
-    let (ram_dma, report) = parts.host.map_ram(ctx.ram)?;
+    let (ram_dma, report) = parts.host.map_ram(ctx.ram, ctx.progress)?;
     parts.ram_dma = Some(ram_dma);
     if p2p == P2p::Off {
         return Ok(report);

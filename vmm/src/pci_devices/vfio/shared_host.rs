@@ -19,6 +19,7 @@ use crate::config::devices::VfioBackendKind;
 use crate::machine::memory::GuestRam;
 use crate::pci_devices::vfio::dma::{DmaError, RamDma};
 use crate::pci_devices::vfio::intx_gsi;
+use crate::progress::ProgressOutput;
 use crate::report::DmaReport;
 
 /// The VM's real VFIO host: one of `kind`, registered with KVM's VFIO
@@ -83,13 +84,17 @@ impl<H: VfioHostAccess> SharedVfioHost<H> {
     /// Guest RAM's mapping in the domain (IOVA = GPA): the first call maps
     /// it and logs what that cost, later calls share it. The report comes
     /// with the call that mapped it.
-    pub fn map_ram(&self, ram: &GuestRam) -> Result<(Arc<RamDma<H>>, Option<DmaReport>), DmaError> {
+    pub fn map_ram(
+        &self,
+        ram: &GuestRam,
+        progress: ProgressOutput,
+    ) -> Result<(Arc<RamDma<H>>, Option<DmaReport>), DmaError> {
         let mut shared = self.ram_dma.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(dma) = shared.upgrade() {
             return Ok((dma, None));
         }
         let start = Instant::now();
-        let dma = Arc::new(RamDma::map(&self.domain, ram)?);
+        let dma = Arc::new(RamDma::map(&self.domain, ram, progress)?);
         let seconds = start.elapsed().as_secs_f64();
         let regions = dma.regions();
         let bytes: u64 = regions.iter().map(|(_, size)| size).sum();

@@ -144,6 +144,7 @@ impl Rig {
             ram: &self.ram,
             slots: &mut self.slots,
             memslots: &self.memslots,
+            progress: crate::progress::ProgressOutput::Off,
         };
         Box::new(setup).attach(plan, &mut ctx)
     }
