@@ -26,6 +26,61 @@ const FIRST_SLOT: u32 = 0x10;
 /// The slot of the Debian guest's disk on the root bus (clear of the
 /// devices' slots and of the bridge's, 0x1e).
 const DEBIAN_DISK_SLOT: u32 = 0x1d;
+/// The most ivshmem devices a lab host gets.
+pub const MAX_IVSHMEM_DEVICES: usize = 8;
+/// The most devices of every kind: the root bus slots from [`FIRST_SLOT`]
+/// to the Debian disk's.
+pub const MAX_DEVICES: usize = (DEBIAN_DISK_SLOT - FIRST_SLOT) as usize;
+/// Above this many bytes of ivshmem BARs the lab host's CPU gets
+/// [`WIDE_PHYS_BITS`] (see [`lab_cpu`]).
+const WIDE_BARS_ABOVE: u64 = 256 << 30;
+/// Physical address bits of a lab host with more than [`WIDE_BARS_ABOVE`]
+/// of BARs.
+pub const WIDE_PHYS_BITS: u8 = 44;
+
+/// The lab host's `-cpu`: QEMU's `max`, with its 40 physical address bits
+/// under TCG, unless the ivshmem BARs add up to more than 256 GiB. With 40
+/// bits SeaBIOS puts the 64-bit PCI window between 64 and 512 GiB, where
+/// eight 64 GiB BARs do not fit (the eighth was left unassigned); with
+/// [`WIDE_PHYS_BITS`] it puts the window near the top. Smaller sets keep
+/// the layout every other lab test was measured with.
+pub fn lab_cpu(devices: &[LabDevice]) -> String {
+    let bars: u64 = devices
+        .iter()
+        .map(|device| match device {
+            LabDevice::Ivshmem { size, .. } => *size,
+            _ => 0,
+        })
+        .sum();
+    if bars > WIDE_BARS_ABOVE {
+        format!("max,phys-bits={WIDE_PHYS_BITS}")
+    } else {
+        "max".to_string()
+    }
+}
+
+/// Refuses more devices than the lab host has slots for, or more than
+/// [`MAX_IVSHMEM_DEVICES`] ivshmem devices.
+pub fn check_device_count(devices: &[LabDevice]) -> Result<(), LabError> {
+    let ivshmem = devices
+        .iter()
+        .filter(|d| matches!(d, LabDevice::Ivshmem { .. }))
+        .count();
+    if ivshmem > MAX_IVSHMEM_DEVICES {
+        return Err(LabError::Usage(format!(
+            "{ivshmem} --ivshmem devices: the lab host takes at most {MAX_IVSHMEM_DEVICES}"
+        )));
+    }
+    if devices.len() > MAX_DEVICES {
+        return Err(LabError::Usage(format!(
+            "{} devices (--ivshmem, --nvme, --e1000e): the lab host's root bus has slots for at \
+             most {MAX_DEVICES}",
+            devices.len()
+        )));
+    }
+    Ok(())
+}
+
 /// The host's end of a TCP check with a guest on the tap.
 const SOCAT: &str = "/usr/bin/socat";
 
@@ -186,7 +241,7 @@ fn qemu_args(
         "-accel",
         "tcg",
         "-cpu",
-        "max",
+        &lab_cpu(&options.devices),
         "-nodefaults",
         "-display",
         "none",
@@ -251,6 +306,7 @@ fn qemu_args(
             ),
         ]);
     }
+    check_device_count(&options.devices)?;
     let mut names = Vec::new();
     let mut counts = std::collections::HashMap::new();
     for (i, device) in options.devices.iter().enumerate() {
@@ -688,6 +744,25 @@ fn unpack(tar: &[u8], dir: &Path) -> Result<(), LabError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn eight_64g_ivshmem_devices_get_a_wider_cpu_and_a_ninth_is_refused() {
+        let ivshmem = |size: u64| LabDevice::Ivshmem { size, file: None };
+        let eight: Vec<LabDevice> = (0..8).map(|_| ivshmem(64 << 30)).collect();
+        assert_eq!(lab_cpu(&eight), "max,phys-bits=44");
+        assert!(check_device_count(&eight).is_ok());
+        // 256 GiB and less: the layout the other tests were measured with.
+        let four: Vec<LabDevice> = (0..4).map(|_| ivshmem(64 << 30)).collect();
+        assert_eq!(lab_cpu(&four), "max");
+        assert_eq!(lab_cpu(&[LabDevice::E1000e]), "max");
+        let mut nine = eight.clone();
+        nine.push(ivshmem(2 << 20));
+        let err = check_device_count(&nine).unwrap_err().to_string();
+        assert!(err.contains("at most 8"), "{err}");
+        let many: Vec<LabDevice> = (0..14).map(|_| LabDevice::E1000e).collect();
+        let err = check_device_count(&many).unwrap_err().to_string();
+        assert!(err.contains("at most 13"), "{err}");
+    }
 
     #[test]
     fn ivshmem_options_parse() {
