@@ -139,6 +139,16 @@ pub fn boot_and_run(
     // Every memslot set goes through this log; the report reads it.
     let memslots = MemslotLog::new();
     vm::map_ram(&vm_fd, &memslots, &ram)?;
+    if config.memory.prefault {
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let start = Instant::now();
+        let used = ram.prefault(threads)?;
+        log::info!(
+            "guest RAM pre-faulted (prefault=on): {} on {used} threads in {:.1} ms",
+            config.memory,
+            start.elapsed().as_secs_f64() * 1000.0
+        );
+    }
     clock.end(BootPhase::RamAllocation);
     let progress = ProgressOutput::for_stderr(config.progress);
     let mut slots = SlotAllocator::new(ram.regions.len() as u32);

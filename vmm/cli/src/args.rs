@@ -327,8 +327,9 @@ pub struct RunArgs {
 
     /// Guest RAM and its backing [default: size=512M]. Keys: size (K/M/G
     /// suffixes), hugepages=2M|1G (hugetlbfs pages, reserved beforehand),
-    /// shared=on (memfd, mapped shared), e.g. --memory size=1G,hugepages=2M
-    #[arg(long, value_name = "size=SIZE[,hugepages=2M|1G][,shared=on]", value_parser = parse_memory)]
+    /// shared=on (memfd, mapped shared), prefault=on (every page populated
+    /// before the guest runs, on all CPUs), e.g. --memory size=1G,hugepages=2M
+    #[arg(long, value_name = "size=SIZE[,hugepages=2M|1G][,shared=on][,prefault=on]", value_parser = parse_memory)]
     pub memory: Option<MemoryConfig>,
 
     /// Where the guest console's output goes [default: stdio]: stdio,

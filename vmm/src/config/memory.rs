@@ -61,6 +61,13 @@ pub struct MemoryConfig {
     /// Back RAM with a memfd mapped shared (so other processes can map it).
     #[serde(default)]
     pub shared: bool,
+    /// Populate every page of RAM before the guest runs, on as many threads
+    /// as barge may use (MADV_POPULATE_WRITE, Linux 5.14), rather than on
+    /// first touch: a shortage of huge pages shows at start, not as the
+    /// guest's SIGBUS, and a passed-through device's DMA map then only
+    /// pins pages that exist.
+    #[serde(default)]
+    pub prefault: bool,
 }
 
 impl Default for MemoryConfig {
@@ -69,6 +76,7 @@ impl Default for MemoryConfig {
             size: DEFAULT_MEMORY_SIZE,
             hugepages: None,
             shared: false,
+            prefault: false,
         }
     }
 }
@@ -105,22 +113,25 @@ impl fmt::Display for MemoryConfig {
         if self.shared {
             f.write_str(",shared=on")?;
         }
+        if self.prefault {
+            f.write_str(",prefault=on")?;
+        }
         Ok(())
     }
 }
 
 const MEMORY_OPTION: &str = "--memory";
-const MEMORY_EXAMPLE: &str = "size=512M,hugepages=2M,shared=on";
+const MEMORY_EXAMPLE: &str = "size=512M,hugepages=2M,shared=on,prefault=on";
 
 impl FromStr for MemoryConfig {
     type Err = MemoryConfigError;
 
-    /// Parses `size=512M[,hugepages=2M|1G][,shared=on|off]`.
+    /// Parses `size=512M[,hugepages=2M|1G][,shared=on|off][,prefault=on|off]`.
     fn from_str(text: &str) -> Result<Self, MemoryConfigError> {
         let pairs = parse_key_values(
             MEMORY_OPTION,
             MEMORY_EXAMPLE,
-            &["size", "hugepages", "shared"],
+            &["size", "hugepages", "shared", "prefault"],
             text,
         )?;
         let mut size = None;
@@ -135,6 +146,7 @@ impl FromStr for MemoryConfig {
                     }
                 }
                 "shared" => config.shared = parse_switch(MEMORY_OPTION, "shared", value)?,
+                "prefault" => config.prefault = parse_switch(MEMORY_OPTION, "prefault", value)?,
                 // parse_key_values only returns keys from the list above.
                 _ => {}
             }
@@ -154,19 +166,28 @@ mod tests {
 
     #[test]
     fn memory_option_parses_every_key() {
-        let memory: MemoryConfig = "size=1G,hugepages=2M,shared=on".parse().unwrap();
+        let memory: MemoryConfig = "size=1G,hugepages=2M,shared=on,prefault=on"
+            .parse()
+            .unwrap();
         assert_eq!(
             memory,
             MemoryConfig {
                 size: 1 << 30,
                 hugepages: Some(HugePageSize::Size2M),
-                shared: true
+                shared: true,
+                prefault: true,
             }
+        );
+        assert_eq!(
+            memory.to_string(),
+            "size=1G,hugepages=2M,shared=on,prefault=on"
         );
         let memory: MemoryConfig = "hugepages=1G,size=2G".parse().unwrap();
         assert_eq!(memory.hugepages, Some(HugePageSize::Size1G));
         assert!(!memory.shared);
-        let memory: MemoryConfig = "size=512M,shared=off,hugepages=none".parse().unwrap();
+        let memory: MemoryConfig = "size=512M,shared=off,hugepages=none,prefault=off"
+            .parse()
+            .unwrap();
         assert_eq!(memory, MemoryConfig::default());
         assert_eq!(memory.to_string(), "size=512M");
         assert_eq!(
@@ -193,6 +214,10 @@ mod tests {
                 "size=512M,shared=maybe",
                 "shared=\"maybe\" is not on or off",
             ),
+            (
+                "size=512M,prefault=maybe",
+                "prefault=\"maybe\" is not on or off",
+            ),
         ];
         for (input, expected) in cases {
             let err = input.parse::<MemoryConfig>().unwrap_err().to_string();
@@ -205,7 +230,7 @@ mod tests {
         let memory = |size, hugepages| MemoryConfig {
             size,
             hugepages,
-            shared: false,
+            ..Default::default()
         };
         memory(MIN_MEMORY_SIZE, None).validate().unwrap();
         memory(64 << 20, Some(HugePageSize::Size2M))

@@ -482,7 +482,8 @@ mod tests {
             MemoryConfig {
                 size: 2 << 30,
                 hugepages: Some(HugePageSize::Size1G),
-                shared: true
+                shared: true,
+                prefault: false,
             }
         );
         assert_eq!(config.serial, SerialConfig::File("/tmp/console.log".into()));
