@@ -25,6 +25,7 @@ use crate::machine::memory::{self, MemoryError};
 use crate::machine::vm::{self, BuiltVm, SerialInput, VmError, VmRun};
 use crate::pci_devices::bar_mapping::{BarProver, MappedBar, PrefaultSupport, SlotAllocator};
 use crate::pci_devices::setup::{AttachContext, DeviceSetupError};
+use crate::pci_devices::vfio::background::{self, P2pSlot};
 use crate::pci_devices::{open, virtio};
 use crate::progress::ProgressOutput;
 use crate::report::{self, DeviceReport, DmaReport, MemoryRegionReport, ReportError};
@@ -128,6 +129,7 @@ pub fn boot_and_run(
     let vm_fd = Arc::new(vm::create_vm(&kvm)?);
     clock.end(BootPhase::CreateVm);
     let worker_init = seccomp.as_ref().map(VmFilters::virtio_worker_init);
+    let thread_init = seccomp.as_ref().map(VmFilters::vmm_thread_init);
     let setups = open::open_devices(config, &vm_fd, Path::new(memory::SYSFS_ROOT), worker_init)
         .map_err(BuildError::Device)?;
     clock.end(BootPhase::OpenDevices);
@@ -162,6 +164,7 @@ pub fn boot_and_run(
             slots: &mut slots,
             memslots: &memslots,
             progress,
+            thread_init: thread_init.clone(),
         };
         let device = setup
             .attach(device_plan, &mut ctx)
@@ -279,6 +282,17 @@ pub fn boot_and_run(
         .iter()
         .map(|device| device.bars().iter().map(MappedBar::slots).collect())
         .collect();
+    // With p2p=background a BAR's P2P map outcome is known after the run.
+    let bar_p2p: Vec<Vec<Option<P2pSlot>>> = live
+        .iter()
+        .map(|device| {
+            device
+                .bars()
+                .iter()
+                .map(|bar| bar.p2p_pending.clone())
+                .collect()
+        })
+        .collect();
     let built = BuiltVm::new(vm_fd, ram, vcpus, buses, serial, input, power)
         .with_devices(live)
         .with_memslots(memslots)
@@ -289,6 +303,14 @@ pub fn boot_and_run(
     for (report, slots) in device_reports.iter_mut().zip(&bar_slots) {
         for (bar, slots) in report.bars.iter_mut().zip(slots) {
             bar.slot_updates = run.memslot_updates.updates_of(slots.iter().copied());
+        }
+    }
+    for (report, slots) in device_reports.iter_mut().zip(&bar_p2p) {
+        let bdf = report.bdf.clone();
+        for (bar, slot) in report.bars.iter_mut().zip(slots) {
+            if let Some(slot) = slot {
+                background::report_outcome(bar, &bdf, slot, run.first_run);
+            }
         }
     }
     for (report, counters) in device_reports.iter_mut().zip(&virtio_counters) {

@@ -250,6 +250,12 @@ pub struct P2pReport {
     pub bytes: u64,
     /// Time the mapping took, in milliseconds.
     pub ms: f64,
+    /// With `p2p=background` only: when the mapping was done, in
+    /// milliseconds after the first KVM_RUN (negative: before it). Until
+    /// then a device's DMA into the BAR faulted in the IOMMU. `null` when
+    /// the BAR was mapped before the guest ran.
+    #[serde(default)]
+    pub ready_after_first_run_ms: Option<f64>,
 }
 
 /// Page counts: how many pages of each size map something.

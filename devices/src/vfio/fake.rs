@@ -550,6 +550,8 @@ pub struct FakeVfioHost {
     /// With iommufd: whether the kernel has IOMMU_IOAS_MAP_FILE of memfds
     /// (6.13+) and of dma-bufs (6.19+); both unless set.
     old_iommufd: bool,
+    /// How long each BAR map takes (type1 on 6.12 takes seconds).
+    bar_map_delay: std::time::Duration,
 }
 
 impl FakeVfioHost {
@@ -586,6 +588,12 @@ impl FakeVfioHost {
     /// is mapped by address and BARs cannot be mapped for peer to peer.
     pub fn with_old_iommufd(mut self) -> Self {
         self.old_iommufd = true;
+        self
+    }
+
+    /// Makes each BAR map (peer to peer) take `delay`, as a slow kernel's.
+    pub fn with_bar_map_delay(mut self, delay: std::time::Duration) -> Self {
+        self.bar_map_delay = delay;
         self
     }
 
@@ -697,6 +705,7 @@ impl VfioHostAccess for FakeVfioHost {
             }
             OpenedBackend::Iommufd => DmaMethod::IommufdDmabuf,
         };
+        std::thread::sleep(self.bar_map_delay);
         self.refuse(iova, size)?;
         self.record_map(iova, size, hva);
         Ok(BarDmaMapping {

@@ -348,9 +348,12 @@ pub struct RunArgs {
     pub report: Option<PathBuf>,
 
     /// Pass a host PCI device through with VFIO (repeatable). bar-align caps
-    /// the BAR alignment to force smaller pages on purpose [default: auto],
-    /// e.g. --device vfio=0000:41:00.0,bar-align=2m
-    #[arg(long = "device", value_name = "vfio=BDF[,bar-align=auto|4k|2m|1g]", value_parser = parse_vfio)]
+    /// the BAR alignment to force smaller pages on purpose [default: auto];
+    /// p2p maps the BARs into the IOMMU for peer-to-peer DMA [default:
+    /// auto]: on (an error if refused), off, auto (a warning if refused) or
+    /// background (mapped on a thread while the guest boots; the report says
+    /// when), e.g. --device vfio=0000:41:00.0,bar-align=2m,p2p=background
+    #[arg(long = "device", value_name = "vfio=BDF[,bar-align=auto|4k|2m|1g][,p2p=..]", value_parser = parse_vfio)]
     pub devices: Vec<VfioConfig>,
 
     /// Add an ivshmem-compatible shared memory device (repeatable): BAR2 is

@@ -53,7 +53,7 @@ pub enum DeviceConfigError {
     #[error(transparent)]
     InvalidBackend(#[from] InvalidVfioBackend),
     /// `p2p` with an unknown value.
-    #[error("invalid p2p {0:?}: use on, off or auto")]
+    #[error("invalid p2p {0:?}: use on, off, auto or background")]
     InvalidP2p(String),
     /// A `--device` kind barge does not have.
     #[error("--device: unknown device {0:?}; barge passes through PCI devices with vfio=DDDD:BB:DD.F (shared memory is --shmem)")]
@@ -165,6 +165,12 @@ pub enum P2p {
     On,
     /// Do not map them.
     Off,
+    /// Map them on a thread of their own while the guest boots, so that a
+    /// slow map (type1 on kernels before 6.15: seconds per 8 GiB) is not on
+    /// the way to the first KVM_RUN; a refusal is a warning. Until the map
+    /// is done a device's DMA into the BAR faults in the IOMMU; the report
+    /// says when it was done (`p2p.ready_after_first_run_ms`).
+    Background,
 }
 
 impl P2p {
@@ -180,6 +186,7 @@ impl fmt::Display for P2p {
             P2p::Auto => "auto",
             P2p::On => "on",
             P2p::Off => "off",
+            P2p::Background => "background",
         })
     }
 }
@@ -192,6 +199,7 @@ impl FromStr for P2p {
             "auto" => Ok(P2p::Auto),
             "on" => Ok(P2p::On),
             "off" => Ok(P2p::Off),
+            "background" => Ok(P2p::Background),
             _ => Err(DeviceConfigError::InvalidP2p(text.to_string())),
         }
     }
@@ -300,7 +308,7 @@ pub fn parse_bdf(text: &str) -> Result<String, DeviceConfigError> {
 impl FromStr for VfioConfig {
     type Err = DeviceConfigError;
 
-    /// Parses `vfio=DDDD:BB:DD.F[,bar-align=auto|4k|2m|1g][,p2p=on|off|auto]`
+    /// Parses `vfio=DDDD:BB:DD.F[,bar-align=auto|4k|2m|1g][,p2p=on|off|auto|background]`
     /// (the `--device` value).
     fn from_str(text: &str) -> Result<Self, DeviceConfigError> {
         if let Some((kind, _)) = text.split_once('=') {
@@ -503,7 +511,10 @@ mod tests {
             ("virtio=blk", "unknown device \"virtio\""),
             ("bar-align=2m", "missing vfio="),
             ("vfio=0000:41:00.0,colour=red", "unknown key \"colour\""),
-            ("vfio=0000:41:00.0,p2p=maybe", "use on, off or auto"),
+            (
+                "vfio=0000:41:00.0,p2p=maybe",
+                "use on, off, auto or background",
+            ),
             ("0000:41:00.0", "expected key=value"),
         ] {
             let err = input.parse::<VfioConfig>().unwrap_err().to_string();
@@ -516,6 +527,9 @@ mod tests {
         let config: VfioConfig = "vfio=0000:41:00.0,p2p=off".parse().unwrap();
         assert_eq!(config.p2p, P2p::Off);
         assert_eq!(config.to_string(), "vfio=0000:41:00.0,p2p=off");
+        let background: VfioConfig = "vfio=0000:41:00.0,p2p=background".parse().unwrap();
+        assert_eq!(background.p2p, P2p::Background);
+        assert_eq!(background.to_string(), "vfio=0000:41:00.0,p2p=background");
         let default: VfioConfig = "vfio=0000:41:00.0".parse().unwrap();
         assert_eq!(default.p2p, P2p::Auto);
         let json: VfioConfig =

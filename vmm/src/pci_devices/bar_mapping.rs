@@ -43,6 +43,7 @@ use crate::machine::kvm::{self, KvmError, MemslotLog};
 use crate::machine::kvm_stats::KvmStatsFd;
 use crate::machine::mapping::{AlignedMapping, MappingError};
 use crate::machine::prefault::{self, PreFaultError};
+use crate::pci_devices::vfio::background::P2pSlot;
 use crate::progress::{Progress, ProgressOutput};
 use crate::report::{BarReport, P2pReport, PageCountsReport};
 
@@ -128,6 +129,8 @@ pub struct MappedBar {
     pub p2p: Option<P2pReport>,
     /// Why it has none although `p2p=auto` asked for one.
     pub p2p_warning: Option<String>,
+    /// With `p2p=background`: where the background map leaves its outcome.
+    pub p2p_pending: Option<P2pSlot>,
 }
 
 impl MappedBar {
@@ -141,6 +144,7 @@ impl MappedBar {
             causes: Vec::new(),
             p2p: None,
             p2p_warning: None,
+            p2p_pending: None,
         }
     }
 
@@ -209,6 +213,7 @@ pub fn map_bar_areas(
         causes: Vec::new(),
         p2p: None,
         p2p_warning: None,
+        p2p_pending: None,
     };
     for area in &placement.areas {
         let mapped = MappedArea {

@@ -40,6 +40,7 @@ use std::os::fd::BorrowedFd;
 use std::sync::Arc;
 
 use devices::pci::segment::BoxedPciDevice;
+use devices::virtio::worker::ThreadInit;
 use kvm_ioctls::VmFd;
 use resources::placement::{BarPlacement, DeviceInput, DevicePlan};
 
@@ -88,6 +89,10 @@ pub struct AttachContext<'a> {
     pub memslots: &'a MemslotLog,
     /// Where the progress of long steps (the RAM DMA map) goes.
     pub progress: ProgressOutput,
+    /// What a thread a device starts for its set-up (`p2p=background`)
+    /// runs first: the seccomp filter of the VMM thread, when filters are
+    /// on.
+    pub thread_init: Option<ThreadInit>,
 }
 
 impl AttachContext<'_> {

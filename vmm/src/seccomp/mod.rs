@@ -475,6 +475,19 @@ impl VmFilters {
         })
     }
 
+    /// What a thread the VMM thread starts for the boot's own work (a
+    /// device's background peer-to-peer map) runs first: installs the
+    /// VMM filter, labelled with the thread's name; a refusal is logged as
+    /// for [`VmFilters::virtio_worker_init`].
+    pub fn vmm_thread_init(&self) -> devices::virtio::worker::ThreadInit {
+        let filters = self.vmm.clone();
+        std::sync::Arc::new(move |name: &str| {
+            if let Err(error) = filters.install(name) {
+                log::error!("{name}: {error}");
+            }
+        })
+    }
+
     /// Compiles both kinds, or returns `None` when `mode` is off.
     pub fn compile(mode: SeccompMode) -> Result<Option<Self>, SeccompError> {
         if mode == SeccompMode::Off {

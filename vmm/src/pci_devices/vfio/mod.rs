@@ -56,6 +56,7 @@
 //! hands memory to the IOMMU, has `unsafe` code (besides the [`crate::pci_devices::irqchip`]'s
 //! tests, which read KVM's routing union).
 
+pub mod background;
 pub mod dma;
 pub mod shared_host;
 pub mod teardown;
@@ -81,13 +82,15 @@ use crate::buses::bus::{BusDevice, SharedBusDevice};
 #[cfg(doc)]
 use crate::config::devices::VfioBackendKind;
 use crate::config::devices::{P2p, VfioConfig};
-use crate::pci_devices::bar_mapping::MappedBar;
+use crate::machine::mapping::AlignedMapping;
+use crate::pci_devices::bar_mapping::{MappedArea, MappedBar};
 use crate::pci_devices::setup::{
     AttachContext, AttachedDevice, DeviceSetupError, PciDeviceSetup, TrapRegion,
 };
 use crate::pci_devices::teardown::DeviceResources;
 use crate::report::{DmaReport, P2pReport};
 
+use background::{BackgroundP2p, P2pJob, P2pSlot};
 pub use dma::{BarDma, DmaError, RamDma};
 pub use shared_host::{create_kvm_vfio_device, shared_host, SharedVfioHost};
 use teardown::VfioTeardown;
@@ -116,6 +119,12 @@ pub enum PassthroughError {
     /// Memory cannot be mapped for the devices' DMA.
     #[error(transparent)]
     Dma(#[from] DmaError),
+    /// The thread for `p2p=background` cannot be started.
+    #[error(
+        "PCI device {bdf}: cannot start the thread that maps its BARs for peer-to-peer DMA \
+         (p2p=background): {source}; use p2p=auto to map them before the guest runs"
+    )]
+    P2pThread { bdf: String, source: std::io::Error },
 }
 
 /// What the host says about a device's BARs beyond VFIO: the sysfs tree
@@ -250,6 +259,7 @@ impl<H: VfioHostAccess + 'static> PciDeviceSetup for VfioSetup<H> {
             release_request,
             ram_dma: None,
             bar_dma: Vec::new(),
+            background_p2p: None,
             host,
         };
         let mut bars = Vec::new();
@@ -341,7 +351,7 @@ fn trap_regions<D: VfioDeviceAccess + 'static>(
 /// BARs into the IOMMU domain (into `parts`); the report of the RAM mapping
 /// when this device made it. Whatever it did before an error stays in
 /// `parts` and `bars` for the teardown.
-fn map_bars_and_dma<H: VfioHostAccess>(
+fn map_bars_and_dma<H: VfioHostAccess + 'static>(
     parts: &mut VfioTeardown<H>,
     bars: &mut Vec<MappedBar>,
     probe: &VfioProbe,
@@ -376,47 +386,60 @@ fn map_bars_and_dma<H: VfioHostAccess>(
         return Ok(report);
     }
     let domain = Arc::clone(parts.host.domain());
+    if p2p == P2p::Background {
+        let mut jobs = Vec::new();
+        for bar in bars.iter_mut() {
+            let Some(mapping) = bar.mapping.clone().filter(|_| !bar.areas.is_empty()) else {
+                continue;
+            };
+            let slot = P2pSlot::default();
+            bar.p2p_pending = Some(Arc::clone(&slot));
+            jobs.push(P2pJob {
+                bar: bar.placement.index,
+                mapping,
+                areas: bar.areas.clone(),
+                slot,
+            });
+        }
+        if !jobs.is_empty() {
+            let background = BackgroundP2p::spawn(
+                &bdf,
+                domain,
+                Arc::clone(&parts.device),
+                jobs,
+                ctx.thread_init.clone(),
+            )
+            .map_err(|source| PassthroughError::P2pThread {
+                bdf: bdf.clone(),
+                source,
+            })?;
+            parts.background_p2p = Some(background);
+        }
+        return Ok(report);
+    }
     for bar in bars.iter_mut() {
-        let Some(mapping) = bar.mapping.clone() else {
+        let Some(mapping) = bar.mapping.clone().filter(|_| !bar.areas.is_empty()) else {
             continue;
         };
-        let start = Instant::now();
-        let mut mapped = Vec::with_capacity(bar.areas.len());
-        let mut refused = None;
-        for area in &bar.areas {
-            match BarDma::map(&domain, &parts.device, bar.placement.index, &mapping, area) {
-                Ok(dma) => mapped.push(dma),
-                Err(error) => {
-                    refused = Some(error);
-                    break;
-                }
-            }
-        }
-        let ms = start.elapsed().as_secs_f64() * 1000.0;
-        match refused {
-            None if !mapped.is_empty() => {
-                let mut methods = DmaMethods::default();
-                for dma in &mapped {
-                    methods.merge(dma.methods());
-                }
-                let bytes = mapped.iter().map(BarDma::size).sum();
+        match map_bar_for_p2p(
+            &domain,
+            &parts.device,
+            bar.placement.index,
+            &mapping,
+            &bar.areas,
+        ) {
+            Ok((mapped, p2p_report)) => {
                 log::info!(
-                    "vfio: {bdf}: BAR {} mapped for peer-to-peer DMA ({methods}): {bytes} bytes in \
-                     {ms:.3} ms",
-                    bar.placement.index
+                    "vfio: {bdf}: BAR {} mapped for peer-to-peer DMA ({}): {} bytes in {:.3} ms",
+                    bar.placement.index,
+                    p2p_report.method,
+                    p2p_report.bytes,
+                    p2p_report.ms
                 );
-                bar.p2p = Some(P2pReport {
-                    method: methods.to_string(),
-                    bytes,
-                    ms,
-                });
+                bar.p2p = Some(p2p_report);
                 parts.bar_dma.extend(mapped);
             }
-            None => {}
-            Some(error) if p2p == P2p::Auto => {
-                // The BAR's areas mapped so far go again: a BAR is mapped
-                // for peer to peer whole, or not at all.
-                drop(mapped);
+            Err(error) if p2p == P2p::Auto => {
                 let hint = match &error {
                     DmaError::Host(HostError::P2pUnsupported { .. }) => "",
                     _ => " (p2p=off silences this)",
@@ -429,13 +452,39 @@ fn map_bars_and_dma<H: VfioHostAccess>(
                 eprintln!("barge: warning: {warning}");
                 bar.p2p_warning = Some(warning);
             }
-            Some(error) => {
-                parts.bar_dma.extend(mapped);
-                return Err(PassthroughError::from(error).into());
-            }
+            Err(error) => return Err(PassthroughError::from(error).into()),
         }
     }
     Ok(report)
+}
+
+/// Maps every area of BAR `bar` of `device` (inside `mapping`) into
+/// `domain` for peer-to-peer DMA: the maps and their report. A BAR is
+/// mapped whole or not at all: on an error the areas mapped so far are
+/// unmapped again.
+pub(crate) fn map_bar_for_p2p<H: VfioHostAccess>(
+    domain: &Arc<H>,
+    device: &H::Device,
+    bar: u8,
+    mapping: &Arc<AlignedMapping>,
+    areas: &[MappedArea],
+) -> Result<(Vec<BarDma<H>>, P2pReport), DmaError> {
+    let start = Instant::now();
+    let mut mapped = Vec::with_capacity(areas.len());
+    for area in areas {
+        mapped.push(BarDma::map(domain, device, bar, mapping, area)?);
+    }
+    let mut method = DmaMethods::default();
+    for dma in &mapped {
+        method.merge(dma.methods());
+    }
+    let report = P2pReport {
+        method: method.to_string(),
+        bytes: mapped.iter().map(BarDma::size).sum(),
+        ms: start.elapsed().as_secs_f64() * 1000.0,
+        ready_after_first_run_ms: None,
+    };
+    Ok((mapped, report))
 }
 
 /// A host BAR not aligned to the planned page size cannot be mapped with

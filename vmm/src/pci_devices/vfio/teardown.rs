@@ -12,6 +12,7 @@ use devices::vfio::{VfioDeviceAccess, REQ_IRQ_INDEX};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::pci_devices::teardown::HostResources;
+use crate::pci_devices::vfio::background::BackgroundP2p;
 use crate::pci_devices::vfio::dma::{BarDma, RamDma};
 use crate::pci_devices::vfio::shared_host::SharedVfioHost;
 
@@ -31,6 +32,8 @@ pub struct VfioTeardown<H: VfioHostAccess> {
     pub ram_dma: Option<Arc<RamDma<H>>>,
     /// This device's BAR areas in the IOMMU (peer to peer).
     pub bar_dma: Vec<BarDma<H>>,
+    /// With `p2p=background`: the thread mapping the BARs, and its maps.
+    pub background_p2p: Option<BackgroundP2p<H>>,
     /// The VM's VFIO host (container or IOAS), shared with its other VFIO
     /// devices.
     pub host: Arc<SharedVfioHost<H>>,
@@ -80,6 +83,8 @@ impl<H: VfioHostAccess + 'static> HostResources for VfioTeardown<H> {
     /// Unmaps the device's BAR areas and, when it is the last device
     /// holding it, guest RAM from the IOMMU domain.
     fn unmap_iommu(&mut self) {
+        // The background thread first: it may be mapping a BAR still.
+        self.background_p2p = None;
         self.bar_dma.clear();
         self.ram_dma = None;
     }

@@ -145,6 +145,7 @@ impl Rig {
             slots: &mut self.slots,
             memslots: &self.memslots,
             progress: crate::progress::ProgressOutput::Off,
+            thread_init: None,
         };
         Box::new(setup).attach(plan, &mut ctx)
     }
@@ -512,6 +513,147 @@ fn a_refused_p2p_mapping_is_a_warning_with_auto_and_an_error_with_on() {
     }));
     assert_eq!(events.last(), Some(&FakeEvent::Closed { bdf: BDF.into() }));
     assert!(rig.kvm.irqfd_gsis().is_empty());
+}
+
+/// The `p2p=background` slots of the BARs of `attached`, by index.
+fn p2p_slots(attached: &AttachedDevice) -> Vec<(u8, background::P2pSlot)> {
+    attached
+        .resources
+        .bars()
+        .iter()
+        .filter_map(|bar| Some((bar.placement.index, bar.p2p_pending.clone()?)))
+        .collect()
+}
+
+/// Waits (up to 20 s) until every slot has an outcome.
+fn wait_for(slots: &[(u8, background::P2pSlot)]) {
+    let deadline = Instant::now() + std::time::Duration::from_secs(20);
+    while slots.iter().any(|(_, slot)| slot.get().is_none()) {
+        assert!(Instant::now() < deadline, "the background maps did not end");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
+/// A report of `bar` as the prover makes it, without KVM's counts.
+fn bar_report(bar: &MappedBar) -> crate::report::BarReport {
+    bar_mapping::bar_report(bar, 0, None, None)
+}
+
+#[test]
+fn p2p_background_maps_the_bars_on_a_thread_and_the_report_says_when() {
+    if !guest_programs::testing::kvm_or_skip(
+        "p2p_background_maps_the_bars_on_a_thread_and_the_report_says_when",
+    ) {
+        return;
+    }
+    let mut rig = Rig::with(small_device(b""));
+    let (attached, _plan) = rig.attach(rig.open(&format!("vfio={BDF},p2p=background")));
+    let slots = p2p_slots(&attached);
+    assert_eq!(
+        slots.iter().map(|(index, _)| *index).collect::<Vec<_>>(),
+        [0, 2],
+        "a slot per mmap-able BAR, none for the trapped BAR 4"
+    );
+    wait_for(&slots);
+    let mut expected = vec![rig.ram_region()];
+    for bar in attached.resources.bars() {
+        expected.extend(bar.areas.iter().map(|a| (a.gpa, a.size, a.hva)));
+    }
+    assert_eq!(rig.dma_maps(), expected);
+    // The first KVM_RUN an hour from now: the maps were done before it.
+    let first_run = Instant::now() + std::time::Duration::from_secs(3600);
+    for (index, slot) in &slots {
+        let mapped = bar(&attached, *index);
+        let mut report = bar_report(mapped);
+        assert!(report.p2p.is_none(), "not known before the run ends");
+        background::report_outcome(&mut report, BDF, slot, Some(first_run));
+        let p2p = report.p2p.expect("mapped in the background");
+        assert_eq!(p2p.method, "type1-vaddr");
+        assert_eq!(p2p.bytes, area_bytes(mapped));
+        let ready = p2p.ready_after_first_run_ms.unwrap();
+        assert!((-3_660_000.0..-3_599_000.0).contains(&ready), "{ready}");
+        assert!(report.warning.is_none());
+    }
+    drop(attached);
+    assert!(rig.host.domain().dma_mappings().is_empty());
+}
+
+#[test]
+fn a_teardown_during_background_p2p_waits_for_the_map_under_way_and_skips_the_rest() {
+    if !guest_programs::testing::kvm_or_skip(
+        "a_teardown_during_background_p2p_waits_for_the_map_under_way_and_skips_the_rest",
+    ) {
+        return;
+    }
+    let host = FakeVfioHost::new()
+        .with_device(BDF, small_device(b""))
+        .with_bar_map_delay(std::time::Duration::from_millis(1000));
+    let mut rig = Rig::new(host);
+    let (attached, _plan) = rig.attach(rig.open(&format!("vfio={BDF},p2p=background")));
+    // Attached while BAR 0's map is still under way: only RAM is mapped.
+    assert_eq!(rig.dma_maps(), [rig.ram_region()]);
+    let slots = p2p_slots(&attached);
+    let reports: Vec<_> = slots
+        .iter()
+        .map(|(index, _)| bar_report(bar(&attached, *index)))
+        .collect();
+    // Well inside BAR 0's map (a second long) when the teardown starts.
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    drop(attached);
+    // BAR 0's map ended before its unmap; BAR 2 was never mapped.
+    let bar0 = slots[0]
+        .1
+        .get()
+        .expect("BAR 0's map ended before the teardown went on");
+    assert!(matches!(bar0, background::P2pOutcome::Mapped { .. }));
+    assert!(
+        slots[1].1.get().is_none(),
+        "BAR 2 is not mapped after the stop"
+    );
+    assert!(
+        rig.host.domain().dma_mappings().is_empty(),
+        "nothing left mapped"
+    );
+    assert_eq!(rig.dma_maps().len(), 2, "RAM and BAR 0");
+    let mut bar2 = reports[1].clone();
+    background::report_outcome(&mut bar2, BDF, &slots[1].1, None);
+    assert!(bar2.p2p.is_none());
+    let warning = bar2.warning.unwrap();
+    assert!(
+        warning.contains(
+            "was not yet mapped for peer-to-peer DMA (p2p=background) when the VM stopped"
+        ),
+        "{warning}"
+    );
+}
+
+#[test]
+fn a_refused_background_p2p_map_is_a_warning_in_the_report() {
+    if !guest_programs::testing::kvm_or_skip(
+        "a_refused_background_p2p_map_is_a_warning_in_the_report",
+    ) {
+        return;
+    }
+    let host = FakeVfioHost::new()
+        .with_device(BDF, small_device(b""))
+        .refusing_dma_from(RAM_SIZE);
+    let mut rig = Rig::new(host);
+    let (attached, _plan) = rig.attach(rig.open(&format!("vfio={BDF},p2p=background")));
+    let slots = p2p_slots(&attached);
+    wait_for(&slots);
+    assert_eq!(rig.dma_maps(), [rig.ram_region()]);
+    for (index, slot) in &slots {
+        let mut report = bar_report(bar(&attached, *index));
+        background::report_outcome(&mut report, BDF, slot, Some(Instant::now()));
+        assert!(report.p2p.is_none());
+        let warning = report.warning.unwrap();
+        assert!(
+            warning.contains(&format!(
+                "BAR {index} of {BDF} is not mapped for peer-to-peer DMA"
+            )),
+            "{warning}"
+        );
+    }
 }
 
 /// Bytes of `bar`'s mmap-able areas.
