@@ -29,7 +29,7 @@ pub enum BootPhase {
     /// Guest RAM mapped into the IOMMU for device DMA.
     RamDmaMap,
     /// The devices' attachment apart from the RAM DMA map: BAR mmaps and
-    /// memslots, P2P DMA maps of BARs, interrupts.
+    /// memslots, P2P DMA maps of BARs (not with `p2p=background`), interrupts.
     BarMapping,
     /// Kernel, initramfs, command line, ACPI tables and boot structures.
     KernelLoad,
