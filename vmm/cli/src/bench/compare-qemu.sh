@@ -9,7 +9,7 @@
 # RAM the VMM touched); KVM's page counters for the VM at GUEST-UP
 # (debugfs, the whole VM: RAM and BARs); vfio-pci's host faults by order
 # over the whole run and per GiB of BAR (kprobe); the time spent in type1's
-# DMA maps (kprobe and kretprobe on vfio_dma_do_map) of guest RAM (IOVA
+# DMA maps (kprobe and kretprobe on vfio_iommu_type1_ioctl, VFIO_IOMMU_MAP_DMA only) of guest RAM (IOVA
 # below 4 GiB) and of the BARs (above), each summed over the run; the time
 # to exit.
 #
@@ -79,19 +79,20 @@ else
   PROBE=0
   echo "no kprobe: host faults not counted" >&2
 fi
-# type1's map: vfio_dma_do_map(iommu, map), map->iova at +16; entry and
+# type1's map: VFIO_IOMMU_MAP_DMA (0x3b71) through vfio_iommu_type1_ioctl
+# (iommu, cmd, arg), the map's iova at +16 of the user's struct; entry and
 # return in the trace buffer.
 M=$T/events/barge_cmp
 echo '-:barge_cmp/map' >> $T/kprobe_events 2>/dev/null
 echo '-:barge_cmp/mapret' >> $T/kprobe_events 2>/dev/null
-if echo 'p:barge_cmp/map vfio_dma_do_map iova=+16(%si):u64' >> $T/kprobe_events &&
-   echo 'r:barge_cmp/mapret vfio_dma_do_map' >> $T/kprobe_events &&
+if echo 'p:barge_cmp/map vfio_iommu_type1_ioctl cmd=%si:u32 iova=+u16(%dx):u64' >> $T/kprobe_events &&
+   echo 'r:barge_cmp/mapret vfio_iommu_type1_ioctl' >> $T/kprobe_events &&
    echo 1 > $M/map/enable && echo 1 > $M/mapret/enable; then
   MAPS=1
   echo 16384 > $T/buffer_size_kb
 else
   MAPS=0
-  echo "no kprobe on vfio_dma_do_map: DMA map times not measured" >&2
+  echo "no kprobe on vfio_iommu_type1_ioctl: DMA map times not measured" >&2
 fi
 
 now() { cut -d' ' -f1 /proc/uptime; }
@@ -113,14 +114,18 @@ per_gib() {
 }
 
 # map_ms: "RAM_MS BAR_MS", type1 map time summed over the run from the
-# trace (entry and return paired per thread; IOVA below 4 GiB is RAM).
+# trace (entry and return paired per thread; VFIO_IOMMU_MAP_DMA only; IOVA
+# below 4 GiB is RAM).
 map_ms() {
   [ $MAPS = 1 ] || { echo "- -"; return; }
-  awk '/ map: / { split($0, a, "iova="); t = $0; sub(/:  *map:.*/, "", t);
-                  n = split(t, f, " "); start[$1] = f[n]; iova[$1] = a[2] + 0; next }
+  awk '/ map: / { t = $0; sub(/:  *map:.*/, "", t); n = split(t, f, " ");
+                  c = $0; sub(/.*cmd=/, "", c); sub(/ .*/, "", c);
+                  v = $0; sub(/.*iova=/, "", v); sub(/ .*/, "", v);
+                  start[$1] = f[n]; cmd[$1] = c + 0; iova[$1] = v + 0; next }
        / mapret: / { if (!($1 in start)) next; t = $0; sub(/:  *mapret:.*/, "", t);
                   n = split(t, f, " "); d = (f[n] - start[$1]) * 1000;
-                  if (iova[$1] < 4294967296) ram += d; else bar += d; delete start[$1] }
+                  if (cmd[$1] == 15217) { if (iova[$1] < 4294967296) ram += d; else bar += d }
+                  delete start[$1] }
        END { printf "%.0f %.0f", ram, bar }' $T/trace
 }
 
@@ -185,13 +190,16 @@ done
     -kernel /lab/guest/bzImage -initrd /lab/guest/initramfs \
     -append "console=ttyS0 panic=-1 -- $GUEST_CMD" $qemu_devices
 } | tee /out/compare.txt
-echo "(ram_map, bar_map: ms in type1's vfio_dma_do_map over the run, for IOVAs below and above 4 GiB; barge's own report: dma.ms $(sed -n '/"dma"/,$ s/.*"ms": *\([0-9.]*\).*/\1/p' /out/barge.json | head -n 1))" |
+echo "(ram_map, bar_map: ms in type1's VFIO_IOMMU_MAP_DMA over the run, for IOVAs below and above 4 GiB; barge's own report: dma.ms $(sed -n '/"dma"/,$ s/.*"ms": *\([0-9.]*\).*/\1/p' /out/barge.json | head -n 1))" |
   tee -a /out/compare.txt
 
-awk 'NR > 2 && ($1 == "barge" || $1 == "qemu") { up[$1] = $2; rss[$1] = $4; g[$1] = $8 }
+# Fields: vmm up exit rss huge, kvm pages (3), host faults (3), per_gib,
+# ram_map, bar_map, status.
+awk 'NR > 2 && ($1 == "barge" || $1 == "qemu") { up[$1] = $2; rss[$1] = $4; g[$1] = $12; ram[$1] = $13 }
      END { if (up["qemu"] > 0 && rss["qemu"] > 0)
-             printf "barge/QEMU: time to GUEST-UP %.2f, resident memory %.2f; host faults per GiB: barge %s, QEMU %s\n",
-                    up["barge"] / up["qemu"], rss["barge"] / rss["qemu"], g["barge"], g["qemu"] }' \
+             printf "barge/QEMU: time to GUEST-UP %.2f, resident memory %.2f, RAM DMA map %s; host faults per GiB of BAR: barge %s, QEMU %s\n",
+                    up["barge"] / up["qemu"], rss["barge"] / rss["qemu"],
+                    (ram["qemu"] > 0 ? sprintf("%.2f", ram["barge"] / ram["qemu"]) : "-"), g["barge"], g["qemu"] }' \
   /out/compare.txt | tee -a /out/compare.txt
 
 if [ $PROBE = 1 ]; then
