@@ -5,6 +5,7 @@
 //! tenth of the work at most, so that a log stays readable.
 
 use std::io::{IsTerminal, Write};
+use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
 
 use resources::size::format_size;
@@ -14,6 +15,9 @@ pub const QUIET_FOR: Duration = Duration::from_secs(2);
 
 /// How often a terminal line is rewritten at most.
 const TERMINAL_EVERY: Duration = Duration::from_millis(250);
+
+/// A terminal's width when it does not say.
+const DEFAULT_COLUMNS: usize = 80;
 
 /// Where progress goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,6 +58,11 @@ pub struct Progress {
     written: bool,
     /// Whether the last line was written.
     finished: bool,
+    /// The terminal's width: a line stays shorter, or `\r` would return to
+    /// its last row only.
+    columns: usize,
+    /// The length of the terminal line shown now.
+    shown: usize,
 }
 
 impl std::fmt::Debug for Progress {
@@ -70,6 +79,7 @@ impl Progress {
     /// Progress of `what` (e.g. "guest RAM DMA map") over `total` bytes, to
     /// stderr.
     pub fn start(what: &str, total: u64, output: ProgressOutput) -> Self {
+        let columns = crate::buses::console::terminal_columns(std::io::stderr().as_fd());
         Self::start_at(
             what,
             total,
@@ -77,6 +87,13 @@ impl Progress {
             Box::new(std::io::stderr()),
             Instant::now(),
         )
+        .with_columns(columns.map_or(DEFAULT_COLUMNS, usize::from))
+    }
+
+    /// Keeps terminal lines within `columns` characters (80 unless set).
+    pub fn with_columns(mut self, columns: usize) -> Self {
+        self.columns = columns.max(1);
+        self
     }
 
     /// [`Progress::start`] writing to `sink`, started at `start`.
@@ -97,6 +114,8 @@ impl Progress {
             tenths_written: 0,
             written: false,
             finished: false,
+            columns: DEFAULT_COLUMNS,
+            shown: 0,
         }
     }
 
@@ -120,9 +139,8 @@ impl Progress {
                 {
                     return;
                 }
-                let line = self.line(done, elapsed);
-                // Padded: a shorter line overwrites all of a longer one.
-                let _ = write!(self.sink, "\r{line:<79}");
+                let line = self.terminal_line(done, elapsed);
+                let _ = write!(self.sink, "{line}");
                 let _ = self.sink.flush();
                 self.last_write = Some(now);
             }
@@ -133,7 +151,7 @@ impl Progress {
                     return;
                 }
                 self.tenths_written = tenths;
-                let line = self.line(done, elapsed);
+                let line = self.line(done, elapsed, true);
                 let _ = writeln!(self.sink, "{line}");
             }
             ProgressOutput::Off => return,
@@ -163,14 +181,38 @@ impl Progress {
             rate(self.total, elapsed)
         );
         let _ = match self.output {
-            ProgressOutput::Terminal => writeln!(self.sink, "\r{line:<79}"),
+            ProgressOutput::Terminal => {
+                let line = self.fit(line);
+                writeln!(self.sink, "{line}")
+            }
             _ => writeln!(self.sink, "{line}"),
         };
         let _ = self.sink.flush();
     }
 
-    /// `barge: WHAT: 1 GiB of 4 GiB (25%), 0.50 GiB/s, 6s left`.
-    fn line(&self, done: u64, elapsed: Duration) -> String {
+    /// The line for a terminal, fitted by [`Progress::fit`]; without the
+    /// rate when it is too long with it (the time left matters more).
+    fn terminal_line(&mut self, done: u64, elapsed: Duration) -> String {
+        let mut line = self.line(done, elapsed, true);
+        if line.chars().count() >= self.columns {
+            line = self.line(done, elapsed, false);
+        }
+        self.fit(line)
+    }
+
+    /// `\r` and `line`, cut to the terminal's width less one (so that it
+    /// never wraps) and padded with spaces over what the last line showed.
+    fn fit(&mut self, line: String) -> String {
+        let line: String = line.chars().take(self.columns - 1).collect();
+        let length = line.chars().count();
+        let width = length.max(self.shown);
+        self.shown = length;
+        format!("\r{line:<width$}")
+    }
+
+    /// `barge: WHAT: 1 GiB of 4 GiB (25%), 0.50 GiB/s, 6s left`, without
+    /// the rate unless `with_rate`.
+    fn line(&self, done: u64, elapsed: Duration, with_rate: bool) -> String {
         let percent = u128::from(done) * 100 / u128::from(self.total);
         let left = if done == 0 {
             "time left unknown".to_string()
@@ -178,12 +220,16 @@ impl Progress {
             let seconds = elapsed.as_secs_f64() * (self.total - done) as f64 / done as f64;
             format!("{} left", clock(Duration::from_secs_f64(seconds)))
         };
+        let rate = if with_rate {
+            format!(", {}", rate(done, elapsed))
+        } else {
+            String::new()
+        };
         format!(
-            "barge: {}: {} of {} ({percent}%), {}, {left}",
+            "barge: {}: {} of {} ({percent}%){rate}, {left}",
             self.what,
             format_size(done),
             format_size(self.total),
-            rate(done, elapsed)
         )
     }
 }
@@ -307,6 +353,95 @@ mod tests {
         assert!((70..=75).contains(&rewrites), "{rewrites}");
         assert!(text.starts_with("\rbarge: guest RAM DMA map: "), "{text:?}");
         assert!(run(ProgressOutput::Off, 64 * GIB, 20).is_empty());
+    }
+
+    /// What a terminal `columns` wide shows after `text`: its rows, as
+    /// `\r` (back to the row's start), `\n` and wrapping at the last
+    /// column move the cursor.
+    fn screen(text: &str, columns: usize) -> Vec<String> {
+        let mut rows = vec![vec![' '; columns]];
+        let (mut row, mut column) = (0, 0);
+        for c in text.chars() {
+            match c {
+                '\r' => column = 0,
+                '\n' => {
+                    row += 1;
+                    column = 0;
+                }
+                _ => {
+                    if column == columns {
+                        row += 1;
+                        column = 0;
+                    }
+                    while rows.len() <= row {
+                        rows.push(vec![' '; columns]);
+                    }
+                    rows[row][column] = c;
+                    column += 1;
+                }
+            }
+        }
+        while rows.len() <= row {
+            rows.push(vec![' '; columns]);
+        }
+        rows.iter()
+            .map(|r| r.iter().collect::<String>().trim_end().to_string())
+            .collect()
+    }
+
+    #[test]
+    fn a_terminal_line_never_wraps_and_leaves_nothing_of_a_longer_one() {
+        let buffer = Buffer::default();
+        let t0 = Instant::now();
+        let what = "pre-fault of BAR 2 of 0000:00:10.0";
+        let mut progress = Progress::start_at(
+            what,
+            8 * GIB,
+            ProgressOutput::Terminal,
+            Box::new(buffer.clone()),
+            t0,
+        )
+        .with_columns(80);
+        // 12s left, then 10s, 8s...: each line a little shorter.
+        for gib in 2..8 {
+            progress.update_at(gib * GIB, t0 + Duration::from_secs(2 * gib));
+            let rows = screen(&buffer.text(), 80);
+            assert_eq!(rows.len(), 1, "one row: {rows:?}");
+            // With its rate the line would be 85 characters: it goes.
+            let expected = format!(
+                "barge: {what}: {gib} GiB of 8 GiB ({}%), {}s left",
+                gib * 100 / 8,
+                2 * (8 - gib)
+            );
+            assert_eq!(rows[0], expected);
+        }
+        progress.finish_at(t0 + Duration::from_secs(16));
+        let rows = screen(&buffer.text(), 80);
+        assert_eq!(
+            rows,
+            [
+                format!("barge: {what}: 8 GiB in 16s (0.50 GiB/s)"),
+                String::new()
+            ]
+        );
+        // A wide terminal keeps the rate.
+        let buffer = Buffer::default();
+        let mut progress = Progress::start_at(
+            what,
+            8 * GIB,
+            ProgressOutput::Terminal,
+            Box::new(buffer.clone()),
+            t0,
+        )
+        .with_columns(120);
+        progress.update_at(2 * GIB, t0 + Duration::from_secs(4));
+        assert_eq!(
+            screen(&buffer.text(), 120),
+            [format!(
+                "barge: {what}: 2 GiB of 8 GiB (25%), 0.50 GiB/s, 12s left"
+            )]
+        );
+        drop(progress);
     }
 
     #[test]

@@ -208,6 +208,15 @@ fn make_raw(original: libc::termios) -> libc::termios {
     raw
 }
 
+/// The width of the terminal `fd` is, in columns; `None` when it is not a
+/// terminal or does not say (a width of 0).
+pub fn terminal_columns(fd: BorrowedFd<'_>) -> Option<u16> {
+    sys::window_size(fd)
+        .ok()
+        .map(|size| size.ws_col)
+        .filter(|&columns| columns > 0)
+}
+
 /// The termios calls.
 mod sys {
     use std::io;
@@ -218,6 +227,19 @@ mod sys {
     pub fn is_terminal(fd: BorrowedFd<'_>) -> bool {
         // SAFETY: isatty only inspects the fd, which BorrowedFd keeps open.
         unsafe { libc::isatty(fd.as_raw_fd()) == 1 }
+    }
+
+    /// TIOCGWINSZ: the terminal's size.
+    pub fn window_size(fd: BorrowedFd<'_>) -> io::Result<libc::winsize> {
+        let mut size = MaybeUninit::<libc::winsize>::uninit();
+        // SAFETY: the fd is open (BorrowedFd) and `size` is a writable
+        // winsize the ioctl fills completely on success.
+        let ret = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCGWINSZ, size.as_mut_ptr()) };
+        if ret != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: the ioctl succeeded, so it filled `size`.
+        Ok(unsafe { size.assume_init() })
     }
 
     /// tcgetattr.
