@@ -23,9 +23,11 @@ use crate::machine::kvm::{self, KvmError, MemslotLog};
 use crate::machine::kvm_stats::KvmStatsFd;
 use crate::machine::memory::{self, MemoryError};
 use crate::machine::vm::{self, BuiltVm, SerialInput, VmError, VmRun};
-use crate::pci_devices::bar_mapping::{BarProver, MappedBar, PrefaultSupport, SlotAllocator};
+use crate::pci_devices::bar_mapping::{
+    BarProver, MappedBar, P2pSlot, PrefaultSupport, SlotAllocator,
+};
 use crate::pci_devices::setup::{AttachContext, DeviceSetupError};
-use crate::pci_devices::vfio::background::{self, P2pSlot};
+use crate::pci_devices::vfio::background;
 use crate::pci_devices::{open, virtio};
 use crate::progress::ProgressOutput;
 use crate::report::{self, DeviceReport, DmaReport, MemoryRegionReport, ReportError};

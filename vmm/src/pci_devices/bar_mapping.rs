@@ -33,7 +33,7 @@
 
 use std::collections::BTreeMap;
 use std::os::fd::{AsRawFd, BorrowedFd};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use kvm_ioctls::VmFd;
@@ -43,7 +43,6 @@ use crate::machine::kvm::{self, KvmError, MemslotLog};
 use crate::machine::kvm_stats::KvmStatsFd;
 use crate::machine::mapping::{AlignedMapping, MappingError};
 use crate::machine::prefault::{self, PreFaultError};
-use crate::pci_devices::vfio::background::P2pSlot;
 use crate::progress::{Progress, ProgressOutput};
 use crate::report::{BarReport, P2pReport, PageCountsReport};
 
@@ -106,6 +105,28 @@ pub struct MappedArea {
     /// Host virtual address.
     pub hva: u64,
 }
+
+/// What became of one BAR's peer-to-peer map made in the background
+/// (`p2p=background`, see [`crate::pci_devices::vfio::background`]).
+#[derive(Debug, Clone)]
+pub enum P2pOutcome {
+    /// Mapped; `report.ms` is the map's own time, `done` when it ended.
+    Mapped {
+        /// The mapping, as the report shows it.
+        report: P2pReport,
+        /// When the map was done.
+        done: Instant,
+    },
+    /// The host refused it: the warning, already printed.
+    Refused {
+        /// The warning line.
+        warning: String,
+    },
+}
+
+/// Where a BAR's [`P2pOutcome`] is left; empty while the map is pending
+/// (or was never made: the VM stopped first).
+pub type P2pSlot = Arc<OnceLock<P2pOutcome>>;
 
 /// A BAR whose areas are mapped and registered with KVM. It owns the host
 /// mapping the memslots point into; the device's

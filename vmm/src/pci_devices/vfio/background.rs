@@ -19,7 +19,7 @@
 //! run.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
@@ -29,29 +29,8 @@ use devices::virtio::worker::ThreadInit;
 use super::dma::BarDma;
 use super::map_bar_for_p2p;
 use crate::machine::mapping::AlignedMapping;
-use crate::pci_devices::bar_mapping::MappedArea;
-use crate::report::{BarReport, P2pReport};
-
-/// What became of one BAR's map in the background.
-#[derive(Debug, Clone)]
-pub enum P2pOutcome {
-    /// Mapped; `report.ms` is the map's own time, `done` when it ended.
-    Mapped {
-        /// The mapping, as the report shows it.
-        report: P2pReport,
-        /// When the map was done.
-        done: Instant,
-    },
-    /// The host refused it: the warning, already printed.
-    Refused {
-        /// The warning line.
-        warning: String,
-    },
-}
-
-/// Where a BAR's [`P2pOutcome`] is left; empty while the map is pending
-/// (or was never made: the VM stopped first).
-pub type P2pSlot = Arc<OnceLock<P2pOutcome>>;
+use crate::pci_devices::bar_mapping::{MappedArea, P2pOutcome, P2pSlot};
+use crate::report::BarReport;
 
 /// One BAR to map: its index, its host mapping and its mmap-able areas.
 pub struct P2pJob {

@@ -83,14 +83,14 @@ use crate::buses::bus::{BusDevice, SharedBusDevice};
 use crate::config::devices::VfioBackendKind;
 use crate::config::devices::{P2p, VfioConfig};
 use crate::machine::mapping::AlignedMapping;
-use crate::pci_devices::bar_mapping::{MappedArea, MappedBar};
+use crate::pci_devices::bar_mapping::{MappedArea, MappedBar, P2pSlot};
 use crate::pci_devices::setup::{
     AttachContext, AttachedDevice, DeviceSetupError, PciDeviceSetup, TrapRegion,
 };
 use crate::pci_devices::teardown::DeviceResources;
 use crate::report::{DmaReport, P2pReport};
 
-use background::{BackgroundP2p, P2pJob, P2pSlot};
+use background::{BackgroundP2p, P2pJob};
 pub use dma::{BarDma, DmaError, RamDma};
 pub use shared_host::{create_kvm_vfio_device, shared_host, SharedVfioHost};
 use teardown::VfioTeardown;

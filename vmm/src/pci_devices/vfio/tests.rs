@@ -516,7 +516,7 @@ fn a_refused_p2p_mapping_is_a_warning_with_auto_and_an_error_with_on() {
 }
 
 /// The `p2p=background` slots of the BARs of `attached`, by index.
-fn p2p_slots(attached: &AttachedDevice) -> Vec<(u8, background::P2pSlot)> {
+fn p2p_slots(attached: &AttachedDevice) -> Vec<(u8, bar_mapping::P2pSlot)> {
     attached
         .resources
         .bars()
@@ -526,7 +526,7 @@ fn p2p_slots(attached: &AttachedDevice) -> Vec<(u8, background::P2pSlot)> {
 }
 
 /// Waits (up to 20 s) until every slot has an outcome.
-fn wait_for(slots: &[(u8, background::P2pSlot)]) {
+fn wait_for(slots: &[(u8, bar_mapping::P2pSlot)]) {
     let deadline = Instant::now() + std::time::Duration::from_secs(20);
     while slots.iter().any(|(_, slot)| slot.get().is_none()) {
         assert!(Instant::now() < deadline, "the background maps did not end");
@@ -605,7 +605,7 @@ fn a_teardown_during_background_p2p_waits_for_the_map_under_way_and_skips_the_re
         .1
         .get()
         .expect("BAR 0's map ended before the teardown went on");
-    assert!(matches!(bar0, background::P2pOutcome::Mapped { .. }));
+    assert!(matches!(bar0, bar_mapping::P2pOutcome::Mapped { .. }));
     assert!(
         slots[1].1.get().is_none(),
         "BAR 2 is not mapped after the stop"
