@@ -588,13 +588,16 @@ fn run_once(paths: &LabPaths, options: &RunOptions) -> Result<RunOutcome, LabErr
         }
         None => {
             return Err(LabError::Run(format!(
-                "the lab host stopped ({qemu_status}) without reporting a result{}; console \
+                "the lab host stopped ({qemu_status}) without reporting a result{}{}; console \
                  log {}; its last lines:\n{}",
                 if qemu_stderr.trim().is_empty() {
                     String::new()
                 } else {
                     format!(" (QEMU said: {})", qemu_stderr.trim())
                 },
+                kernel_panic(&console_log)
+                    .map(|line| format!("; {LAB_HOST_PANIC}: {line}"))
+                    .unwrap_or_default(),
                 console_log.display(),
                 console_tail(&console_log, 30)
             )))
@@ -681,6 +684,21 @@ fn stream_console(
     Ok(receiver)
 }
 
+/// What `barge-lab run`'s error says when the lab host's kernel panicked.
+pub const LAB_HOST_PANIC: &str = "the lab host kernel panicked";
+
+/// The lab host kernel's panic line in the console `log`
+/// (`Kernel panic - not syncing: ...`), if it panicked.
+pub fn kernel_panic(log: &Path) -> Option<String> {
+    let text = std::fs::read(log).ok()?;
+    let text = String::from_utf8_lossy(&text);
+    text.lines().find_map(|line| {
+        line.find("Kernel panic - ")
+            .map(|at| line[at..].trim().to_string())
+    })
+}
+
+/// The last `lines` lines of the console `log`.
 pub fn console_tail(log: &Path, lines: usize) -> String {
     let text = std::fs::read(log).unwrap_or_default();
     let text = String::from_utf8_lossy(&text);
