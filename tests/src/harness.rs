@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use crate::lab::run::LAB_HOST_PANIC;
+use crate::lab::run::{LAB_HOST_PANIC, LAB_HOST_STOPPED};
 use crate::lab::SETUP_COMMAND;
 
 /// stdout and stderr of a finished command, for assertion messages.
@@ -76,12 +76,13 @@ pub fn lab_script_outcome(
     let mut all = args.to_vec();
     all.extend(["--script", path.as_str()]);
     let mut output = lab_run(barge_lab, &all);
-    if let Some(panic) = lab_host_panic(&output) {
-        // The lab host's own kernel (6.12 under QEMU's full emulation) has
-        // panicked mid-run, under barge and under the reference QEMU alike
-        // ("corrupted stack end detected inside scheduler"): not what the
-        // tests check. Its run is lost; the whole lab runs once more.
-        println!("lab: {LAB_HOST_PANIC} ({panic}); running the lab once more");
+    if let Some(lost) = lab_host_lost(&output) {
+        // The lab host itself (6.12 under QEMU's full emulation) has been
+        // lost mid-run, its kernel panicking ("corrupted stack end detected
+        // inside scheduler") or the machine resetting without a word, under
+        // barge and under the reference QEMU alike: not what the tests
+        // check. Its run is lost; the whole lab runs once more.
+        println!("lab: {lost}; running the lab once more");
         output = lab_run(barge_lab, &all);
     }
     let _ = std::fs::remove_file(&file);
@@ -89,17 +90,27 @@ pub fn lab_script_outcome(
     (output, dir)
 }
 
-/// The panic line when `barge-lab run` ended because the lab host's kernel
-/// panicked (it printed no results folder and said so).
-pub fn lab_host_panic(output: &Output) -> Option<String> {
+/// What happened when `barge-lab run` ended because the lab host stopped
+/// before it reported a result (it printed no results folder and said
+/// so): its kernel's panic line, or that it stopped without one.
+pub fn lab_host_lost(output: &Output) -> Option<String> {
     if printed_results_dir(output).is_some() {
         return None;
     }
     let stderr = String::from_utf8_lossy(&output.stderr);
+    let stopped = stderr
+        .lines()
+        .find(|line| line.contains(LAB_HOST_STOPPED))?;
     let marker = format!("; {LAB_HOST_PANIC}: ");
-    let after = stderr.split(marker.as_str()).nth(1)?;
-    let line = after.split("; console log ").next()?.trim();
-    Some(line.to_string())
+    Some(match stopped.split(marker.as_str()).nth(1) {
+        Some(after) => {
+            let line = after.split("; console log ").next().unwrap_or("").trim();
+            format!("{LAB_HOST_PANIC} ({line})")
+        }
+        None => "the lab host stopped without reporting a result (no kernel panic in its log: \
+                 a reset)"
+            .to_string(),
+    })
 }
 
 /// A sparse file of `size` bytes under the temporary folder (an ivshmem
@@ -150,7 +161,7 @@ mod tests {
     }
 
     #[test]
-    fn a_lab_host_panic_is_told_from_other_lab_failures() {
+    fn a_lab_host_lost_mid_run_is_told_from_other_lab_outcomes() {
         let console = std::env::temp_dir().join(format!("barge-panic-{}.log", std::process::id()));
         std::fs::write(
             &console,
@@ -168,15 +179,22 @@ mod tests {
              result; {LAB_HOST_PANIC}: {line}; console log {}; its last lines:\n...",
             console.display()
         ));
-        assert_eq!(lab_host_panic(&failed).as_deref(), Some(line.as_str()));
-        // No panic: a hang, or a run that printed its results.
-        let hung = output(
+        assert_eq!(
+            lab_host_lost(&failed),
+            Some(format!("{LAB_HOST_PANIC} ({line})"))
+        );
+        // No panic: a reset.
+        let reset = output(
             "barge-lab: error: the lab host stopped (exit status: 0) without reporting a result; \
              console log /x; its last lines:\n",
         );
-        assert_eq!(lab_host_panic(&hung), None);
+        let lost = lab_host_lost(&reset).unwrap();
+        assert!(lost.contains("a reset"), "{lost}");
+        // A run that reported, or a lab that failed otherwise, is not lost.
         let ran = output("barge-lab: status 0; results in /tmp/out; console log /tmp/c.log\n");
-        assert_eq!(lab_host_panic(&ran), None);
+        assert_eq!(lab_host_lost(&ran), None);
+        let unset = output("barge-lab: error: the lab is not set up\n");
+        assert_eq!(lab_host_lost(&unset), None);
         std::fs::write(&console, "[ 1.0] all well\n").unwrap();
         assert_eq!(kernel_panic(&console), None);
         let _ = std::fs::remove_file(&console);

@@ -588,7 +588,7 @@ fn run_once(paths: &LabPaths, options: &RunOptions) -> Result<RunOutcome, LabErr
         }
         None => {
             return Err(LabError::Run(format!(
-                "the lab host stopped ({qemu_status}) without reporting a result{}{}; console \
+                "{LAB_HOST_STOPPED} ({qemu_status}) without reporting a result{}{}; console \
                  log {}; its last lines:\n{}",
                 if qemu_stderr.trim().is_empty() {
                     String::new()
@@ -683,6 +683,10 @@ fn stream_console(
     });
     Ok(receiver)
 }
+
+/// How `barge-lab run`'s error begins when the lab host stopped before it
+/// reported a result.
+pub const LAB_HOST_STOPPED: &str = "the lab host stopped";
 
 /// What `barge-lab run`'s error says when the lab host's kernel panicked.
 pub const LAB_HOST_PANIC: &str = "the lab host kernel panicked";
