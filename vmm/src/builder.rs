@@ -23,9 +23,7 @@ use crate::machine::kvm::{self, KvmError, MemslotLog};
 use crate::machine::kvm_stats::KvmStatsFd;
 use crate::machine::memory::{self, MemoryError};
 use crate::machine::vm::{self, BuiltVm, SerialInput, VmError, VmRun};
-use crate::pci_devices::bar_mapping::{
-    BarProver, MappedBar, P2pSlot, PrefaultSupport, SlotAllocator,
-};
+use crate::pci_devices::bar_mapping::{BarProver, P2pSlot, PrefaultSupport, SlotAllocator};
 use crate::pci_devices::setup::{AttachContext, DeviceSetupError};
 use crate::pci_devices::vfio::background;
 use crate::pci_devices::{open, virtio};
@@ -280,18 +278,15 @@ pub fn boot_and_run(
     clock.end(BootPhase::Prefault);
 
     let memory = ram.region_reports();
-    let bar_slots: Vec<Vec<Vec<u32>>> = live
-        .iter()
-        .map(|device| device.bars().iter().map(MappedBar::slots).collect())
-        .collect();
-    // With p2p=background a BAR's P2P map outcome is known after the run.
-    let bar_p2p: Vec<Vec<Option<P2pSlot>>> = live
+    // What the report learns of each BAR after the run: its memslots'
+    // updates, and with p2p=background its P2P map's outcome.
+    let after_run: Vec<Vec<(Vec<u32>, Option<P2pSlot>)>> = live
         .iter()
         .map(|device| {
             device
                 .bars()
                 .iter()
-                .map(|bar| bar.p2p_pending.clone())
+                .map(|bar| (bar.slots(), bar.p2p_pending.clone()))
                 .collect()
         })
         .collect();
@@ -302,16 +297,12 @@ pub fn boot_and_run(
     let run = built.run(deadline)?;
     // `slot_updates` covers the whole run, up to the vCPUs' stop (teardown's
     // memslot deletes come after and are not the guest's).
-    for (report, slots) in device_reports.iter_mut().zip(&bar_slots) {
-        for (bar, slots) in report.bars.iter_mut().zip(slots) {
-            bar.slot_updates = run.memslot_updates.updates_of(slots.iter().copied());
-        }
-    }
-    for (report, slots) in device_reports.iter_mut().zip(&bar_p2p) {
+    for (report, bars) in device_reports.iter_mut().zip(&after_run) {
         let bdf = report.bdf.clone();
-        for (bar, slot) in report.bars.iter_mut().zip(slots) {
-            if let Some(slot) = slot {
-                background::report_outcome(bar, &bdf, slot, run.first_run);
+        for (bar, (slots, p2p)) in report.bars.iter_mut().zip(bars) {
+            bar.slot_updates = run.memslot_updates.updates_of(slots.iter().copied());
+            if let Some(p2p) = p2p {
+                background::report_outcome(bar, &bdf, p2p, run.first_run);
             }
         }
     }

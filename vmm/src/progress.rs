@@ -79,15 +79,18 @@ impl Progress {
     /// Progress of `what` (e.g. "guest RAM DMA map") over `total` bytes, to
     /// stderr.
     pub fn start(what: &str, total: u64, output: ProgressOutput) -> Self {
-        let columns = crate::buses::console::terminal_columns(std::io::stderr().as_fd());
-        Self::start_at(
+        let progress = Self::start_at(
             what,
             total,
             output,
             Box::new(std::io::stderr()),
             Instant::now(),
-        )
-        .with_columns(columns.map_or(DEFAULT_COLUMNS, usize::from))
+        );
+        if output != ProgressOutput::Terminal {
+            return progress;
+        }
+        let columns = crate::buses::console::terminal_columns(std::io::stderr().as_fd());
+        progress.with_columns(columns.map_or(DEFAULT_COLUMNS, usize::from))
     }
 
     /// Keeps terminal lines within `columns` characters (80 unless set).

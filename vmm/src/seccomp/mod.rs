@@ -444,6 +444,20 @@ impl ThreadFilters {
     }
 }
 
+impl ThreadFilters {
+    /// What a thread runs first to take these filters: installs them,
+    /// labelled with the thread's name; a refusal is logged and the thread
+    /// runs unconfined.
+    fn thread_init(&self) -> devices::virtio::worker::ThreadInit {
+        let filters = self.clone();
+        std::sync::Arc::new(move |name: &str| {
+            if let Err(error) = filters.install(name) {
+                log::error!("{name}: {error}");
+            }
+        })
+    }
+}
+
 /// Whether `BARGE_SECCOMP_PROBE` names `kind`.
 fn probe_requested(kind: ThreadKind) -> bool {
     std::env::var("BARGE_SECCOMP_PROBE").is_ok_and(|value| value == kind.name())
@@ -467,12 +481,7 @@ impl VmFilters {
     /// logged; the thread then runs unconfined (the VMM and vCPU threads
     /// would have failed to install theirs too, and stopped the VM).
     pub fn virtio_worker_init(&self) -> devices::virtio::worker::ThreadInit {
-        let filters = self.virtio.clone();
-        std::sync::Arc::new(move |name: &str| {
-            if let Err(error) = filters.install(name) {
-                log::error!("{name}: {error}");
-            }
-        })
+        self.virtio.thread_init()
     }
 
     /// What a thread the VMM thread starts for the boot's own work (a
@@ -480,12 +489,7 @@ impl VmFilters {
     /// VMM filter, labelled with the thread's name; a refusal is logged as
     /// for [`VmFilters::virtio_worker_init`].
     pub fn vmm_thread_init(&self) -> devices::virtio::worker::ThreadInit {
-        let filters = self.vmm.clone();
-        std::sync::Arc::new(move |name: &str| {
-            if let Err(error) = filters.install(name) {
-                log::error!("{name}: {error}");
-            }
-        })
+        self.vmm.thread_init()
     }
 
     /// Compiles both kinds, or returns `None` when `mode` is off.

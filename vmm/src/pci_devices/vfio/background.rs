@@ -27,7 +27,7 @@ use devices::vfio::host::VfioHostAccess;
 use devices::virtio::worker::ThreadInit;
 
 use super::dma::BarDma;
-use super::map_bar_for_p2p;
+use super::{map_bar_for_p2p, p2p_refused_warning};
 use crate::machine::mapping::AlignedMapping;
 use crate::pci_devices::bar_mapping::{MappedArea, P2pOutcome, P2pSlot};
 use crate::report::BarReport;
@@ -123,11 +123,7 @@ fn map_jobs<H: VfioHostAccess>(
                 }
             }
             Err(error) => {
-                let warning = format!(
-                    "BAR {} of {bdf} is not mapped for peer-to-peer DMA, other devices cannot \
-                     DMA into it: {error}",
-                    job.bar
-                );
+                let warning = p2p_refused_warning(bdf, job.bar, &error);
                 eprintln!("barge: warning: {warning}");
                 P2pOutcome::Refused { warning }
             }

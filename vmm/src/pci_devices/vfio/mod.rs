@@ -445,9 +445,8 @@ fn map_bars_and_dma<H: VfioHostAccess + 'static>(
                     _ => " (p2p=off silences this)",
                 };
                 let warning = format!(
-                    "BAR {} of {bdf} is not mapped for peer-to-peer DMA, other devices cannot \
-                     DMA into it: {error}{hint}",
-                    bar.placement.index
+                    "{}{hint}",
+                    p2p_refused_warning(&bdf, bar.placement.index, &error)
                 );
                 eprintln!("barge: warning: {warning}");
                 bar.p2p_warning = Some(warning);
@@ -456,6 +455,15 @@ fn map_bars_and_dma<H: VfioHostAccess + 'static>(
         }
     }
     Ok(report)
+}
+
+/// The warning for BAR `bar` of device `bdf` that the host would not map
+/// for peer-to-peer DMA (`error`).
+pub(crate) fn p2p_refused_warning(bdf: &str, bar: u8, error: &DmaError) -> String {
+    format!(
+        "BAR {bar} of {bdf} is not mapped for peer-to-peer DMA, other devices cannot DMA into \
+         it: {error}"
+    )
 }
 
 /// Maps every area of BAR `bar` of `device` (inside `mapping`) into
