@@ -1,7 +1,7 @@
 //! Long-mode identity page tables: PML4 → one PDPT → `PDE_COUNT` page directories of
 //! 2 MiB pages, mapping guest physical `0..IDENTITY_MAP_SIZE` (4 GiB) 1:1.
 
-use crate::layout::{PDE_COUNT, PDE_START, PDPTE_START, PML4_START};
+use crate::x86_64::layout::{PDE_COUNT, PDE_START, PDPTE_START, PML4_START};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryError, GuestMemoryMmap};
 
 /// Present + writable.
@@ -63,7 +63,7 @@ pub fn translate(mem: &GuestMemoryMmap, cr3: u64, virt: u64) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::layout::IDENTITY_MAP_SIZE;
+    use crate::x86_64::layout::IDENTITY_MAP_SIZE;
 
     fn mem() -> GuestMemoryMmap {
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap()

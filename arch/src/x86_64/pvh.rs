@@ -2,8 +2,8 @@
 //! vmlinux with a XEN_ELFNOTE_PHYS32_ENTRY note. The BSP enters in 32-bit protected mode
 //! with paging off and EBX = `PVH_INFO_START` (see <https://xenbits.xen.org/docs/unstable/misc/pvh.html>).
 
-use crate::e820::E820Entry;
-use crate::layout::{
+use crate::x86_64::e820::E820Entry;
+use crate::x86_64::layout::{
     CMDLINE_START, PVH_AREA_END, PVH_INFO_START, PVH_MEMMAP_START, PVH_MODLIST_START,
 };
 use linux_loader::loader::elf::start_info::{
@@ -130,7 +130,7 @@ pub fn write_start_info(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::e820::memory_map;
+    use crate::x86_64::e820::memory_map;
 
     fn u32_at(mem: &GuestMemoryMmap, a: u64) -> u32 {
         mem.read_obj(GuestAddress(a)).unwrap()

@@ -4,8 +4,8 @@
 //! loader's fields; otherwise (ELF vmlinux entered at its 64-bit entry) a minimal header is
 //! made up. See Documentation/arch/x86/boot.rst.
 
-use crate::e820::E820Entry;
-use crate::layout::{CMDLINE_START, ZERO_PAGE_START};
+use crate::x86_64::e820::E820Entry;
+use crate::x86_64::layout::{CMDLINE_START, ZERO_PAGE_START};
 use linux_loader::loader::bootparam::{
     boot_e820_entry, boot_params, setup_header, E820_MAX_ENTRIES_ZEROPAGE,
 };
@@ -94,7 +94,7 @@ pub fn write_boot_params(mem: &GuestMemoryMmap, info: &ZeroPageInfo) -> Result<(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::e820::{memory_map, E820_RAM, E820_RESERVED};
+    use crate::x86_64::e820::{memory_map, E820_RAM, E820_RESERVED};
 
     fn mem() -> GuestMemoryMmap {
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap()

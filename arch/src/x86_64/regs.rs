@@ -4,8 +4,8 @@
 //! none: KVM's in-kernel local APIC holds them in wait-for-SIPI until the guest kernel
 //! starts them with INIT/SIPI; the vmm only gives them CPUID, MSRs, FPU and LAPIC LINTs.
 
-use crate::gdt::{segment_from_entry, CodeMode, CODE_SELECTOR, DATA_SELECTOR, TSS_SELECTOR};
-use crate::layout::{GDT_START, IDT_START};
+use crate::x86_64::gdt::{segment_from_entry, CodeMode, CODE_SELECTOR, DATA_SELECTOR, TSS_SELECTOR};
+use crate::x86_64::layout::{GDT_START, IDT_START};
 use kvm_bindings::{
     kvm_dtable, kvm_fpu, kvm_lapic_state, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs,
 };
@@ -62,7 +62,7 @@ pub struct VcpuBootState {
     pub efer: u64,
     /// FPU state (FCW 0x37f, MXCSR 0x1f80).
     pub fpu: kvm_fpu,
-    /// Boot MSRs (see [`crate::msr::boot_msrs`]).
+    /// Boot MSRs (see [`crate::x86_64::msr::boot_msrs`]).
     pub msrs: Vec<kvm_msr_entry>,
 }
 
@@ -77,7 +77,7 @@ pub fn boot_fpu() -> kvm_fpu {
 
 impl VcpuBootState {
     /// The state for `mode`, with `gdt` the entries written by
-    /// [`crate::gdt::write_gdt_and_idt`], entering at `rip` with `regs` already filled
+    /// [`crate::x86_64::gdt::write_gdt_and_idt`], entering at `rip` with `regs` already filled
     /// (RSI/RBX etc.); `cr3` is used in long mode only.
     pub(crate) fn new(mode: CodeMode, gdt: &[u64; 4], mut regs: kvm_regs, cr3: u64) -> Self {
         regs.rflags = 0x2;
@@ -110,7 +110,7 @@ impl VcpuBootState {
             cr4,
             efer,
             fpu: boot_fpu(),
-            msrs: crate::msr::boot_msrs(),
+            msrs: crate::x86_64::msr::boot_msrs(),
         }
     }
 
@@ -169,7 +169,7 @@ pub fn set_lint(klapic: &mut kvm_lapic_state) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::gdt::gdt_entries;
+    use crate::x86_64::gdt::gdt_entries;
 
     #[test]
     fn set_lint_sets_extint_and_nmi_delivery_modes() {

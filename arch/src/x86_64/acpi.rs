@@ -32,7 +32,7 @@
 //! GSIs 16..=19 (`PCI_INTX_GSI_BASE`; level-triggered, shared). The MCFG names the ECAM for segment 0, buses 0..=0; the e820
 //! map reserves it (see `e820`).
 
-use crate::layout::{
+use crate::x86_64::layout::{
     ACPI_AREA_END, ACPI_RESET_PORT, ACPI_RESET_VALUE, ACPI_SLEEP_CONTROL_PORT,
     ACPI_SLEEP_STATUS_PORT, ACPI_SLP_TYP_S5, COM1_GSI, COM1_PORT, COM1_PORT_COUNT, IOAPIC_START,
     LAPIC_START, PCI_CONFIG_PORT, PCI_CONFIG_PORT_COUNT, PCI_INTX_GSI_BASE, PCI_INTX_PINS, PIT_GSI,
@@ -313,7 +313,7 @@ pub fn create_acpi_tables(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::layout::ACPI_POWEROFF_VALUE;
+    use crate::x86_64::layout::ACPI_POWEROFF_VALUE;
 
     fn mem() -> GuestMemoryMmap {
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 2 << 20)]).unwrap()

@@ -6,7 +6,7 @@
 //! table's ECAM when the firmware reserved it (`pci_mmcfg_reserved` checks the e820 map).
 //! The rest of the 32-bit MMIO hole is not in the map at all (it is not RAM).
 
-use crate::layout::{
+use crate::x86_64::layout::{
     EBDA_START, HIMEM_START, MEM_32BIT_END, MMIO32_HOLE_START, PCIE_ECAM_SIZE, PCIE_ECAM_START,
 };
 

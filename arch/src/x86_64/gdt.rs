@@ -5,7 +5,7 @@
 //! Linux 64-bit entry and 32-bit for the PVH entry. The IDT is one zero entry: the kernel
 //! installs its own before enabling interrupts.
 
-use crate::layout::{GDT_START, IDT_START};
+use crate::x86_64::layout::{GDT_START, IDT_START};
 use kvm_bindings::kvm_segment;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryError, GuestMemoryMmap};
 

@@ -9,8 +9,8 @@
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use crate::layout::{ACPI_RESET_PORT, ACPI_RESET_VALUE, RESET_VECTOR, RESET_VECTOR_SIZE};
-use crate::BootError;
+use crate::x86_64::layout::{ACPI_RESET_PORT, ACPI_RESET_VALUE, RESET_VECTOR, RESET_VECTOR_SIZE};
+use crate::x86_64::BootError;
 
 /// The stub, 16-bit real-mode code:
 /// `mov dx, ACPI_RESET_PORT; mov al, ACPI_RESET_VALUE; out dx, al; 1: hlt; jmp 1b`.

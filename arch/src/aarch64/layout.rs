@@ -1,0 +1,1 @@
+//! The aarch64 guest physical address map, in address order.
