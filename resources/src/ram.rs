@@ -1,10 +1,11 @@
-//! Guest RAM regions around the 32-bit MMIO hole.
+//! Guest RAM regions, as each architecture's layout places them ([`RamLayout`]).
 //!
-//! RAM starts at guest physical address 0 and fills up to `arch::layout::MMIO32_HOLE_START`
-//! (3 GiB); whatever does not fit there continues at `arch::layout::RAM_64BIT_START` (4 GiB).
-//! The hole in between is for MMIO (PCI BARs, ECAM, IOAPIC, LAPIC) and is never RAM.
-
-use arch::layout::{MMIO32_HOLE_START, RAM_64BIT_START};
+//! - x86_64: RAM starts at guest physical address 0 and fills up to
+//!   `arch::layout::MMIO32_HOLE_START` (3 GiB); whatever does not fit there continues at
+//!   `arch::layout::RAM_64BIT_START` (4 GiB). The hole in between is for MMIO (PCI BARs,
+//!   ECAM, IOAPIC, LAPIC) and is never RAM.
+//! - aarch64: RAM is one region from `arch::aarch64::layout::RAM_START` (1 GiB); the GIC,
+//!   the UART, the MMIO32 window and ECAM all lie below it.
 
 /// Smallest RAM size barge accepts: 16 MiB. The first MiB holds barge's boot structures and
 /// the legacy hole; a kernel and its initramfs need the rest (real Linux guests need far
@@ -17,6 +18,38 @@ pub const RAM_ALIGNMENT: u64 = 0x1000;
 /// The 64-bit MMIO window starts on this boundary (1 GiB), so huge BARs can be mapped with
 /// 1 GiB pages.
 pub const MMIO64_ALIGNMENT: u64 = 1 << 30;
+
+/// Where an architecture puts guest RAM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RamLayout {
+    /// Guest physical address of the first byte of RAM.
+    pub start: u64,
+    /// The hole RAM goes around, as `(hole start, where RAM continues)`, or `None` when RAM
+    /// is one contiguous region.
+    pub hole: Option<(u64, u64)>,
+}
+
+impl RamLayout {
+    /// x86_64: from 0 up to the 32-bit MMIO hole at 3 GiB, the rest from 4 GiB.
+    pub const X86_64: RamLayout = RamLayout {
+        start: 0,
+        hole: Some((0xc000_0000, 0x1_0000_0000)),
+    };
+    /// aarch64: one region from `arch::aarch64::layout::RAM_START`.
+    pub const AARCH64: RamLayout = RamLayout {
+        start: arch::aarch64::layout::RAM_START,
+        hole: None,
+    };
+    /// The layout of the architecture barge is built for.
+    #[cfg(target_arch = "x86_64")]
+    pub const HOST: RamLayout = RamLayout::X86_64;
+    /// The layout of the architecture barge is built for.
+    #[cfg(target_arch = "aarch64")]
+    pub const HOST: RamLayout = RamLayout::AARCH64;
+}
+
+/// The 64-bit MMIO window never starts below this (4 GiB), on either architecture.
+pub const MMIO64_MIN_START: u64 = 1 << 32;
 
 /// One contiguous range of guest RAM.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -68,9 +101,15 @@ pub enum RamError {
     },
 }
 
-/// Splits `size` bytes of RAM into regions around the 32-bit MMIO hole: one from 0 up to
-/// at most `MMIO32_HOLE_START`, and, when more remains, one from `RAM_64BIT_START`.
+/// Splits `size` bytes of RAM into regions the way the guest architecture's layout
+/// ([`RamLayout::HOST`]) places them.
 pub fn ram_regions(size: u64) -> Result<Vec<RamRegion>, RamError> {
+    ram_regions_in(&RamLayout::HOST, size)
+}
+
+/// Splits `size` bytes of RAM into regions of `layout`: one from `layout.start` up to at
+/// most the hole, and, when more remains, one from where RAM continues after it.
+pub fn ram_regions_in(layout: &RamLayout, size: u64) -> Result<Vec<RamRegion>, RamError> {
     if size < MIN_RAM_SIZE {
         return Err(RamError::TooSmall {
             size,
@@ -86,11 +125,20 @@ pub fn ram_regions(size: u64) -> Result<Vec<RamRegion>, RamError> {
     if size % RAM_ALIGNMENT != 0 {
         return Err(RamError::Unaligned { size });
     }
-    let low = size.min(MMIO32_HOLE_START);
-    let mut regions = vec![RamRegion { gpa: 0, size: low }];
+    let Some((hole_start, high_start)) = layout.hole else {
+        return Ok(vec![RamRegion {
+            gpa: layout.start,
+            size,
+        }]);
+    };
+    let low = size.min(hole_start - layout.start);
+    let mut regions = vec![RamRegion {
+        gpa: layout.start,
+        size: low,
+    }];
     if size > low {
         regions.push(RamRegion {
-            gpa: RAM_64BIT_START,
+            gpa: high_start,
             size: size - low,
         });
     }
@@ -103,12 +151,49 @@ pub fn mmio64_window_start(regions: &[RamRegion]) -> u64 {
     let end = regions.iter().map(RamRegion::end).max().unwrap_or(0);
     end.div_ceil(MMIO64_ALIGNMENT)
         .saturating_mul(MMIO64_ALIGNMENT)
-        .max(RAM_64BIT_START)
+        .max(MMIO64_MIN_START)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const MMIO32_HOLE_START: u64 = 0xc000_0000;
+    const RAM_64BIT_START: u64 = 0x1_0000_0000;
+
+    /// The x86_64 tests below run on the x86_64 layout on every host.
+    fn ram_regions(size: u64) -> Result<Vec<RamRegion>, RamError> {
+        ram_regions_in(&RamLayout::X86_64, size)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn the_x86_64_layout_is_the_one_arch_gives() {
+        assert_eq!(RamLayout::HOST, RamLayout::X86_64);
+        assert_eq!(RamLayout::X86_64.start, arch::layout::RAM_START);
+        assert_eq!(
+            RamLayout::X86_64.hole,
+            Some((
+                arch::layout::MMIO32_HOLE_START,
+                arch::layout::RAM_64BIT_START
+            ))
+        );
+    }
+
+    #[test]
+    fn aarch64_ram_is_one_region_from_1g() {
+        assert_eq!(
+            ram_regions_in(&RamLayout::AARCH64, 8 * GIB).unwrap(),
+            vec![RamRegion {
+                gpa: GIB,
+                size: 8 * GIB
+            }]
+        );
+        let regions = ram_regions_in(&RamLayout::AARCH64, 512 * MIB).unwrap();
+        assert_eq!(mmio64_window_start(&regions), 4 * GIB);
+        let regions = ram_regions_in(&RamLayout::AARCH64, 8 * GIB).unwrap();
+        assert_eq!(mmio64_window_start(&regions), 9 * GIB);
+    }
 
     const MIB: u64 = 1 << 20;
     const GIB: u64 = 1 << 30;

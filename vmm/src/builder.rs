@@ -7,15 +7,14 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use arch::layout::{ACPI_SLEEP_CONTROL_PORT, COM1_PORT, COM1_PORT_COUNT, I8042_DATA_PORT};
 use devices::pci::PciSegment;
 use resources::placement::{DeviceInput, PlacementError, Windows};
 
 use crate::builder::phases::{BootPhase, PhaseClock};
-use crate::buses::bus::{BusError, Buses};
+use crate::buses::bus::BusError;
 use crate::buses::console::ConsoleError;
 use crate::buses::pci;
-use crate::buses::power::{AcpiSleepBusDevice, I8042BusDevice, PowerSignal};
+use crate::buses::power::PowerSignal;
 use crate::buses::serial::{IrqFdTrigger, SerialDevice, SerialOutput};
 use crate::config::{ConfigError, VmConfig};
 use crate::loader::{self, LoadError};
@@ -27,6 +26,7 @@ use crate::pci_devices::bar_mapping::{BarProver, P2pSlot, PrefaultSupport, SlotA
 use crate::pci_devices::setup::{AttachContext, DeviceSetupError};
 use crate::pci_devices::vfio::background;
 use crate::pci_devices::{open, virtio};
+use crate::platform::{self, BootInputs};
 use crate::progress::ProgressOutput;
 use crate::report::{self, DeviceReport, DmaReport, MemoryRegionReport, ReportError};
 use crate::seccomp::{SeccompError, VmFilters};
@@ -59,9 +59,9 @@ pub enum BuildError {
     /// Kernel, initramfs or command line.
     #[error(transparent)]
     Load(#[from] LoadError),
-    /// Boot structures.
+    /// Kernel loading and boot structures (the architecture's).
     #[error(transparent)]
-    Boot(#[from] arch::BootError),
+    Boot(#[from] platform::BootError),
     /// A device could not be opened or attached (its message says why).
     #[error("{0}")]
     Device(DeviceSetupError),
@@ -119,14 +119,15 @@ pub fn boot_and_run(
     clock.end(BootPhase::Checks);
 
     let kvm = kvm::open_kvm()?;
-    vm::check_cpu_count(&kvm, config.cpus)?;
+    platform::check_cpu_count(&kvm, config.cpus)?;
 
     // The VM, then devices and their placement, before any guest memory exists.
     let ram_regions = resources::ram_regions(config.memory.size)?;
     let ram_layout: Vec<(u64, u64)> = ram_regions.iter().map(|r| r.as_pair()).collect();
-    let phys_bits = pci::phys_bits_from_cpuid(vm::supported_cpuid(&kvm)?.as_slice());
+    let phys_bits = platform::guest_phys_bits(&kvm)?;
     let windows = Windows::new(&ram_regions, phys_bits)?;
-    let vm_fd = Arc::new(vm::create_vm(&kvm)?);
+    let (vm_fd, mut irqchip) = platform::create_vm(&kvm, phys_bits, config.cpus)?;
+    let vm_fd = Arc::new(vm_fd);
     clock.end(BootPhase::CreateVm);
     let worker_init = seccomp.as_ref().map(VmFilters::virtio_worker_init);
     let thread_init = seccomp.as_ref().map(VmFilters::vmm_thread_init);
@@ -184,36 +185,12 @@ pub fn boot_and_run(
         Duration::from_secs_f64(ram_dma_ms.max(0.0) / 1000.0),
     );
 
-    let kernel = loader::load_kernel(&ram.memory, &config.kernel)?;
-    let initramfs = match &config.initramfs {
-        Some(path) => Some(loader::load_initramfs(&ram.memory, path, |size| {
-            arch::initramfs_load_addr(
-                &ram_layout,
-                size,
-                kernel.end_addr,
-                kernel.setup_header.as_ref(),
-            )
-        })?),
-        None => None,
-    };
-    loader::load_cmdline(&ram.memory, &config.cmdline)?;
-
-    let (pci_aml, pci_tables) = pci::acpi_content(&windows);
-
-    let boot_state = arch::setup_boot(
-        &ram.memory,
-        &arch::BootConfig {
-            cpus: config.cpus,
-            ram: &ram_layout,
-            entry: arch_entry(&kernel),
-            cmdline: &config.cmdline,
-            initramfs: initramfs.map(|i| (i.addr, i.size)),
-            acpi: arch::AcpiExtras {
-                dsdt_aml: &pci_aml,
-                tables: &pci_tables,
-            },
-        },
-    )?;
+    let boot_state = platform::load_boot(&BootInputs {
+        memory: &ram.memory,
+        ram: &ram_layout,
+        config,
+        windows: &windows,
+    })?;
     clock.end(BootPhase::KernelLoad);
 
     let power = PowerSignal::new().map_err(|source| BuildError::Host {
@@ -229,7 +206,7 @@ pub fn boot_and_run(
     // Declared before the buses so that on an error below the buses (the
     // device models) go first, as in `BuiltVm`.
     let mut live = Vec::with_capacity(attached.len());
-    let mut buses = devices_on_buses(serial.clone(), &power)?;
+    let mut buses = platform::devices_on_buses(serial.clone(), &power)?;
     let mut segment = PciSegment::with_host_bridge();
     let mut device_reports = Vec::with_capacity(attached.len());
     let mut virtio_counters = Vec::with_capacity(attached.len());
@@ -258,7 +235,14 @@ pub fn boot_and_run(
     }
     pci::attach_segment(&mut buses, &Arc::new(Mutex::new(segment)))?;
 
-    let vcpus = vm::create_vcpus(&kvm, &vm_fd, config.cpus, &boot_state)?;
+    let vcpus = platform::create_vcpus(
+        &kvm,
+        &vm_fd,
+        &ram.memory,
+        config.cpus,
+        &boot_state,
+        &mut irqchip,
+    )?;
     clock.end(BootPhase::VcpuCreate);
 
     // Proof: pre-fault every BAR before the guest runs, count what KVM mapped.
@@ -316,64 +300,4 @@ pub fn boot_and_run(
         dma,
         phases: clock,
     })
-}
-
-/// The kernel entry in arch's terms.
-fn arch_entry(kernel: &loader::LoadedKernel) -> arch::KernelEntry {
-    match kernel.entry {
-        loader::KernelEntry::Linux64 { addr } => arch::KernelEntry::Linux64 {
-            entry_addr: addr,
-            setup_header: kernel.setup_header,
-        },
-        loader::KernelEntry::Pvh { addr } => arch::KernelEntry::Pvh { entry_addr: addr },
-    }
-}
-
-/// COM1, the ACPI sleep/reset register and the i8042 on the port I/O bus.
-/// The MMIO bus is empty: the IOAPIC and LAPICs are in KVM; PCI comes next
-/// (`pci::attach_segment`).
-fn devices_on_buses(
-    serial: Arc<Mutex<SerialDevice>>,
-    power: &PowerSignal,
-) -> Result<Buses, BusError> {
-    let mut buses = Buses::default();
-    buses.pio.insert(
-        u64::from(COM1_PORT),
-        u64::from(COM1_PORT_COUNT),
-        "com1",
-        serial,
-    )?;
-    buses.pio.insert(
-        u64::from(ACPI_SLEEP_CONTROL_PORT),
-        devices::acpi::REGISTER_SIZE,
-        "acpi-sleep",
-        Arc::new(Mutex::new(AcpiSleepBusDevice::new(power.clone()))),
-    )?;
-    buses.pio.insert(
-        u64::from(I8042_DATA_PORT),
-        devices::i8042::REGISTER_SPAN,
-        "i8042",
-        Arc::new(Mutex::new(I8042BusDevice::new(power.clone()))),
-    )?;
-    Ok(buses)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn default_devices_fit_on_the_port_bus() {
-        let serial = Arc::new(Mutex::new(SerialDevice::new(
-            IrqFdTrigger::new().unwrap(),
-            Box::new(io::sink()),
-        )));
-        let buses = devices_on_buses(serial, &PowerSignal::new().unwrap()).unwrap();
-        assert_eq!(buses.pio.len(), 3);
-        assert_eq!(buses.pio.lookup(0x3f8).unwrap().1, "com1");
-        assert_eq!(buses.pio.lookup(0x3ff).unwrap().1, "com1");
-        assert_eq!(buses.pio.lookup(0x3c0).unwrap().1, "acpi-sleep");
-        assert_eq!(buses.pio.lookup(0x64).unwrap().1, "i8042");
-        assert!(buses.mmio.is_empty());
-    }
 }

@@ -54,6 +54,7 @@ pub mod host_check;
 pub mod loader;
 pub mod machine;
 pub mod pci_devices;
+pub mod platform;
 pub mod progress;
 pub mod report;
 pub mod seccomp;

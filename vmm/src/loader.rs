@@ -6,8 +6,15 @@
 //! - ELF vmlinux: segments go to their physical addresses; the entry is the
 //!   PVH entry when the kernel has the Xen PVH note, else the ELF entry
 //!   (64-bit boot protocol).
+//! - arm64 Image (aarch64 hosts), plain or gzip-compressed as Debian ships it:
+//!   at `arch::layout::KERNEL_LOAD_BASE` plus the Image header's text offset
+//!   (linux-loader's PE loader); the entry is its first byte.
 //! - initramfs: at the address arch's placement helper chooses.
-//! - command line: at `arch::layout::CMDLINE_START`.
+//! - command line: at `arch::layout::CMDLINE_START` (x86_64); on aarch64 it
+//!   goes into the device tree's `/chosen`, so it is only checked here.
+//!
+//! Every format is recognised on every host, so a kernel of the other
+//! architecture gets an error that says so.
 //!
 //! Every error names the file and the problem.
 
@@ -15,15 +22,35 @@ use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
+#[cfg(target_arch = "x86_64")]
 use arch::layout::{CMDLINE_MAX_SIZE, CMDLINE_START, HIMEM_START};
+#[cfg(target_arch = "x86_64")]
 use linux_loader::loader::bootparam::setup_header;
-use linux_loader::loader::{self, BzImage, Cmdline, Elf, KernelLoader, PvhBootCapability};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use linux_loader::loader::{self, Cmdline, KernelLoader};
+#[cfg(target_arch = "x86_64")]
+use linux_loader::loader::{BzImage, Elf, PvhBootCapability};
+#[cfg(target_arch = "x86_64")]
+use vm_memory::Address;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+
+/// The longest command line the guest kernel takes, NUL included (x86_64:
+/// the boot protocol's area; arm64: COMMAND_LINE_SIZE).
+#[cfg(target_arch = "x86_64")]
+pub const CMDLINE_CAPACITY: usize = CMDLINE_MAX_SIZE as usize;
+/// The longest command line the guest kernel takes, NUL included (x86_64:
+/// the boot protocol's area; arm64: COMMAND_LINE_SIZE).
+#[cfg(target_arch = "aarch64")]
+pub const CMDLINE_CAPACITY: usize = 2048;
+/// Where an arm64 Image header has its magic ("ARM\x64").
+const ARM64_MAGIC_OFFSET: u64 = 0x38;
+const ARM64_MAGIC: &[u8; 4] = b"ARM\x64";
+const GZIP_MAGIC: &[u8; 2] = b"\x1f\x8b";
 
 /// Offset of the 64-bit entry point from a bzImage's protected-mode load
 /// address (boot protocol 2.12+, "64-bit BOOT PROTOCOL").
 pub const BZIMAGE_64BIT_ENTRY_OFFSET: u64 = 0x200;
 /// Offset of the setup header in a bzImage.
+#[cfg(target_arch = "x86_64")]
 const SETUP_HEADER_OFFSET: u64 = 0x1f1;
 /// Offset of the "HdrS" magic in a bzImage.
 const HDRS_OFFSET: u64 = 0x202;
@@ -39,9 +66,23 @@ pub enum LoadError {
     /// The kernel cannot be opened or read.
     #[error("kernel {path}: cannot read it: {source}")]
     KernelUnreadable { path: PathBuf, source: io::Error },
-    /// The kernel is neither a bzImage nor an ELF.
-    #[error("kernel {0}: not a bzImage or ELF vmlinux")]
+    /// The kernel is in no format barge knows.
+    #[error("kernel {0}: not a bzImage, ELF vmlinux or arm64 Image")]
     KernelGarbage(PathBuf),
+    /// The kernel is for the other architecture.
+    #[error(
+        "kernel {path} is {format}, but this barge runs {host} guests: pass {expected} \
+         with --kernel"
+    )]
+    KernelWrongArch {
+        path: PathBuf,
+        /// What the file is.
+        format: &'static str,
+        /// The architecture barge was built for.
+        host: &'static str,
+        /// The formats that architecture boots.
+        expected: &'static str,
+    },
     /// The kernel does not fit in guest memory.
     #[error(
         "kernel {path} does not fit in guest memory: it needs {needs:#x} bytes at {at:#x}, \
@@ -75,7 +116,7 @@ pub enum LoadError {
     },
     /// The command line is too long or has characters the kernel cannot take.
     #[error(
-        "kernel command line: {0}; keep it printable ASCII and under {CMDLINE_MAX_SIZE} bytes"
+        "kernel command line: {0}; keep it printable ASCII and under {CMDLINE_CAPACITY} bytes"
     )]
     Cmdline(String),
 }
@@ -90,19 +131,66 @@ pub enum KernelFormat {
     BzImage,
     /// An ELF vmlinux.
     Elf,
+    /// An arm64 Image (Documentation/arch/arm64/booting.rst).
+    Arm64Image,
+    /// A gzip-compressed file: an arm64 Image once decompressed (Debian's
+    /// arm64 vmlinuz).
+    Gzip,
 }
+
+impl KernelFormat {
+    /// The format as a message names it.
+    pub fn description(self) -> &'static str {
+        match self {
+            KernelFormat::BzImage => "an x86 bzImage",
+            KernelFormat::Elf => "an ELF vmlinux",
+            KernelFormat::Arm64Image => "an arm64 Image",
+            KernelFormat::Gzip => "a gzip-compressed kernel",
+        }
+    }
+
+    /// Whether barge boots this format on the architecture it was built for.
+    pub fn boots_here(self) -> bool {
+        if cfg!(target_arch = "aarch64") {
+            matches!(self, KernelFormat::Arm64Image | KernelFormat::Gzip)
+        } else {
+            matches!(self, KernelFormat::BzImage | KernelFormat::Elf)
+        }
+    }
+}
+
+/// The architecture barge was built for, as messages name it.
+pub const HOST_ARCH: &str = if cfg!(target_arch = "aarch64") {
+    "aarch64"
+} else {
+    "x86_64"
+};
+/// The kernel formats barge boots here, as messages name them.
+const FORMATS_HERE: &str = if cfg!(target_arch = "aarch64") {
+    "an arm64 Image (plain or gzip-compressed)"
+} else {
+    "a bzImage or ELF vmlinux"
+};
 
 /// How the BSP enters the kernel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KernelEntry {
+    #[cfg(target_arch = "x86_64")]
     /// 64-bit boot protocol: long mode, paging on, RSI = zero page.
     Linux64 {
         /// Entry address.
         addr: u64,
     },
+    #[cfg(target_arch = "x86_64")]
     /// PVH: 32-bit protected mode, paging off, EBX = hvm_start_info.
     Pvh {
         /// Entry address.
+        addr: u64,
+    },
+    #[cfg(target_arch = "aarch64")]
+    /// arm64 Image: EL1h, MMU off, x0 = the device tree's address.
+    Arm64 {
+        /// Entry address (the Image's first byte).
         addr: u64,
     },
 }
@@ -111,7 +199,10 @@ impl KernelEntry {
     /// The entry address.
     pub fn addr(&self) -> u64 {
         match self {
+            #[cfg(target_arch = "x86_64")]
             KernelEntry::Linux64 { addr } | KernelEntry::Pvh { addr } => *addr,
+            #[cfg(target_arch = "aarch64")]
+            KernelEntry::Arm64 { addr } => *addr,
         }
     }
 }
@@ -128,6 +219,7 @@ pub struct LoadedKernel {
     /// One past the last byte the kernel occupies (memsz for ELF).
     pub end_addr: u64,
     /// The bzImage setup header, for the zero page.
+    #[cfg(target_arch = "x86_64")]
     pub setup_header: Option<setup_header>,
 }
 
@@ -176,14 +268,20 @@ fn read_at(file: &mut File, offset: u64, buf: &mut [u8]) -> io::Result<bool> {
     }
 }
 
-/// Tells a bzImage from an ELF by their magic numbers.
+/// Tells the kernel formats apart by their magic numbers.
 pub fn detect_format(file: &mut File) -> io::Result<Option<KernelFormat>> {
     let mut magic = [0u8; 4];
     if read_at(file, 0, &mut magic)? && &magic == ELF_MAGIC {
         return Ok(Some(KernelFormat::Elf));
     }
+    if read_at(file, 0, &mut magic[..2])? && &magic[..2] == GZIP_MAGIC {
+        return Ok(Some(KernelFormat::Gzip));
+    }
     if read_at(file, HDRS_OFFSET, &mut magic)? && &magic == HDRS_MAGIC {
         return Ok(Some(KernelFormat::BzImage));
+    }
+    if read_at(file, ARM64_MAGIC_OFFSET, &mut magic)? && &magic == ARM64_MAGIC {
+        return Ok(Some(KernelFormat::Arm64Image));
     }
     Ok(None)
 }
@@ -199,16 +297,25 @@ fn is_ram(mem: &GuestMemoryMmap, addr: u64, len: u64) -> bool {
     }
 }
 
-/// Checks that `path` is a readable bzImage or ELF without loading it (so
-/// a wrong file is reported before KVM is opened).
+/// Checks that `path` is a readable kernel of a format barge boots here
+/// without loading it (so a wrong file is reported before KVM is opened).
 pub fn inspect_kernel(path: &Path) -> Result<KernelFormat> {
     let mut file = open_kernel(path)?;
-    detect_format(&mut file)
+    let format = detect_format(&mut file)
         .map_err(|source| LoadError::KernelUnreadable {
             path: path.to_owned(),
             source,
         })?
-        .ok_or_else(|| LoadError::KernelGarbage(path.to_owned()))
+        .ok_or_else(|| LoadError::KernelGarbage(path.to_owned()))?;
+    if !format.boots_here() {
+        return Err(LoadError::KernelWrongArch {
+            path: path.to_owned(),
+            format: format.description(),
+            host: HOST_ARCH,
+            expected: FORMATS_HERE,
+        });
+    }
+    Ok(format)
 }
 
 /// Loads the kernel at `path` into `mem`.
@@ -219,12 +326,25 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel> {
         source,
     };
     match detect_format(&mut file).map_err(unreadable)? {
+        #[cfg(target_arch = "x86_64")]
         Some(KernelFormat::BzImage) => load_bzimage(mem, path, &mut file),
+        #[cfg(target_arch = "x86_64")]
         Some(KernelFormat::Elf) => load_elf(mem, path, &mut file),
+        #[cfg(target_arch = "aarch64")]
+        Some(KernelFormat::Arm64Image) => arm64::load_image(mem, path, &mut file),
+        #[cfg(target_arch = "aarch64")]
+        Some(KernelFormat::Gzip) => arm64::load_gzip_image(mem, path, &mut file),
+        Some(format) => Err(LoadError::KernelWrongArch {
+            path: path.to_owned(),
+            format: format.description(),
+            host: HOST_ARCH,
+            expected: FORMATS_HERE,
+        }),
         None => Err(LoadError::KernelGarbage(path.to_owned())),
     }
 }
 
+#[cfg(target_arch = "x86_64")]
 fn load_bzimage(mem: &GuestMemoryMmap, path: &Path, file: &mut File) -> Result<LoadedKernel> {
     let unreadable = |source| LoadError::KernelUnreadable {
         path: path.to_owned(),
@@ -272,6 +392,7 @@ fn load_bzimage(mem: &GuestMemoryMmap, path: &Path, file: &mut File) -> Result<L
     })
 }
 
+#[cfg(target_arch = "x86_64")]
 fn kernel_load_error(path: &Path, source: loader::Error) -> LoadError {
     match source {
         loader::Error::Bzimage(loader::bzimage::Error::InvalidBzImage)
@@ -285,6 +406,7 @@ fn kernel_load_error(path: &Path, source: loader::Error) -> LoadError {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
 /// The PT_LOAD segments of an ELF64 as (paddr, memsz); `None` if the headers
 /// cannot be read (linux-loader then reports the problem).
 fn elf_load_segments(file: &mut File) -> io::Result<Option<Vec<(u64, u64)>>> {
@@ -322,6 +444,7 @@ fn elf_load_segments(file: &mut File) -> io::Result<Option<Vec<(u64, u64)>>> {
     Ok(Some(segments))
 }
 
+#[cfg(target_arch = "x86_64")]
 fn load_elf(mem: &GuestMemoryMmap, path: &Path, file: &mut File) -> Result<LoadedKernel> {
     let unreadable = |source| LoadError::KernelUnreadable {
         path: path.to_owned(),
@@ -392,6 +515,7 @@ pub fn load_initramfs<E: std::fmt::Display>(
     Ok(LoadedInitramfs { addr, size })
 }
 
+#[cfg(target_arch = "x86_64")]
 /// Writes `cmdline` NUL-terminated at `CMDLINE_START`. Returns its length
 /// without the NUL.
 pub fn load_cmdline(mem: &GuestMemoryMmap, cmdline: &str) -> Result<usize> {
@@ -406,6 +530,7 @@ pub fn load_cmdline(mem: &GuestMemoryMmap, cmdline: &str) -> Result<usize> {
     Ok(written.as_bytes().len())
 }
 
+#[cfg(target_arch = "x86_64")]
 /// Reads a NUL-terminated string back from guest memory (for tests and logs).
 pub fn read_cmdline(mem: &GuestMemoryMmap) -> Option<String> {
     let mut buf = vec![0u8; CMDLINE_MAX_SIZE as usize];
@@ -414,7 +539,18 @@ pub fn read_cmdline(mem: &GuestMemoryMmap) -> Option<String> {
     String::from_utf8(buf[..end].to_vec()).ok()
 }
 
-#[cfg(test)]
+/// Checks `cmdline` the way the kernel will take it (printable ASCII, under
+/// [`CMDLINE_CAPACITY`]), without writing it anywhere.
+pub fn check_cmdline(cmdline: &str) -> Result<()> {
+    Cmdline::try_from(cmdline, CMDLINE_CAPACITY)
+        .map(drop)
+        .map_err(|e| LoadError::Cmdline(e.to_string()))
+}
+
+#[cfg(target_arch = "aarch64")]
+mod arm64;
+
+#[cfg(all(test, target_arch = "x86_64"))]
 mod tests {
     use std::io::Write;
 
@@ -493,13 +629,41 @@ mod tests {
     }
 
     #[test]
+    fn an_arm64_kernel_on_x86_64_is_named_as_such() {
+        let mut image = vec![0u8; 4096];
+        image[ARM64_MAGIC_OFFSET as usize..][..4].copy_from_slice(ARM64_MAGIC);
+        let path = temp_file("arm64-image", &image);
+        let err = inspect_kernel(&path).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "kernel {} is an arm64 Image, but this barge runs x86_64 guests: pass a bzImage \
+                 or ELF vmlinux with --kernel",
+                path.display()
+            )
+        );
+        assert!(matches!(
+            load_kernel(&mem(16 << 20), &path).unwrap_err(),
+            LoadError::KernelWrongArch { .. }
+        ));
+        let gzip = temp_file("vmlinuz-arm64", &[0x1f, 0x8b, 8, 0, 0, 0, 0, 0]);
+        assert!(inspect_kernel(&gzip)
+            .unwrap_err()
+            .to_string()
+            .contains("is a gzip-compressed kernel, but this barge runs x86_64 guests"));
+    }
+
+    #[test]
     fn garbage_missing_and_directory_kernels_are_named() {
         let m = mem(16 << 20);
         let path = temp_file("garbage", &[0x42; 4096]);
         let err = load_kernel(&m, &path).unwrap_err();
         assert_eq!(
             err.to_string(),
-            format!("kernel {}: not a bzImage or ELF vmlinux", path.display())
+            format!(
+                "kernel {}: not a bzImage, ELF vmlinux or arm64 Image",
+                path.display()
+            )
         );
         assert!(matches!(
             inspect_kernel(&path),

@@ -10,25 +10,31 @@
 
 use std::sync::{Arc, Mutex};
 
-use arch::layout::{
-    PCIE_ECAM_BUSES, PCIE_ECAM_BUS_SIZE, PCIE_ECAM_START, PCI_CONFIG_PORT, PCI_CONFIG_PORT_COUNT,
-};
+use arch::layout::{PCIE_ECAM_BUSES, PCIE_ECAM_BUS_SIZE, PCIE_ECAM_START};
+#[cfg(target_arch = "x86_64")]
+use arch::layout::{PCI_CONFIG_PORT, PCI_CONFIG_PORT_COUNT};
 use devices::pci::segment::SegmentEvent;
 use devices::pci::{ConfigEvent, PciSegment};
+#[cfg(target_arch = "x86_64")]
 use kvm_bindings::kvm_cpuid_entry2;
+#[cfg(target_arch = "x86_64")]
 use resources::placement::{Windows, MAX_PHYS_BITS};
 
 use crate::buses::bus::{BusDevice, BusError, Buses};
 
+#[cfg(target_arch = "x86_64")]
 /// Physical address bits assumed when KVM's CPUID has no leaf 0x8000_0008:
 /// 36, what every x86-64 CPU supports (PAE's limit).
 pub const FALLBACK_PHYS_BITS: u8 = 36;
+#[cfg(target_arch = "x86_64")]
 /// Fewest physical address bits barge believes: anything lower is a broken
 /// CPUID (x86-64 has at least 36).
 pub const MIN_BELIEVED_PHYS_BITS: u8 = 36;
+#[cfg(target_arch = "x86_64")]
 /// The CPUID leaf with the address sizes.
 const CPUID_ADDRESS_SIZES: u32 = 0x8000_0008;
 
+#[cfg(target_arch = "x86_64")]
 /// The guest's physical address bits: CPUID 0x8000_0008 EAX bits 7:0 as KVM
 /// reports it in KVM_GET_SUPPORTED_CPUID (the guest gets that CPUID
 /// unchanged, so guest and barge agree on where the MMIO64 window ends).
@@ -48,6 +54,7 @@ pub fn phys_bits_from_cpuid(entries: &[kvm_cpuid_entry2]) -> u8 {
 /// Bytes of ECAM barge decodes: bus 0 only.
 pub const ECAM_DECODED_SIZE: u64 = PCIE_ECAM_BUSES as u64 * PCIE_ECAM_BUS_SIZE;
 
+#[cfg(target_arch = "x86_64")]
 /// The ACPI view of the host bridge for `windows`.
 pub fn host_bridge_acpi(windows: &Windows) -> arch::PciHostBridgeAcpi {
     arch::PciHostBridgeAcpi {
@@ -58,6 +65,7 @@ pub fn host_bridge_acpi(windows: &Windows) -> arch::PciHostBridgeAcpi {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
 /// The host bridge's DSDT AML and the MCFG table, ready for `arch::AcpiExtras`.
 pub fn acpi_content(windows: &Windows) -> (Vec<u8>, Vec<Vec<u8>>) {
     let bridge = host_bridge_acpi(windows);
@@ -100,9 +108,11 @@ pub fn log_event(event: SegmentEvent) {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
 /// The configuration ports 0xCF8..0xCFF on the port bus.
 pub struct PciConfigPorts(pub SharedSegment);
 
+#[cfg(target_arch = "x86_64")]
 impl BusDevice for PciConfigPorts {
     fn read(&mut self, _base: u64, offset: u64, data: &mut [u8]) {
         lock(&self.0).pio_read(offset, data);
@@ -130,9 +140,10 @@ impl BusDevice for PciEcam {
     }
 }
 
-/// Puts `segment` on the buses: its configuration ports on the port bus,
-/// bus 0's ECAM on the MMIO bus.
+/// Puts `segment` on the buses: its configuration ports on the port bus
+/// (x86_64 only: aarch64 has no port I/O), bus 0's ECAM on the MMIO bus.
 pub fn attach_segment(buses: &mut Buses, segment: &SharedSegment) -> Result<(), BusError> {
+    #[cfg(target_arch = "x86_64")]
     buses.pio.insert(
         u64::from(PCI_CONFIG_PORT),
         u64::from(PCI_CONFIG_PORT_COUNT),

@@ -229,6 +229,34 @@ fn copy_read_data(dst: &mut [u8], src: &[u8]) {
 }
 
 /// The vCPU's registers, formatted for the log.
+#[cfg(target_arch = "aarch64")]
+pub fn dump_registers(vcpu: &VcpuFd) -> String {
+    use arch::aarch64::regs::{core_reg_id, PC_OFFSET, PSTATE_OFFSET, SP_OFFSET};
+    let read = |id: u64| {
+        let mut value = [0u8; 8];
+        vcpu.get_one_reg(id, &mut value)
+            .map(|_| format!("{:#018x}", u64::from_le_bytes(value)))
+            .unwrap_or_else(|e| format!("({e})"))
+    };
+    let mut out = format!(
+        "  pc={} sp={} pstate={}\n",
+        read(core_reg_id(PC_OFFSET)),
+        read(core_reg_id(SP_OFFSET)),
+        read(core_reg_id(PSTATE_OFFSET))
+    );
+    for row in 0..8u64 {
+        let regs: Vec<String> = (row * 4..row * 4 + 4)
+            .filter(|n| *n < 31)
+            .map(|n| format!("x{n:<2}={}", read(core_reg_id(n * 8))))
+            .collect();
+        out += &format!("  {}\n", regs.join(" "));
+    }
+    out.truncate(out.trim_end().len());
+    out
+}
+
+/// The vCPU's registers, formatted for the log.
+#[cfg(target_arch = "x86_64")]
 pub fn dump_registers(vcpu: &VcpuFd) -> String {
     let mut out = String::new();
     match vcpu.get_regs() {

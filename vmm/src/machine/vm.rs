@@ -1,13 +1,11 @@
-//! The KVM VM: creation (irqchip, PIT, TSS and identity-map pages),
-//! memslots, vCPU creation and configuration, and one run.
+//! The KVM VM: RAM's memslots, the serial interrupt and one run. What
+//! differs between architectures (the VM's creation, its interrupt
+//! controller, the vCPUs' set-up) is in `crate::platform`.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use arch::layout::COM1_GSI;
-use arch::VcpuBootState;
-use kvm_bindings::{kvm_pit_config, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
-use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use kvm_ioctls::{VcpuFd, VmFd};
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::buses::bus::Buses;
@@ -18,13 +16,9 @@ use crate::machine::kvm::{self, KvmError, MemslotLog};
 use crate::machine::memory::GuestRam;
 use crate::machine::vcpu::{self, StopCause, VcpuContext, VmControl};
 use crate::pci_devices::teardown::DeviceResources;
+use crate::platform;
 use crate::seccomp::VmFilters;
 
-/// KVM's real-mode TSS (3 pages) for Intel VMX, at the top of the 32-bit
-/// hole above the LAPIC, where no RAM and no device is.
-pub const KVM_TSS_ADDRESS: u64 = 0xfffb_d000;
-/// KVM's identity-map page for Intel VMX real mode, just below the TSS.
-pub const KVM_IDENTITY_MAP_ADDRESS: u64 = 0xfffb_c000;
 /// How long stopping the vCPUs may take before barge gives up on them.
 pub const VCPU_STOP_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -37,7 +31,7 @@ pub enum VmError {
     /// More vCPUs than KVM or the MADT allow.
     #[error(
         "--cpus {asked} is more than barge can run here: use at most {max} \
-         (KVM allows {kvm_max} vCPUs per VM, barge's ACPI MADT {madt_max})"
+         (KVM allows {kvm_max} vCPUs per VM, barge's {layout_limit_by} {layout_max})"
     )]
     TooManyCpus {
         /// The count asked for.
@@ -46,8 +40,11 @@ pub enum VmError {
         max: usize,
         /// KVM_CAP_MAX_VCPUS.
         kvm_max: usize,
-        /// `arch::acpi::MAX_ACPI_CPUS`.
-        madt_max: usize,
+        /// What in barge's guest layout limits the count (the ACPI MADT, the
+        /// GICv3 redistributor region).
+        layout_limit_by: &'static str,
+        /// That limit.
+        layout_max: usize,
     },
     /// A KVM ioctl failed.
     #[error("{what} failed: {source}")]
@@ -57,6 +54,7 @@ pub enum VmError {
         source: kvm_ioctls::Error,
     },
     /// KVM accepted only some MSRs.
+    #[cfg(target_arch = "x86_64")]
     #[error("vcpu{vcpu}: KVM accepted {set} of {total} boot MSRs")]
     Msrs {
         vcpu: u8,
@@ -66,7 +64,7 @@ pub enum VmError {
         total: usize,
     },
     /// The serial interrupt could not be wired.
-    #[error("cannot wire the serial interrupt to GSI {COM1_GSI}: {0}")]
+    #[error("cannot wire the serial interrupt to GSI {gsi}: {0}", gsi = platform::SERIAL_GSI)]
     SerialIrq(kvm_ioctls::Error),
     /// Starting a vCPU thread failed.
     #[error("cannot start vcpu{vcpu}: {source}")]
@@ -76,40 +74,8 @@ pub enum VmError {
     EventLoop(#[from] EventLoopError),
 }
 
-fn ioctl(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+pub(crate) fn ioctl(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
     move |source| VmError::Ioctl { what, source }
-}
-
-/// Checks `cpus` against what KVM and the ACPI MADT allow.
-pub fn check_cpu_count(kvm: &Kvm, cpus: u8) -> Result<(), VmError> {
-    let kvm_max = kvm.get_max_vcpus();
-    let madt_max = usize::from(arch::acpi::MAX_ACPI_CPUS);
-    let max = kvm_max.min(madt_max);
-    if usize::from(cpus) > max {
-        return Err(VmError::TooManyCpus {
-            asked: cpus,
-            max,
-            kvm_max,
-            madt_max,
-        });
-    }
-    Ok(())
-}
-
-/// Creates the VM with the in-kernel irqchip (PIC, IOAPIC, LAPICs) and PIT.
-pub fn create_vm(kvm: &Kvm) -> Result<VmFd, VmError> {
-    let vm = kvm.create_vm().map_err(ioctl("KVM_CREATE_VM"))?;
-    vm.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)
-        .map_err(ioctl("KVM_SET_IDENTITY_MAP_ADDR"))?;
-    vm.set_tss_address(KVM_TSS_ADDRESS as usize)
-        .map_err(ioctl("KVM_SET_TSS_ADDR"))?;
-    vm.create_irq_chip().map_err(ioctl("KVM_CREATE_IRQCHIP"))?;
-    let pit = kvm_pit_config {
-        flags: KVM_PIT_SPEAKER_DUMMY,
-        ..Default::default()
-    };
-    vm.create_pit2(pit).map_err(ioctl("KVM_CREATE_PIT2"))?;
-    Ok(vm)
 }
 
 /// Gives every RAM region its own memslot, in address order (slots 0 on),
@@ -146,74 +112,11 @@ pub fn map_ram(vm: &VmFd, memslots: &MemslotLog, ram: &GuestRam) -> Result<(), V
     Ok(())
 }
 
-/// Routes the serial port's interrupt EventFd to COM1's GSI.
+/// Routes the serial port's interrupt EventFd to its GSI
+/// ([`platform::SERIAL_GSI`]).
 pub fn wire_serial_irq(vm: &VmFd, irq: &vmm_sys_util::eventfd::EventFd) -> Result<(), VmError> {
-    vm.register_irqfd(irq, COM1_GSI).map_err(VmError::SerialIrq)
-}
-
-/// KVM_GET_SUPPORTED_CPUID: what the guest's CPUID starts from.
-pub fn supported_cpuid(kvm: &Kvm) -> Result<CpuId, VmError> {
-    kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .map_err(ioctl("KVM_GET_SUPPORTED_CPUID"))
-}
-
-/// Creates and configures `cpus` vCPUs: CPUID with the topology, MSRs, FPU
-/// and LAPIC LINT0/1 on all; registers from `boot` on vCPU 0 only (the
-/// others wait for INIT/SIPI in the in-kernel LAPIC).
-pub fn create_vcpus(
-    kvm: &Kvm,
-    vm: &VmFd,
-    cpus: u8,
-    boot: &VcpuBootState,
-) -> Result<Vec<VcpuFd>, VmError> {
-    let supported = supported_cpuid(kvm)?;
-    let mut vcpus = Vec::with_capacity(usize::from(cpus));
-    for id in 0..cpus {
-        let vcpu = vm
-            .create_vcpu(u64::from(id))
-            .map_err(ioctl("KVM_CREATE_VCPU"))?;
-        configure_vcpu(&vcpu, id, cpus, &supported, boot)?;
-        vcpus.push(vcpu);
-    }
-    Ok(vcpus)
-}
-
-fn configure_vcpu(
-    vcpu: &VcpuFd,
-    id: u8,
-    cpus: u8,
-    supported: &CpuId,
-    boot: &VcpuBootState,
-) -> Result<(), VmError> {
-    let mut cpuid = supported.clone();
-    arch::patch_cpuid(&mut cpuid, id, cpus);
-    vcpu.set_cpuid2(&cpuid).map_err(ioctl("KVM_SET_CPUID2"))?;
-
-    let msrs = Msrs::from_entries(&boot.msrs).map_err(|_| VmError::Msrs {
-        vcpu: id,
-        set: 0,
-        total: boot.msrs.len(),
-    })?;
-    let set = vcpu.set_msrs(&msrs).map_err(ioctl("KVM_SET_MSRS"))?;
-    if set != boot.msrs.len() {
-        return Err(VmError::Msrs {
-            vcpu: id,
-            set,
-            total: boot.msrs.len(),
-        });
-    }
-    vcpu.set_fpu(&boot.fpu).map_err(ioctl("KVM_SET_FPU"))?;
-    let mut lapic = vcpu.get_lapic().map_err(ioctl("KVM_GET_LAPIC"))?;
-    arch::set_lint(&mut lapic);
-    vcpu.set_lapic(&lapic).map_err(ioctl("KVM_SET_LAPIC"))?;
-
-    if id == 0 {
-        vcpu.set_regs(&boot.regs).map_err(ioctl("KVM_SET_REGS"))?;
-        let mut sregs = vcpu.get_sregs().map_err(ioctl("KVM_GET_SREGS"))?;
-        boot.apply_sregs(&mut sregs);
-        vcpu.set_sregs(&sregs).map_err(ioctl("KVM_SET_SREGS"))?;
-    }
-    Ok(())
+    vm.register_irqfd(irq, platform::SERIAL_GSI)
+        .map_err(VmError::SerialIrq)
 }
 
 /// Where the guest's serial input comes from.

@@ -108,7 +108,7 @@ mod tests {
     use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
     use super::*;
-    use crate::machine::{kvm, vm};
+    use crate::machine::kvm;
 
     #[test]
     fn routes_convert_to_kvm_entries_with_the_legacy_pins_first() {
@@ -149,7 +149,11 @@ mod tests {
         ) {
             return;
         }
-        let vm = Arc::new(vm::create_vm(&kvm::open_kvm().unwrap()).unwrap());
+        let vm = Arc::new(
+            crate::platform::create_vm(&kvm::open_kvm().unwrap(), 40, 1)
+                .unwrap()
+                .0,
+        );
         let chip = KvmIrqChip::new(Arc::clone(&vm));
         assert!(chip.gsi_limit() > IOAPIC_PINS);
         let mut routes = resources::gsi::legacy_routes();

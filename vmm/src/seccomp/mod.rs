@@ -232,15 +232,20 @@ const VMM_EXTRA_SYSCALLS: &[i64] = &[
     libc::SYS_dup3,
     libc::SYS_pipe2,
     libc::SYS_getdents64,
+    #[cfg(target_arch = "x86_64")]
     libc::SYS_readlink,
     libc::SYS_readlinkat,
+    #[cfg(target_arch = "x86_64")]
     libc::SYS_access,
     libc::SYS_faccessat2,
     libc::SYS_getcwd,
+    #[cfg(target_arch = "x86_64")]
     libc::SYS_unlink,
     libc::SYS_unlinkat,
+    #[cfg(target_arch = "x86_64")]
     libc::SYS_rename,
     libc::SYS_renameat2,
+    #[cfg(target_arch = "x86_64")]
     libc::SYS_mkdir,
     libc::SYS_mkdirat,
     libc::SYS_fsync,
@@ -250,8 +255,10 @@ const VMM_EXTRA_SYSCALLS: &[i64] = &[
     libc::SYS_memfd_create,
     libc::SYS_epoll_create1,
     libc::SYS_epoll_ctl,
+    #[cfg(target_arch = "x86_64")]
     libc::SYS_epoll_wait,
     libc::SYS_epoll_pwait,
+    #[cfg(target_arch = "x86_64")]
     libc::SYS_poll,
     libc::SYS_ppoll,
     libc::SYS_timerfd_create,
@@ -297,6 +304,7 @@ const TUN_IOCTLS: &[u64] = &[
 /// and WRITE_ZEROES). No ioctl at all: the tap is configured before the
 /// thread's filter is in force.
 const VIRTIO_EXTRA_SYSCALLS: &[i64] = &[
+    #[cfg(target_arch = "x86_64")]
     libc::SYS_epoll_wait,
     libc::SYS_epoll_pwait,
     libc::SYS_epoll_ctl,
@@ -395,7 +403,10 @@ impl ThreadFilters {
             kind: kind.name(),
             source,
         };
+        #[cfg(target_arch = "x86_64")]
         let arch = TargetArch::x86_64;
+        #[cfg(target_arch = "aarch64")]
+        let arch = TargetArch::aarch64;
         let mut programs = Vec::new();
         if kind == ThreadKind::Vmm {
             // clone3 passes its flags in memory, out of a filter's reach:

@@ -1,11 +1,11 @@
-//! Names of x86_64 system calls for the SIGSYS message: the ones barge's
+//! Names of system calls (x86_64 and aarch64 numbers) for the SIGSYS message: the ones barge's
 //! filters allow and the usual suspects they forbid. Others print as
 //! "unknown".
 
 /// `(number, "SYS_name")` for every call the table knows.
 macro_rules! table {
-    ($($sys:ident),* $(,)?) => {
-        &[$((libc::$sys, stringify!($sys))),*]
+    ($($(#[$attr:meta])* $sys:ident),* $(,)?) => {
+        &[$($(#[$attr])* (libc::$sys, stringify!($sys))),*]
     };
 }
 
@@ -21,6 +21,7 @@ const SYSCALLS: &[(i64, &str)] = table!(
     SYS_preadv2,
     SYS_pwritev2,
     SYS_flock,
+    #[cfg(target_arch = "x86_64")]
     SYS_open,
     SYS_openat,
     SYS_close,
@@ -60,15 +61,20 @@ const SYSCALLS: &[(i64, &str)] = table!(
     SYS_dup3,
     SYS_pipe2,
     SYS_getdents64,
+    #[cfg(target_arch = "x86_64")]
     SYS_readlink,
     SYS_readlinkat,
+    #[cfg(target_arch = "x86_64")]
     SYS_access,
     SYS_faccessat2,
     SYS_getcwd,
+    #[cfg(target_arch = "x86_64")]
     SYS_unlink,
     SYS_unlinkat,
+    #[cfg(target_arch = "x86_64")]
     SYS_rename,
     SYS_renameat2,
+    #[cfg(target_arch = "x86_64")]
     SYS_mkdir,
     SYS_mkdirat,
     SYS_fsync,
@@ -78,8 +84,10 @@ const SYSCALLS: &[(i64, &str)] = table!(
     SYS_memfd_create,
     SYS_epoll_create1,
     SYS_epoll_ctl,
+    #[cfg(target_arch = "x86_64")]
     SYS_epoll_wait,
     SYS_epoll_pwait,
+    #[cfg(target_arch = "x86_64")]
     SYS_poll,
     SYS_ppoll,
     SYS_timerfd_create,
@@ -101,7 +109,9 @@ const SYSCALLS: &[(i64, &str)] = table!(
     SYS_mbind,
     SYS_clone,
     SYS_clone3,
+    #[cfg(target_arch = "x86_64")]
     SYS_fork,
+    #[cfg(target_arch = "x86_64")]
     SYS_vfork,
     SYS_execve,
     SYS_execveat,
@@ -130,23 +140,29 @@ const SYSCALLS: &[(i64, &str)] = table!(
     SYS_perf_event_open,
     SYS_userfaultfd,
     SYS_io_uring_setup,
+    #[cfg(target_arch = "x86_64")]
     SYS_chmod,
     SYS_fchmod,
+    #[cfg(target_arch = "x86_64")]
     SYS_chown,
+    #[cfg(target_arch = "x86_64")]
     SYS_link,
+    #[cfg(target_arch = "x86_64")]
     SYS_symlink,
+    #[cfg(target_arch = "x86_64")]
     SYS_mknod,
     SYS_seccomp,
     SYS_wait4,
     SYS_sched_setaffinity,
     SYS_msync,
+    #[cfg(target_arch = "x86_64")]
     SYS_select,
     SYS_pselect6,
     SYS_signalfd4,
     SYS_getppid,
 );
 
-/// The name of x86_64 system call `number`, or "unknown".
+/// The name of system call `number` on this architecture, or "unknown".
 pub fn syscall_name(number: i64) -> &'static str {
     SYSCALLS
         .iter()

@@ -536,7 +536,8 @@ pub fn kernel_causes(osrelease: &str) -> Vec<String> {
 /// The IOAPIC pin (GSI) of a device's INTx `pin` (1 = INTA#): the DSDT's
 /// `_PRT` routes INTA#..INTD# of every slot to GSIs 16..=19.
 pub fn intx_gsi(pin: u8) -> u32 {
-    arch::layout::PCI_INTX_GSI_BASE + u32::from(pin.saturating_sub(1)) % arch::layout::PCI_INTX_PINS
+    crate::platform::PCI_INTX_GSI_BASE
+        + u32::from(pin.saturating_sub(1)) % crate::platform::PCI_INTX_PINS
 }
 
 /// A trapped BAR range on the MMIO bus.
