@@ -318,8 +318,30 @@ impl RoutingTable {
     }
 }
 
-/// KVM's default routes for GSIs 0..24 (see the module docs).
+/// KVM's default routes for GSIs 0..24 on this architecture: x86_64's PIC
+/// and IOAPIC pins ([`x86_64_legacy_routes`]), aarch64's GIC SPIs
+/// ([`aarch64_legacy_routes`]).
 pub fn legacy_routes() -> Vec<Route> {
+    if cfg!(target_arch = "aarch64") {
+        aarch64_legacy_routes()
+    } else {
+        x86_64_legacy_routes()
+    }
+}
+
+/// KVM's default routes on aarch64 for GSIs 0..24: GSI n to pin n of the
+/// GIC (irqchip 0), SPI n. The UART and INTx use them.
+pub fn aarch64_legacy_routes() -> Vec<Route> {
+    (0..IOAPIC_PINS)
+        .map(|gsi| Route {
+            gsi,
+            kind: RouteKind::Irqchip { chip: 0, pin: gsi },
+        })
+        .collect()
+}
+
+/// KVM's default routes on x86_64 for GSIs 0..24 (see the module docs).
+pub fn x86_64_legacy_routes() -> Vec<Route> {
     let mut routes = Vec::new();
     for gsi in 0..IOAPIC_PINS {
         if gsi < 2 * PIC_PINS {
