@@ -4,7 +4,9 @@
 //! none: KVM's in-kernel local APIC holds them in wait-for-SIPI until the guest kernel
 //! starts them with INIT/SIPI; the vmm only gives them CPUID, MSRs, FPU and LAPIC LINTs.
 
-use crate::x86_64::gdt::{segment_from_entry, CodeMode, CODE_SELECTOR, DATA_SELECTOR, TSS_SELECTOR};
+use crate::x86_64::gdt::{
+    segment_from_entry, CodeMode, CODE_SELECTOR, DATA_SELECTOR, TSS_SELECTOR,
+};
 use crate::x86_64::layout::{GDT_START, IDT_START};
 use kvm_bindings::{
     kvm_dtable, kvm_fpu, kvm_lapic_state, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs,
