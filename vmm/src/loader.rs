@@ -26,7 +26,9 @@ use std::path::{Path, PathBuf};
 use arch::layout::{CMDLINE_MAX_SIZE, CMDLINE_START, HIMEM_START};
 #[cfg(target_arch = "x86_64")]
 use linux_loader::loader::bootparam::setup_header;
-use linux_loader::loader::{self, Cmdline, KernelLoader};
+#[cfg(target_arch = "x86_64")]
+use linux_loader::loader::KernelLoader;
+use linux_loader::loader::{self, Cmdline};
 #[cfg(target_arch = "x86_64")]
 use linux_loader::loader::{BzImage, Elf, PvhBootCapability};
 #[cfg(target_arch = "x86_64")]

@@ -19,7 +19,7 @@
 //!     its@8080000 { compatible = "arm,gic-v3-its"; msi-controller; } }
 //!   uart@9000000 { compatible = "ns16550a"; interrupts = <SPI 1, level>; }
 //!   pcie@30000000 { compatible = "pci-host-ecam-generic"; ranges = <MMIO32>, <MMIO64>;
-//!     msi-map = <0 &its 0 0x10000>; interrupt-map = <swizzled INTx -> SPIs 4..7>; }
+//!     msi-map = <0 &its 0 0x10000>; interrupt-map = <every slot's INTA#..INTD# -> SPIs 4..7>; }
 //! }
 //! ```
 //!
@@ -127,7 +127,7 @@ pub struct PciHostBridgeFdt {
     pub mmio32: (u64, u64),
     /// 64-bit MMIO window `(gpa, size)`, above RAM; size 0 leaves it out.
     pub mmio64: (u64, u64),
-    /// SPI of INTA# of slot 0; the `interrupt-map` swizzles each slot's pins onto 4 SPIs
+    /// SPI of INTA#; the `interrupt-map` sends every slot's INTA#..INTD# to the 4 SPIs
     /// from here.
     pub intx_spi_base: u32,
 }
@@ -684,7 +684,7 @@ mod tests {
     }
 
     #[test]
-    fn pcie_interrupt_map_swizzles_each_slot_onto_spis_4_to_7() {
+    fn pcie_interrupt_map_sends_every_slot_to_spis_4_to_7() {
         let blob = create_fdt(&cfg(&[0])).unwrap();
         let fdt = Fdt::new(&blob).unwrap();
         let pci = fdt.find_node("/pcie@30000000").unwrap();
@@ -703,9 +703,9 @@ mod tests {
         // Slot 0: INTA#..INTD# -> SPIs 4..7.
         assert_eq!(find(0, 1), [0, 0, 0, 1, GIC_PHANDLE, 0, 0, 0, 4, 4]);
         assert_eq!(find(0, 4), [0, 0, 0, 4, GIC_PHANDLE, 0, 0, 0, 7, 4]);
-        // Slot 3: INTA# -> SPI 7, INTB# -> SPI 4.
-        assert_eq!(find(3, 1), [3 << 11, 0, 0, 1, GIC_PHANDLE, 0, 0, 0, 7, 4]);
-        assert_eq!(find(3, 2), [3 << 11, 0, 0, 2, GIC_PHANDLE, 0, 0, 0, 4, 4]);
+        // Slot 3: the same lines (no swizzle: the vmm wires INTx by pin alone).
+        assert_eq!(find(3, 1), [3 << 11, 0, 0, 1, GIC_PHANDLE, 0, 0, 0, 4, 4]);
+        assert_eq!(find(3, 2), [3 << 11, 0, 0, 2, GIC_PHANDLE, 0, 0, 0, 5, 4]);
         // The map agrees with layout::pci_intx_spi for every slot and pin.
         for e in &entries {
             let spi = pci_intx_spi((e[0] >> 11) as u8, e[3] as u8).unwrap();

@@ -162,22 +162,23 @@ pub const TIMER_PHYS_PPI: u32 = 14;
 
 /// SPI of the UART (KVM GSI 1, GIC INTID 33); level-triggered.
 pub const SERIAL_SPI: u32 = 1;
-/// SPI of PCI INTA#; INTB#..INTD# follow (SPIs 4..=7). Each slot's pins are swizzled onto
-/// them, see [`pci_intx_spi`]. Level-triggered and shared.
+/// SPI of PCI INTA#; INTB#..INTD# follow (SPIs 4..=7), for every slot alike (see
+/// [`pci_intx_spi`]). Level-triggered and shared.
 pub const PCI_INTX_SPI_BASE: u32 = 4;
 /// PCI interrupt pins (INTA#..INTD#).
 pub const PCI_INTX_PINS: u32 = 4;
 
 /// SPI (= KVM GSI) that INTx pin `pin` (1 = INTA# .. 4 = INTD#, as in the Interrupt Pin
-/// register) of bus-0 device `slot` raises: the standard swizzle
-/// `PCI_INTX_SPI_BASE + (slot + pin - 1) % 4`. The device tree's `interrupt-map` is built
-/// from this function; the vmm must use it too when it wires a device's INTx. `None` for
-/// pin 0 (no interrupt) or a pin above 4.
-pub const fn pci_intx_spi(slot: u8, pin: u8) -> Option<u32> {
+/// register) of bus-0 device `slot` raises: `PCI_INTX_SPI_BASE + pin - 1`, the same for
+/// every slot, as x86_64's `_PRT` routes every slot's INTA#..INTD# to GSIs 16..=19 (the
+/// vmm wires a device's INTx before it has a slot; devices share the four lines either
+/// way). The device tree's `interrupt-map` is built from this function. `None` for pin 0
+/// (no interrupt) or a pin above 4.
+pub const fn pci_intx_spi(_slot: u8, pin: u8) -> Option<u32> {
     if pin == 0 || pin as u32 > PCI_INTX_PINS {
         return None;
     }
-    Some(PCI_INTX_SPI_BASE + (slot as u32 + pin as u32 - 1) % PCI_INTX_PINS)
+    Some(PCI_INTX_SPI_BASE + pin as u32 - 1)
 }
 
 // Build-time invariants the boot code relies on.
@@ -285,13 +286,13 @@ mod tests {
     }
 
     #[test]
-    fn pci_intx_pins_are_swizzled_onto_four_spis() {
+    fn pci_intx_pins_go_to_four_spis_for_every_slot() {
         assert_eq!(pci_intx_spi(0, 1), Some(4));
         assert_eq!(pci_intx_spi(0, 4), Some(7));
-        assert_eq!(pci_intx_spi(1, 1), Some(5));
-        assert_eq!(pci_intx_spi(1, 4), Some(4));
-        assert_eq!(pci_intx_spi(3, 2), Some(4));
-        assert_eq!(pci_intx_spi(31, 1), Some(7));
+        assert_eq!(pci_intx_spi(1, 1), Some(4));
+        assert_eq!(pci_intx_spi(1, 4), Some(7));
+        assert_eq!(pci_intx_spi(3, 2), Some(5));
+        assert_eq!(pci_intx_spi(31, 1), Some(4));
         assert_eq!(pci_intx_spi(2, 0), None);
         assert_eq!(pci_intx_spi(2, 5), None);
     }

@@ -30,7 +30,15 @@ pub enum HostCheckError {
     },
 }
 
+/// The tiny guest a scratch VM boots: an arm64 Image that powers off through PSCI
+/// SYSTEM_OFF.
+#[cfg(target_arch = "aarch64")]
+fn payload() -> Vec<u8> {
+    guest_programs::arm64::poweroff_image()
+}
+
 /// The tiny guest a scratch VM boots: power off through the ACPI sleep register.
+#[cfg(target_arch = "x86_64")]
 fn payload() -> Vec<u8> {
     use guest_programs::asm::{acpi_poweroff, assemble, hang};
     guest_programs::elf::elf64(&assemble(|a| {

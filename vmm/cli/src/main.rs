@@ -8,6 +8,8 @@ use std::process::ExitCode;
 
 use clap::error::ErrorKind;
 mod args;
+// On aarch64 the bench only says it cannot run there.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 mod bench;
 mod host_check;
 mod plan;

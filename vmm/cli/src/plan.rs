@@ -13,8 +13,8 @@ use resources::placement::{DeviceInput, PlacementError, Plan, Windows};
 use resources::spec::SpecError;
 use resources::sysfs::SysfsError;
 
-use vmm::buses::pci::FALLBACK_PHYS_BITS;
 use vmm::config::{ShmemConfig, VfioConfig, DEFAULT_MEMORY_SIZE};
+use vmm::platform::FALLBACK_PHYS_BITS;
 
 /// A `barge plan` command line, typed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -70,6 +70,7 @@ pub enum PlanCommandError {
 
 /// Physical address bits from `/proc/cpuinfo` text ("address sizes : 46
 /// bits physical, 48 bits virtual").
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub fn parse_cpuinfo_phys_bits(cpuinfo: &str) -> Option<u8> {
     cpuinfo
         .lines()
@@ -79,7 +80,18 @@ pub fn parse_cpuinfo_phys_bits(cpuinfo: &str) -> Option<u8> {
         .and_then(|bits| bits.parse().ok())
 }
 
+/// This host's IPA size as KVM reports it (aarch64 has no "address sizes" in
+/// /proc/cpuinfo), or [`FALLBACK_PHYS_BITS`] without KVM.
+#[cfg(target_arch = "aarch64")]
+pub fn host_phys_bits() -> u8 {
+    kvm_ioctls::Kvm::new()
+        .ok()
+        .and_then(|kvm| vmm::platform::guest_phys_bits(&kvm).ok())
+        .unwrap_or(FALLBACK_PHYS_BITS)
+}
+
 /// This host's physical address bits, or [`FALLBACK_PHYS_BITS`].
+#[cfg(target_arch = "x86_64")]
 pub fn host_phys_bits() -> u8 {
     std::fs::read_to_string("/proc/cpuinfo")
         .ok()

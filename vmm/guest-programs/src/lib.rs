@@ -8,11 +8,20 @@
 //! register, halt forever) and the assemble helpers, and [`testing`] has
 //! the check the KVM tests start with. The assembler itself is re-exported
 //! as [`code_asm`], so a user needs no iced-x86 dependency of its own.
+//!
+//! Those are x86-64 and build on x86_64 hosts only; [`arm64`] has the one
+//! aarch64 program barge needs (an arm64 Image that powers off through
+//! PSCI), hand-encoded, built on every host.
 
+pub mod arm64;
+#[cfg(target_arch = "x86_64")]
 pub mod asm;
+#[cfg(target_arch = "x86_64")]
 pub mod elf;
+#[cfg(target_arch = "x86_64")]
 pub mod testing;
 
+#[cfg(target_arch = "x86_64")]
 pub use iced_x86::code_asm;
 
 #[cfg(test)]

@@ -231,7 +231,7 @@ fn copy_read_data(dst: &mut [u8], src: &[u8]) {
 /// The vCPU's registers, formatted for the log.
 #[cfg(target_arch = "aarch64")]
 pub fn dump_registers(vcpu: &VcpuFd) -> String {
-    use arch::aarch64::regs::{core_reg_id, PC_OFFSET, PSTATE_OFFSET, SP_OFFSET};
+    use arch::aarch64::regs::{core_reg_id, PC_REG_ID, PSTATE_REG_ID, SP_REG_ID};
     let read = |id: u64| {
         let mut value = [0u8; 8];
         vcpu.get_one_reg(id, &mut value)
@@ -240,9 +240,9 @@ pub fn dump_registers(vcpu: &VcpuFd) -> String {
     };
     let mut out = format!(
         "  pc={} sp={} pstate={}\n",
-        read(core_reg_id(PC_OFFSET)),
-        read(core_reg_id(SP_OFFSET)),
-        read(core_reg_id(PSTATE_OFFSET))
+        read(PC_REG_ID),
+        read(SP_REG_ID),
+        read(PSTATE_REG_ID)
     );
     for row in 0..8u64 {
         let regs: Vec<String> = (row * 4..row * 4 + 4)

@@ -11,11 +11,10 @@
 
 use std::sync::{Arc, Mutex};
 
-use arch::aarch64::fdt::{self, FdtConfig, GicRegions, PciHostBridgeFdt};
-use arch::aarch64::regs::{BootRegs, MPIDR_EL1};
+use arch::aarch64::fdt::{self, FdtConfig, GicRegions, PciHostBridgeFdt, SerialFdt};
+use arch::aarch64::regs::{BootRegs, MPIDR_EL1_REG_ID};
 use arch::layout::{
-    gic_redist_size, GIC_DIST_SIZE, GIC_DIST_START, GIC_ITS_SIZE, GIC_ITS_START, GIC_REDIST_START,
-    MAX_VCPUS, PCIE_ECAM_BUSES, PCIE_ECAM_START, PCI_INTX_SPI_BASE, SERIAL_SIZE, SERIAL_SPI,
+    GIC_DIST_START, GIC_ITS_START, GIC_REDIST_START, MAX_VCPUS, PCI_INTX_SPI_BASE, SERIAL_SPI,
     SERIAL_START,
 };
 use kvm_bindings::{
@@ -48,6 +47,8 @@ pub const PCI_INTX_PINS: u32 = arch::layout::PCI_INTX_PINS;
 const GIC_NR_IRQS: u32 = 256;
 /// The IPA size KVM gives a VM created with type 0.
 const KVM_DEFAULT_IPA_BITS: u8 = 40;
+/// Physical (IPA) address bits assumed when the host does not say: KVM's default.
+pub const FALLBACK_PHYS_BITS: u8 = KVM_DEFAULT_IPA_BITS;
 /// The registers of a 16550 (offsets 0..8); the rest of its 4 KiB page reads as unclaimed.
 const UART_REGISTERS: u64 = 8;
 
@@ -330,31 +331,23 @@ pub fn create_vcpus(
     let mut mpidrs = Vec::with_capacity(vcpus.len());
     for (id, vcpu) in vcpus.iter().enumerate() {
         let mut value = [0u8; 8];
-        vcpu.get_one_reg(MPIDR_EL1, &mut value)
+        vcpu.get_one_reg(MPIDR_EL1_REG_ID, &mut value)
             .map_err(|source| BootError::Mpidr {
                 vcpu: id as u8,
                 source,
             })?;
         mpidrs.push(u64::from_le_bytes(value));
     }
-    let ecam_size = u64::from(PCIE_ECAM_BUSES) * arch::layout::PCIE_ECAM_BUS_SIZE;
     let tree = fdt::create_fdt(&FdtConfig {
         mpidrs: &mpidrs,
         ram: boot.ram,
         cmdline: &boot.cmdline,
         initramfs: boot.initramfs,
-        gic: GicRegions {
-            dist: (GIC_DIST_START, GIC_DIST_SIZE),
-            redist: (GIC_REDIST_START, gic_redist_size(vcpus.len())),
-            its: Some((GIC_ITS_START, GIC_ITS_SIZE)),
-        },
-        serial: (SERIAL_START, SERIAL_SIZE, SERIAL_SPI),
+        gic: GicRegions::for_cpus(vcpus.len(), true),
+        serial: SerialFdt::BARGE,
         pci: Some(PciHostBridgeFdt {
-            ecam: (PCIE_ECAM_START, ecam_size),
-            bus_end: PCIE_ECAM_BUSES - 1,
             mmio32: boot.mmio32,
-            mmio64: boot.mmio64,
-            intx_spi_base: PCI_INTX_SPI_BASE,
+            ..PciHostBridgeFdt::with_mmio64(boot.mmio64)
         }),
     })?;
     fdt::write_fdt(memory, boot.fdt_addr, &tree)?;

@@ -30,6 +30,9 @@ pub const SERIAL_GSI: u32 = arch::layout::COM1_GSI;
 pub const PCI_INTX_GSI_BASE: u32 = arch::layout::PCI_INTX_GSI_BASE;
 /// INTx pins routed (INTA#..INTD#).
 pub const PCI_INTX_PINS: u32 = arch::layout::PCI_INTX_PINS;
+/// Physical address bits assumed when the host does not say (see
+/// [`pci::FALLBACK_PHYS_BITS`]).
+pub const FALLBACK_PHYS_BITS: u8 = pci::FALLBACK_PHYS_BITS;
 /// The vCPU boot state [`create_vcpus`] applies.
 pub type BootState = VcpuBootState;
 

@@ -448,7 +448,16 @@ impl BenchResult {
     }
 }
 
+/// KVM's TSC frequency: none on aarch64, where the bench's payload does not run.
+#[cfg(not(target_arch = "x86_64"))]
+pub fn kvm_tsc_khz() -> Result<u32, BenchError> {
+    Err(BenchError::Payload(
+        payload::PayloadError::NotThisArchitecture,
+    ))
+}
+
 /// KVM's TSC frequency (a throwaway VM with one vCPU).
+#[cfg(target_arch = "x86_64")]
 pub fn kvm_tsc_khz() -> Result<u32, BenchError> {
     let kvm = kvm_ioctls::Kvm::new().map_err(BenchError::Tsc)?;
     let vm = kvm.create_vm().map_err(BenchError::Tsc)?;
