@@ -75,5 +75,6 @@ pub use crate::size::format_size;
 pub use types::{
     AreaPlacement, BarInput, BarPlacement, BarRange, BarWidth, DeviceInput, DevicePlan, PageCounts,
     PageSize, ParsePageSizeError, PlacementError, Plan, Window, WindowKind, Windows,
-    HOST_PAGE_SIZE, MAX_BAR_INDEX, MAX_BAR_SIZE, MAX_PHYS_BITS, MIN_PHYS_BITS,
+    HOST_MAX_PFNMAP_PAGE, HOST_PAGE_SIZE, MAX_BAR_INDEX, MAX_BAR_SIZE, MAX_PHYS_BITS,
+    MIN_PHYS_BITS,
 };

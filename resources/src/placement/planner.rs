@@ -11,7 +11,7 @@ use vm_allocator::{AddressAllocator, AllocPolicy};
 use super::types::{
     natural_align, reservation, AreaPlacement, BarInput, BarPlacement, BarRange, BarWidth,
     DeviceInput, DevicePlan, PageCounts, PageSize, PlacementError, Plan, Window, WindowKind,
-    Windows, HOST_PAGE_SIZE, MAX_BAR_INDEX, MAX_BAR_SIZE, MAX_PHYS_BITS,
+    Windows, HOST_MAX_PFNMAP_PAGE, HOST_PAGE_SIZE, MAX_BAR_INDEX, MAX_BAR_SIZE, MAX_PHYS_BITS,
 };
 use crate::ram::RamRegion;
 
@@ -318,7 +318,8 @@ fn place_bar(p: &PreparedBar<'_>, gpa: u64) -> BarPlacement {
         .iter()
         .map(|area| {
             let area_gpa = gpa + area.offset;
-            let (page_size, pages) = area_pages(area_gpa, area.size, hva_align);
+            let (page_size, pages) =
+                area_pages(area_gpa, area.size, hva_align.min(HOST_MAX_PFNMAP_PAGE));
             AreaPlacement {
                 offset: area.offset,
                 size: area.size,

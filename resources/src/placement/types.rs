@@ -20,6 +20,15 @@ use crate::size::format_size;
 
 /// Host base page size; mmap-able areas and trap rounding use it.
 pub const HOST_PAGE_SIZE: u64 = 4096;
+/// The largest page a BAR's host mapping (and so KVM's) can get on this architecture:
+/// 1 GiB on x86_64 (PUD pfnmap), 2 MiB on aarch64, whose kernels have PMD pfnmap but no
+/// PUD pfnmap. The plan's page counts never go above it; the HVA is still aligned to the
+/// BAR's natural alignment (up to 1 GiB), which costs nothing.
+pub const HOST_MAX_PFNMAP_PAGE: u64 = if cfg!(target_arch = "aarch64") {
+    2 << 20
+} else {
+    1 << 30
+};
 /// Largest PCI BAR index (BARs 0..=5).
 pub const MAX_BAR_INDEX: u8 = 5;
 /// Smallest physical-address width [`Windows::new`] accepts.

@@ -146,7 +146,7 @@ fn bad_input_matrix() {
             "kernel: empty file",
             &["run", "--kernel", &s(&empty)],
             1,
-            "empty: not a bzImage or ELF vmlinux",
+            "empty: not a bzImage, ELF vmlinux or arm64 Image",
         ),
         kvm_case(
             "kernel: truncated ELF",
@@ -462,7 +462,7 @@ fn bad_input_matrix() {
                 &format!("size=1M,path={shm}"),
             ],
             1,
-            "not a bzImage or ELF vmlinux",
+            "not a bzImage, ELF vmlinux or arm64 Image",
         ),
     ];
     cases.push(kvm_case(

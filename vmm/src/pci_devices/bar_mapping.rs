@@ -283,7 +283,9 @@ pub fn slot_updates(bar: &MappedBar, memslots: &MemslotLog) -> u32 {
 /// report's `best_possible`): every area tiled with pages up to
 /// `min(reservation, 1 GiB)`.
 pub fn uncapped_counts(placement: &BarPlacement) -> PageCounts {
-    let limit = placement.natural_align();
+    let limit = placement
+        .natural_align()
+        .min(resources::placement::HOST_MAX_PFNMAP_PAGE);
     let mut total = PageCounts::default();
     for area in &placement.areas {
         let (_, counts) = area_pages(area.gpa, area.size, limit);
