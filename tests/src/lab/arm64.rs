@@ -244,11 +244,11 @@ fn qemu_args(
 /// that hangs before it is ready is booted once more, as on x86).
 pub fn run(paths: &LabPaths, options: &RunOptions) -> Result<RunOutcome, LabError> {
     refuse_x86_options(options)?;
-    let arm64 = arm64_paths(paths);
-    let state = Arm64State::load(&arm64)?;
     for binary in &options.binaries {
         check_static_arm64(binary)?;
     }
+    let arm64 = arm64_paths(paths);
+    let state = Arm64State::load(&arm64)?;
     run::retry_hung_boot(|| run_once(&arm64, &state, options))
 }
 
