@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use barge_tests::lab::run::{self, LabDevice, RunOptions};
 use barge_tests::lab::setup::{self, SetupOptions};
-use barge_tests::lab::{parse_size, LabError, LabPaths};
+use barge_tests::lab::{arm64, parse_size, LabArch, LabError, LabPaths};
 use clap::{Parser, Subcommand};
 
 /// The lab: a Linux 6.12 host (or trixie-backports' 7.x: `run --host-kernel`)
@@ -29,9 +29,15 @@ enum LabCommand {
     /// source, the current trixie-backports cloud kernel as a second host
     /// kernel, and a Debian bookworm guest image (mmdebstrap from the
     /// machine's mirror, with that cloud kernel and its initrd; `run
-    /// --debian`) (under $BARGE_LAB_DIR, default target/lab). Idempotent;
-    /// offline once cached. Without apt, give the files by hand.
+    /// --debian`) (under $BARGE_LAB_DIR, default target/lab); then the arm64
+    /// lab (`--arch arm64`: that one alone): qemu-system-arm from
+    /// bookworm-backports, its cloud-arm64 kernel, busybox-static:arm64 and
+    /// barge cross-built for aarch64 (under target/lab/arm64). Idempotent;
+    /// offline once cached. Without apt, give the x86 files by hand.
     Setup {
+        /// Set up this lab only: x86_64 or arm64 (default: both).
+        #[arg(long, value_enum, value_name = "ARCH")]
+        arch: Option<LabArch>,
         /// A bzImage to use instead of Debian's (needs --modules).
         #[arg(long, value_name = "BZIMAGE")]
         kernel: Option<PathBuf>,
@@ -68,6 +74,11 @@ enum LabCommand {
     /// and exit with COMMAND's status. Example:
     /// `barge-lab run --ivshmem 8G -- 'vfio-region-info $LAB_IVSHMEM0'`
     Run {
+        /// The lab host's architecture: x86_64 (q35, intel-iommu) or arm64
+        /// (virt with EL2, GICv3 and SMMUv3; --ivshmem and --nvme, with
+        /// barge cross-built for aarch64 when it builds).
+        #[arg(long, value_enum, value_name = "ARCH", default_value = "x86_64")]
+        arch: LabArch,
         /// ivshmem-plain device: SIZE[,file=PATH], a power of two from 2M to
         /// 64G. BAR2 is the file (sparse; made in the run folder unless
         /// given). Inside, its BDF is in $LAB_IVSHMEM0, $LAB_IVSHMEM1, ...
@@ -79,9 +90,9 @@ enum LabCommand {
         /// An e1000e NIC ($LAB_E1000E0).
         #[arg(long)]
         e1000e: bool,
-        /// The lab host's memory.
-        #[arg(long, value_name = "SIZE", default_value = "3G", value_parser = parse_size)]
-        mem: u64,
+        /// The lab host's memory (default 3G; 2G with --arch arm64).
+        #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+        mem: Option<u64>,
         /// The lab host's CPUs.
         #[arg(long, default_value_t = 2)]
         cpus: u32,
@@ -151,6 +162,7 @@ fn main() -> ExitCode {
     let paths = LabPaths::from_env();
     match cli.command {
         LabCommand::Setup {
+            arch,
             kernel,
             modules,
             qemu,
@@ -172,12 +184,13 @@ fn main() -> ExitCode {
                 trixie_modules,
                 refresh,
             };
-            match setup::setup(&paths, &options) {
+            match setup::setup_labs(&paths, &options, arch) {
                 Ok(_) => ExitCode::SUCCESS,
                 Err(e) => fail(e),
             }
         }
         LabCommand::Run {
+            arch,
             ivshmem,
             nvme,
             e1000e,
@@ -215,11 +228,18 @@ fn main() -> ExitCode {
             if e1000e {
                 devices.push(LabDevice::E1000e);
             }
-            let mut all_binaries = sibling_binaries();
+            let mut all_binaries = match arch {
+                LabArch::X86_64 => sibling_binaries(),
+                LabArch::Arm64 => arm64_barge(),
+            };
             all_binaries.extend(binaries);
+            let memory = mem.unwrap_or(match arch {
+                LabArch::X86_64 => 3 << 30,
+                LabArch::Arm64 => arm64::DEFAULT_MEMORY,
+            });
             let options = RunOptions {
                 devices,
-                memory: mem,
+                memory,
                 cpus,
                 script,
                 binaries: all_binaries,
@@ -235,7 +255,11 @@ fn main() -> ExitCode {
                 tap,
                 peer_qemu,
             };
-            match run::run(&paths, &options) {
+            let outcome = match arch {
+                LabArch::X86_64 => run::run(&paths, &options),
+                LabArch::Arm64 => arm64::run(&paths, &options),
+            };
+            match outcome {
                 Ok(outcome) => {
                     if let Some(boot) = outcome.boot_time {
                         eprintln!("barge-lab: host ready after {:.1} s", boot.as_secs_f64());
@@ -291,6 +315,28 @@ fn sibling_binaries() -> Vec<PathBuf> {
         found
     })
     .collect()
+}
+
+/// barge cross-built for aarch64 in this binary's target folder
+/// (`cargo build --target aarch64-unknown-linux-gnu -p barge`), when it
+/// exists.
+fn arm64_barge() -> Vec<PathBuf> {
+    let Some(barge) = std::env::current_exe()
+        .ok()
+        .and_then(|exe| arm64::cross_barge(&exe))
+    else {
+        return Vec::new();
+    };
+    if barge.is_file() {
+        return vec![barge];
+    }
+    eprintln!(
+        "barge-lab: warning: the arm64 barge {} is not built, so the arm64 lab host has no \
+         barge: `cargo build --target {} -p barge` (setup tries it too)",
+        barge.display(),
+        arm64::BARGE_TARGET
+    );
+    Vec::new()
 }
 
 fn fail(error: LabError) -> ExitCode {

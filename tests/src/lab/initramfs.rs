@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use super::cpio::{Archive, Entry};
-use super::{GenericKernel, HostKernel, LabError, LabState};
+use super::{GenericKernel, HostKernel, LabArch, LabError, LabState};
 
 /// Marker lines the host's init prints on its console (ttyS0).
 pub const READY_MARKER: &str = "BARGE-LAB-READY";
@@ -92,13 +92,13 @@ mount -t tracefs tracefs /sys/kernel/tracing 2>/dev/null
 ln -sf /proc/self/fd /dev/fd 2>/dev/null
 
 results() {
-    stty -F /dev/ttyS1 raw -echo 2>/dev/null
+    stty -F /dev/@RESULTS_TTY@ raw -echo 2>/dev/null
     {
         echo "BARGE-LAB-OUT-BEGIN"
         tar -c -C /out . | base64
         echo "BARGE-LAB-OUT-END"
         echo "BARGE-LAB-STATUS $1"
-    } > /dev/ttyS1
+    } > /dev/@RESULTS_TTY@
     sync
     poweroff -f
 }
@@ -111,7 +111,7 @@ fail() {
 for m in MODULES; do
     insmod /lib/modules/$m.ko || fail "insmod $m failed"
 done
-[ -c /dev/kvm ] || fail "/dev/kvm did not appear after loading kvm-amd"
+[ -c /dev/kvm ] || fail "/dev/kvm did not appear @KVM_FROM@"
 for m in @EXTRA_MODULES@; do
     insmod /lib/modules/$m.ko || fail "insmod $m failed"
 done
@@ -193,6 +193,9 @@ struct InitOptions<'a> {
     debian: bool,
     /// It makes the tap [`TAP_NAME`] with [`TAP_HOST_ADDRESS`].
     tap: bool,
+    /// The lab host's architecture: its results port and where KVM comes
+    /// from.
+    arch: LabArch,
 }
 
 fn flag(on: bool) -> &'static str {
@@ -217,17 +220,74 @@ fn host_init(options: &InitOptions) -> String {
         .replace("@TAP_HOST@", TAP_HOST_ADDRESS)
         .replace("@TAP_GUEST@", TAP_GUEST_ADDRESS)
         .replace("@TAP_PREFIX@", &TAP_PREFIX_LEN.to_string())
+        .replace("@RESULTS_TTY@", options.arch.results_tty())
+        .replace("@KVM_FROM@", options.arch.kvm_from())
 }
 
 fn busybox_archive(state: &LabState, init: &str) -> Result<Archive, LabError> {
     let mut archive = Archive::new();
     add_elf(&mut archive, &state.busybox, "bin/busybox")?;
+    add_skeleton(&mut archive, init);
+    Ok(archive)
+}
+
+/// The init, the console and the folders every lab initramfs has.
+fn add_skeleton(archive: &mut Archive, init: &str) {
     archive.add_file("init", init.as_bytes().to_vec(), true);
     archive.add("dev/console", Entry::CharDevice { major: 5, minor: 1 });
     for dir in ["proc", "sys", "dev", "tmp", "etc", "root"] {
         archive.add(dir, Entry::Dir);
     }
+}
+
+/// An arm64 initramfs with a static arm64 `busybox` (copied as it is: no
+/// libraries) and `init`.
+pub fn arm64_busybox_archive(busybox: &Path, init: &str) -> Result<Archive, LabError> {
+    let mut archive = Archive::new();
+    let data = std::fs::read(busybox).map_err(|e| LabError::io("cannot read", busybox, e))?;
+    archive.add_file("bin/busybox", data, true);
+    add_skeleton(&mut archive, init);
     Ok(archive)
+}
+
+/// The arm64 guest initramfs (`/lab/guest/initramfs` of the arm64 lab): the
+/// x86 guest's init and `pcibar` with an arm64 busybox.
+pub fn arm64_guest_initramfs(busybox: &Path) -> Result<Vec<u8>, LabError> {
+    let mut archive = arm64_busybox_archive(busybox, GUEST_INIT)?;
+    archive.add_file("bin/pcibar", GUEST_PCIBAR.as_bytes().to_vec(), true);
+    Ok(archive.to_bytes())
+}
+
+/// The arm64 lab host's init: the x86 host's, loading `modules` (the vfio
+/// ones: KVM is built in), with its results on the second PL011.
+pub fn arm64_host_init(modules: &[&str]) -> String {
+    host_init(&InitOptions {
+        modules,
+        arch: LabArch::Arm64,
+        ..InitOptions::default()
+    })
+}
+
+/// `/lab/devices` (`NAME BDF vfio|host` lines) and `/lab/cmd.sh`.
+pub fn add_devices_and_command(
+    archive: &mut Archive,
+    devices: &[(String, String)],
+    host_drivers: &[String],
+    command_script: &str,
+) {
+    let devices: String = devices
+        .iter()
+        .map(|(name, bdf)| {
+            let mode = if host_drivers.contains(name) {
+                "host"
+            } else {
+                "vfio"
+            };
+            format!("{name} {bdf} {mode}\n")
+        })
+        .collect();
+    archive.add_file("lab/devices", devices.into_bytes(), false);
+    archive.add_file("lab/cmd.sh", command_script.as_bytes().to_vec(), true);
 }
 
 /// The guest initramfs that barge boots inside the lab (`/lab/guest/initramfs`).
@@ -307,6 +367,7 @@ pub fn host_initramfs(
         extra_modules: &extra,
         debian: contents.debian,
         tap: contents.tap,
+        arch: LabArch::X86_64,
     });
     let mut archive = busybox_archive(state, &init)?;
     for (module, path) in modules.iter().chain(contents.extra_modules) {
@@ -337,23 +398,11 @@ pub fn host_initramfs(
             false,
         );
     }
-    let devices: String = contents
-        .devices
-        .iter()
-        .map(|(name, bdf)| {
-            let mode = if contents.host_drivers.contains(name) {
-                "host"
-            } else {
-                "vfio"
-            };
-            format!("{name} {bdf} {mode}\n")
-        })
-        .collect();
-    archive.add_file("lab/devices", devices.into_bytes(), false);
-    archive.add_file(
-        "lab/cmd.sh",
-        contents.command_script.as_bytes().to_vec(),
-        true,
+    add_devices_and_command(
+        &mut archive,
+        contents.devices,
+        contents.host_drivers,
+        contents.command_script,
     );
     Ok(archive.to_bytes())
 }

@@ -3,6 +3,7 @@
 //! boots it with emulated devices, runs a command inside and brings the
 //! command's results back.
 
+pub mod arm64;
 pub mod cpio;
 pub mod initramfs;
 pub mod run;
@@ -56,10 +57,53 @@ pub const MAIN_HOST_KERNEL: &str = "bookworm-backports";
 /// when this was written), also when one is given by hand in its place.
 pub const TRIXIE_HOST_KERNEL: &str = "trixie-backports";
 
+/// The command that sets the arm64 lab up alone, named in its "not set up"
+/// errors (plain [`SETUP_COMMAND`] sets it up too).
+pub const ARM64_SETUP_COMMAND: &str =
+    "cargo run -p barge-tests --bin barge-lab -- setup --arch arm64";
+
+/// The lab host's architecture (`barge-lab setup --arch`, `run --arch`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum LabArch {
+    /// q35 with intel-iommu, AMD SVM under TCG (the default).
+    #[default]
+    #[value(name = "x86_64", alias = "x86", alias = "amd64")]
+    X86_64,
+    /// virt with SMMUv3 and a GICv3, EL2 with VHE under TCG.
+    #[value(name = "arm64", alias = "aarch64")]
+    Arm64,
+}
+
+impl LabArch {
+    /// The lab host's serial port that carries the results (its console is
+    /// the first one).
+    pub fn results_tty(self) -> &'static str {
+        match self {
+            LabArch::X86_64 => "ttyS1",
+            LabArch::Arm64 => arm64::RESULTS_TTY,
+        }
+    }
+
+    /// What makes /dev/kvm appear, for the host init's error.
+    pub fn kvm_from(self) -> &'static str {
+        match self {
+            LabArch::X86_64 => "after loading kvm-amd",
+            LabArch::Arm64 => {
+                "(KVM is built into the arm64 kernel: is EL2 there, virtualization=on?)"
+            }
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum LabError {
     #[error("the lab is not set up ({0} is missing): run `{SETUP_COMMAND}` first")]
     NotSetUp(PathBuf),
+    #[error(
+        "the lab is not set up for arm64 ({0} is missing): run `{ARM64_SETUP_COMMAND}` (or \
+         plain `{SETUP_COMMAND}`) first"
+    )]
+    Arm64NotSetUp(PathBuf),
     #[error(
         "the lab is not set up with host kernel {wanted} (cached: {cached}): run \
          `{SETUP_COMMAND}` (trixie-backports' kernel needs apt-get, or give one with \

@@ -361,7 +361,7 @@ fn qemu_args(
 }
 
 /// A sparse file of exactly `size` bytes (it costs no disk until touched).
-fn ensure_backing_file(file: &Path, size: u64) -> Result<(), LabError> {
+pub(crate) fn ensure_backing_file(file: &Path, size: u64) -> Result<(), LabError> {
     let handle = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
@@ -399,7 +399,7 @@ impl Drop for RunScratch {
     }
 }
 
-fn new_run_dir(paths: &LabPaths) -> Result<PathBuf, LabError> {
+pub(crate) fn new_run_dir(paths: &LabPaths) -> Result<PathBuf, LabError> {
     let runs = paths.runs_dir();
     std::fs::create_dir_all(&runs).map_err(|e| LabError::io("cannot create", &runs, e))?;
     let stamp = std::time::SystemTime::now()
@@ -430,14 +430,22 @@ impl Drop for QemuGuard {
 /// booted once more, saying so: no command had run, so the retry cannot
 /// hide anything the command did. A second hang is the error.
 pub fn run(paths: &LabPaths, options: &RunOptions) -> Result<RunOutcome, LabError> {
-    match run_once(paths, options) {
+    retry_hung_boot(|| run_once(paths, options))
+}
+
+/// Runs `once`, and once more when the lab host hung before it was ready
+/// (see [`run`]).
+pub(crate) fn retry_hung_boot(
+    mut once: impl FnMut() -> Result<RunOutcome, LabError>,
+) -> Result<RunOutcome, LabError> {
+    match once() {
         Err(LabError::BootHung(message)) => {
             eprintln!(
                 "barge-lab: the lab host hung before it was ready, before the command ran; \
                  booting it once more. The hung boot: {}",
                 message.lines().next().unwrap_or_default()
             );
-            run_once(paths, options)
+            once()
         }
         other => other,
     }
@@ -495,6 +503,20 @@ fn run_once(paths: &LabPaths, options: &RunOptions) -> Result<RunOutcome, LabErr
     for (name, bdf) in &devices {
         eprintln!("barge-lab: {name} at {bdf}");
     }
+    drive(&state.qemu, &args, run_dir, devices, options)
+}
+
+/// Starts `qemu` with `args` for the run folder `run_dir` (its initramfs
+/// written there), streams its console, enforces the boot and command
+/// deadlines and reads the results back: what every lab architecture
+/// shares once its QEMU command line is made.
+pub(crate) fn drive(
+    qemu_path: &Path,
+    args: &[String],
+    run_dir: PathBuf,
+    devices: DeviceAddresses,
+    options: &RunOptions,
+) -> Result<RunOutcome, LabError> {
     let console_log = run_dir.join("console.log");
     let out_dir = run_dir.join("out");
     let mut outcome = RunOutcome {
@@ -508,7 +530,7 @@ fn run_once(paths: &LabPaths, options: &RunOptions) -> Result<RunOutcome, LabErr
     };
     std::fs::write(
         run_dir.join("qemu.args"),
-        format!("{} {}\n", state.qemu.display(), shell_quote(&args)),
+        format!("{} {}\n", qemu_path.display(), shell_quote(args)),
     )
     .map_err(|e| LabError::io("cannot write", &run_dir, e))?;
 
@@ -518,13 +540,13 @@ fn run_once(paths: &LabPaths, options: &RunOptions) -> Result<RunOutcome, LabErr
     // a run folder.
     let _scratch = RunScratch(run_dir.clone());
     let start = Instant::now();
-    let child = Command::new(&state.qemu)
-        .args(&args)
+    let child = Command::new(qemu_path)
+        .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|e| LabError::io("cannot start", &state.qemu, e))?;
+        .map_err(|e| LabError::io("cannot start", qemu_path, e))?;
     let mut qemu = QemuGuard(child);
     let lines = stream_console(&mut qemu.0, &console_log, options.stream_console)?;
 
@@ -575,7 +597,7 @@ fn run_once(paths: &LabPaths, options: &RunOptions) -> Result<RunOutcome, LabErr
     let qemu_status = qemu
         .0
         .wait()
-        .map_err(|e| LabError::io("cannot wait for", &state.qemu, e))?;
+        .map_err(|e| LabError::io("cannot wait for", qemu_path, e))?;
     let mut qemu_stderr = String::new();
     if let Some(mut stderr) = qemu.0.stderr.take() {
         let _ = stderr.read_to_string(&mut qemu_stderr);

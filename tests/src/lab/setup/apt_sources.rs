@@ -80,6 +80,33 @@ impl AptSuite {
         Ok(suite)
     }
 
+    /// bookworm and bookworm-backports for arm64 (the arm64 lab's kernel
+    /// and busybox) from the machine's Debian mirror, in a private apt
+    /// configuration under `dir` that knows arm64 alone: the machine's
+    /// dpkg gets no foreign architecture, and nothing is installed from it.
+    /// Its package lists are fetched anew.
+    pub(super) fn arm64(dir: &Path) -> Result<Self, LabError> {
+        let (uri, signed_by) = machine_mirror()?;
+        let (list, mut options) = private_configuration(
+            dir,
+            ARM64_SOURCES_NAME,
+            &suite_stanza(ARM64_SUITES, &uri, signed_by.as_deref()),
+        )?;
+        options.extend(ARM64_ARCHITECTURE.iter().map(|o| o.to_string()));
+        let suite = AptSuite {
+            suite: BACKPORTS_SUITE,
+            version_tag: "bpo12",
+            options,
+        };
+        eprintln!(
+            "barge-lab: {ARM64_SUITES} for arm64 from {uri}, in a private apt configuration \
+             {} (the machine's apt sources and architectures stay as they are)",
+            list.display()
+        );
+        suite.output("apt-get", &["update", "-q"])?;
+        Ok(suite)
+    }
+
     /// `tool` (apt-get, apt-cache) with this suite's configuration.
     pub(super) fn command(&self, tool: &str) -> Command {
         let mut command = Command::new(tool);
@@ -101,6 +128,36 @@ impl AptSuite {
             .flat_map(|o| ["-o".to_string(), o.clone()])
             .collect()
     }
+}
+
+/// The suites the arm64 lab's packages come from: the kernel from
+/// backports, busybox-static from bookworm.
+const ARM64_SUITES: &str = "bookworm bookworm-backports";
+const ARM64_SOURCES_NAME: &str = "bookworm-arm64.sources";
+/// apt options for a configuration that sees arm64 packages only.
+const ARM64_ARCHITECTURE: &[&str] = &["APT::Architecture=arm64", "APT::Architectures=arm64"];
+
+/// Makes a private apt configuration under `dir` whose only source is
+/// `sources` (written as `dir/name`); the file and apt's options for it.
+fn private_configuration(
+    dir: &Path,
+    name: &str,
+    sources: &str,
+) -> Result<(PathBuf, Vec<String>), LabError> {
+    let parts = dir.join("sources.list.d");
+    let lists = dir.join("lists");
+    let cache = dir.join("cache");
+    for folder in [
+        parts.clone(),
+        lists.join("partial"),
+        cache.join("archives").join("partial"),
+    ] {
+        std::fs::create_dir_all(&folder).map_err(|e| LabError::io("cannot create", &folder, e))?;
+    }
+    let list = dir.join(name);
+    std::fs::write(&list, sources).map_err(|e| LabError::io("cannot write", &list, e))?;
+    let options = private_options(&list, &parts, &lists, &cache);
+    Ok((list, options))
 }
 
 /// The options that make apt read only `list` (and the empty folder

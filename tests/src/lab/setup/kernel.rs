@@ -103,7 +103,7 @@ pub(super) fn trixie_kernel(
 /// Downloads a versioned kernel package, or the packages a split kernel's
 /// empty one depends on (each unless its .deb is cached), and unpacks them
 /// into one folder; returns the folder and the kernel version.
-fn download_and_unpack(
+pub(super) fn download_and_unpack(
     paths: &LabPaths,
     apt: &AptSuite,
     package: &str,
@@ -139,7 +139,11 @@ fn download_and_unpack(
 }
 
 /// Downloads those of `packages` whose .deb is not in the downloads folder.
-fn download_missing(paths: &LabPaths, apt: &AptSuite, packages: &[String]) -> Result<(), LabError> {
+pub(super) fn download_missing(
+    paths: &LabPaths,
+    apt: &AptSuite,
+    packages: &[String],
+) -> Result<(), LabError> {
     let downloads = paths.downloads_dir();
     std::fs::create_dir_all(&downloads)
         .map_err(|e| LabError::io("cannot create", &downloads, e))?;
@@ -221,7 +225,7 @@ fn kernel_parts(show: &str, package: &str) -> Vec<String> {
 
 /// The kernel image of an unpacked package: `/boot/vmlinuz-VERSION`, or
 /// `/usr/lib/modules/VERSION/vmlinuz` in a split kernel's binary package.
-fn unpacked_vmlinuz(unpacked: &Path, version: &str) -> PathBuf {
+pub(super) fn unpacked_vmlinuz(unpacked: &Path, version: &str) -> PathBuf {
     let boot = unpacked.join("boot").join(format!("vmlinuz-{version}"));
     if boot.exists() {
         boot
@@ -230,7 +234,7 @@ fn unpacked_vmlinuz(unpacked: &Path, version: &str) -> PathBuf {
     }
 }
 
-fn unpacked_modules(unpacked: &Path, version: &str) -> PathBuf {
+pub(super) fn unpacked_modules(unpacked: &Path, version: &str) -> PathBuf {
     let modules = unpacked.join("lib/modules").join(version);
     if modules.exists() {
         modules
@@ -239,7 +243,7 @@ fn unpacked_modules(unpacked: &Path, version: &str) -> PathBuf {
     }
 }
 
-fn find_deb(dir: &Path, package: &str) -> Option<PathBuf> {
+pub(super) fn find_deb(dir: &Path, package: &str) -> Option<PathBuf> {
     let prefix = format!("{}_", package.replace('+', "%2b"));
     let plain_prefix = format!("{package}_");
     std::fs::read_dir(dir).ok()?.flatten().find_map(|e| {
@@ -251,7 +255,10 @@ fn find_deb(dir: &Path, package: &str) -> Option<PathBuf> {
 
 /// The versioned kernel package that the suite's newest meta package names
 /// in its Depends.
-fn resolve_kernel_package(apt: &AptSuite, meta_package: &str) -> Result<String, LabError> {
+pub(super) fn resolve_kernel_package(
+    apt: &AptSuite,
+    meta_package: &str,
+) -> Result<String, LabError> {
     let text = apt.output("apt-cache", &["show", meta_package])?;
     let mut best: Option<(String, String)> = None;
     for (version, depends) in kernel_meta_stanzas(&text) {
@@ -294,7 +301,7 @@ fn kernel_meta_stanzas(text: &str) -> Vec<(String, String)> {
             let package = field("Depends")?
                 .split(',')
                 .map(|d| d.split_whitespace().next().unwrap_or(""))
-                .find(|d| d.starts_with("linux-image-") && !d.ends_with("-amd64-unsigned"))?
+                .find(|d| d.starts_with("linux-image-") && !d.ends_with("-unsigned"))?
                 .to_string();
             Some((version, package))
         })
@@ -472,7 +479,7 @@ fn install_host_kernel(
 /// Copies `vmlinuz` to `bzimage` and writes `roots` and the modules they
 /// depend on (found under `modules`) into `target_modules`, emptied first,
 /// decompressed; returns their names in load order.
-fn install_with_modules(
+pub(super) fn install_with_modules(
     vmlinuz: &Path,
     bzimage: &Path,
     modules: &Path,

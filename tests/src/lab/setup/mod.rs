@@ -23,6 +23,7 @@
 //! - `elf.rs`: the ELF section reader `.modinfo` is read with.
 
 mod apt_sources;
+mod arm64;
 mod debian;
 mod elf;
 mod iommufd;
@@ -37,13 +38,14 @@ use std::time::Instant;
 use self::apt_sources::{
     ensure_backports_source, AptSuite, BACKPORTS_SUITE, TRIXIE_BACKPORTS_SUITE,
 };
+pub use self::arm64::setup_arm64;
 use self::iommufd::{iommufd_modules, AptReach};
 use self::kernel::{
     backports_kernel, describe_generic, generic_kernel, supplied_kernel, trixie_kernel,
 };
 use super::{
-    command_output, HostKernel, IommufdModules, LabError, LabPaths, LabState, HOST_MODULES,
-    IOMMUFD_MODULES, TRIXIE_HOST_KERNEL,
+    command_output, HostKernel, IommufdModules, LabArch, LabError, LabPaths, LabState,
+    HOST_MODULES, IOMMUFD_MODULES, TRIXIE_HOST_KERNEL,
 };
 
 const SYSTEM_QEMU: &str = "/usr/bin/qemu-system-x86_64";
@@ -68,6 +70,63 @@ pub struct SetupOptions {
     pub trixie_modules: Option<PathBuf>,
     /// Re-resolve and re-download the kernels even when they are cached.
     pub refresh: bool,
+}
+
+/// `barge-lab setup [--arch ARCH]`: the x86_64 lab ([`setup`]) and the arm64
+/// lab ([`setup_arm64`]), or the one `arch` names. Without `arch`, the
+/// arm64 lab follows the x86 one, which is saved first; without root and
+/// apt-get it is left out with a note (its QEMU is installed with apt).
+pub fn setup_labs(
+    paths: &LabPaths,
+    options: &SetupOptions,
+    arch: Option<LabArch>,
+) -> Result<(), LabError> {
+    match arch {
+        Some(LabArch::X86_64) => setup(paths, options).map(|_| ()),
+        Some(LabArch::Arm64) => {
+            refuse_x86_files(options)?;
+            setup_arm64(paths, options.refresh).map(|_| ())
+        }
+        None => {
+            setup(paths, options)?;
+            if !have_apt_get() {
+                eprintln!(
+                    "barge-lab: note: no arm64 lab: it downloads its packages with apt-get \
+                     (`barge-lab run --arch arm64` cannot run)"
+                );
+                return Ok(());
+            }
+            setup_arm64(paths, options.refresh).map(|_| ())
+        }
+    }
+}
+
+/// The files given by hand are the x86 lab's: refused with `--arch arm64`.
+fn refuse_x86_files(options: &SetupOptions) -> Result<(), LabError> {
+    let given: Vec<&str> = [
+        (options.kernel.is_some(), "--kernel"),
+        (options.modules.is_some(), "--modules"),
+        (options.qemu.is_some(), "--qemu"),
+        (options.busybox.is_some(), "--busybox"),
+        (options.generic_kernel.is_some(), "--generic-kernel"),
+        (options.generic_modules.is_some(), "--generic-modules"),
+        (options.trixie_kernel.is_some(), "--trixie-kernel"),
+        (options.trixie_modules.is_some(), "--trixie-modules"),
+    ]
+    .iter()
+    .filter(|(on, _)| *on)
+    .map(|(_, name)| *name)
+    .collect();
+    if given.is_empty() {
+        return Ok(());
+    }
+    Err(LabError::Usage(format!(
+        "{} {} the x86_64 lab's: `setup --arch arm64` takes no files by hand (it fetches \
+         the arm64 kernel and busybox with apt-get); drop {} or `--arch arm64`",
+        given.join(", "),
+        if given.len() == 1 { "is" } else { "are" },
+        if given.len() == 1 { "it" } else { "them" }
+    )))
 }
 
 pub fn setup(paths: &LabPaths, options: &SetupOptions) -> Result<LabState, LabError> {
