@@ -56,6 +56,10 @@ const GIC_FDT_IRQ_TYPE_PPI: u32 = 1;
 /// Interrupt specifier flags cell: level-triggered, active high (`IRQ_TYPE_LEVEL_HIGH`).
 /// GICv3 has no PPI CPU mask bits, so PPIs carry no more.
 const IRQ_TYPE_LEVEL_HIGH: u32 = 4;
+/// Interrupt specifier flags cell: rising edge (`IRQ_TYPE_EDGE_RISING`). The UART's: the
+/// vmm raises it through an irqfd, a pulse that nothing lowers later, as on x86_64's
+/// IOAPIC (level-triggered, the 8250 driver saw it as an interrupt nobody claimed).
+const IRQ_TYPE_EDGE_RISING: u32 = 1;
 
 /// Clock of the 16550 (1.8432 MHz, the classic PC UART clock: divisor 1 = 115200 baud).
 const SERIAL_CLOCK_HZ: u32 = 1_843_200;
@@ -365,7 +369,7 @@ pub fn create_fdt(cfg: &FdtConfig) -> Result<Vec<u8>, FdtError> {
     fdt.property_u32("clock-frequency", SERIAL_CLOCK_HZ)?;
     fdt.property_array_u32(
         "interrupts",
-        &gic_irq(GIC_FDT_IRQ_TYPE_SPI, cfg.serial.spi, IRQ_TYPE_LEVEL_HIGH),
+        &gic_irq(GIC_FDT_IRQ_TYPE_SPI, cfg.serial.spi, IRQ_TYPE_EDGE_RISING),
     )?;
     fdt.end_node(serial)?;
 
@@ -654,7 +658,8 @@ mod tests {
         assert_eq!(string(uart, "compatible"), "ns16550a");
         assert_eq!(u64s(uart, "reg"), [0x0900_0000, 0x1000]);
         assert_eq!(cells(uart, "clock-frequency"), [1_843_200]);
-        assert_eq!(cells(uart, "interrupts"), [0, 1, 4]);
+        // SPI 1, rising edge: the irqfd pulses it.
+        assert_eq!(cells(uart, "interrupts"), [0, 1, 1]);
         assert!(uart.property("reg-shift").is_none());
         assert!(uart.property("reg-io-width").is_none());
     }

@@ -80,7 +80,10 @@ fn garbage_kernel_is_not_a_bzimage_or_elf() {
     let output = barge(&["run", "--kernel", path_str(&kernel)], &[]);
     assert_one_line_error(
         &output,
-        &[path_str(&kernel), "not a bzImage, ELF vmlinux or arm64 Image"],
+        &[
+            path_str(&kernel),
+            "not a bzImage, ELF vmlinux or arm64 Image",
+        ],
     );
 }
 
