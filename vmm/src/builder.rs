@@ -154,6 +154,7 @@ pub fn boot_and_run(
     }
     clock.end(BootPhase::RamAllocation);
     let progress = ProgressOutput::for_stderr(config.progress);
+    let prefault_support = PrefaultSupport::of(&vm_fd);
     let mut slots = SlotAllocator::new(ram.regions.len() as u32);
     let mut attached = Vec::with_capacity(setups.len());
     for (setup, device_plan) in setups.into_iter().zip(&plan.devices) {
@@ -166,6 +167,7 @@ pub fn boot_and_run(
             memslots: &memslots,
             progress,
             thread_init: thread_init.clone(),
+            count_host_faults: config.prefault_bars && prefault_support == PrefaultSupport::Missing,
         };
         let device = setup
             .attach(device_plan, &mut ctx)
@@ -247,7 +249,7 @@ pub fn boot_and_run(
 
     // Proof: pre-fault every BAR before the guest runs, count what KVM mapped.
     if let Some(vcpu) = vcpus.first() {
-        let support = PrefaultSupport::of(&vm_fd);
+        let support = prefault_support;
         let stats = KvmStatsFd::open(&vm_fd)
             .map_err(|e| log::warn!("{e}; BAR mappings are not measured"))
             .ok();

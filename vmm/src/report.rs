@@ -286,6 +286,23 @@ impl From<resources::placement::PageCounts> for PageCountsReport {
     }
 }
 
+/// The host page table's pages for a BAR, counted from vfio-pci's fault
+/// handler (`pci_devices::bar_mapping`, `machine::host_faults`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostMappedReport {
+    /// How they were counted.
+    pub method: String,
+    /// Pages the handler mapped, by size.
+    pub pages: PageCountsReport,
+    /// Calls that could not map their order and fell back to a smaller
+    /// one (a misaligned address or host resource).
+    pub fallbacks: u64,
+    /// Whether KVM's stage-2 (second-level) table was observed: never
+    /// here (this kernel has no stage-2 dump in debugfs), so it is only
+    /// known that KVM cannot map more than the host has.
+    pub stage2_observed: bool,
+}
+
 /// One BAR: where it is, what barge planned and what KVM mapped.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct BarReport {
@@ -311,6 +328,19 @@ pub struct BarReport {
     /// What KVM mapped when barge pre-faulted the BAR (the change of KVM's
     /// pages_4k/2m/1g counters); `null` when it could not pre-fault.
     pub mapped: Option<PageCountsReport>,
+    /// What `huge_ok` rests on: `kvm_prefault` (KVM_PRE_FAULT_MEMORY and
+    /// KVM's page counters, `mapped`), `host_faults` (vfio-pci's fault
+    /// handler on the BAR's host mapping, `host_mapped`: where KVM cannot
+    /// pre-fault or count, as on aarch64; KVM's stage 2 is not observed),
+    /// `trapped` (nothing to map), or `none` (nothing measured: `huge_ok`
+    /// is false).
+    #[serde(default)]
+    pub proof: String,
+    /// The host page table's pages for the BAR before the guest ran, from
+    /// the calls of vfio-pci's fault handler on its mapping (the P2P DMA
+    /// map faults the whole BAR in); `null` when they were not counted.
+    #[serde(default)]
+    pub host_mapped: Option<HostMappedReport>,
     /// Memslots the BAR has (one per mmap-able area).
     pub slots: u32,
     /// KVM_SET_USER_MEMORY_REGION calls barge issued for this BAR's slots

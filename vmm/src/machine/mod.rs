@@ -5,6 +5,7 @@
 //! logic above them has no `unsafe`.
 
 pub mod exit;
+pub mod host_faults;
 pub mod kvm;
 pub mod kvm_stats;
 pub mod mapping;

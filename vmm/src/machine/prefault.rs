@@ -28,8 +28,13 @@ ioctl_iowr_nr!(KVM_PRE_FAULT_MEMORY, KVMIO, 0xd5, KvmPreFaultMemory);
 #[derive(Debug, thiserror::Error)]
 pub enum PreFaultError {
     #[error(
-        "KVM_PRE_FAULT_MEMORY is not available (kernel before 6.10 or no two-dimensional \
-         paging): the mapping level is only known after the guest touches the memory"
+        "KVM_PRE_FAULT_MEMORY is not available ({}): KVM's mapping level is only known \
+         after the guest touches the memory",
+        if cfg!(target_arch = "x86_64") {
+            "kernel before 6.10 or no two-dimensional paging"
+        } else {
+            "KVM has it on x86 only"
+        }
     )]
     Unsupported,
     #[error("KVM_PRE_FAULT_MEMORY of {size:#x} bytes at GPA {gpa:#x} failed at {at:#x}: {source}")]

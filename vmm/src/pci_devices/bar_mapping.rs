@@ -20,6 +20,12 @@
 //!    again: the change of `pages_4k`/`pages_2m`/`pages_1g` is what KVM
 //!    mapped the BAR with. Without the ioctl (Linux < 6.10, no TDP) it says
 //!    so once and reports `mapped: null`.
+//!    Where KVM cannot pre-fault (aarch64), a VFIO BAR's host mapping is
+//!    watched instead from the moment it is mapped ([`MappedBar::host_faults`],
+//!    `machine::host_faults`): the P2P DMA map faults the whole BAR in, and
+//!    the pages vfio-pci's fault handler mapped, by size, are the report's
+//!    `host_mapped` (`proof: host_faults`). KVM's stage 2 mirrors at most
+//!    that; it is not observed, and the report says so.
 //! 3. The report's `huge_ok` says KVM mapped what was `planned`
 //!    ([`compare_with_plan`]). When it mapped other pages,
 //!    [`BarProver::prove`] puts the likely causes in the report's `warning`
@@ -39,12 +45,13 @@ use std::time::Instant;
 use kvm_ioctls::VmFd;
 use resources::placement::{area_pages, BarPlacement, PageCounts, PageSize};
 
+use crate::machine::host_faults::{self, HostFaultCounter};
 use crate::machine::kvm::{self, KvmError, MemslotLog};
 use crate::machine::kvm_stats::KvmStatsFd;
 use crate::machine::mapping::{AlignedMapping, MappingError};
 use crate::machine::prefault::{self, PreFaultError};
 use crate::progress::{Progress, ProgressOutput};
-use crate::report::{BarReport, P2pReport, PageCountsReport};
+use crate::report::{BarReport, HostMappedReport, P2pReport, PageCountsReport};
 
 /// Errors mapping a BAR.
 #[derive(Debug, thiserror::Error)]
@@ -152,6 +159,9 @@ pub struct MappedBar {
     pub p2p_warning: Option<String>,
     /// With `p2p=background`: where the background map leaves its outcome.
     pub p2p_pending: Option<P2pSlot>,
+    /// Counts the host's faults on the mapping where KVM cannot pre-fault
+    /// (see the module docs); `None` when not counted.
+    pub host_faults: Option<HostFaultCounter>,
 }
 
 impl MappedBar {
@@ -166,6 +176,25 @@ impl MappedBar {
             p2p: None,
             p2p_warning: None,
             p2p_pending: None,
+            host_faults: None,
+        }
+    }
+
+    /// Starts counting the host's faults on the BAR's mapping (a VFIO BAR
+    /// where KVM cannot pre-fault). When tracefs cannot count them, says why
+    /// on stderr (once per process) and the BAR stays unmeasured.
+    pub fn watch_host_faults(&mut self) {
+        static SAID: OnceLock<()> = OnceLock::new();
+        let Some(mapping) = &self.mapping else {
+            return;
+        };
+        match HostFaultCounter::watch(mapping.addr(), mapping.len()) {
+            Ok(counter) => self.host_faults = Some(counter),
+            Err(e) => {
+                if SAID.set(()).is_ok() {
+                    eprintln!("barge: warning: {e}; BAR mappings are not measured");
+                }
+            }
         }
     }
 
@@ -235,6 +264,7 @@ pub fn map_bar_areas(
         p2p: None,
         p2p_warning: None,
         p2p_pending: None,
+        host_faults: None,
     };
     for area in &placement.areas {
         let mapped = MappedArea {
@@ -405,7 +435,13 @@ impl<'a, V: AsRawFd> BarProver<'a, V> {
         } else {
             self.measure(bar, &mut prefault_ms)
         };
-        bar_report(bar, slot_updates(bar, self.memslots), mapped, prefault_ms)
+        let mut report = bar_report(bar, slot_updates(bar, self.memslots), mapped, prefault_ms);
+        if report.proof == PROOF_NONE && self.prefault {
+            if let Some(counter) = &bar.host_faults {
+                apply_host_proof(&mut report, bar, counter);
+            }
+        }
+        report
     }
 
     fn measure(
@@ -419,7 +455,7 @@ impl<'a, V: AsRawFd> BarProver<'a, V> {
         if self.support == PrefaultSupport::Missing {
             if !self.said_unsupported {
                 eprintln!(
-                    "barge: warning: {}; BAR mappings are not measured (the report's `mapped` is null)",
+                    "barge: warning: {}; KVM's BAR mappings are not counted (the report's `mapped` is null); a VFIO BAR is measured on the host side instead where tracefs can count its faults (`host_mapped`)",
                     PreFaultError::Unsupported
                 );
                 self.said_unsupported = true;
@@ -501,6 +537,8 @@ pub fn bar_report(
         planned,
         best_possible,
         mapped,
+        proof: PROOF_NONE.to_string(),
+        host_mapped: None,
         slots: bar.areas.len() as u32,
         slot_updates,
         huge_ok: false,
@@ -512,12 +550,62 @@ pub fn bar_report(
     if report.trapped {
         report.mapped = Some(PageCountsReport::default());
         report.huge_ok = true;
+        report.proof = PROOF_TRAPPED.to_string();
         return report;
     }
     let Some(mapped) = mapped else {
         return report;
     };
-    match compare_with_plan(bar, &mapped, &planned, &best_possible) {
+    report.proof = PROOF_KVM.to_string();
+    judge(&mut report, bar, &mapped);
+    report
+}
+
+/// The report's `proof` when KVM pre-faulted and counted.
+pub const PROOF_KVM: &str = "kvm_prefault";
+/// The report's `proof` when the host's faults were counted.
+pub const PROOF_HOST_FAULTS: &str = "host_faults";
+/// The report's `proof` of a trapped BAR.
+pub const PROOF_TRAPPED: &str = "trapped";
+/// The report's `proof` when nothing was measured.
+pub const PROOF_NONE: &str = "none";
+
+/// The host's pages for `bar` from its fault counter: the report's
+/// `host_mapped`, `proof: host_faults`, and `huge_ok` from them.
+fn apply_host_proof(report: &mut BarReport, bar: &MappedBar, counter: &HostFaultCounter) {
+    let calls = counter.calls();
+    if calls.is_empty() {
+        // Nothing faulted it in before the guest: with p2p=off the guest's
+        // first touch does. Nothing is claimed.
+        log::info!(
+            "BAR {} of {}: no host fault before the guest ran (p2p=off maps it on the guest's \
+             first touch); the report's `host_mapped` is null",
+            bar.placement.index,
+            bar.device
+        );
+        return;
+    }
+    let mapped = host_faults::mapped_by_order(&calls);
+    let pages = PageCountsReport {
+        pages_4k: mapped.get(&0).copied().unwrap_or(0),
+        pages_2m: mapped.get(&9).copied().unwrap_or(0),
+        pages_1g: mapped.get(&18).copied().unwrap_or(0),
+    };
+    report.host_mapped = Some(HostMappedReport {
+        method: counter.method().to_string(),
+        pages,
+        fallbacks: host_faults::fallbacks_by_order(&calls).values().sum(),
+        stage2_observed: false,
+    });
+    report.proof = PROOF_HOST_FAULTS.to_string();
+    judge(report, bar, &pages);
+}
+
+/// Sets `huge_ok`, `note` and `warning` of `report` from the pages
+/// `mapped` (KVM's or the host's) against the plan.
+fn judge(report: &mut BarReport, bar: &MappedBar, mapped: &PageCountsReport) {
+    let (planned, best_possible) = (report.planned, report.best_possible);
+    match compare_with_plan(bar, mapped, &planned, &best_possible) {
         PlanComparison::AsPlanned => report.huge_ok = true,
         PlanComparison::AsPlannedBelowBest { note } => {
             log::info!("{note}");
@@ -532,7 +620,6 @@ pub fn bar_report(
             });
         }
     }
-    report
 }
 
 /// How the pages KVM mapped for a BAR compare with its plan.

@@ -93,6 +93,9 @@ pub struct AttachContext<'a> {
     /// runs first: the seccomp filter of the VMM thread, when filters are
     /// on.
     pub thread_init: Option<ThreadInit>,
+    /// Count the host's faults on VFIO BAR mappings (where KVM cannot
+    /// pre-fault: see `bar_mapping`'s module docs).
+    pub count_host_faults: bool,
 }
 
 impl AttachContext<'_> {

@@ -368,12 +368,16 @@ fn map_bars_and_dma<H: VfioHostAccess + 'static>(
         let mut bar = if placement.areas.is_empty() {
             MappedBar::trapped(&bdf, placement)
         } else {
-            ctx.map_bar(
+            let mut bar = ctx.map_bar(
                 parts.device.device_fd(),
                 probed.region.offset,
                 &bdf,
                 placement,
-            )?
+            )?;
+            if ctx.count_host_faults {
+                bar.watch_host_faults();
+            }
+            bar
         };
         for cause in facts.shortfall_causes(&bdf, placement, probed) {
             bar.add_cause(cause);

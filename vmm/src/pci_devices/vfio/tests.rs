@@ -146,6 +146,7 @@ impl Rig {
             memslots: &self.memslots,
             progress: crate::progress::ProgressOutput::Off,
             thread_init: None,
+            count_host_faults: false,
         };
         Box::new(setup).attach(plan, &mut ctx)
     }
