@@ -44,6 +44,15 @@ impl HostPaths {
     }
 }
 
+/// What to do about a device without an IOMMU group, on this architecture.
+const NO_IOMMU_FIX: &str = if cfg!(target_arch = "aarch64") {
+    "boot with the SMMU on (CONFIG_ARM_SMMU_V3 and an SMMU the firmware or device tree \
+     describes), then check `dmesg | grep -i smmu`"
+} else {
+    "enable VT-d/AMD-Vi in the firmware and boot with intel_iommu=on (Intel) or amd_iommu=on, \
+     then check `dmesg | grep -i -e DMAR -e IOMMU`"
+};
+
 /// Why a host device cannot be opened through VFIO.
 #[derive(Debug, thiserror::Error)]
 pub enum PreflightError {
@@ -67,7 +76,9 @@ pub enum PreflightError {
     )]
     NotBoundToVfio { bdf: String, driver: Option<String> },
     /// No `iommu_group` link.
-    #[error("PCI device {bdf} has no IOMMU group: the host IOMMU is off or missing; enable VT-d/AMD-Vi in the firmware and boot with intel_iommu=on (Intel) or amd_iommu=on, then check `dmesg | grep -i -e DMAR -e IOMMU`")]
+    #[error(
+        "PCI device {bdf} has no IOMMU group: the host IOMMU is off or missing; {NO_IOMMU_FIX}"
+    )]
     NoIommuGroup { bdf: String },
     /// /dev/vfio missing.
     #[error("{} does not exist: load the VFIO driver with `modprobe vfio-pci`", path.display())]
