@@ -133,7 +133,14 @@ impl GsiAllocator {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum RouteKind {
     /// An MSI message (KVM injects it as the device's memory write would).
-    Msi { address: u64, data: u32 },
+    /// `devid`: the device's PCI requester ID, which an interrupt translation
+    /// service needs (aarch64's GICv3 ITS: KVM_MSI_VALID_DEVID); filled in by
+    /// [`RoutingTable::routes`] from [`RoutingTable::set_requester_id`].
+    Msi {
+        address: u64,
+        data: u32,
+        devid: Option<u32>,
+    },
     /// A pin of an in-kernel interrupt controller.
     Irqchip {
         /// [`IRQCHIP_PIC_MASTER`], [`IRQCHIP_PIC_SLAVE`] or [`IRQCHIP_IOAPIC`].
@@ -175,6 +182,7 @@ pub struct RoutingEntry {
 pub struct RoutingTable {
     allocator: GsiAllocator,
     entries: BTreeMap<InterruptSource, (u32, RouteKind)>,
+    requester_ids: BTreeMap<u32, u32>,
 }
 
 impl RoutingTable {
@@ -183,7 +191,14 @@ impl RoutingTable {
         Ok(Self {
             allocator: GsiAllocator::new(gsi_limit)?,
             entries: BTreeMap::new(),
+            requester_ids: BTreeMap::new(),
         })
+    }
+
+    /// `device`'s PCI requester ID (bus << 8 | device << 3 | function), which
+    /// its MSI routes carry from then on (see [`RouteKind::Msi`]).
+    pub fn set_requester_id(&mut self, device: u32, requester_id: u32) {
+        self.requester_ids.insert(device, requester_id);
     }
 
     /// Routes `device`'s `vector` to an MSI message. An MSI entry keeps
@@ -197,7 +212,11 @@ impl RoutingTable {
         data: u32,
     ) -> Result<u32, GsiError> {
         let source = InterruptSource { device, vector };
-        let kind = RouteKind::Msi { address, data };
+        let kind = RouteKind::Msi {
+            address,
+            data,
+            devid: None,
+        };
         if let Some((gsi, existing)) = self.entries.get_mut(&source) {
             if matches!(existing, RouteKind::Msi { .. }) {
                 *existing = kind;
@@ -297,11 +316,17 @@ impl RoutingTable {
         let mut routes = legacy_routes();
         let mut msi: Vec<Route> = self
             .entries
-            .values()
-            .filter(|(_, kind)| matches!(kind, RouteKind::Msi { .. }))
-            .map(|(gsi, kind)| Route {
-                gsi: *gsi,
-                kind: *kind,
+            .iter()
+            .filter_map(|(source, (gsi, kind))| match *kind {
+                RouteKind::Msi { address, data, .. } => Some(Route {
+                    gsi: *gsi,
+                    kind: RouteKind::Msi {
+                        address,
+                        data,
+                        devid: self.requester_ids.get(&source.device).copied(),
+                    },
+                }),
+                RouteKind::Irqchip { .. } => None,
             })
             .collect();
         msi.sort_by_key(|route| route.gsi);
@@ -469,6 +494,8 @@ mod tests {
         assert_eq!(table.set_msi(1, 0, 0xfee0_2000, 0x43), Ok(24));
         assert_eq!(table.gsi(1, 1), Some(25));
         assert_eq!(table.gsi(3, 0), None);
+        // Device 2 is 00:02.0: its MSI routes carry its requester ID.
+        table.set_requester_id(2, 2 << 3);
         let routes = table.routes();
         assert_eq!(routes.len(), legacy_routes().len() + 3);
         assert_eq!(
@@ -478,21 +505,24 @@ mod tests {
                     gsi: 24,
                     kind: RouteKind::Msi {
                         address: 0xfee0_2000,
-                        data: 0x43
+                        data: 0x43,
+                        devid: None,
                     }
                 },
                 Route {
                     gsi: 25,
                     kind: RouteKind::Msi {
                         address: 0xfee0_0000,
-                        data: 0x42
+                        data: 0x42,
+                        devid: None,
                     }
                 },
                 Route {
                     gsi: 26,
                     kind: RouteKind::Msi {
                         address: 0xfee0_1000,
-                        data: 0x51
+                        data: 0x51,
+                        devid: Some(0x10),
                     }
                 },
             ]

@@ -101,12 +101,17 @@ pub const INTX: NvmeMode = NvmeMode {
 /// through (`--vfio-backend backend` when given): /out/NAME.guest,
 /// NAME.json, NAME.log (barge's stderr), NAME.status.
 pub fn nvme_run(mode: &NvmeMode, backend: Option<&str>) -> String {
+    nvme_run_booting(mode, backend, "/lab/guest/bzImage")
+}
+
+/// [`nvme_run`] booting `kernel` (the arm64 lab's `/lab/guest/Image`).
+pub fn nvme_run_booting(mode: &NvmeMode, backend: Option<&str>, kernel: &str) -> String {
     let backend = backend
         .map(|b| format!(" --vfio-backend {b}"))
         .unwrap_or_default();
     format!(
         "RUST_LOG=warn,vfio_ioctls=error,devices::vfio::host=info \
-         barge run --kernel /lab/guest/bzImage --initramfs /lab/guest/initramfs \
+         barge run --kernel {kernel} --initramfs /lab/guest/initramfs \
          --memory size=512M --device vfio=$LAB_NVME0{backend} \
          --serial file=/out/{name}.guest --report /out/{name}.json \
          --cmdline 'console=ttyS0 panic=-1 {options} -- \

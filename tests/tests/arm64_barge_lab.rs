@@ -13,13 +13,16 @@
 //! - bad input: a device that does not exist and one not bound to vfio-pci, each one
 //!   error line and a non-zero status.
 //!
-//! A second boot without the SMMU (`--no-iommu`) checks that error.
+//! A second boot passes NVMe through: the guest's nvme driver takes MSI-X through the ITS
+//! (barge routes each vector with the device's requester ID) and reads the image with a
+//! matching checksum. A third, without the SMMU (`--no-iommu`), checks that error.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
 use barge_tests::bar_passthrough::{FROM_GUEST, FROM_OUTSIDE, GIB};
 use barge_tests::harness::{self, lab_script, output_text as text, read_at, write_at};
+use barge_tests::nvme::{check_nvme_run, expected_sha256, fresh_image, nvme_run_booting, MSIX};
 
 const BARGE_LAB: &str = env!("CARGO_BIN_EXE_barge-lab");
 const GUEST: &str = "--kernel /lab/guest/Image --initramfs /lab/guest/initramfs \
@@ -228,4 +231,34 @@ fn arm64_host_without_an_smmu_is_named() {
     );
     assert!(output.status.success(), "{}", text(&output));
     assert_error(&dir, "no_iommu", &["no IOMMU group", "SMMU"]);
+}
+
+#[test]
+fn arm64_nvme_takes_msix_through_the_its_and_reads_the_image() {
+    let image = fresh_image("arm64-msix");
+    let (output, dir) = lab_script(
+        BARGE_LAB,
+        &[
+            "--arch",
+            "arm64",
+            "--timeout",
+            "600",
+            "--nvme",
+            image.to_str().unwrap(),
+        ],
+        &nvme_run_booting(&MSIX, None, "/lab/guest/Image"),
+    );
+    assert!(output.status.success(), "{}", text(&output));
+    let run = check_nvme_run(&dir, &MSIX, &image, &expected_sha256(), &text(&output));
+    let _ = std::fs::remove_file(&image);
+    println!(
+        "arm64 nvme: interrupts {:?}; sha256 {}",
+        run.interrupts, run.sum
+    );
+    assert!(
+        run.interrupts.iter().all(|l| l.contains("ITS-PCI-MSIX")),
+        "{:?}",
+        run.interrupts
+    );
+    assert_eq!(run.report["exit"]["reason"], "poweroff", "{}", run.report);
 }

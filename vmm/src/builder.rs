@@ -157,7 +157,9 @@ pub fn boot_and_run(
     let prefault_support = PrefaultSupport::of(&vm_fd);
     let mut slots = SlotAllocator::new(ram.regions.len() as u32);
     let mut attached = Vec::with_capacity(setups.len());
-    for (setup, device_plan) in setups.into_iter().zip(&plan.devices) {
+    // Each device's slot on bus 0 is fixed here, in order after the host
+    // bridge at 00:00.0: its MSI routes carry the requester ID from the start.
+    for ((setup, device_plan), slot) in setups.into_iter().zip(&plan.devices).zip(1u8..) {
         let name = setup.name().to_string();
         let kind = setup.kind();
         let mut ctx = AttachContext {
@@ -168,18 +170,19 @@ pub fn boot_and_run(
             progress,
             thread_init: thread_init.clone(),
             count_host_faults: config.prefault_bars && prefault_support == PrefaultSupport::Missing,
+            requester_id: u32::from(slot) << 3,
         };
         let device = setup
             .attach(device_plan, &mut ctx)
             .map_err(BuildError::Device)?;
-        attached.push((name, kind, device));
+        attached.push((name, kind, slot, device));
     }
     clock.end(BootPhase::BarMapping);
     // The RAM DMA map ran inside the attachment of the device that needed
     // it first; its own measurement moves that part to its phase.
     let ram_dma_ms: f64 = attached
         .iter()
-        .filter_map(|(_, _, device)| device.dma.as_ref().map(|dma| dma.ms))
+        .filter_map(|(_, _, _, device)| device.dma.as_ref().map(|dma| dma.ms))
         .sum();
     clock.carve(
         BootPhase::BarMapping,
@@ -214,10 +217,10 @@ pub fn boot_and_run(
     let mut virtio_counters = Vec::with_capacity(attached.len());
     let dma = attached
         .iter()
-        .find_map(|(_, _, device)| device.dma.clone());
-    for (name, kind, device) in attached {
-        let number = segment
-            .add_device(device.config)
+        .find_map(|(_, _, _, device)| device.dma.clone());
+    for (name, kind, number, device) in attached {
+        segment
+            .add_device_at(number, device.config)
             .map_err(|e| BuildError::Device(e.into()))?;
         for trap in device.traps {
             buses

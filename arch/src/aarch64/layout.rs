@@ -47,6 +47,9 @@ pub const GIC_DIST_SIZE: u64 = 0x1_0000;
 pub const GIC_ITS_START: u64 = 0x0808_0000;
 /// Size of the ITS register frames (control + translation, 128 KiB).
 pub const GIC_ITS_SIZE: u64 = 0x2_0000;
+/// The ITS's `GITS_TRANSLATER` register (in its second 64 KiB frame): the one address a
+/// PCI device's MSI writes go to on this machine.
+pub const GIC_ITS_TRANSLATER: u64 = GIC_ITS_START + 0x1_0040;
 
 /// First GICv3 redistributor (GICR); one follows another, [`GIC_REDIST_SIZE_PER_CPU`] each.
 pub const GIC_REDIST_START: u64 = 0x080a_0000;

@@ -76,6 +76,12 @@ impl InterruptRouter {
         self.devices.fetch_add(1, Ordering::Relaxed) + 1
     }
 
+    /// Gives `device`'s MSI routes its PCI requester ID (see
+    /// `resources::gsi::RouteKind::Msi`); set it before the guest runs.
+    pub fn set_requester_id(&self, device: u32, requester_id: u32) {
+        self.table().set_requester_id(device, requester_id);
+    }
+
     /// The KVM operations.
     pub fn kvm(&self) -> &Arc<dyn KvmIrqs> {
         &self.kvm
@@ -168,10 +174,11 @@ pub fn sync_vector(
         unregister(vector);
         return;
     };
-    if !message.is_valid_x86() {
+    if !message.is_deliverable() {
         crate::guest_warn!(
             "interrupts: device {device:#x} vector {route_vector:#x}: the guest programmed an \
-             MSI message outside the x86 interrupt window ({message}); not delivered"
+             MSI message no interrupt controller receives ({message}: x86_64 takes \
+             0xfee00000..0xfef00000, aarch64 the ITS's GITS_TRANSLATER); not delivered"
         );
         unregister(vector);
         if vector.routed.take().is_some() {

@@ -66,11 +66,21 @@ pub fn kvm_routing_entries(routes: &[Route]) -> Vec<kvm_irq_routing_entry> {
                 ..Default::default()
             };
             match route.kind {
-                RouteKind::Msi { address, data } => {
+                RouteKind::Msi {
+                    address,
+                    data,
+                    devid,
+                } => {
                     entry.type_ = KVM_IRQ_ROUTING_MSI;
                     entry.u.msi.address_lo = address as u32;
                     entry.u.msi.address_hi = (address >> 32) as u32;
                     entry.u.msi.data = data;
+                    // aarch64's ITS translates (device ID, event): KVM needs
+                    // the requester ID. x86's MSIs carry no device.
+                    if let (true, Some(devid)) = (cfg!(target_arch = "aarch64"), devid) {
+                        entry.flags = kvm_bindings::KVM_MSI_VALID_DEVID;
+                        entry.u.msi.__bindgen_anon_1.devid = devid;
+                    }
                 }
                 RouteKind::Irqchip { chip, pin } => {
                     entry.type_ = KVM_IRQ_ROUTING_IRQCHIP;
@@ -118,6 +128,7 @@ mod tests {
             kind: RouteKind::Msi {
                 address: 0x1_fee0_1000,
                 data: 0x4041,
+                devid: Some(0x18),
             },
         });
         let entries = kvm_routing_entries(&routes);
@@ -162,6 +173,8 @@ mod tests {
             kind: RouteKind::Msi {
                 address: 0xfee0_0000,
                 data: 0x41,
+                // Carried on aarch64 only: x86's KVM takes the route without it.
+                devid: Some(0x08),
             },
         });
         chip.set_gsi_routing(&routes).unwrap();

@@ -93,6 +93,9 @@ pub struct AttachContext<'a> {
     /// runs first: the seccomp filter of the VMM thread, when filters are
     /// on.
     pub thread_init: Option<ThreadInit>,
+    /// The PCI requester ID the device gets (bus 0, its slot, function 0):
+    /// its MSI routes carry it (aarch64's ITS needs it).
+    pub requester_id: u32,
     /// Count the host's faults on VFIO BAR mappings (where KVM cannot
     /// pre-fault: see `bar_mapping`'s module docs).
     pub count_host_faults: bool,

@@ -153,6 +153,7 @@ impl PciDeviceSetup for VirtioSetup {
             .ok_or_else(|| VirtioSetupError::NotPlanned(name.clone()))?;
         let router = router.ok_or_else(|| VirtioSetupError::NoRouter(name.clone()))?;
         let router_id = router.new_device_id();
+        router.set_requester_id(router_id, ctx.requester_id);
         let counters = device.counters();
         let transport = VirtioPciDevice::new(
             &name,

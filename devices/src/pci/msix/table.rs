@@ -27,6 +27,8 @@ pub struct MsiMessage {
 pub const X86_MSI_ADDRESS_START: u64 = 0xfee0_0000;
 /// End (exclusive) of the x86 MSI address window.
 pub const X86_MSI_ADDRESS_END: u64 = 0xfef0_0000;
+/// The MSI address of aarch64 guests: barge's ITS's `GITS_TRANSLATER`.
+pub const AARCH64_MSI_ADDRESS: u64 = arch::aarch64::layout::GIC_ITS_TRANSLATER;
 /// Address bit 4: the message uses the interrupt-remapping format.
 pub const X86_MSI_ADDRESS_REMAPPABLE: u64 = 1 << 4;
 
@@ -41,6 +43,18 @@ impl MsiMessage {
     /// rejects or logs what fails this check instead of routing it.
     pub fn is_valid_x86(&self) -> bool {
         (X86_MSI_ADDRESS_START..X86_MSI_ADDRESS_END).contains(&self.address)
+    }
+
+    /// Whether the guest's interrupt controller receives this message: on
+    /// x86_64 [`Self::is_valid_x86`]; on aarch64 a write to the GICv3 ITS's
+    /// `GITS_TRANSLATER` ([`AARCH64_MSI_ADDRESS`]), which the device tree's
+    /// `msi-map` gives the guest.
+    pub fn is_deliverable(&self) -> bool {
+        if cfg!(target_arch = "aarch64") {
+            self.address == AARCH64_MSI_ADDRESS
+        } else {
+            self.is_valid_x86()
+        }
     }
 
     /// Whether the address selects the interrupt-remapping format.

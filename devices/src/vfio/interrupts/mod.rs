@@ -682,14 +682,16 @@ mod tests {
                     gsi: 24,
                     kind: RouteKind::Msi {
                         address: ADDRESS,
-                        data: 0x41
+                        data: 0x41,
+                        devid: None,
                     }
                 },
                 Route {
                     gsi: 25,
                     kind: RouteKind::Msi {
                         address: ADDRESS,
-                        data: 0x42
+                        data: 0x42,
+                        devid: None,
                     }
                 }
             ]

@@ -242,7 +242,7 @@ impl<H: VfioHostAccess + 'static> PciDeviceSetup for VfioSetup<H> {
                 }
             })?;
         let interrupts = host
-            .interrupts(&bdf, &device, &probe.config)
+            .interrupts(&bdf, &device, &probe.config, ctx.requester_id)
             .map_err(|source| PassthroughError::Interrupts {
                 bdf: bdf.clone(),
                 source,

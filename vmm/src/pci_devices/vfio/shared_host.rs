@@ -123,11 +123,13 @@ impl<H: VfioHostAccess> SharedVfioHost<H> {
         bdf: &str,
         device: &Arc<H::Device>,
         config: &[u8],
+        requester_id: u32,
     ) -> Result<Option<SharedInterrupts<H::Device>>, InterruptError> {
         let Some(router) = &self.router else {
             return Ok(None);
         };
         let id = router.new_device_id();
+        router.set_requester_id(id, requester_id);
         let pin = config
             .get(usize::from(INTERRUPT_PIN_OFFSET))
             .copied()

@@ -147,6 +147,7 @@ impl Rig {
             progress: crate::progress::ProgressOutput::Off,
             thread_init: None,
             count_host_faults: false,
+            requester_id: 1 << 3,
         };
         Box::new(setup).attach(plan, &mut ctx)
     }
@@ -393,7 +394,8 @@ fn intx_is_wired_at_attach_and_msix_vectors_route_through_kvm() {
         msi[0].kind,
         RouteKind::Msi {
             address: 0xfee0_0000,
-            data: 0x41
+            data: 0x41,
+            devid: None,
         }
     );
     assert!(fake.fire(MSIX_IRQ_INDEX, 0));
