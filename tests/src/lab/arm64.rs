@@ -65,16 +65,7 @@ impl Arm64State {
     /// Loads the state (of the arm64 lab's folder, [`arm64_paths`]) and
     /// checks that every file it names is still there.
     pub fn load(arm64: &LabPaths) -> Result<Self, LabError> {
-        let file = arm64.state_file();
-        if !file.exists() {
-            return Err(LabError::Arm64NotSetUp(file));
-        }
-        let text =
-            std::fs::read_to_string(&file).map_err(|e| LabError::io("cannot read", &file, e))?;
-        let state: Arm64State = serde_json::from_str(&text).map_err(|e| LabError::BadState {
-            path: file.clone(),
-            reason: e.to_string(),
-        })?;
+        let state: Arm64State = super::read_state(arm64.state_file(), LabError::Arm64NotSetUp)?;
         state.check()?;
         Ok(state)
     }
@@ -219,18 +210,7 @@ fn qemu_args(
                 let n = counts.entry("nvme").or_insert(0u32);
                 let name = format!("nvme{n}");
                 *n += 1;
-                if !image.is_file() {
-                    return Err(LabError::Usage(format!(
-                        "--nvme {}: no such disk image",
-                        image.display()
-                    )));
-                }
-                args.extend([
-                    "-drive".into(),
-                    format!("file={},if=none,id=drv-{name},format=raw", image.display()),
-                    "-device".into(),
-                    format!("nvme,serial=barge-{name},drive=drv-{name},{addr}"),
-                ]);
+                args.extend(super::nvme_args(image, &name, &addr)?);
                 name
             }
             LabDevice::E1000e => unreachable!("refused by refuse_x86_options"),

@@ -429,19 +429,47 @@ impl GenericKernel {
     }
 }
 
+/// Reads a lab's state file `file`; `not_set_up` names the set-up command
+/// when there is none.
+pub(crate) fn read_state<T: serde::de::DeserializeOwned>(
+    file: PathBuf,
+    not_set_up: impl FnOnce(PathBuf) -> LabError,
+) -> Result<T, LabError> {
+    if !file.exists() {
+        return Err(not_set_up(file));
+    }
+    let text = std::fs::read_to_string(&file).map_err(|e| LabError::io("cannot read", &file, e))?;
+    serde_json::from_str(&text).map_err(|e| LabError::BadState {
+        path: file.clone(),
+        reason: e.to_string(),
+    })
+}
+
+/// The `-drive` and `-device` arguments of NVMe controller `name` over
+/// `image`, at `placement` (`addr=...`, with `bus=...` where needed).
+pub(crate) fn nvme_args(
+    image: &Path,
+    name: &str,
+    placement: &str,
+) -> Result<[String; 4], LabError> {
+    if !image.is_file() {
+        return Err(LabError::Usage(format!(
+            "--nvme {}: no such disk image",
+            image.display()
+        )));
+    }
+    Ok([
+        "-drive".into(),
+        format!("file={},if=none,id=drv-{name},format=raw", image.display()),
+        "-device".into(),
+        format!("nvme,serial=barge-{name},drive=drv-{name},{placement}"),
+    ])
+}
+
 impl LabState {
     /// Loads the state and checks that every file it names is still there.
     pub fn load(paths: &LabPaths) -> Result<Self, LabError> {
-        let file = paths.state_file();
-        if !file.exists() {
-            return Err(LabError::NotSetUp(file));
-        }
-        let text =
-            std::fs::read_to_string(&file).map_err(|e| LabError::io("cannot read", &file, e))?;
-        let state: LabState = serde_json::from_str(&text).map_err(|e| LabError::BadState {
-            path: file.clone(),
-            reason: e.to_string(),
-        })?;
+        let state: LabState = read_state(paths.state_file(), LabError::NotSetUp)?;
         state.check()?;
         Ok(state)
     }

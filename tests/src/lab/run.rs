@@ -338,18 +338,11 @@ fn qemu_args(
                 ]);
             }
             LabDevice::Nvme { image } => {
-                if !image.is_file() {
-                    return Err(LabError::Usage(format!(
-                        "--nvme {}: no such disk image",
-                        image.display()
-                    )));
-                }
-                args.extend([
-                    "-drive".into(),
-                    format!("file={},if=none,id=drv-{name},format=raw", image.display()),
-                    "-device".into(),
-                    format!("nvme,serial=barge-{name},drive=drv-{name},bus={bus},{addr}"),
-                ]);
+                args.extend(super::nvme_args(
+                    image,
+                    &name,
+                    &format!("bus={bus},{addr}"),
+                )?);
             }
             LabDevice::E1000e => {
                 args.extend(["-device".into(), format!("e1000e,bus={bus},{addr}")]);
