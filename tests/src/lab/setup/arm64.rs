@@ -35,6 +35,7 @@ const IMAGE_MAGIC: &[u8] = b"ARM\x64";
 /// download the kernel again), then builds the arm64 barge.
 pub fn setup_arm64(paths: &LabPaths, refresh: bool) -> Result<Arm64State, LabError> {
     let started = Instant::now();
+    install_cross_toolchain();
     check_cross_toolchain()?;
     let arm64 = arm64_paths(paths);
     std::fs::create_dir_all(&arm64.root)
@@ -68,16 +69,33 @@ pub fn setup_arm64(paths: &LabPaths, refresh: bool) -> Result<Arm64State, LabErr
     Ok(state)
 }
 
-/// The arm64 lab cross-builds barge: the linker and the Rust target must
-/// be there (an error says how to install each).
-fn check_cross_toolchain() -> Result<(), LabError> {
-    if command_output(CROSS_LINKER, &["--version"]).is_err() {
-        return Err(LabError::Setup(format!(
-            "the arm64 lab cross-builds barge with {CROSS_LINKER} (`.cargo/config.toml`), which \
-             is missing: install it with `apt-get install gcc-aarch64-linux-gnu` and run setup \
-             again"
-        )));
+/// Installs what the cross build lacks, as the x86 set-up installs QEMU:
+/// Debian's gcc-aarch64-linux-gnu with apt-get, Rust's aarch64 standard
+/// library with rustup (each from the machine's own configuration). What
+/// cannot be installed is left to [`check_cross_toolchain`] to name.
+fn install_cross_toolchain() {
+    if command_output(CROSS_LINKER, &["--version"]).is_err() && have_apt_get() {
+        if let Err(e) = apt_install(&["gcc-aarch64-linux-gnu"], None) {
+            eprintln!("barge-lab: could not install gcc-aarch64-linux-gnu: {e}");
+        }
     }
+    if !rust_target_installed().0 {
+        eprintln!("barge-lab: rustup target add {BARGE_TARGET}");
+        match Command::new("rustup")
+            .args(["target", "add", BARGE_TARGET])
+            .current_dir(workspace())
+            .status()
+        {
+            Ok(status) if status.success() => {}
+            Ok(status) => eprintln!("barge-lab: rustup target add {BARGE_TARGET}: {status}"),
+            Err(e) => eprintln!("barge-lab: cannot run rustup: {e}"),
+        }
+    }
+}
+
+/// Whether the Rust toolchain has the aarch64 standard library, and its
+/// sysroot.
+fn rust_target_installed() -> (bool, Option<PathBuf>) {
     let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
     let sysroot = Command::new(&rustc)
         .args(["--print", "sysroot"])
@@ -92,6 +110,20 @@ fn check_cross_toolchain() -> Result<(), LabError> {
             .join("lib")
             .is_dir()
     });
+    (installed, sysroot)
+}
+
+/// The arm64 lab cross-builds barge: the linker and the Rust target must
+/// be there (an error says how to install each).
+fn check_cross_toolchain() -> Result<(), LabError> {
+    if command_output(CROSS_LINKER, &["--version"]).is_err() {
+        return Err(LabError::Setup(format!(
+            "the arm64 lab cross-builds barge with {CROSS_LINKER} (`.cargo/config.toml`), which \
+             is missing: install it with `apt-get install gcc-aarch64-linux-gnu` and run setup \
+             again"
+        )));
+    }
+    let (installed, sysroot) = rust_target_installed();
     if !installed {
         return Err(LabError::Setup(format!(
             "the arm64 lab cross-builds barge for {BARGE_TARGET}, and the Rust toolchain has no \
