@@ -97,6 +97,14 @@ pub const INTX: NvmeMode = NvmeMode {
     marker_block: (CHECKED / 512) as u64 + 200,
 };
 
+/// INTx on aarch64: the GICv3's SPI (the device tree's `interrupt-map`).
+pub const INTX_GIC: NvmeMode = NvmeMode {
+    name: "intx",
+    guest_options: "pci=nomsi",
+    interrupt_kind: "GICv3",
+    marker_block: (CHECKED / 512) as u64 + 200,
+};
+
 /// `barge run` `mode.name` in the lab host with `$LAB_NVME0` passed
 /// through (`--vfio-backend backend` when given): /out/NAME.guest,
 /// NAME.json, NAME.log (barge's stderr), NAME.status.

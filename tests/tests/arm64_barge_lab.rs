@@ -13,16 +13,20 @@
 //! - bad input: a device that does not exist and one not bound to vfio-pci, each one
 //!   error line and a non-zero status.
 //!
-//! A second boot passes NVMe through: the guest's nvme driver takes MSI-X through the ITS
-//! (barge routes each vector with the device's requester ID) and reads the image with a
-//! matching checksum. A third, without the SMMU (`--no-iommu`), checks that error.
+//! A second boot passes NVMe through twice: the guest's nvme driver takes MSI-X through
+//! the ITS (barge routes each vector with the device's requester ID), then INTx through a
+//! GIC SPI (`pci=nomsi`), and reads the image with a matching checksum each time; a guest
+//! `reboot -f` (PSCI SYSTEM_RESET) gives status 3 with `--on-reboot stop`. A third boot,
+//! without the SMMU (`--no-iommu`), checks that error.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
 use barge_tests::bar_passthrough::{FROM_GUEST, FROM_OUTSIDE, GIB};
 use barge_tests::harness::{self, lab_script, output_text as text, read_at, write_at};
-use barge_tests::nvme::{check_nvme_run, expected_sha256, fresh_image, nvme_run_booting, MSIX};
+use barge_tests::nvme::{
+    check_nvme_run, expected_sha256, fresh_image, nvme_run_booting, INTX_GIC, MSIX,
+};
 
 const BARGE_LAB: &str = env!("CARGO_BIN_EXE_barge-lab");
 const GUEST: &str = "--kernel /lab/guest/Image --initramfs /lab/guest/initramfs \
@@ -234,8 +238,15 @@ fn arm64_host_without_an_smmu_is_named() {
 }
 
 #[test]
-fn arm64_nvme_takes_msix_through_the_its_and_reads_the_image() {
-    let image = fresh_image("arm64-msix");
+fn arm64_nvme_takes_msix_through_the_its_and_intx_through_the_gic() {
+    let image = fresh_image("arm64-nvme");
+    let mut script = nvme_run_booting(&MSIX, None, "/lab/guest/Image");
+    script += &nvme_run_booting(&INTX_GIC, None, "/lab/guest/Image");
+    script += &format!(
+        "barge run {GUEST} --serial file=/out/reboot.guest --on-reboot stop \
+         --cmdline 'console=ttyS0 panic=-1 -- reboot -f' 2> /out/reboot.log; \
+         echo $? > /out/reboot.status\n"
+    );
     let (output, dir) = lab_script(
         BARGE_LAB,
         &[
@@ -246,19 +257,25 @@ fn arm64_nvme_takes_msix_through_the_its_and_reads_the_image() {
             "--nvme",
             image.to_str().unwrap(),
         ],
-        &nvme_run_booting(&MSIX, None, "/lab/guest/Image"),
+        &script,
     );
     assert!(output.status.success(), "{}", text(&output));
-    let run = check_nvme_run(&dir, &MSIX, &image, &expected_sha256(), &text(&output));
+    let expected = expected_sha256();
+    for (mode, kind) in [(&MSIX, "ITS-PCI-MSIX"), (&INTX_GIC, "GICv3")] {
+        let run = check_nvme_run(&dir, mode, &image, &expected, &text(&output));
+        println!(
+            "arm64 nvme {}: interrupts {:?}; sha256 {}",
+            mode.name, run.interrupts, run.sum
+        );
+        assert!(
+            run.interrupts.iter().all(|l| l.contains(kind)),
+            "{:?}",
+            run.interrupts
+        );
+        assert_eq!(run.report["exit"]["reason"], "poweroff", "{}", run.report);
+    }
     let _ = std::fs::remove_file(&image);
-    println!(
-        "arm64 nvme: interrupts {:?}; sha256 {}",
-        run.interrupts, run.sum
-    );
-    assert!(
-        run.interrupts.iter().all(|l| l.contains("ITS-PCI-MSIX")),
-        "{:?}",
-        run.interrupts
-    );
-    assert_eq!(run.report["exit"]["reason"], "poweroff", "{}", run.report);
+    let reboot = read(&dir, "reboot.log");
+    assert_eq!(read(&dir, "reboot.status").trim(), "3", "{reboot}");
+    assert!(reboot.contains("the guest rebooted"), "{reboot}");
 }

@@ -102,6 +102,17 @@ impl HostFaultCounter {
         Ok(counter)
     }
 
+    /// A counter that only reads `events/barge/EVENT/hist` under `root` (a
+    /// fake tracefs in tests); its drop's removals fail quietly there.
+    #[cfg(test)]
+    pub(crate) fn reading(root: &Path, event: &str) -> Self {
+        HostFaultCounter {
+            root: root.to_path_buf(),
+            event: event.to_string(),
+            trigger: String::new(),
+        }
+    }
+
     fn event_dir(&self) -> PathBuf {
         self.root.join("events").join(GROUP).join(&self.event)
     }

@@ -1076,4 +1076,60 @@ mod tests {
         assert_eq!((memslots.updates(1), memslots.updates(2)), (3, 1));
         drop(vm);
     }
+
+    /// A counter over a fake tracefs whose hist says `lines`.
+    fn counter_with_hist(name: &str, lines: &str) -> HostFaultCounter {
+        let root = std::env::temp_dir().join(format!("barge-proof-{}-{name}", std::process::id()));
+        let dir = root.join("events/barge/test");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("hist"), lines).unwrap();
+        HostFaultCounter::reading(&root, "test")
+    }
+
+    #[test]
+    fn the_host_proof_reports_the_mapped_pages_and_judges_them_against_the_plan() {
+        let placement = placement(64 << 20, None);
+        let bar = mapped_bar(placement.clone());
+        assert_eq!(planned_counts(&placement).pages_2m, 32);
+        // 32 PMD mappings: as planned.
+        let counter = counter_with_hist(
+            "ok",
+            "{ order:          9, ret:        256 } hitcount:         32\n",
+        );
+        let mut report = bar_report(&bar, 1, None, None);
+        assert_eq!(report.proof, PROOF_NONE);
+        apply_host_proof(&mut report, &bar, &counter);
+        assert_eq!(report.proof, PROOF_HOST_FAULTS);
+        let host = report.host_mapped.clone().unwrap();
+        assert_eq!(host.pages.pages_2m, 32);
+        assert_eq!((host.fallbacks, host.stage2_observed), (0, false));
+        assert!(report.huge_ok, "{report:?}");
+        assert_eq!(report.mapped, None, "KVM's counts stay unknown");
+        // Every PMD attempt fell back to 4 KiB pages: not as planned.
+        let counter = counter_with_hist(
+            "fallback",
+            "{ order:          9, ret:       2048 } hitcount:         32\n\
+             { order:          0, ret:        256 } hitcount:      16384\n",
+        );
+        let mut report = bar_report(&bar, 1, None, None);
+        apply_host_proof(&mut report, &bar, &counter);
+        let host = report.host_mapped.clone().unwrap();
+        assert_eq!((host.pages.pages_4k, host.fallbacks), (16_384, 32));
+        assert!(!report.huge_ok);
+        assert!(
+            report
+                .warning
+                .as_deref()
+                .unwrap()
+                .contains("got 16384 x 4K"),
+            "{report:?}"
+        );
+        // Nothing faulted before the guest (p2p=off): nothing is claimed.
+        let counter = counter_with_hist("none", "");
+        let mut report = bar_report(&bar, 1, None, None);
+        apply_host_proof(&mut report, &bar, &counter);
+        assert_eq!(report.proof, PROOF_NONE);
+        assert_eq!(report.host_mapped, None);
+        assert!(!report.huge_ok);
+    }
 }
