@@ -169,8 +169,8 @@ fn arm64_guest_boots_and_a_1g_bar_maps_with_2m_host_pages() {
             serde_json::from_str(&read(&dir, &format!("{name}.json"))).unwrap();
         let bar = bar2(&report);
         println!(
-            "arm64 {name} BAR2: proof {} host_mapped {} huge_ok {}",
-            bar["proof"], bar["host_mapped"], bar["huge_ok"]
+            "arm64 {name} BAR2: proof {} host_mapped {} stage2 {} huge_ok {}",
+            bar["proof"], bar["host_mapped"], bar["stage2"], bar["huge_ok"]
         );
         assert_eq!(bar["proof"], "host_faults", "{bar}");
         assert_eq!(bar["mapped"], serde_json::Value::Null, "{bar}");
@@ -185,7 +185,8 @@ fn arm64_guest_boots_and_a_1g_bar_maps_with_2m_host_pages() {
             count,
             "{bar}"
         );
-        assert_eq!(bar["host_mapped"]["stage2_observed"], false, "{bar}");
+        // The lab's Debian kernel has no stage-2 dump: nothing is claimed.
+        assert!(bar["stage2"].is_null(), "{bar}");
         assert_eq!(bar["planned"][pages], count, "{bar}");
         assert_eq!(bar["huge_ok"], true, "{bar}");
         // The test's own count: every mapping at the expected order, as many as barge says.

@@ -21,6 +21,7 @@ use crate::loader::{self, LoadError};
 use crate::machine::kvm::{self, KvmError, MemslotLog};
 use crate::machine::kvm_stats::KvmStatsFd;
 use crate::machine::memory::{self, MemoryError};
+use crate::machine::stage2::{self, Stage2Dump};
 use crate::machine::vm::{self, BuiltVm, SerialInput, VmError, VmRun};
 use crate::pci_devices::bar_mapping::{BarProver, P2pSlot, PrefaultSupport, SlotAllocator};
 use crate::pci_devices::setup::{AttachContext, DeviceSetupError};
@@ -128,6 +129,9 @@ pub fn boot_and_run(
     let windows = Windows::new(&ram_regions, phys_bits)?;
     let (vm_fd, mut irqchip) = platform::create_vm(&kvm, phys_bits, config.cpus)?;
     let vm_fd = Arc::new(vm_fd);
+    // KVM's stage-2 dump of this VM, where the kernel has one: opened here,
+    // by the thread that created the VM, read after the run.
+    let stage2_dump = Stage2Dump::open(vm_fd.as_ref());
     clock.end(BootPhase::CreateVm);
     let worker_init = seccomp.as_ref().map(VmFilters::virtio_worker_init);
     let thread_init = seccomp.as_ref().map(VmFilters::vmm_thread_init);
@@ -282,6 +286,7 @@ pub fn boot_and_run(
     let built = BuiltVm::new(vm_fd, ram, vcpus, buses, serial, input, power)
         .with_devices(live)
         .with_memslots(memslots)
+        .with_stage2_dump(stage2_dump)
         .with_seccomp(seccomp);
     let run = built.run(deadline)?;
     // `slot_updates` covers the whole run, up to the vCPUs' stop (teardown's
@@ -294,6 +299,9 @@ pub fn boot_and_run(
                 background::report_outcome(bar, &bdf, p2p, run.first_run);
             }
         }
+    }
+    if let Some(dump) = &run.stage2 {
+        stage2::report_bars(dump, &mut device_reports);
     }
     for (report, counters) in device_reports.iter_mut().zip(&virtio_counters) {
         report.virtio = counters.as_deref().map(virtio::counters_report);

@@ -422,6 +422,7 @@ mod tests {
             kvm_stats: Default::default(),
             vcpus_stopped,
             memslot_updates: Default::default(),
+            stage2: None,
         }
     }
 

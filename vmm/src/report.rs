@@ -297,10 +297,6 @@ pub struct HostMappedReport {
     /// Calls that could not map their order and fell back to a smaller
     /// one (a misaligned address or host resource).
     pub fallbacks: u64,
-    /// Whether KVM's stage-2 (second-level) table was observed: never
-    /// here (this kernel has no stage-2 dump in debugfs), so it is only
-    /// known that KVM cannot map more than the host has.
-    pub stage2_observed: bool,
 }
 
 /// One BAR: where it is, what barge planned and what KVM mapped.
@@ -331,7 +327,7 @@ pub struct BarReport {
     /// What `huge_ok` rests on: `kvm_prefault` (KVM_PRE_FAULT_MEMORY and
     /// KVM's page counters, `mapped`), `host_faults` (vfio-pci's fault
     /// handler on the BAR's host mapping, `host_mapped`: where KVM cannot
-    /// pre-fault or count, as on aarch64; KVM's stage 2 is not observed),
+    /// pre-fault or count, as on aarch64; KVM's own table is `stage2`),
     /// `trapped` (nothing to map), or `none` (nothing measured: `huge_ok`
     /// is false).
     #[serde(default)]
@@ -341,6 +337,16 @@ pub struct BarReport {
     /// map faults the whole BAR in); `null` when they were not counted.
     #[serde(default)]
     pub host_mapped: Option<HostMappedReport>,
+    /// KVM's stage-2 entries over the BAR's guest physical range once the
+    /// vCPUs stopped, by size, read from the kernel's stage-2 dump
+    /// (`machine::stage2`: arm64 kernels with
+    /// CONFIG_PTDUMP_STAGE2_DEBUGFS): what the guest touched, at the block
+    /// size KVM chose; `null` where the kernel has no dump (x86, whose
+    /// proof is `mapped`, and every Debian kernel). On arm64 KVM picks a
+    /// BAR's block size from the alignment of its host mapping and memslot,
+    /// so it can differ from `host_mapped`.
+    #[serde(default)]
+    pub stage2: Option<PageCountsReport>,
     /// Memslots the BAR has (one per mmap-able area).
     pub slots: u32,
     /// KVM_SET_USER_MEMORY_REGION calls barge issued for this BAR's slots

@@ -9,10 +9,9 @@
 use std::path::Path;
 use std::time::Duration;
 
+use super::CheckResult;
 use crate::config::{DeviceConfig, MemoryConfig, SeccompMode, SerialConfig, VfioConfig, VmConfig};
 use crate::report::{BarReport, PageCountsReport};
-
-use super::CheckResult;
 
 /// How long a scratch VM may run (pre-faulting a large BAR with 4 KiB
 /// pages is slow; the payload itself powers off at once).
@@ -182,6 +181,7 @@ mod tests {
             mapped,
             proof: "kvm_prefault".into(),
             host_mapped: None,
+            stage2: None,
             slots: 1,
             slot_updates: 1,
             huge_ok,

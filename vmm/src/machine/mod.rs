@@ -11,6 +11,7 @@ pub mod kvm_stats;
 pub mod mapping;
 pub mod memory;
 pub mod prefault;
+pub mod stage2;
 pub mod vcpu;
 pub mod vm;
 

@@ -14,6 +14,7 @@ use crate::buses::serial::SerialDevice;
 use crate::event_loop::{EventLoop, EventLoopError};
 use crate::machine::kvm::{self, KvmError, MemslotLog};
 use crate::machine::memory::GuestRam;
+use crate::machine::stage2::Stage2Dump;
 use crate::machine::vcpu::{self, StopCause, VcpuContext, VmControl};
 use crate::pci_devices::teardown::DeviceResources;
 use crate::platform;
@@ -135,6 +136,8 @@ pub enum SerialInput {
 /// Field order is drop order, and it is the VM's teardown (each device's
 /// own steps are in `pci_devices::teardown`):
 ///
+/// 0. `stage2`: the stage-2 dump, whose open file holds a reference to
+///    the VM, is closed first so that `vm_fd` stays the last one.
 /// 1. `vcpus`: none is left running ([`BuiltVm::run`] joined their threads,
 ///    or forgets the whole VM when it could not).
 /// 2. `buses`: the device models go (PCI segment, MMIO traps, serial), so
@@ -151,6 +154,7 @@ pub enum SerialInput {
 ///    the IOMMU, whose mapping of it held its own handle until undone).
 #[derive(Debug)]
 pub struct BuiltVm {
+    stage2: Option<Stage2Dump>,
     vcpus: Vec<VcpuFd>,
     buses: Arc<Buses>,
     devices: Vec<DeviceResources>,
@@ -179,6 +183,9 @@ pub struct VmRun {
     /// VM lived, read once the vCPUs stopped and before teardown deletes
     /// the BAR memslots (see [`BuiltVm::with_memslots`]).
     pub memslot_updates: MemslotLog,
+    /// KVM's stage-2 table as the kernel dumped it once the vCPUs stopped
+    /// (see [`BuiltVm::with_stage2_dump`]); `None` without a dump.
+    pub stage2: Option<String>,
 }
 
 /// What became of a VM's parts after its vCPUs were told to stop.
@@ -227,6 +234,7 @@ impl BuiltVm {
             devices: Vec::new(),
             seccomp: None,
             memslots: MemslotLog::new(),
+            stage2: None,
             ram,
             buses: Arc::new(buses),
             serial,
@@ -246,6 +254,13 @@ impl BuiltVm {
     /// [`VmRun::memslot_updates`] is a copy of it taken before teardown.
     pub fn with_memslots(mut self, memslots: MemslotLog) -> Self {
         self.memslots = memslots;
+        self
+    }
+
+    /// The VM's stage-2 dump (`machine::stage2`), opened before seccomp:
+    /// read into [`VmRun::stage2`] once the vCPUs stopped, before teardown.
+    pub fn with_stage2_dump(mut self, dump: Option<Stage2Dump>) -> Self {
+        self.stage2 = dump;
         self
     }
 
@@ -316,6 +331,7 @@ impl BuiltVm {
                 kvm_stats: self.read_kvm_stats(),
                 vcpus_stopped,
                 memslot_updates: self.memslots.snapshot(),
+                stage2: self.stage2.as_mut().and_then(Stage2Dump::read),
             }),
         };
         // The vCPU threads that ended dropped their fds and context clones;

@@ -74,9 +74,12 @@ pub fn setup_arm64(paths: &LabPaths, refresh: bool) -> Result<Arm64State, LabErr
 /// library with rustup (each from the machine's own configuration). What
 /// cannot be installed is left to [`check_cross_toolchain`] to name.
 fn install_cross_toolchain() {
-    if command_output(CROSS_LINKER, &["--version"]).is_err() && have_apt_get() {
-        if let Err(e) = apt_install(&["gcc-aarch64-linux-gnu"], None) {
-            eprintln!("barge-lab: could not install gcc-aarch64-linux-gnu: {e}");
+    if !cross_linker_complete() && have_apt_get() {
+        if let Err(e) = apt_install(CROSS_PACKAGES, None) {
+            eprintln!(
+                "barge-lab: could not install {}: {e}",
+                CROSS_PACKAGES.join(" ")
+            );
         }
     }
     if !rust_target_installed().0 {
@@ -91,6 +94,18 @@ fn install_cross_toolchain() {
             Err(e) => eprintln!("barge-lab: cannot run rustup: {e}"),
         }
     }
+}
+
+/// Debian's cross linker and the arm64 C library it links against: the
+/// library is only a Recommends of the linker, which `apt_install`
+/// (`--no-install-recommends`) does not follow.
+const CROSS_PACKAGES: &[&str] = &["gcc-aarch64-linux-gnu", "libc6-dev-arm64-cross"];
+/// A file of libc6-dev-arm64-cross that every static link needs.
+const CROSS_CRT: &str = "/usr/aarch64-linux-gnu/lib/crt1.o";
+
+/// Whether the cross linker runs and has its C library.
+fn cross_linker_complete() -> bool {
+    command_output(CROSS_LINKER, &["--version"]).is_ok() && Path::new(CROSS_CRT).is_file()
 }
 
 /// Whether the Rust toolchain has the aarch64 standard library, and its
@@ -116,11 +131,12 @@ fn rust_target_installed() -> (bool, Option<PathBuf>) {
 /// The arm64 lab cross-builds barge: the linker and the Rust target must
 /// be there (an error says how to install each).
 fn check_cross_toolchain() -> Result<(), LabError> {
-    if command_output(CROSS_LINKER, &["--version"]).is_err() {
+    if !cross_linker_complete() {
         return Err(LabError::Setup(format!(
-            "the arm64 lab cross-builds barge with {CROSS_LINKER} (`.cargo/config.toml`), which \
-             is missing: install it with `apt-get install gcc-aarch64-linux-gnu` and run setup \
-             again"
+            "the arm64 lab cross-builds barge with {CROSS_LINKER} (`.cargo/config.toml`) and the \
+             arm64 C library ({CROSS_CRT}), and one is missing: install them with `apt-get \
+             install {}` and run setup again",
+            CROSS_PACKAGES.join(" ")
         )));
     }
     let (installed, sysroot) = rust_target_installed();
