@@ -1,17 +1,21 @@
 //! KVM's stage-2 (second-level) page table of this VM, read back where the
 //! kernel dumps it: arm64 kernels built with `CONFIG_PTDUMP_STAGE2_DEBUGFS`
 //! (Linux 6.13+) give every VM `/sys/kernel/debug/kvm/<pid>-<fd>/stage2_page_tables`,
-//! the ptdump format: one line per run of entries of one level and one set of
-//! permissions,
+//! in the ptdump format (`arch/arm64/kvm/ptdump.c` printing through
+//! `arch/arm64/mm/ptdump.c`'s `note_page`): one line per run of leaf entries
+//! of one table level and one set of attributes, the level as its number
+//! (with 4 KiB pages: 1 a 1 GiB block, 2 a 2 MiB block, 3 a 4 KiB page),
 //!
 //! ```text
 //! ---[ Guest IPA ]---
-//! 0x0000000040000000-0x0000000040200000           2M PMD   R W x  AF BLK
-//! 0x0000000040200000-0x0000000040201000           4K PTE   R W x  AF
-//! 0x0000000040201000-0x0000000080000000     1046524K PTE
+//! 0x0000000040000000-0x0000000040200000           2M 2   R W px ux  AF BLK
+//! 0x0000000040200000-0x0000000040201000           4K 3   R W px ux  AF
+//! 0x0000000040201000-0x0000000080000000     1046524K 3
 //! ```
 //!
-//! (a run without permissions maps nothing). On arm64 KVM picks a device
+//! A valid entry's attributes start with a blank, an invalid one's with
+//! `F`, and a run of empty entries has none: only valid runs that are
+//! readable or writable count as mapped. On arm64 KVM picks a device
 //! BAR's stage-2 block size from the alignment of the BAR's host mapping
 //! and memslot, not from the host page table's level, so this dump is the
 //! only way to know what the guest got; the host's faults
@@ -37,6 +41,8 @@ const DUMP_NAME: &str = "stage2_page_tables";
 /// The only translation granule whose levels are the report's 4 KiB /
 /// 2 MiB / 1 GiB.
 const GRANULE_4K: u64 = 4096;
+/// The marker the dump begins with.
+const IPA_MARKER: &str = "---[ Guest IPA ]---";
 
 /// The open stage-2 dump of one VM.
 #[derive(Debug)]
@@ -102,8 +108,9 @@ fn thread_id() -> Option<u32> {
 pub struct Stage2Run {
     pub start: u64,
     pub end: u64,
-    /// `PGD`, `PUD`, `PMD` or `PTE`: table levels 0 to 3.
-    pub level: String,
+    /// The table level of the entries, as the dump numbers it (KVM's
+    /// levels: 3 is the last, 4 KiB with 4 KiB pages).
+    pub level: u32,
     /// Whether the entries map anything (readable or writable).
     pub mapped: bool,
 }
@@ -119,9 +126,9 @@ fn parse_line(line: &str) -> Option<Stage2Run> {
     let hex = |s: &str| u64::from_str_radix(s.strip_prefix("0x")?, 16).ok();
     let (start, end) = (hex(start)?, hex(end)?);
     let _size = words.next()?;
-    let level = words.next()?.to_string();
-    // The permissions: `R`, `W`, `X`/`NX`/`x`, `AF`, `BLK`; `F` marks an
-    // entry that is not valid.
+    let level = words.next()?.parse().ok()?;
+    // The attributes: the valid bit (a blank, or `F` when clear), `R`, `W`,
+    // the execute-never pair (`px ux`, `PXNUXN`, ...), `AF`, `BLK`.
     let flags: Vec<&str> = words.collect();
     let mapped = flags.iter().any(|f| *f == "R" || *f == "W") && !flags.contains(&"F");
     (end > start).then_some(Stage2Run {
@@ -132,14 +139,22 @@ fn parse_line(line: &str) -> Option<Stage2Run> {
     })
 }
 
-/// Entry size of a table level with a 4 KiB granule.
-fn entry_size(level: &str) -> Option<u64> {
+/// Entry size of a leaf at table `level` with a 4 KiB granule (level 0
+/// holds no leaves there).
+fn entry_size(level: u32) -> Option<u64> {
     match level {
-        "PTE" => Some(4 << 10),
-        "PMD" => Some(2 << 20),
-        "PUD" => Some(1 << 30),
+        3 => Some(4 << 10),
+        2 => Some(2 << 20),
+        1 => Some(1 << 30),
         _ => None,
     }
+}
+
+/// Whether `text` is a stage-2 dump at all (its first line is the IPA
+/// marker): anything else is not counted, so a changed format gives
+/// `stage2: null`, not zeros.
+pub fn is_dump(text: &str) -> bool {
+    text.lines().next().map(str::trim) == Some(IPA_MARKER)
 }
 
 /// The mapped entries of `runs` inside `[gpa, gpa + size)`, by size.
@@ -152,8 +167,7 @@ pub fn pages_in(runs: &[Stage2Run], gpa: u64, size: u64, granule: u64) -> Option
     let end = gpa.checked_add(size)?;
     let mut pages = PageCountsReport::default();
     for run in runs.iter().filter(|r| r.mapped) {
-        let (Some(entry), from, to) =
-            (entry_size(&run.level), run.start.max(gpa), run.end.min(end))
+        let (Some(entry), from, to) = (entry_size(run.level), run.start.max(gpa), run.end.min(end))
         else {
             continue;
         };
@@ -172,6 +186,13 @@ pub fn pages_in(runs: &[Stage2Run], gpa: u64, size: u64, granule: u64) -> Option
 
 /// Fills each mapped BAR's `stage2` in `devices` from the dump `text`.
 pub fn report_bars(text: &str, devices: &mut [DeviceReport]) {
+    if !is_dump(text) {
+        log::warn!(
+            "the stage-2 dump does not begin with `{IPA_MARKER}`: its format is not the one \
+             barge reads, and `stage2` stays null"
+        );
+        return;
+    }
     let runs = parse(text);
     let Some(granule) = host_page_size() else {
         log::warn!("cannot read the host's page size: the stage-2 dump is not counted");
@@ -211,24 +232,24 @@ pub fn host_page_size() -> Option<u64> {
 mod tests {
     use super::*;
 
-    /// A dump as Linux 7.x prints it for a VM with 512 MiB of RAM at
-    /// 0x4000_0000 partly touched and a 1 GiB BAR at 0x80_0000_0000 whose
-    /// first 6 MiB the guest touched: two 2 MiB blocks, then 4 KiB pages.
-    const DUMP: &str = "\
----[ Guest IPA ]---
-0x0000000000000000-0x0000000040000000           1G PGD
-0x0000000040000000-0x0000000040400000           4M PMD   R W x  AF BLK
-0x0000000040400000-0x0000000040401000           4K PTE   R W x  AF
-0x0000000040401000-0x0000008000000000   535822332K PTE
-0x0000008000000000-0x0000008000400000           4M PMD   R W NX AF BLK
-0x0000008000400000-0x0000008000600000           2M PTE   R W NX AF
-0x0000008000600000-0x0000008040000000        1018M PTE
-0x0000008040000000-0x0000008080000000           1G PUD   R W NX AF BLK
----[ Guest IPA end ]---
-";
+    /// A dump in the format of Linux 7.3's `note_page` (levels numbered, the
+    /// attributes as `stage2_pte_bits` spells them) for a VM with 512 MiB of
+    /// RAM at 0x4000_0000 partly touched and a 1 GiB BAR at 0x80_0000_0000
+    /// whose first 6 MiB the guest touched: two 2 MiB blocks, then 4 KiB
+    /// pages; the GiB above it is one 1 GiB block.
+    const DUMP: &str = "---[ Guest IPA ]---\n\
+0x0000000000000000-0x0000000040000000           1G 1\n\
+0x0000000040000000-0x0000000040400000           4M 2   R W px ux  AF BLK\n\
+0x0000000040400000-0x0000000040401000           4K 3   R W px ux  AF    \n\
+0x0000000040401000-0x0000008000000000   535818236K 3\n\
+0x0000008000000000-0x0000008000400000           4M 2   R W PXNUXN AF BLK\n\
+0x0000008000400000-0x0000008000600000           2M 3   R W PXNUXN AF    \n\
+0x0000008000600000-0x0000008040000000        1018M 3\n\
+0x0000008040000000-0x0000008080000000           1G 1   R W PXNUXN AF BLK\n";
 
     #[test]
     fn runs_are_read_with_their_level_and_whether_they_map() {
+        assert!(is_dump(DUMP));
         let runs = parse(DUMP);
         assert_eq!(runs.len(), 8);
         assert_eq!(
@@ -236,12 +257,12 @@ mod tests {
             Stage2Run {
                 start: 0x4000_0000,
                 end: 0x4040_0000,
-                level: "PMD".into(),
+                level: 2,
                 mapped: true
             }
         );
         assert!(!runs[0].mapped && !runs[3].mapped && !runs[6].mapped);
-        assert_eq!(runs[5].level, "PTE");
+        assert_eq!(runs[5].level, 3);
     }
 
     #[test]
@@ -270,14 +291,19 @@ mod tests {
     fn invalid_entries_markers_and_other_granules_count_nothing() {
         let runs = parse(
             "---[ Guest IPA ]---\n\
-             0x0000000080000000-0x0000000080200000           2M PMD   F R W x  AF BLK\n\
+             0x0000000080000000-0x0000000080200000           2M 2 F R W px ux  AF BLK\n\
              not a line\n\
-             0x0000000080200000-0x0000000080100000           1M PTE   R W\n",
+             0x0000000080200000-0x0000000080100000           1M 3   R W px ux  AF    \n\
+             0x0000000080200000-0x0000000080400000           2M PMD   R W x  AF BLK\n",
         );
+        // The inverted line and the one with a named level are not runs.
         assert_eq!(runs.len(), 1);
         let pages = pages_in(&runs, 0x8000_0000, 4 << 20, GRANULE_4K).unwrap();
         assert_eq!(pages, PageCountsReport::default());
         assert_eq!(pages_in(&parse(DUMP), 0x4000_0000, 1 << 20, 64 << 10), None);
+        // Text that does not begin with the marker is no dump at all.
+        assert!(!is_dump(""));
+        assert!(!is_dump(&DUMP[DUMP.find('\n').unwrap() + 1..]));
     }
 
     #[test]
