@@ -287,6 +287,28 @@ mod tests {
         assert_eq!(part.pages_2m, 1);
     }
 
+    /// Dumps Linux 7.3.4 (Debian's source and cloud-arm64 config with
+    /// CONFIG_PTDUMP_STAGE2_DEBUGFS=y) printed in the arm64 lab for barge's
+    /// VM: 512 MiB of RAM at 0x4000_0000, the 1 GiB ivshmem BAR 2 at
+    /// 0x1_0000_0000, the guest having read its second page and its last
+    /// word; planned aligned, then with `bar-align=4k`.
+    const LINUX_ALIGNED: &str = include_str!("testdata/stage2-linux-7.3-aligned-bar.txt");
+    const LINUX_CAPPED: &str = include_str!("testdata/stage2-linux-7.3-capped-bar.txt");
+
+    #[test]
+    fn dumps_linux_printed_count_two_blocks_aligned_and_two_pages_capped() {
+        let count = |text: &str, gpa: u64, size: u64| {
+            assert!(is_dump(text));
+            let p = pages_in(&parse(text), gpa, size, GRANULE_4K).unwrap();
+            (p.pages_4k, p.pages_2m, p.pages_1g)
+        };
+        assert_eq!(count(LINUX_ALIGNED, 0x1_0000_0000, 1 << 30), (0, 2, 0));
+        assert_eq!(count(LINUX_CAPPED, 0x1_0000_0000, 1 << 30), (2, 0, 0));
+        // RAM: 2 MiB blocks, the ones KVM has aged (no AF) still mapped.
+        assert_eq!(count(LINUX_ALIGNED, 0x4000_0000, 512 << 20), (0, 43, 0));
+        assert_eq!(count(LINUX_CAPPED, 0x4000_0000, 512 << 20), (0, 42, 0));
+    }
+
     #[test]
     fn invalid_entries_markers_and_other_granules_count_nothing() {
         let runs = parse(
