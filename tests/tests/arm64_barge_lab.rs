@@ -117,7 +117,8 @@ fn arm64_guest_boots_and_a_1g_bar_maps_with_2m_host_pages() {
     script += &format!("grep -c ' {PTDUMP_SHOW}$' /proc/kallsyms > /out/ptdump || true\n");
     script += &format!(
         "barge run {GUEST} --cpus 2 --serial file=/out/boot.guest --report /out/boot.json \
-         --cmdline 'console=ttyS0 panic=-1 -- cat /proc/cpuinfo | grep -c ^processor; exit 3' \
+         --cmdline 'console=ttyS0 quiet panic=-1 -- echo CPUS=$(grep -c ^processor /proc/cpuinfo); \
+         exit 3' \
          2> /out/boot.log; echo $? > /out/boot.status\n"
     );
     script += &bar_run("aligned", "", 0x2000);
@@ -146,7 +147,9 @@ fn arm64_guest_boots_and_a_1g_bar_maps_with_2m_host_pages() {
         .unwrap_or_else(|| panic!("no GUEST-UP line:\n{guest}\n{}", read(&dir, "boot.log")));
     println!("arm64 guest: {up}");
     assert!(up.starts_with("GUEST-UP cpus=2 "), "{up}");
-    assert!(guest.lines().any(|l| l.trim() == "2"), "{guest}");
+    // Markers, not whole lines: a kernel that prints its log from a thread (7.3) can
+    // interleave it with what the guest's init writes.
+    assert!(guest.contains("CPUS=2"), "{guest}");
     assert!(guest.contains("GUEST-EXIT 3"), "{guest}");
     assert_eq!(
         read(&dir, "boot.status").trim(),
